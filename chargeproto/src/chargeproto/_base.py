@@ -1,0 +1,102 @@
+"""Shared vocabulary: directions, the ABSENT marker, and the message base class."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Mapping
+from typing import Any, ClassVar, Final
+
+
+class Direction(str, enum.Enum):
+    """Who sent a frame: ``UP`` device to server, ``DOWN`` server to device."""
+
+    UP = "up"
+    DOWN = "down"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Absent(enum.Enum):
+    """Type of :data:`ABSENT`: an optional field that the payload did not contain."""
+
+    ABSENT = "absent"
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+ABSENT: Final = Absent.ABSENT
+"""Marks a field that an older (shorter) payload layout does not carry.
+
+Distinct from ``None``, which means "no sensor" for temperatures.
+"""
+
+
+def unknown_text(code: int) -> str:
+    """The ``_text`` for an enumeration code that no table lists."""
+    return f"unknown (0x{code:02X})"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Item:
+    """Base of the small per-port / per-entry objects inside a message."""
+
+    TEXTS: ClassVar[Mapping[str, Mapping[int, str]]] = {}
+
+    def to_fields(self) -> dict[str, Any]:
+        """The canonical fields of this item, enumeration texts included."""
+        return _fields_of(self, self.TEXTS)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """Base of every decoded message of every protocol.
+
+    Subclasses are frozen, slotted dataclasses whose field names are the canonical
+    names of the protocol reference, with engineering units applied.
+    """
+
+    #: wire command code (the sub-command family is protocol specific)
+    command: ClassVar[int]
+    direction: ClassVar[Direction]
+    protocol: ClassVar[str]
+    #: field name -> {code: meaning}; ``to_fields`` adds ``<name>_text``
+    TEXTS: ClassVar[Mapping[str, Mapping[int, str]]] = {}
+
+    def to_fields(self) -> dict[str, Any]:
+        """The message as a dict of canonical names (JSON ready).
+
+        Absent optional fields are left out; enumeration codes get a sibling
+        ``<name>_text``; derived values (``success``, ``port_count`` ...) are added.
+        """
+        out = _fields_of(self, self.TEXTS)
+        out.update(self.derived_fields())
+        return out
+
+    def derived_fields(self) -> dict[str, Any]:
+        """Values computed from the fields (``success`` ...); none by default."""
+        return {}
+
+
+def _fields_of(obj: Any, texts: Mapping[str, Mapping[int, str]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is ABSENT:
+            continue
+        if f.name == "trailing_hex" and not value:
+            continue
+        if isinstance(value, tuple):
+            value = [v.to_fields() if isinstance(v, Item) else v for v in value]
+        elif isinstance(value, Item):
+            value = value.to_fields()
+        out[f.name] = value
+        table = texts.get(f.name)
+        if table is not None and isinstance(value, int):
+            out[f.name + "_text"] = table.get(value) or unknown_text(value)
+    return out

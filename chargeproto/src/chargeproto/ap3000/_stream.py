@@ -1,0 +1,178 @@
+"""Per-connection AP3000 stream decoder: bytes in any chunking -> events."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from .._base import Direction
+from .._errors import (
+    ChecksumError,
+    DecodeError,
+    GarbageError,
+    LengthError,
+)
+from .._events import Event, IccidReceived, KeepaliveReceived, MessageReceived, StreamError
+from ._codec import decode_checked
+from ._frame import DEFAULT_MAX_FRAME, HEADER, MIN_LENGTH
+
+KEEPALIVE: Final = b"link"
+ICCID_LENGTH: Final = 20
+_ICCID = re.compile(rb"89[0-9A-Fa-f]{18}")
+_ICCID_PREFIX = re.compile(rb"8(9[0-9A-Fa-f]{0,18})?\Z")
+#: bytes that may start something: DNY, link, an ICCID
+_CANDIDATE = re.compile(rb"[Dl8]")
+#: what certainly starts an item
+_START = re.compile(rb"DNY|link|89[0-9A-Fa-f]{18}")
+
+
+def is_iccid_prefix(data: bytes | bytearray) -> bool:
+    """Whether ``data`` (shorter than 20 bytes) may still grow into an ICCID."""
+    return _ICCID_PREFIX.match(data) is not None
+
+
+class Ap3000StreamDecoder:
+    """Split one connection's bytes into AP3000 frames, ICCIDs and keepalives.
+
+    ``feed(data)`` takes bytes in any chunking and returns the events completed so
+    far. Split and sticky frames are reassembled; garbage before a header is skipped
+    and reported; a bad checksum or an impossible length is reported and the stream
+    goes on. Unparsed data never exceeds ``max_frame`` bytes.
+
+    ``direction`` is who sends on this stream: ``up`` (a device, the default for a
+    server) or ``down`` (a server, for a simulator or a capture of the other side).
+    """
+
+    def __init__(
+        self, direction: Direction | str = Direction.UP, *, max_frame: int = DEFAULT_MAX_FRAME
+    ) -> None:
+        if max_frame < MIN_LENGTH + 5:
+            raise ValueError("max_frame must admit at least an empty frame (14 bytes)")
+        self.direction = Direction(direction)
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a complete item."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Add received bytes; return the events they complete, in stream order."""
+        events: list[Event] = []
+        view = memoryview(data)
+        step = self.max_frame
+        for start in range(0, len(view), step):
+            self._buf += view[start : start + step]
+            self._drain(events)
+        return events
+
+    def _drain(self, events: list[Event]) -> None:
+        buf = self._buf
+        while buf:
+            first = buf[0]
+            if first == 0x44:  # D
+                if not self._frame(buf, events):
+                    return
+            elif first == 0x6C:  # l
+                if len(buf) < 4:
+                    if KEEPALIVE.startswith(buf):
+                        return
+                    self._skip(buf, events)
+                elif buf[:4] == KEEPALIVE:
+                    del buf[:4]
+                    events.append(KeepaliveReceived())
+                else:
+                    self._skip(buf, events)
+            elif first == 0x38:  # 8
+                if len(buf) < ICCID_LENGTH:
+                    if is_iccid_prefix(buf):
+                        return
+                    self._skip(buf, events)
+                elif _ICCID.match(buf):
+                    raw = bytes(buf[:ICCID_LENGTH])
+                    del buf[:ICCID_LENGTH]
+                    events.append(IccidReceived(raw.decode("ascii"), raw))
+                else:
+                    self._skip(buf, events)
+            else:
+                self._skip(buf, events)
+
+    def _frame(self, buf: bytearray, events: list[Event]) -> bool:
+        """Handle a buffer starting with ``D``; False when more bytes are needed."""
+        size = len(buf)
+        if size < 3:
+            if HEADER.startswith(buf):
+                return False
+            self._skip(buf, events)
+            return True
+        if buf[:3] != HEADER:
+            self._skip(buf, events)
+            return True
+        if size < 5:
+            return False
+        length = buf[3] | buf[4] << 8
+        total = length + 5
+        if length < MIN_LENGTH or total > self.max_frame:
+            raw = bytes(buf[:5])
+            del buf[:3]
+            events.append(
+                StreamError(
+                    LengthError(
+                        f"length field {length} outside {MIN_LENGTH}..{self.max_frame - 5}",
+                        offset=3,
+                        expected=self.max_frame - 5,
+                        actual=length,
+                    ),
+                    raw,
+                )
+            )
+            return True
+        if size < total:
+            return False
+        want = sum(buf[: total - 2]) & 0xFFFF
+        got = buf[total - 2] | buf[total - 1] << 8
+        if want != got:
+            # the length may itself be corrupt: do not swallow a candidate inside
+            inner = _START.search(buf, 3, total)
+            cut = inner.start() if inner else total
+            raw = bytes(buf[:cut])
+            del buf[:cut]
+            events.append(
+                StreamError(
+                    ChecksumError(
+                        f"checksum 0x{got:04X}, expected 0x{want:04X}",
+                        offset=total - 2,
+                        expected=want,
+                        actual=got,
+                    ),
+                    raw,
+                )
+            )
+            return True
+        frame = bytes(buf[:total])
+        del buf[:total]
+        phy = frame[5] | frame[6] << 8 | frame[7] << 16 | frame[8] << 24
+        try:
+            message = decode_checked(
+                frame, phy, frame[9] | frame[10] << 8, frame[11], self.direction
+            )
+        except DecodeError as exc:
+            events.append(StreamError(exc, frame))
+        else:
+            events.append(MessageReceived("ap3000", message, frame))
+        return True
+
+    def _skip(self, buf: bytearray, events: list[Event]) -> None:
+        """Drop bytes up to the next candidate start and report them as garbage."""
+        match = _CANDIDATE.search(buf, 1)
+        cut = match.start() if match else len(buf)
+        raw = bytes(buf[:cut])
+        del buf[:cut]
+        last = events[-1] if events else None
+        if isinstance(last, StreamError) and isinstance(last.error, GarbageError):
+            raw = last.raw + raw  # one event per run of garbage
+            events.pop()
+        events.append(
+            StreamError(GarbageError(f"skipped {len(raw)} bytes of garbage", offset=0), raw)
+        )

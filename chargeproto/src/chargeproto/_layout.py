@@ -32,7 +32,7 @@ from typing import Any
 import construct as cs
 
 from ._base import ABSENT, Item, Message
-from ._errors import EncodeError, PayloadError, TruncatedError
+from ._errors import EncodeError, TruncatedError
 from ._units import HEX, IDENTITY, RUNTIME, Ascii, Converter, Hex
 
 OPT_PREFIX = "_opt"
@@ -260,7 +260,7 @@ class Codec:
         return -1
 
 
-def _truncated(cls_name: str, field: str, offset: int, need: int, have: int) -> PayloadError:
+def _truncated(cls_name: str, field: str, offset: int, need: int, have: int) -> TruncatedError:
     return TruncatedError(
         f"{cls_name}: payload ends inside {field} (needs {need} bytes, {have} left)",
         offset=offset,
@@ -304,7 +304,9 @@ def _check_range(endian: str, wf: WireField, raw: Any) -> None:
     try:
         struct.pack(endian + wf.fmt, raw)
     except struct.error:
-        raise EncodeError(f"{wf.name}: {raw!r} does not fit the wire field", field=wf.name) from None
+        raise EncodeError(
+            f"{wf.name}: {raw!r} does not fit the wire field", field=wf.name
+        ) from None
 
 
 # --- code generation ------------------------------------------------------------------
@@ -361,7 +363,9 @@ class _DecodeWriter(_Writer):
         self.build(1)
         return "\n".join(self.lines) + "\n"
 
-    def fixed_run_or_dynamic(self, fields: list[WireField], depth: int, optional_group: bool) -> None:
+    def fixed_run_or_dynamic(
+        self, fields: list[WireField], depth: int, optional_group: bool
+    ) -> None:
         run: list[WireField] = []
         for f in fields:
             if f.kind == "fixed":
@@ -385,7 +389,8 @@ class _DecodeWriter(_Writer):
         self.emit(depth, f"if end - off < {size}:")
         self.emit(
             depth + 1,
-            f"raise _trunc({self.c.cls.__name__!r}, {run[0].name!r}, off - start, {size}, end - off)",
+            f"raise _trunc({self.c.cls.__name__!r}, {run[0].name!r},"
+            f" off - start, {size}, end - off)",
         )
         self.emit(depth, f"{', '.join(names)}, = _unpack_from({self.fmt(fmt)}, buf, off)")
         self.emit(depth, f"off += {size}")
@@ -419,7 +424,9 @@ class _DecodeWriter(_Writer):
                 fields = [f for g in groups[:k] for f in g]
                 names = [self.var[f.name] for f in fields]
                 fmt = "".join(f.fmt for f in fields)
-                self.emit(depth + 1, f"{', '.join(names)}, = _unpack_from({self.fmt(fmt)}, buf, off)")
+                self.emit(
+                    depth + 1, f"{', '.join(names)}, = _unpack_from({self.fmt(fmt)}, buf, off)"
+                )
                 self.emit(depth + 1, f"off += {need}")
             return
         # general case: one group at a time, nested
@@ -463,7 +470,10 @@ class _DecodeWriter(_Writer):
         elif f.kind == "vbytes" or (f.kind == "array" and f.fmt == "B"):
             self.emit(depth, f"{v} = bytes(buf[off:off + n_])")
         elif f.kind == "array":
-            self.emit(depth, f"{v} = _unpack_from('{self.c.endian}%d{f.fmt}' % (n_ // {f.size}), buf, off)")
+            self.emit(
+                depth,
+                f"{v} = _unpack_from('{self.c.endian}%d{f.fmt}' % (n_ // {f.size}), buf, off)",
+            )
         else:
             width = len(f.record)
             self.emit(
@@ -505,7 +515,9 @@ class _DecodeWriter(_Writer):
             else:
                 expr = f"tuple([{conv.decode_expr.format('x_')} for x_ in {raw}])"
         else:
-            expr = self.conv_decode(name, self.var[name], first.fmt if first.kind == "fixed" else "s")
+            expr = self.conv_decode(
+                name, self.var[name], first.fmt if first.kind == "fixed" else "s"
+            )
         if optional:
             v = self.var[name]
             return f"(ABSENT if {v} is ABSENT else {expr})"
@@ -526,7 +538,8 @@ class _DecodeWriter(_Writer):
                     args.append(self.conv_decode(f"{name}[].{f}", f"t_[{i}]", fmt))
                 else:
                     args.append("i_")
-            return f"tuple([_I_{name}({', '.join(args)}) for i_, t_ in enumerate({self.var[rec.name]})])"
+            rows = self.var[rec.name]
+            return f"tuple([_I_{name}({', '.join(args)}) for i_, t_ in enumerate({rows})])"
         members = [f.name.split("[].")[1] for f in wire]
         zipped = ", ".join(self.var[f.name] for f in wire)
         args = []
@@ -553,7 +566,9 @@ class _EncodeWriter(_Writer):
             for g in optional:
                 t = c.typed_name(g[-1]) or g[-1].name
                 typed.append(t)
-            self.emit(1, f"k_ = _present(({', '.join('m.' + t for t in typed)},), {tuple(typed)!r})")
+            self.emit(
+                1, f"k_ = _present(({', '.join('m.' + t for t in typed)},), {tuple(typed)!r})"
+            )
             for k, group in enumerate(optional):
                 self.emit(1 + k, f"if k_ > {k}:")
                 self.values(group, 2 + k)
@@ -631,11 +646,14 @@ class _EncodeWriter(_Writer):
             if f.kind in ("vbytes", "greedy"):
                 self.emit(depth, f"parts_.append({v})")
             elif f.kind == "array":
-                self.emit(depth, f"parts_.append(_pack('{self.c.endian}%d{f.fmt}' % len({v}), *{v}))")
+                self.emit(
+                    depth, f"parts_.append(_pack('{self.c.endian}%d{f.fmt}' % len({v}), *{v}))"
+                )
             else:
                 self.emit(
                     depth,
-                    f"parts_.append(_pack('{self.c.endian}' + {f.fmt!r} * (len({v}) // {len(f.record)}), *{v}))",
+                    f"parts_.append(_pack('{self.c.endian}' + {f.fmt!r}"
+                    f" * (len({v}) // {len(f.record)}), *{v}))",
                 )
         flush()
 
@@ -650,7 +668,5 @@ def compile_message(
     items: Mapping[str, type[Item]] | None = None,
 ) -> Codec:
     """Compile a message declaration; raises ``TypeError`` on an unsupported one."""
-    codec = Codec(
-        cls, wire, endian=endian, head=head, units=units or {}, items=items or {}
-    )
+    codec = Codec(cls, wire, endian=endian, head=head, units=units or {}, items=items or {})
     return codec

@@ -49,7 +49,11 @@ class Scale(Converter):
         return raw / self.divisor
 
     def encode(self, value: Any, field: str) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise EncodeError(f"{field}: expected a finite number, got {value!r}", field=field)
         return round(value * self.divisor)
 
@@ -68,7 +72,9 @@ class Temperature65(Converter):
             return 0
         raw = super().encode(value, field) + 65
         if raw <= 0:
-            raise EncodeError(f"{field}: {value} degC is below the wire range (-64..190)", field=field)
+            raise EncodeError(
+                f"{field}: {value} degC is below the wire range (-64..190)", field=field
+            )
         return raw
 
 

@@ -108,4 +108,3 @@ def verify_replies(total_packets: int, replies: Iterable[tuple[int, int]]) -> Up
         elif index not in (expected, expected - 1, 0):
             errors.append(f"error result {result} for packet {index}, expected {expected}")
     return UpgradeProgress(expected > total_packets, min(expected, total_packets), tuple(errors))
-

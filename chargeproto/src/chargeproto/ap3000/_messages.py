@@ -17,7 +17,7 @@ from construct import Array, Bytes, GreedyBytes, Int8ul, Int16ul, Int32ul, Struc
 from .._base import ABSENT, Absent, Direction, Item, Message
 from .._layout import Codec, compile_message, optional_tail
 from .._units import CENTI, DECI, MILLI, PHY_ID, TEMP65, Ascii, Converter
-from . import _enums as E
+from . import _enums as E  # noqa: N812 - short name for the enumeration tables
 
 UP = Direction.UP
 DOWN = Direction.DOWN
@@ -43,6 +43,10 @@ class Ap3000Message(Message):
     phy_id: str
     msg_id: int
     trailing_hex: str = dataclasses.field(default="", kw_only=True)
+
+    @classmethod
+    def item_types(cls) -> Mapping[str, type[Item]]:
+        return cls.codec.items
 
 
 def message(
@@ -101,6 +105,29 @@ def _with_balance(rate_mode: int, balance_or_expiry: int) -> dict[str, Any]:
     if rate_mode == 1:
         return {"expiry_unix": balance_or_expiry}
     return {"balance_cent": balance_or_expiry}
+
+
+def _raw_balance(fields: dict[str, Any]) -> dict[str, Any]:
+    """``from_fields`` helper: accept balance_cent / expiry_unix for balance_or_expiry."""
+    if "balance_or_expiry" not in fields:
+        for name in ("balance_cent", "expiry_unix"):
+            if name in fields:
+                fields["balance_or_expiry"] = fields[name]
+    fields.pop("balance_cent", None)
+    fields.pop("expiry_unix", None)
+    return fields
+
+
+def _raw_limit(fields: dict[str, Any]) -> dict[str, Any]:
+    """``from_fields`` helper: accept duration_s / energy_kwh for charge_limit."""
+    if "charge_limit" not in fields:
+        if "energy_kwh" in fields:
+            fields["charge_limit"] = round(fields["energy_kwh"] * 100)
+        elif "duration_s" in fields:
+            fields["charge_limit"] = fields["duration_s"]
+    fields.pop("duration_s", None)
+    fields.pop("energy_kwh", None)
+    return fields
 
 
 def _with_limit(rate_mode: int, charge_limit: int) -> dict[str, Any]:
@@ -341,6 +368,10 @@ class CardSwipeReply(Ap3000Message):
     def derived_fields(self) -> dict[str, Any]:
         return _with_balance(self.rate_mode, self.balance_or_expiry)
 
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        return _raw_balance(fields)
+
 
 _SETTLEMENT_HEAD = (
     "duration_s" / Int16ul,
@@ -511,8 +542,8 @@ class PowerHeartbeat(Ap3000Message):
     peak_power_w: float | Absent = ABSENT
     voltage_v: float | Absent = ABSENT
     current_a: float | Absent = ABSENT
-    temperature_c: int | None | Absent = ABSENT
-    port_temperature_c: int | None | Absent = ABSENT
+    temperature_c: int | Absent | None = ABSENT
+    port_temperature_c: int | Absent | None = ABSENT
     timestamp_unix: int | Absent = ABSENT
     occupancy_duration_min: int | Absent = ABSENT
 
@@ -559,9 +590,7 @@ class LocalServerAddress(_ServerAddress):
     """0x0A set host server address (8.10); sub-device to host only."""
 
 
-@message(
-    0x41, UP, Struct("port_count" / Int8ul, "door_status" / Int32ul, "fan_status" / Int32ul)
-)
+@message(0x41, UP, Struct("port_count" / Int8ul, "door_status" / Int32ul, "fan_status" / Int32ul))
 @dataclasses.dataclass(frozen=True, slots=True)
 class CabinetHeartbeat(Ap3000Message):
     """0x41 cabinet heartbeat (8.11): door and fan bits."""
@@ -681,6 +710,10 @@ class ChargeControl(Ap3000Message):
             **_with_limit(self.rate_mode, self.charge_limit),
         }
 
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        return _raw_limit(_raw_balance(fields))
+
 
 @message(
     0x82,
@@ -705,9 +738,7 @@ class ChargeControlReply(Ap3000Message):
         return {"success": self.result == 0}
 
 
-@message(
-    0x8A, DOWN, Struct("rate_mode" / Int8ul, "port" / Int8ul, "charge_limit" / Int16ul)
-)
+@message(0x8A, DOWN, Struct("rate_mode" / Int8ul, "port" / Int8ul, "charge_limit" / Int16ul))
 @dataclasses.dataclass(frozen=True, slots=True)
 class ModifyChargeLimit(Ap3000Message):
     """0x8A change the duration or energy of a running charge (9.3)."""
@@ -720,6 +751,10 @@ class ModifyChargeLimit(Ap3000Message):
 
     def derived_fields(self) -> dict[str, Any]:
         return _with_limit(self.rate_mode, self.charge_limit)
+
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        return _raw_limit(fields)
 
 
 @message(0x8A, UP)
@@ -843,9 +878,7 @@ class Limits(_Limits):
     """The device's answer to 0x92: its limits."""
 
 
-_CARD_PARAMS = Struct(
-    "card_sector" / Int8ul, "user_card_key" / Bytes(6), "new_card_key" / Bytes(6)
-)
+_CARD_PARAMS = Struct("card_sector" / Int8ul, "user_card_key" / Bytes(6), "new_card_key" / Bytes(6))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -1045,12 +1078,8 @@ class MultiFunction(Ap3000Message):
     port: int
 
 
-_FIRMWARE_200 = Struct(
-    "total_packets" / Int16ul, "packet_index" / Int16ul, "firmware" / Bytes(200)
-)
-_FIRMWARE_256 = Struct(
-    "total_packets" / Int16ul, "packet_index" / Int16ul, "firmware" / Bytes(256)
-)
+_FIRMWARE_200 = Struct("total_packets" / Int16ul, "packet_index" / Int16ul, "firmware" / Bytes(200))
+_FIRMWARE_256 = Struct("total_packets" / Int16ul, "packet_index" / Int16ul, "firmware" / Bytes(256))
 _FIRMWARE_REPLY = Struct("result" / Int8ul, "packet_index" / Int16ul)
 
 

@@ -69,15 +69,23 @@ def parse_order_id(order_id: str, start_mode: int) -> OrderNumber:
         if int(port) < 30:
             return OrderNumber(canonical, "unparsed")
         return OrderNumber(
-            canonical, "card", time, card_id=raw[7:11].hex().upper(),
-            device_number=int(device), port=int(port) - 30,
+            canonical,
+            "card",
+            time,
+            card_id=raw[7:11].hex().upper(),
+            device_number=int(device),
+            port=int(port) - 30,
         )
     code = _bcd(raw[8:11])
     if raw[7] != 0 or code is None or int(port) < 70:
         return OrderNumber(canonical, "unparsed")
     return OrderNumber(
-        canonical, "code", time, verification_code=code,
-        device_number=int(device), port=int(port) - 70,
+        canonical,
+        "code",
+        time,
+        verification_code=code,
+        device_number=int(device),
+        port=int(port) - 70,
     )
 
 

@@ -132,9 +132,7 @@ def _fields_of(obj: Any, texts: Mapping[str, Mapping[int, str]]) -> dict[str, An
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if value is ABSENT:
-            continue
-        if f.name == "trailing_hex" and not value:
+        if value is ABSENT or f.name == "trailing_hex":
             continue
         if isinstance(value, tuple):
             value = [v.to_fields() if isinstance(v, Item) else v for v in value]
@@ -144,6 +142,9 @@ def _fields_of(obj: Any, texts: Mapping[str, Mapping[int, str]]) -> dict[str, An
         table = texts.get(f.name)
         if table is not None and isinstance(value, int):
             out[f.name + "_text"] = table.get(value) or unknown_text(value)
+    trailing = getattr(obj, "trailing_hex", "")
+    if trailing:  # bytes after the last known field, kept last
+        out["trailing_hex"] = trailing
     return out
 
 

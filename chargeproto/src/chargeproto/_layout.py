@@ -50,11 +50,61 @@ def optional_tail(*fields: cs.Renamed | tuple[cs.Renamed, ...]) -> cs.Renamed:
     for depth in range(len(fields) - 1, -1, -1):
         group = fields[depth]
         members = list(group) if isinstance(group, tuple) else [group]
+        try:
+            size: int | None = sum(m.sizeof() for m in members)
+        except cs.SizeofError:
+            size = None
         if tail is not None:
             members.append(tail)
-        tail = f"{OPT_PREFIX}{depth}" / cs.Optional(cs.Struct(*members))
+        tail = f"{OPT_PREFIX}{depth}" / _OptionalGroup(cs.Struct(*members), size)
     assert tail is not None
     return tail
+
+
+class _OptionalGroup(cs.Select):  # type: ignore[misc]
+    """``Optional(subcon)`` that construct can compile.
+
+    construct 2.10 cannot compile ``Select``: with a plain ``Optional`` every message
+    with an optional tail fell back to construct's interpreter. ``size`` is the group's
+    own fixed size (None if variable): such a group is present only when that many
+    bytes remain, because construct's compiled ``Bytes(n)`` accepts a short read.
+    """
+
+    def __init__(self, subcon: cs.Construct, size: int | None) -> None:
+        super().__init__(subcon, cs.Pass)
+        self.size = size
+
+    def _emitparse(self, code: Any) -> str:
+        fname = f"parse_optional_{code.allocateId()}"
+        check = ""
+        if self.size is not None:
+            check = (
+                "here = io.tell(); left = io.seek(0, 2) - here; io.seek(here)\n"
+                f"                if left < {self.size}: return None"
+            )
+        code.append(f"""
+            def {fname}(io, this):
+                {check}
+                fallback = io.tell()
+                try:
+                    return {self.subcons[0]._compileparse(code)}
+                except ExplicitError:
+                    raise
+                except Exception:
+                    io.seek(fallback)
+                    return None
+        """)
+        return f"{fname}(io, this)"
+
+    def _emitbuild(self, code: Any) -> str:
+        fname = f"build_optional_{code.allocateId()}"
+        code.append(f"""
+            def {fname}(obj, io, this):
+                if obj is None:
+                    return None
+                return {self.subcons[0]._compilebuild(code)}
+        """)
+        return f"{fname}(obj, io, this)"
 
 
 # --- the flat plan of a declaration -------------------------------------------------

@@ -1,0 +1,137 @@
+"""Prometheus metrics of one gateway process, exposed by the API at ``GET /metrics``.
+
+Every :class:`Metrics` owns its own :class:`~prometheus_client.CollectorRegistry` instead
+of the process-wide default one, so tests and several apps in one process never collide
+on metric names. The layers that do the work (transport, session, store) update the
+attributes directly::
+
+    metrics.connections_accepted_total.inc()
+    metrics.frames_total.labels(protocol="ap3000", direction="in", command="0x01").inc()
+    with metrics.db_write_seconds.time():
+        ...
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = ["Metrics"]
+
+#: batch writes (COPY of up to a few hundred rows) take milliseconds; outliers reach seconds
+_DB_WRITE_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Metrics:
+    """The gateway's metrics, all registered in :attr:`registry`.
+
+    Names are prefixed with ``namespace`` (``chargegw_connections_current``); counters get
+    Prometheus' ``_total`` suffix on exposition.
+    """
+
+    registry: CollectorRegistry
+
+    #: TCP connections from devices open right now
+    connections_current: Gauge
+    #: TCP connections accepted since start
+    connections_accepted_total: Counter
+    #: TCP connections closed, by ``reason`` (idle, peer, garbage, shutdown, ...)
+    connections_closed_total: Counter
+    #: frames by ``protocol`` (ap3000, bkv), ``direction`` (in, out) and ``command``
+    frames_total: Counter
+    #: undecodable input, by ``kind`` (checksum, length, resync, ...)
+    decode_errors_total: Counter
+    #: devices currently considered online
+    devices_online: Gauge
+    #: duration of one database write (a batch or a transaction)
+    db_write_seconds: Histogram
+    #: database writes that failed (and were kept for a retry)
+    db_write_failures_total: Counter
+    #: batches waiting for the writer
+    batch_queue_depth: Gauge
+    #: rows held in memory while the database is slow or unreachable
+    db_buffered_rows: Gauge
+
+    def __init__(
+        self, namespace: str = "chargegw", registry: CollectorRegistry | None = None
+    ) -> None:
+        """Create the metrics in ``registry`` (a new, private one by default)."""
+        self.registry = registry if registry is not None else CollectorRegistry()
+        ns = namespace
+        reg = self.registry
+        self.connections_current = Gauge(
+            "connections_current", "Device TCP connections open now", namespace=ns, registry=reg
+        )
+        self.connections_accepted_total = Counter(
+            "connections_accepted", "Device TCP connections accepted", namespace=ns, registry=reg
+        )
+        self.connections_closed_total = Counter(
+            "connections_closed",
+            "Device TCP connections closed, by reason",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.frames_total = Counter(
+            "frames",
+            "Frames received (in) and sent (out), by protocol and command",
+            ["protocol", "direction", "command"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.decode_errors_total = Counter(
+            "decode_errors",
+            "Input that could not be decoded, by kind",
+            ["kind"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.devices_online = Gauge(
+            "devices_online", "Devices currently online", namespace=ns, registry=reg
+        )
+        self.db_write_seconds = Histogram(
+            "db_write_seconds",
+            "Duration of database writes",
+            namespace=ns,
+            registry=reg,
+            buckets=_DB_WRITE_BUCKETS,
+        )
+        self.db_write_failures_total = Counter(
+            "db_write_failures", "Database writes that failed", namespace=ns, registry=reg
+        )
+        self.batch_queue_depth = Gauge(
+            "batch_queue_depth",
+            "Batches waiting for the database writer",
+            namespace=ns,
+            registry=reg,
+        )
+        self.db_buffered_rows = Gauge(
+            "db_buffered_rows",
+            "Rows held in memory until the database accepts them",
+            namespace=ns,
+            registry=reg,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition of every metric and its content type, for ``GET /metrics``."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

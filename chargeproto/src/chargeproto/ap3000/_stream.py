@@ -114,7 +114,8 @@ class Ap3000StreamDecoder:
         length = buf[3] | buf[4] << 8
         total = length + 5
         if length < MIN_LENGTH or total > self.max_frame:
-            raw = bytes(buf[:5])
+            # drop only the header: the length bytes may start the next item
+            raw = bytes(buf[:3])
             del buf[:3]
             events.append(
                 StreamError(

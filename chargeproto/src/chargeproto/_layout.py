@@ -263,9 +263,43 @@ class Codec:
             value = getattr(message, typed)
             if value is ABSENT:
                 continue
-            if wf.kind == "fixed":
+            if wf.kind in ("vbytes", "greedy"):
+                HEX.encode(value, typed)
+            elif wf.kind == "fixed" and wf.fmt.endswith("s"):
+                conv = self.converter(wf.name)
+                if isinstance(conv, Ascii):
+                    _fixascii(value, wf.size, typed, conv)
+                else:
+                    _fixhex(value, wf.size, typed)
+            elif wf.kind == "fixed":
                 raw = self.converter(wf.name).encode(value, wf.name)
                 _check_range(self.endian, wf, raw)
+            elif wf.kind == "array" and "[]" not in wf.name:
+                for i, element in enumerate(value):
+                    self._check_element(wf, f"{typed}[{i}]", wf.name, wf.fmt, element)
+            else:  # per-item values: "ports[].power_w" arrays or records
+                members = wf.record or [(wf.name.split("[].")[1], wf.fmt)]
+                for i, item in enumerate(value):
+                    for member, fmt in members:
+                        path = f"{typed}[{i}].{member}"
+                        element = getattr(item, member)
+                        self._check_element(wf, path, f"{typed}[].{member}", fmt, element)
+        for count, target in self.counts.items():
+            wf = next(f for f in self.fields if f.name == count)
+            value = getattr(message, target)
+            if value is not ABSENT:
+                _check_range(
+                    self.endian,
+                    dataclasses.replace(wf, name=target),
+                    len(HEX.encode(value, target)) if isinstance(value, str) else len(value),
+                )
+
+    def _check_element(self, wf: WireField, path: str, unit: str, fmt: str, value: Any) -> None:
+        if fmt.endswith("s"):
+            _fixhex(value, int(fmt[:-1]), path)
+            return
+        raw = self.converter(unit).encode(value, path)
+        _check_range(self.endian, dataclasses.replace(wf, name=path, fmt=fmt), raw)
 
     # -- introspection, used by the CLI's table output and by tests --
 

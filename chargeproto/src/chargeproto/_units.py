@@ -62,7 +62,8 @@ class Temperature65(Converter):
     """Degrees Celsius with an offset of 65; raw 0 means "no sensor" (``None``)."""
 
     decode_expr = "(({0}) - 65 if {0} else None)"
-    encode_expr = "(0 if {0} is None else {0} + 65)"
+    # raw 0 means "no sensor": -65 degC must not wrap into it (_t65 rejects it)
+    encode_expr = "(0 if {0} is None else _t65({0}))"
 
     def decode(self, raw: Any) -> Any:
         return raw - 65 if raw else None
@@ -147,6 +148,13 @@ def _ascii(raw: bytes) -> str:
     return (raw if end < 0 else raw[:end]).decode("ascii", "replace")
 
 
+def _t65(value: int) -> int:
+    raw = value + 65
+    if raw <= 0:
+        raise ValueError(f"{value} degC is below the wire range")
+    return raw
+
+
 def _round(value: float) -> int:
     return round(value)
 
@@ -165,4 +173,4 @@ ASCII = Ascii()
 PHY_ID = PhyIdHex()
 
 #: names the generated code may refer to
-RUNTIME = {"_ascii": _ascii, "_round": _round, "_unhex": _unhex}
+RUNTIME = {"_ascii": _ascii, "_round": _round, "_t65": _t65, "_unhex": _unhex}

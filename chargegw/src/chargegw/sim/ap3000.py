@@ -1,0 +1,775 @@
+"""A simulated AP3000 pile: real DNY frames over TCP, built with chargeproto.
+
+Behaviour follows shared/protocols/ap3000.md (sections 1, 3, 8, 9): ICCID preamble,
+0x20 registration until answered, 0x22 time until answered, 0x21 heartbeats, ``link``
+keepalives, 0x06 power heartbeats while charging, 0x03 settlements stored and resent
+until acknowledged (same msg id), and replies to the server's commands that echo their
+msg id. Intervals are in pile seconds and divided by the simulator's acceleration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import enum
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any, ClassVar, Final
+
+from chargeproto import ABSENT, Message, ap3000
+
+from .pile import Faults, SimulatedPile, StreamDecoder
+
+#: id type code for a port count (ap3000.md section 4)
+TYPE_CODE_FOR_PORTS: Final = {1: 0x03, 2: 0x04, 10: 0x05, 12: 0x07, 16: 0x06}
+#: (device type of 0x20, firmware version) per id type code (ap3000.md 11.9)
+_MODEL: Final = {
+    0x03: (0x27, 312),  # new GM5 dual-mode, 3.xx
+    0x04: (0x27, 312),
+    0x05: (0x29, 210),  # new 10/16-port F460, 2.xx
+    0x06: (0x29, 210),
+    0x07: (0x30, 105),  # new 12-port F460, 1.xx
+}
+#: replies of the server to messages the pile originates; everything else is a command
+_SERVER_REPLIES: Final = (
+    ap3000.RegistrationReply,
+    ap3000.HeartbeatReply,
+    ap3000.TimeReply,
+    ap3000.SettlementReply,
+    ap3000.LegacyHeartbeatReply,
+    ap3000.CardSwipeReply,
+    ap3000.OrderConfirmReply,
+    ap3000.HostTimeReply,
+    ap3000.HostFirmwareRequestReply,
+)
+_U16: Final = 0xFFFF
+MAX_STORED_SETTLEMENTS: Final = 64
+
+# stop reasons (ap3000.md 11.2)
+STOP_FULL: Final = 0x01
+STOP_MAX_DURATION: Final = 0x02
+STOP_TIME_REACHED: Final = 0x03
+STOP_ENERGY_REACHED: Final = 0x04
+STOP_UNPLUGGED: Final = 0x05
+STOP_BY_SERVER: Final = 0x07
+
+
+class PortStatus(enum.IntEnum):
+    """What a simulated port reports in 0x21 (ap3000.md 11.1)."""
+
+    IDLE = 0x00
+    CHARGING = 0x01
+    FULL = 0x03
+
+
+@dataclasses.dataclass(slots=True)
+class Ap3000Intervals:
+    """Protocol intervals in pile seconds (divided by the acceleration factor)."""
+
+    #: 0x22 resent while unanswered
+    time_retry_s: float = 180.0
+    #: 0x22 again after an answer
+    time_refresh_s: float = 12 * 3600.0
+    #: 0x06 while a port charges
+    power_heartbeat_s: float = 300.0
+    #: first 0x03 after the power is cut
+    settlement_delay_s: float = 2.0
+    #: 0x03 resent while unacknowledged
+    settlement_resend_s: float = 1800.0
+    #: next stored 0x03 after one was acknowledged
+    settlement_gap_s: float = 60.0
+    #: ``link`` after this long without sending anything
+    link_idle_s: float = 30.0
+    #: reboot (0x87) until the pile reconnects
+    boot_s: float = 5.0
+    #: an until-full charge reports full after this long
+    full_after_s: float = 4 * 3600.0
+
+
+@dataclasses.dataclass(slots=True)
+class ChargeSession:
+    """One running charge on one port."""
+
+    order_id: str
+    port: int
+    started_at: float  # loop.time()
+    power_w: float
+    #: "time", "energy" or "full"
+    mode: str
+    #: pile seconds (time) or kWh (energy); unused for "full"
+    target: float
+    stop_when_full: bool
+    max_duration_s: float
+    peak_power_w: float = 0.0
+    stop_reason: int | None = None
+    changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+
+    def energy_kwh(self, duration_s: float) -> float:
+        return self.power_w * duration_s / 3_600_000.0
+
+    def end(self, full_after_s: float) -> tuple[float, int]:
+        """Pile seconds from the start at which the charge ends, and the stop reason."""
+        candidates: list[tuple[float, int]] = []
+        if self.mode == "time":
+            candidates.append((self.target, STOP_TIME_REACHED))
+        else:
+            candidates.append((self.max_duration_s, STOP_MAX_DURATION))
+            if self.mode == "energy":
+                seconds = self.target * 3_600_000.0 / self.power_w
+                candidates.append((seconds, STOP_ENERGY_REACHED))
+        if self.stop_when_full or self.mode == "full":
+            candidates.append((full_after_s, STOP_FULL))
+        return min(candidates)
+
+    def stop(self, reason: int) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.changed.set()
+
+
+@dataclasses.dataclass(slots=True)
+class SimPort:
+    """One port: whether a charger is plugged in, its status and running charge."""
+
+    index: int
+    plugged: bool = True
+    status: PortStatus = PortStatus.IDLE
+    session: ChargeSession | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class StoredSettlement:
+    """A 0x03 kept until the server acknowledges it (``message.msg_id`` fixed)."""
+
+    message: ap3000.Settlement
+    next_send_at: float
+    copies_sent: int = 0
+
+
+def ap3000_phy_id(number: int, ports: int = 2) -> str:
+    """Canonical physical id for a device number and port count (``"04000001"``)."""
+    type_code = type_code_for_ports(ports)
+    return ap3000.PhysicalId.from_sticker(type_code, number).canonical
+
+
+def type_code_for_ports(ports: int) -> int:
+    """Id type code of a pile with ``ports`` ports (the next larger model)."""
+    for count in sorted(TYPE_CODE_FOR_PORTS):
+        if ports <= count:
+            return TYPE_CODE_FOR_PORTS[count]
+    raise ValueError(f"AP3000 piles have 1 to 16 ports, not {ports}")
+
+
+def iccid_for(phy_id: str) -> str:
+    """A deterministic 20-character ICCID (``89860...``) for a physical id."""
+    pid = ap3000.PhysicalId.parse(phy_id)
+    return "89860%02d%013d" % (pid.type_code, pid.number)
+
+
+def _params(message: Message) -> dict[str, Any]:
+    skip = {"phy_id", "msg_id", "trailing_hex"}
+    return {
+        f.name: getattr(message, f.name) for f in dataclasses.fields(message) if f.name not in skip
+    }
+
+
+class SimulatedAp3000Pile(SimulatedPile):
+    """A simulated AP3000 pile (socket or multi-port pile) on one TCP connection.
+
+    ``plugged`` says per port (or for all) whether a charger is plugged in; a start on
+    an unplugged port is answered with result 1. State is public and may be changed at
+    run time (``ports``, ``faults``, ``heartbeat_s``); see also ``plug``/``unplug``.
+    """
+
+    protocol: ClassVar[str] = "ap3000"
+
+    def __init__(
+        self,
+        phy_id: str,
+        *,
+        ports: int = 2,
+        iccid: str | None = None,
+        firmware_version: int | None = None,
+        device_type: int | None = None,
+        heartbeat_s: float = 180.0,
+        plugged: bool | Sequence[bool] = True,
+        charge_power_w: float = 200.0,
+        voltage_v: float = 220.0,
+        temperature_c: int = 30,
+        signal_strength: int = 0,
+        send_link: bool = False,
+        offline_after_missed_heartbeats: int | None = None,
+        intervals: Ap3000Intervals | None = None,
+        faults: Faults | None = None,
+        record_limit: int = 10_000,
+    ) -> None:
+        pid = ap3000.PhysicalId.parse(phy_id)
+        super().__init__(
+            pid.canonical, heartbeat_s=heartbeat_s, faults=faults, record_limit=record_limit
+        )
+        if not 1 <= ports <= 16:
+            raise ValueError(f"AP3000 piles have 1 to 16 ports, not {ports}")
+        model_type, model_firmware = _MODEL.get(pid.type_code, (0x27, 312))
+        self.phy_id = pid.canonical
+        self.iccid = iccid if iccid is not None else iccid_for(self.phy_id)
+        if len(self.iccid) != 20 or not self.iccid.startswith("89"):
+            raise ValueError(f"an ICCID is 20 characters starting with 89, not {self.iccid!r}")
+        self.firmware_version = firmware_version if firmware_version is not None else model_firmware
+        self.device_type = device_type if device_type is not None else model_type
+        flags = [plugged] * ports if isinstance(plugged, bool) else list(plugged)
+        if len(flags) != ports:
+            raise ValueError(f"plugged has {len(flags)} entries for {ports} ports")
+        self.ports = [SimPort(i, plugged=flag) for i, flag in enumerate(flags)]
+        self.charge_power_w = charge_power_w
+        self.voltage_v = voltage_v
+        self.temperature_c = temperature_c
+        self.signal_strength = signal_strength
+        self.send_link = send_link
+        self.offline_after_missed_heartbeats = offline_after_missed_heartbeats
+        self.intervals = intervals if intervals is not None else Ap3000Intervals()
+        self.work_mode = 0
+        self.clock_offset_s = 0.0
+        self.locate_until = 0.0
+        self.settlements: collections.deque[StoredSettlement] = collections.deque()
+        self.running_params_1: dict[str, Any] = {
+            "unplug_power_w": 0.3,
+            "unplug_detect_time_s": 10,
+            "float_percent": 20,
+            "float_detect_time_s": 1800,
+            "float_time_s": 3600,
+            "heartbeat_interval_s": min(round(heartbeat_s), _U16),
+        }
+        self.running_params_2: dict[str, Any] = {
+            "dynamic_overload_power_w": 80.0,
+            "dynamic_overload_detect_time_s": 30,
+            "dynamic_overload_start_time_s": 1800,
+            "unplug_interference_power_w": 1.0,
+            "unplug_interference_time_s": 300,
+            "float_second_time_point_s": 10800,
+            "float_second_detect_time_s": 300,
+            "min_power_w": 30.0,
+            "min_power_time_point_s": 1800,
+            "second_max_power_time_point_s": 300,
+            "ambient_alarm_temperature_c": 80,
+            "port_alarm_temperature_c": 80,
+            "unplug_detect_mode": 0,
+            "qr_light": 1,
+        }
+        self.limits: dict[str, Any] = {
+            "max_charge_duration_s": 36000,
+            "overload_power_w": 2000.0,
+            "overvoltage_v": 270.0,
+            "undervoltage_v": 100.0,
+        }
+        self.card_params: dict[str, Any] = {
+            "card_sector": 0,
+            "user_card_key": "159185191880",
+            "new_card_key": "FFFFFFFFFFFF",
+        }
+        self._msg_id = 0
+        self._registration_id: int | None = None
+        self._time_id: int | None = None
+        self._registered = asyncio.Event()
+        self._time_synced = asyncio.Event()
+        self._heartbeats_unanswered = 0
+        self._settlement_wakeup = asyncio.Event()
+
+    # --- identity and helpers ------------------------------------------------------------
+
+    @property
+    def registered(self) -> bool:
+        """Whether the server answered this connection's 0x20."""
+        return self._registered.is_set()
+
+    def next_msg_id(self) -> int:
+        """A new message id (1..65535, wrapping)."""
+        self._msg_id = self._msg_id % _U16 + 1
+        return self._msg_id
+
+    def device_time(self) -> int:
+        """The pile's clock as Unix seconds (corrected by the server's 0x22 answer)."""
+        return int(time.time() + self.clock_offset_s)
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _pile_seconds_since(self, start: float) -> float:
+        return self.timing.pile_seconds(self._now() - start)
+
+    async def send_message(self, message: ap3000.Ap3000Message) -> bool:
+        """Encode and send one message; False if offline."""
+        return await self.send_frame(ap3000.encode(message), message)
+
+    def describe_frame(self, frame: bytes) -> Message | None:
+        return ap3000.decode(frame, "up")
+
+    # --- messages the pile builds --------------------------------------------------------
+
+    def registration(self, msg_id: int) -> ap3000.Registration:
+        return ap3000.Registration(
+            self.phy_id,
+            msg_id,
+            firmware_version=self.firmware_version,
+            port_count=len(self.ports),
+            virtual_id=0,
+            device_type=self.device_type,
+            work_mode=self.work_mode,
+            power_board_version=0,
+        )
+
+    def heartbeat(self, msg_id: int) -> ap3000.Heartbeat:
+        return ap3000.Heartbeat(
+            self.phy_id,
+            msg_id,
+            voltage_v=self.voltage_v,
+            ports=tuple(ap3000.PortState(p.index, int(p.status)) for p in self.ports),
+            signal_strength=self.signal_strength,
+            temperature_c=self.temperature_c,
+        )
+
+    # --- protocol hooks ------------------------------------------------------------------
+
+    def new_decoder(self) -> StreamDecoder:
+        return ap3000.Ap3000StreamDecoder("down")
+
+    def preamble(self) -> tuple[bytes, str]:
+        return self.iccid.encode("ascii"), "iccid"
+
+    def is_command(self, message: Message) -> bool:
+        return not isinstance(message, _SERVER_REPLIES)
+
+    def command_key(self, message: Message) -> Hashable:
+        if isinstance(message, ap3000.UnknownMessage):
+            return (message.unknown_command, message.msg_id)
+        assert isinstance(message, ap3000.Ap3000Message)
+        return (message.command, message.msg_id)
+
+    def frame_ids(self, message: Message) -> tuple[int | None, int | None]:
+        if isinstance(message, ap3000.UnknownMessage):
+            return message.unknown_command, message.msg_id
+        return type(message).command, getattr(message, "msg_id", None)
+
+    async def on_connected(self, tg: asyncio.TaskGroup) -> None:
+        self._registered = asyncio.Event()
+        self._time_synced = asyncio.Event()
+        self._heartbeats_unanswered = 0
+        self._registration_id = self.next_msg_id()
+        self._time_id = self.next_msg_id()
+        # the opening sequence, in order: 0x20, 0x22, 0x21
+        await self.send_message(self.registration(self._registration_id))
+        await self.send_message(ap3000.TimeRequest(self.phy_id, self._time_id))
+        await self._send_heartbeat()
+        tg.create_task(self._registration_loop(self._registration_id))
+        tg.create_task(self._time_loop())
+        tg.create_task(self._heartbeat_loop())
+        tg.create_task(self._settlement_loop())
+        if self.send_link:
+            tg.create_task(self._link_loop())
+
+    def on_reply(self, message: Message) -> None:
+        if isinstance(message, ap3000.RegistrationReply):
+            if message.msg_id == self._registration_id and message.result == 0:
+                self._registered.set()
+            else:
+                self.stats.unmatched_replies += 1
+        elif isinstance(message, ap3000.HeartbeatReply):
+            self._heartbeats_unanswered = 0
+        elif isinstance(message, ap3000.TimeReply):
+            if message.msg_id == self._time_id:
+                self.clock_offset_s = message.timestamp_unix - time.time()
+                self._time_synced.set()
+            else:
+                self.stats.unmatched_replies += 1
+        elif isinstance(message, ap3000.SettlementReply):
+            self._acknowledge_settlement(message)
+        # other server replies (card swipe, legacy) concern messages this pile never sends
+
+    def on_disconnected(self) -> None:
+        self._registered = asyncio.Event()
+
+    # --- periodic tasks of a connection --------------------------------------------------
+
+    async def _send_heartbeat(self) -> None:
+        self._heartbeats_unanswered += 1
+        await self.send_message(self.heartbeat(self.next_msg_id()))
+
+    async def _registration_loop(self, msg_id: int) -> None:
+        registered = self._registered
+        while not registered.is_set():
+            try:
+                async with asyncio.timeout(self.timing.spread(self.heartbeat_s, self.rng)):
+                    await registered.wait()
+            except TimeoutError:
+                await self.send_message(self.registration(msg_id))  # a resend keeps its id
+
+    async def _time_loop(self) -> None:
+        while True:
+            synced = self._time_synced
+            assert self._time_id is not None
+            while not synced.is_set():
+                try:
+                    async with asyncio.timeout(
+                        self.timing.spread(self.intervals.time_retry_s, self.rng)
+                    ):
+                        await synced.wait()
+                except TimeoutError:
+                    await self.send_message(ap3000.TimeRequest(self.phy_id, self._time_id))
+            await asyncio.sleep(self.timing.spread(self.intervals.time_refresh_s, self.rng))
+            self._time_synced = asyncio.Event()
+            self._time_id = self.next_msg_id()
+            await self.send_message(ap3000.TimeRequest(self.phy_id, self._time_id))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timing.spread(self.heartbeat_s, self.rng))
+            limit = self.offline_after_missed_heartbeats
+            if limit is not None and self._heartbeats_unanswered >= limit:
+                self.end_connection(f"offline: {limit} heartbeats unanswered")
+                return
+            await self._send_heartbeat()
+
+    async def _link_loop(self) -> None:
+        idle_s = self.timing.real(self.intervals.link_idle_s)
+        while True:
+            wait = self.last_sent_at + idle_s - self._now()
+            if wait <= 0:
+                await self.send_unframed(b"link", "link")
+            else:
+                await asyncio.sleep(wait)
+
+    async def _settlement_loop(self) -> None:
+        while True:
+            wakeup = self._settlement_wakeup
+            stored = self.settlements[0] if self.settlements else None
+            if stored is None:
+                await wakeup.wait()
+                continue
+            wait = stored.next_send_at - self._now()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await wakeup.wait()
+                continue
+            stored.next_send_at = self._now() + self.timing.spread(
+                self.intervals.settlement_resend_s, self.rng
+            )
+            stored.copies_sent += 1
+            await self.send_message(stored.message)
+
+    def _wake_settlements(self) -> None:
+        self._settlement_wakeup.set()
+        self._settlement_wakeup = asyncio.Event()
+
+    def _acknowledge_settlement(self, reply: ap3000.SettlementReply) -> None:
+        for stored in self.settlements:
+            if stored.message.msg_id == reply.msg_id:
+                break
+        else:
+            self.stats.unmatched_replies += 1
+            return
+        if reply.result != 0:
+            return  # not accepted: keep resending
+        self.settlements.remove(stored)
+        if self.settlements:
+            head = self.settlements[0]
+            gap = self._now() + self.timing.real(self.intervals.settlement_gap_s)
+            head.next_send_at = max(head.next_send_at, gap)
+        self._wake_settlements()
+
+    # --- charging ------------------------------------------------------------------------
+
+    def plug(self, port: int, plugged: bool = True) -> None:
+        """Plug a charger into ``port`` (or unplug it with ``plugged=False``)."""
+        self.ports[port].plugged = plugged
+        if not plugged:
+            session = self.ports[port].session
+            if session is not None:
+                session.stop(STOP_UNPLUGGED)
+
+    def unplug(self, port: int) -> None:
+        """Unplug the charger of ``port``; a running charge ends (stop reason 5)."""
+        self.plug(port, False)
+
+    def _start_charge(self, port: SimPort, command: ap3000.ChargeControl) -> None:
+        limit = command.charge_limit
+        max_duration = command.max_charge_duration_s
+        if max_duration is ABSENT or not max_duration:
+            max_duration = self.limits["max_charge_duration_s"]
+        assert isinstance(max_duration, int)
+        if limit == 0 or command.rate_mode in (1, 3):
+            mode, target = "full", 0.0
+        elif command.rate_mode == 2:
+            mode, target = "energy", limit / 100.0
+        else:
+            mode, target = "time", float(limit)
+        power = self.charge_power_w * self.rng.uniform(0.9, 1.1)
+        session = ChargeSession(
+            order_id=command.order_id,
+            port=port.index,
+            started_at=self._now(),
+            power_w=power,
+            mode=mode,
+            target=target,
+            stop_when_full=command.force_full_stop == 1,
+            max_duration_s=float(max_duration),
+            peak_power_w=power,
+        )
+        port.session = session
+        port.status = PortStatus.CHARGING
+        self.spawn(self._charge(port, session))
+
+    async def _charge(self, port: SimPort, session: ChargeSession) -> None:
+        interval = self.intervals.power_heartbeat_s
+        next_report = self._now() + self.timing.spread(interval, self.rng)
+        while session.stop_reason is None:
+            end_s, reason = session.end(self.intervals.full_after_s)
+            end_at = session.started_at + self.timing.real(end_s)
+            now = self._now()
+            if now >= end_at:
+                session.stop(reason)
+                break
+            if now >= next_report:
+                await self._power_heartbeat(session)
+                next_report = now + self.timing.spread(interval, self.rng)
+                continue
+            session.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(end_at, next_report) - now):
+                    await session.changed.wait()
+        self._finish_charge(port, session)
+
+    async def _power_heartbeat(self, session: ChargeSession) -> None:
+        duration = self._pile_seconds_since(session.started_at)
+        power = session.power_w * self.rng.uniform(0.97, 1.03)
+        session.peak_power_w = max(session.peak_power_w, power)
+        await self.send_message(
+            ap3000.PowerHeartbeat(
+                self.phy_id,
+                self.next_msg_id(),
+                port=session.port,
+                status=1,
+                duration_s=min(round(duration), _U16),
+                energy_kwh=min(round(session.energy_kwh(duration), 2), 655.35),
+                start_mode=1,
+                power_w=round(power, 1),
+                max_power_w=round(max(power, session.power_w), 1),
+                min_power_w=round(min(power, session.power_w), 1),
+                avg_power_w=round(session.power_w, 1),
+                order_id=session.order_id,
+                period_energy_raw=0,
+                peak_power_w=round(session.peak_power_w, 1),
+                voltage_v=self.voltage_v,
+                current_a=round(power / self.voltage_v, 3),
+                temperature_c=self.temperature_c,
+                port_temperature_c=self.temperature_c + 2,
+                timestamp_unix=self.device_time(),
+            )
+        )
+
+    def _finish_charge(self, port: SimPort, session: ChargeSession) -> None:
+        reason = session.stop_reason if session.stop_reason is not None else STOP_BY_SERVER
+        duration = self._pile_seconds_since(session.started_at)
+        if port.session is session:
+            port.session = None
+            port.status = PortStatus.FULL if reason == STOP_FULL else PortStatus.IDLE
+        settlement = ap3000.Settlement(
+            self.phy_id,
+            self.next_msg_id(),
+            duration_s=min(round(duration), _U16),
+            max_power_w=round(session.peak_power_w, 1),
+            energy_kwh=min(round(session.energy_kwh(duration), 2), 655.35),
+            port=session.port,
+            start_mode=1,
+            card_id="00000000",
+            stop_reason=reason,
+            order_id=session.order_id,
+            second_max_power_w=round(session.peak_power_w, 1),
+            timestamp_unix=self.device_time(),
+        )
+        send_at = self._now() + self.timing.real(self.intervals.settlement_delay_s)
+        if self.settlements:
+            send_at = max(send_at, self.settlements[-1].next_send_at)
+        self.settlements.append(StoredSettlement(settlement, send_at))
+        while len(self.settlements) > MAX_STORED_SETTLEMENTS:
+            self.settlements.popleft()  # the device's storage is finite
+        self._wake_settlements()
+
+    # --- commands ------------------------------------------------------------------------
+
+    async def on_command(self, message: Message) -> list[bytes]:
+        if not isinstance(message, ap3000.Ap3000Message) or isinstance(
+            message, ap3000.UnknownMessage
+        ):
+            self.stats.commands_ignored += 1
+            return []
+        reply = await self._answer(message)
+        return [] if reply is None else [ap3000.encode(reply)]
+
+    async def _answer(self, m: ap3000.Ap3000Message) -> ap3000.Ap3000Message | None:
+        phy, mid = self.phy_id, m.msg_id
+        if isinstance(m, ap3000.ChargeControl):
+            return self._charge_control(m)
+        if isinstance(m, ap3000.ModifyChargeLimit):
+            return ap3000.ModifyChargeLimitReply(phy, mid, result=self._modify_limit(m))
+        if isinstance(m, ap3000.QueryStatus):
+            await self.send_message(self.registration(self.next_msg_id()))
+            await self._send_heartbeat()
+            return None
+        if isinstance(m, ap3000.Reboot):
+            await self.send_message(ap3000.RebootReply(phy, mid, result=0))
+            self.end_connection(
+                "reboot (0x87)", reconnect_after_s=self.timing.real(self.intervals.boot_s)
+            )
+            return None
+        if isinstance(m, ap3000.Locate):
+            self.locate_until = self._now() + m.locate_duration_s
+            return ap3000.LocateReply(phy, mid, result=0)
+        if isinstance(m, ap3000.SetRunningParams1):
+            if m.heartbeat_interval_s == 0:
+                return ap3000.SetRunningParams1Reply(phy, mid, result=1)
+            self.running_params_1 = _params(m)
+            self.heartbeat_s = float(m.heartbeat_interval_s)
+            return ap3000.SetRunningParams1Reply(phy, mid, result=0)
+        if isinstance(m, ap3000.SetRunningParams2):
+            self.running_params_2 = _params(m)
+            return ap3000.SetRunningParams2Reply(phy, mid, result=0)
+        if isinstance(m, ap3000.SetLimits):
+            if m.max_charge_duration_s == 0:
+                return ap3000.SetLimitsReply(phy, mid, result=1)
+            self.limits = {**self.limits, **_params(m)}
+            return ap3000.SetLimitsReply(phy, mid, result=0)
+        if isinstance(m, ap3000.SetCardParams):
+            self.card_params = _params(m)
+            return ap3000.SetCardParamsReply(phy, mid, result=0)
+        if isinstance(m, ap3000.ReadRunningParams1):
+            return ap3000.RunningParams1(phy, mid, **self.running_params_1)
+        if isinstance(m, ap3000.ReadRunningParams2):
+            return ap3000.RunningParams2(phy, mid, **self.running_params_2)
+        if isinstance(m, ap3000.ReadLimits):
+            return ap3000.Limits(phy, mid, **self.limits)
+        if isinstance(m, ap3000.ReadCardParams):
+            return ap3000.CardParams(phy, mid, **self.card_params)
+        if isinstance(m, ap3000.SetWorkMode):
+            self.work_mode = m.work_mode
+            return ap3000.SetWorkModeReply(phy, mid, result=0)
+        if isinstance(m, ap3000.ClearStorage):
+            self.settlements.clear()
+            self._wake_settlements()
+            return ap3000.ClearStorageReply(phy, mid, result=0)
+        return self._plausible_reply(m)
+
+    def _plausible_reply(self, m: ap3000.Ap3000Message) -> ap3000.Ap3000Message | None:
+        """Result 0 (and echoed fields) for any other command the library knows."""
+        phy, mid = self.phy_id, m.msg_id
+        if isinstance(m, ap3000.ReadEeprom):
+            return ap3000.ReadEepromReply(phy, mid, result=0, data="00" * m.data_length)
+        if isinstance(m, ap3000.CabinetStop):
+            return ap3000.CabinetStopReply(phy, mid, result=0, order_id=m.order_id)
+        if isinstance(m, ap3000.ReservedFD):
+            return ap3000.ReservedFDReply(phy, mid, function=m.function, result=0)
+        packet_index = getattr(m, "packet_index", 0)
+        reply_cls = ap3000.message_class(m.command, "up")
+        if reply_cls is None:
+            return None
+        if issubclass(reply_cls, ap3000.ResultReply):
+            return reply_cls(phy, mid, result=0)
+        if reply_cls in (
+            ap3000.SubDeviceFirmwareReply,
+            ap3000.PowerBoardFirmwareReply,
+            ap3000.HostSetFirmwareReply,
+            ap3000.LegacyFirmwareReply,
+            ap3000.HostFirmwareReply,
+            ap3000.HostLegacyFirmwareReply,
+        ):
+            index = packet_index if isinstance(packet_index, int) else 0
+            return reply_cls(phy, mid, result=0, packet_index=index)
+        if reply_cls in (ap3000.TriggerSelfUpgradeAck, ap3000.ReservedFEAck):
+            return reply_cls(phy, mid)
+        return None
+
+    def _charge_control(self, m: ap3000.ChargeControl) -> ap3000.ChargeControlReply:
+        phy, mid = self.phy_id, m.msg_id
+
+        def reply(result: int, port: int, waiting: int = 0) -> ap3000.ChargeControlReply:
+            return ap3000.ChargeControlReply(
+                phy, mid, result=result, order_id=m.order_id, port=port, waiting_ports=waiting
+            )
+
+        if self.faults.refuse_with is not None:
+            return reply(self.faults.refuse_with, m.port)
+        if m.charge_command == 1:
+            index = m.port
+            if index == 0xFF:
+                free = [p for p in self.ports if p.plugged and p.session is None]
+                if not free:
+                    return reply(1, 0xFF)
+                if len(free) > 1:
+                    return reply(5, 0xFF, sum(1 << p.index for p in free))
+                index = free[0].index
+            if index >= len(self.ports):
+                return reply(4, index)
+            port = self.ports[index]
+            if port.session is not None:
+                return reply(2, index)
+            if not port.plugged:
+                return reply(1, index)
+            self._start_charge(port, m)
+            return reply(0, index)
+        if m.port >= len(self.ports):
+            return reply(4, m.port)
+        session = self.ports[m.port].session
+        if session is None:
+            return reply(2, m.port)
+        if session.order_id != m.order_id:
+            return reply(2, m.port)  # a wrong order number stops nothing
+        session.stop(STOP_BY_SERVER)
+        return reply(0, m.port)
+
+    def _modify_limit(self, m: ap3000.ModifyChargeLimit) -> int:
+        if m.port >= len(self.ports) or m.rate_mode not in (0, 1, 2):
+            return 3
+        session = self.ports[m.port].session
+        if session is None:
+            return 1
+        duration = self._pile_seconds_since(session.started_at)
+        if m.rate_mode == 2:
+            target = m.charge_limit / 100.0
+            if target < session.energy_kwh(duration):
+                session.stop(STOP_ENERGY_REACHED)
+                return 2
+            session.mode, session.target, session.stop_when_full = "energy", target, True
+        else:
+            if m.charge_limit < duration:
+                session.stop(STOP_TIME_REACHED)
+                return 2
+            session.mode, session.target = "time", float(m.charge_limit)
+            session.stop_when_full = m.rate_mode == 1
+        session.changed.set()
+        return 0
+
+
+def make_ap3000_piles(
+    count: int,
+    *,
+    ports: int = 2,
+    id_start: int = 1,
+    heartbeat_s: float = 180.0,
+    **options: Any,
+) -> list[SimulatedAp3000Pile]:
+    """``count`` piles with sequential device numbers from ``id_start``.
+
+    The id type code follows the port count (0x04 dual-port, 0x05 10-port, 0x06
+    16-port ...); ``options`` go to every :class:`SimulatedAp3000Pile`.
+    """
+    if count < 0:
+        raise ValueError("count must be >= 0")
+    if id_start < 0 or id_start + count - 1 > 0xFFFFFF:
+        raise ValueError("device numbers are 24 bits")
+    return [
+        SimulatedAp3000Pile(
+            ap3000_phy_id(id_start + i, ports), ports=ports, heartbeat_s=heartbeat_s, **options
+        )
+        for i in range(count)
+    ]

@@ -23,6 +23,7 @@ def _server(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[s
 @click.command("sim")
 @click.option(
     "--server",
+    metavar="HOST:PORT",
     default="127.0.0.1:8900",
     show_default=True,
     callback=_server,

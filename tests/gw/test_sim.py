@@ -26,7 +26,14 @@ from chargegw.sim import (
 )
 from chargegw.sim.cli import sim_command
 from chargeproto import Event as StreamEvent
-from chargeproto import GarbageError, IccidReceived, MessageReceived, StreamError, ap3000
+from chargeproto import (
+    GarbageError,
+    IccidReceived,
+    KeepaliveReceived,
+    MessageReceived,
+    StreamError,
+    ap3000,
+)
 
 ORDER = "20231105123000000000000000000001"
 OTHER_ORDER = "20231105123000000000000000000099"
@@ -381,6 +388,26 @@ async def test_modify_limit_ends_the_charge_at_the_new_time(server: TinyServer) 
         assert settlement.stop_reason == 3 and 50 <= settlement.duration_s <= 75
 
 
+async def test_energy_limit_ends_with_reason_4(server: TinyServer) -> None:
+    pile = fast_pile(charge_power_w=2000.0)
+    async with sim_for(server, pile, accel=120):
+        await server.wait_message(pile.phy_id, 0x21, timeout=2)
+        energy = ap3000.ChargeControl(
+            pile.phy_id,
+            1,
+            rate_mode=2,
+            balance_or_expiry=0,
+            port=1,
+            charge_command=1,
+            charge_limit=1,
+            order_id=ORDER,
+        )  # 0.01 kWh at about 2 kW: about 18 pile seconds
+        await server.send(pile.phy_id, energy)
+        _, settlement = await server.wait_message(pile.phy_id, 0x03, timeout=2)
+    assert isinstance(settlement, ap3000.Settlement)
+    assert (settlement.stop_reason, settlement.port, settlement.energy_kwh) == (4, 1, 0.01)
+
+
 # --- faults -------------------------------------------------------------------------------
 
 
@@ -477,6 +504,25 @@ async def test_half_open_reconnect_keeps_the_old_connection_open(server: TinySer
         assert not old.closed_by_peer
         assert new.messages(0x20)[0][1].phy_id == pile.phy_id
         assert pile.connected and pile.connection_count == 2
+
+
+async def test_link_keepalive_and_offline_after_unanswered_heartbeats(
+    server: TinyServer,
+) -> None:
+    server.answer_heartbeat = False
+    quiet = SimulatedAp3000Pile(
+        "04000001", heartbeat_s=600, send_link=True, intervals=Ap3000Intervals(link_idle_s=30)
+    )
+    offline = fast_pile(2, offline_after_missed_heartbeats=2)
+    async with sim_for(server, quiet, offline, accel=120):
+        await asyncio.sleep(1.2)
+    links = [
+        t for conn in server.connections for t, e in conn.events if isinstance(e, KeepaliveReceived)
+    ]
+    assert 2 <= len(links) <= 6  # every 0.25 s while the 5 s heartbeat is far away
+    # two unanswered heartbeats (0.25 s apart) make the pile drop and reconnect
+    assert offline.connection_count >= 2
+    assert quiet.connection_count == 1
 
 
 # --- other commands -----------------------------------------------------------------------

@@ -101,7 +101,10 @@ def sim_command(  # noqa: PLR0917 - one parameter per click option
     """Simulate AP3000 piles speaking real bytes to a server over TCP."""
     if id_start + ap3000_count - 1 > 0xFFFFFF:
         raise click.BadParameter("device numbers are 24 bits", param_hint="--id-start")
-    piles = make_ap3000_piles(ap3000_count, ports=ports, id_start=id_start, heartbeat_s=heartbeat_s)
+    # a short record per pile: thousands of piles must not hold millions of frames
+    piles = make_ap3000_piles(
+        ap3000_count, ports=ports, id_start=id_start, heartbeat_s=heartbeat_s, record_limit=200
+    )
     host, port = server
     simulator = Simulator(host, port, piles, accel=accel, jitter=jitter, seed=seed)
     first = piles[0].pile_id if piles else "-"

@@ -8,6 +8,7 @@ Run: uv run python examples/decode_capture.py [capture.txt]
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from chargeproto import IccidReceived, KeepaliveReceived, MessageReceived, StreamError, ap3000
 
@@ -24,7 +25,7 @@ CAPTURE = """
 
 
 def main() -> int:
-    text = open(sys.argv[1]).read() if len(sys.argv) > 1 else CAPTURE
+    text = Path(sys.argv[1]).read_text() if len(sys.argv) > 1 else CAPTURE
     data = bytes.fromhex("".join(text.split()))
     decoder = ap3000.Ap3000StreamDecoder()
     errors = 0

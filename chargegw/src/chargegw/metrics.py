@@ -131,6 +131,13 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        #: rows the database refused as invalid (logged with their content)
+        self.db_rows_rejected_total = Counter(
+            "db_rows_rejected_total",
+            "Rows the database refused as invalid; each is logged with its content",
+            namespace=ns,
+            registry=reg,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition of every metric and its content type, for ``GET /metrics``."""

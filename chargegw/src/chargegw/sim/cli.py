@@ -86,7 +86,7 @@ def _server(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[s
     show_default=True,
     help="Seconds between status lines.",
 )
-def sim_command(  # noqa: PLR0917 - one parameter per click option
+def sim_command(
     server: tuple[str, int],
     ap3000_count: int,
     ports: int,

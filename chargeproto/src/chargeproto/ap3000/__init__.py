@@ -18,7 +18,7 @@ from ._firmware import (
     split_image,
     verify_replies,
 )
-from ._frame import DEFAULT_MAX_FRAME, HEADER, build_frame, check_frame, checksum
+from ._frame import DEFAULT_MAX_FRAME, HEADER, PAYLOAD_OFFSET, build_frame, check_frame, checksum
 from ._messages import (
     REGISTRY,
     AlarmPush,
@@ -153,6 +153,7 @@ __all__ = [
     "HEADER",
     "MESSAGE_CLASSES",
     "PACKET_SIZE",
+    "PAYLOAD_OFFSET",
     "REGISTRY",
     "AlarmPush",
     "Ap3000Message",

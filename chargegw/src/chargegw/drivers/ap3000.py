@@ -1,0 +1,365 @@
+"""The AP3000 driver: reply rules and state updates for "DNY" piles and hosts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import structlog
+
+from chargeproto import ABSENT, Direction, Message, ap3000
+
+from ..audit import mask_text
+from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
+from ..transport import REPLY, DeviceLink
+from .base import DriverContext
+
+log = structlog.get_logger("chargegw.ap3000")
+
+#: physical-id type codes of hosts (main units): gateways, not devices with ports
+HOST_TYPES = frozenset({0x09, 0x0A})
+#: account status sent for every card until the card registry exists
+CARD_NOT_REGISTERED = 0x01
+#: 0x01 heartbeats in a row, with no 0x21 ever, before the server answers 0x01
+LEGACY_AFTER = 2
+
+#: messages that prove the device is alive and running
+_HEARTBEATS = (ap3000.Heartbeat, ap3000.LegacyHeartbeat, ap3000.PowerHeartbeat, ap3000.Registration)
+#: device-to-server reports that only go to the event log
+_REPORTS: dict[type[Message], EventKind] = {
+    ap3000.AlarmPush: EventKind.ALARM,
+    ap3000.CabinetHeartbeat: EventKind.REPORT,
+    ap3000.ChargeFinished: EventKind.REPORT,
+    ap3000.PortPush: EventKind.ALARM,
+    ap3000.UpgradeRequest: EventKind.REPORT,
+    ap3000.HostFirmwareRequest: EventKind.REPORT,
+    ap3000.HostStatusReport: EventKind.REPORT,
+    ap3000.SubDeviceVersions: EventKind.REPORT,
+    ap3000.FskParamsRequest: EventKind.REPORT,
+    ap3000.TestModeReport: EventKind.REPORT,
+    ap3000.LocalServerAddress: EventKind.REPORT,
+}
+
+
+def _detail(message: Message) -> dict[str, Any]:
+    fields = message.to_fields()
+    for key in ("card_id", "card2", "iccid", "imei"):
+        if isinstance(fields.get(key), str):
+            fields[key] = mask_text(fields[key])
+    fields.pop("card_number", None)
+    fields["command"] = f"0x{message.command:02x}" if message.command >= 0 else None
+    return fields
+
+
+def _status(code: int, table: dict[int, PortStatus]) -> PortStatus:
+    return table.get(code, PortStatus.UNKNOWN)
+
+
+class Ap3000Driver:
+    """Answers AP3000 frames as the protocol requires and records what they report."""
+
+    protocol = "ap3000"
+
+    def __init__(self, ctx: DriverContext) -> None:
+        self.ctx = ctx
+        #: devices that have sent 0x21: their 0x01 are never answered
+        self._modern: set[str] = set()
+        #: 0x01 heartbeats seen in a row per device without any 0x21
+        self._legacy_count: dict[str, int] = {}
+        self._handlers: dict[type[Message], Callable[[DeviceLink, Any, str | None], None]] = {
+            ap3000.Registration: self._registration,
+            ap3000.Heartbeat: self._heartbeat,
+            ap3000.LegacyHeartbeat: self._legacy_heartbeat,
+            ap3000.PowerHeartbeat: self._power_heartbeat,
+            ap3000.TimeRequest: self._time,
+            ap3000.HostTimeRequest: self._time,
+            ap3000.Settlement: self._settlement,
+            ap3000.CardSwipe: self._card_swipe,
+            ap3000.OrderConfirm: self._order_confirm,
+            ap3000.HostHeartbeat: self._host_heartbeat,
+        }
+
+    def heartbeat_interval(self) -> float:
+        return self.ctx.settings.ap3000_heartbeat_s
+
+    def device_of(self, message: Message) -> str | None:
+        """The device a frame concerns (None for a host speaking for itself)."""
+        assert isinstance(message, ap3000.Ap3000Message)
+        return None if int(message.phy_id[:2], 16) in HOST_TYPES else message.phy_id
+
+    def on_message(self, link: DeviceLink, message: Message) -> None:
+        assert isinstance(message, ap3000.Ap3000Message)
+        ctx = self.ctx
+        wall = ctx.wall()
+        gateway_id = self._gateway(link, message, wall)
+        device_id = self.device_of(message)
+        if device_id is not None:
+            ctx.sessions.seen(
+                link,
+                device_id,
+                protocol=self.protocol,
+                gateway_id=gateway_id,
+                heartbeat_interval_s=self.heartbeat_interval(),
+                heartbeat=isinstance(message, _HEARTBEATS),
+                now=ctx.now(),
+                wall=wall,
+            )
+        handler = self._handlers.get(type(message))
+        if handler is not None:
+            handler(link, message, device_id)
+            return
+        kind = _REPORTS.get(type(message))
+        if kind is None:
+            # answers to server commands, unknown commands: kept for the command layer
+            kind = (
+                EventKind.COMMAND_REPLY if message.direction is Direction.UP else (EventKind.REPORT)
+            )
+            if isinstance(message, ap3000.UnknownMessage):
+                kind = EventKind.REPORT
+        ctx.writer.put_event(
+            device_id or gateway_id, wall, kind.value, type(message).__name__, _detail(message)
+        )
+
+    # -- identity --
+
+    def _gateway(self, link: DeviceLink, message: ap3000.Ap3000Message, wall: datetime) -> str:
+        """The gateway of this connection: its host if one spoke, else the pile itself."""
+        state = link.driver_state
+        current = state.get("gateway")
+        is_host = int(message.phy_id[:2], 16) in HOST_TYPES
+        if current is None or (is_host and current != message.phy_id and not state.get("host")):
+            current = message.phy_id
+            state["gateway"] = current
+            state["host"] = is_host
+            self.ctx.writer.put_gateway(
+                current,
+                protocol=self.protocol,
+                online=True,
+                connection_id=link.id,
+                node=self.ctx.settings.node,
+                remote_addr=link.remote,
+                connected_at=wall,
+                iccid=link.iccid,
+            )
+        self.ctx.writer.put_gateway(current, protocol=self.protocol, last_seen_at=wall)
+        return str(current)
+
+    # -- replies and updates --
+
+    def _reply(
+        self,
+        link: DeviceLink,
+        reply: ap3000.Ap3000Message,
+        device_id: str | None,
+        *,
+        after_commit: bool = False,
+    ) -> None:
+        self.ctx.send(
+            link,
+            ap3000.encode(reply),
+            device_id=device_id,
+            command=f"0x{reply.command:02x}",
+            priority=REPLY,
+            message=reply,
+            after_commit=after_commit,
+        )
+
+    def _registration(
+        self, link: DeviceLink, m: ap3000.Registration, device_id: str | None
+    ) -> None:
+        self._reply(link, ap3000.RegistrationReply(m.phy_id, m.msg_id, result=0), device_id)
+        if device_id is None:
+            return
+        wall = self.ctx.wall()
+        attributes = {"virtual_id": m.virtual_id}
+        if m.work_mode is not ABSENT:
+            attributes["work_mode"] = m.work_mode
+        if m.power_board_version is not ABSENT:
+            attributes["power_board_version"] = m.power_board_version
+        self.ctx.writer.put_device(
+            device_id,
+            protocol=self.protocol,
+            phy_id=m.phy_id,
+            firmware=str(m.firmware_version),
+            port_count=m.port_count,
+            device_type=m.device_type,
+            attributes=attributes,
+        )
+        self.ctx.writer.put_event(device_id, wall, EventKind.REGISTERED.value, None, _detail(m))
+
+    def _heartbeat(self, link: DeviceLink, m: ap3000.Heartbeat, device_id: str | None) -> None:
+        self._modern.add(m.phy_id)
+        self._legacy_count.pop(m.phy_id, None)
+        self._reply(link, ap3000.HeartbeatReply(m.phy_id, m.msg_id, result=0), device_id)
+        if device_id is None:
+            return
+        wall = self.ctx.wall()
+        self.ctx.writer.put_device(
+            device_id,
+            protocol=self.protocol,
+            phy_id=m.phy_id,
+            port_count=len(m.ports),
+            signal_strength=m.signal_strength,
+            temperature_c=m.temperature_c,
+            voltage_v=m.voltage_v,
+        )
+        for p in m.ports:
+            status = _status(p.status, AP3000_PORT_STATUS)
+            self.ctx.writer.put_port(
+                device_id,
+                p.port + 1,
+                status=status.value,
+                status_code=p.status,
+                status_text=ap3000.PortState.TEXTS["status"].get(p.status),
+                voltage_v=m.voltage_v,
+                power_w=0.0 if status is PortStatus.IDLE else None,
+                reported_at=wall,
+            )
+
+    def _legacy_heartbeat(
+        self, link: DeviceLink, m: ap3000.LegacyHeartbeat, device_id: str | None
+    ) -> None:
+        # answer 0x01 or 0x21, never both (ap3000.md 3): only devices without 0x21
+        if m.phy_id not in self._modern:
+            count = self._legacy_count.get(m.phy_id, 0) + 1
+            self._legacy_count[m.phy_id] = count
+            if count >= LEGACY_AFTER:
+                self._reply(
+                    link, ap3000.LegacyHeartbeatReply(m.phy_id, m.msg_id, result=0), device_id
+                )
+        if device_id is None:
+            return
+        wall = self.ctx.wall()
+        self.ctx.writer.put_device(
+            device_id,
+            protocol=self.protocol,
+            phy_id=m.phy_id,
+            firmware=str(m.firmware_version),
+            port_count=len(m.ports),
+            device_type=m.device_type,
+            signal_strength=m.signal_strength,
+            temperature_c=m.temperature_c,
+            voltage_v=m.voltage_v,
+        )
+        for p in m.ports:
+            status = _status(p.status, AP3000_PORT_STATUS)
+            self.ctx.writer.put_port(
+                device_id,
+                p.port + 1,
+                status=status.value,
+                status_code=p.status,
+                status_text=ap3000.LegacyPortState.TEXTS["status"].get(p.status),
+                power_w=p.power_w,
+                voltage_v=m.voltage_v,
+                reported_at=wall,
+            )
+
+    def _power_heartbeat(
+        self, link: DeviceLink, m: ap3000.PowerHeartbeat, device_id: str | None
+    ) -> None:
+        if device_id is None:
+            return
+        known = AP3000_CHARGING_STATUS.get(m.status)
+        values: dict[str, Any] = {
+            "power_w": m.power_w,
+            "energy_kwh": m.energy_kwh,
+            "order_ref": m.order_id,
+            "reported_at": self.ctx.wall(),
+        }
+        if known is not None:  # other values are errors to ignore (ap3000.md 11.3)
+            values["status"] = known.value
+            values["status_code"] = m.status
+            values["status_text"] = ap3000.PowerHeartbeat.TEXTS["status"].get(m.status)
+        if m.voltage_v is not ABSENT:
+            values["voltage_v"] = m.voltage_v
+        if m.current_a is not ABSENT:
+            values["current_a"] = m.current_a
+        if m.port_temperature_c not in (ABSENT, None):
+            values["temperature_c"] = m.port_temperature_c
+        if "status" not in values:
+            values["status"] = PortStatus.UNKNOWN.value
+            values["status_code"] = m.status
+        self.ctx.writer.put_port(device_id, m.port + 1, **values)
+
+    def _time(self, link: DeviceLink, m: ap3000.Ap3000Message, device_id: str | None) -> None:
+        now = int(self.ctx.wall().timestamp())
+        reply: ap3000.Ap3000Message
+        if isinstance(m, ap3000.HostTimeRequest):
+            reply = ap3000.HostTimeReply(m.phy_id, m.msg_id, timestamp_unix=now)
+        else:
+            reply = ap3000.TimeReply(m.phy_id, m.msg_id, timestamp_unix=now)
+        self._reply(link, reply, device_id)
+
+    def _settlement(self, link: DeviceLink, m: ap3000.Settlement, device_id: str | None) -> None:
+        # the device deletes a settlement once answered: answer only after it is stored
+        owner = device_id or m.phy_id
+        self.ctx.writer.put_event(
+            owner, self.ctx.wall(), EventKind.SETTLEMENT.value, None, _detail(m)
+        )
+        self._reply(
+            link, ap3000.SettlementReply(m.phy_id, m.msg_id, result=0), device_id, after_commit=True
+        )
+
+    def _card_swipe(self, link: DeviceLink, m: ap3000.CardSwipe, device_id: str | None) -> None:
+        self.ctx.writer.put_event(
+            device_id or m.phy_id,
+            self.ctx.wall(),
+            EventKind.CARD_SWIPE.value,
+            "card not registered",
+            _detail(m),
+        )
+        reply = ap3000.CardSwipeReply(
+            m.phy_id,
+            m.msg_id,
+            card_id=m.card_id,
+            account_status=CARD_NOT_REGISTERED,
+            rate_mode=0,
+            balance_or_expiry=0,
+            port=m.port,
+        )
+        self._reply(link, reply, device_id)
+
+    def _order_confirm(
+        self, link: DeviceLink, m: ap3000.OrderConfirm, device_id: str | None
+    ) -> None:
+        self.ctx.writer.put_event(
+            device_id or m.phy_id,
+            self.ctx.wall(),
+            EventKind.REPORT.value,
+            "OrderConfirm",
+            _detail(m),
+        )
+        self._reply(
+            link,
+            ap3000.OrderConfirmReply(m.phy_id, m.msg_id, port=m.port, result=0),
+            device_id,
+            after_commit=True,
+        )
+
+    def _host_heartbeat(
+        self, link: DeviceLink, m: ap3000.HostHeartbeat, device_id: str | None
+    ) -> None:
+        gateway = str(link.driver_state.get("gateway", m.phy_id))
+        values: dict[str, Any] = {
+            "protocol": self.protocol,
+            "iccid": m.iccid or None,
+            "firmware": str(m.firmware_version),
+        }
+        if m.imei is not ABSENT:
+            values["imei"] = m.imei
+        self.ctx.writer.put_gateway(gateway, **values)
+        if device_id is not None:  # sockets with their own modem send 0x11 too
+            self.ctx.writer.put_device(
+                device_id,
+                protocol=self.protocol,
+                iccid=m.iccid or None,
+                signal_strength=m.signal_strength,
+            )
+        self.ctx.writer.put_event(
+            device_id or m.phy_id,
+            self.ctx.wall(),
+            EventKind.REPORT.value,
+            "HostHeartbeat",
+            _detail(m),
+        )

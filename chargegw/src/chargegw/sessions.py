@@ -1,0 +1,228 @@
+"""Which device lives behind which connection, and whether it is online.
+
+Devices are bound to a connection by every identifier they send (physical id, gateway
+id + socket, ICCID). When an identifier shows up on a newer connection, the newest
+wins: the device moves, and an older connection left without devices is closed
+(a pile reconnecting while its old socket is half-open, a SIM moved to another box).
+
+Online/offline is decided from several signals: the connection closing, heartbeats
+missing for ``missed_heartbeats`` intervals, and repeated command ACK timeouts.
+Every transition is written to the device event log with its reason and time.
+Time comes in as arguments (``now`` monotonic seconds, ``wall`` a datetime).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime
+from typing import Protocol
+
+import structlog
+
+from .core import EventKind
+from .metrics import Metrics
+from .store.writer import BatchWriter
+
+log = structlog.get_logger("chargegw.sessions")
+
+
+class Link(Protocol):
+    """What the session layer needs from a connection."""
+
+    id: str
+    remote: str
+    iccid: str | None
+    closed: bool
+
+    def close(self, reason: str) -> None: ...
+
+
+@dataclasses.dataclass
+class DeviceSession:
+    device_id: str
+    protocol: str
+    gateway_id: str
+    link: Link
+    heartbeat_interval_s: float
+    online: bool = False
+    last_seen: float = 0.0
+    last_heartbeat: float = 0.0
+    ack_timeouts: int = 0
+
+
+class SessionRegistry:
+    """In-memory directory of live devices; persists transitions through the writer."""
+
+    def __init__(
+        self,
+        writer: BatchWriter,
+        metrics: Metrics,
+        *,
+        missed_heartbeats: float,
+        ack_timeouts_offline: int,
+        node: str,
+    ) -> None:
+        self.writer = writer
+        self.metrics = metrics
+        self.missed_heartbeats = missed_heartbeats
+        self.ack_timeouts_offline = ack_timeouts_offline
+        self.node = node
+        self.devices: dict[str, DeviceSession] = {}
+        self._by_link: dict[str, set[str]] = {}
+        self._links: dict[str, Link] = {}
+        self._iccids: dict[str, Link] = {}
+        self.on_offline: Callable[[str, str], None] = lambda device_id, reason: None
+
+    def device_ids(self, link: Link) -> set[str]:
+        """The devices currently bound to ``link``."""
+        return self._by_link.get(link.id, set())
+
+    def link_of(self, device_id: str) -> Link | None:
+        """The open connection of a device, if it has one (commands go there)."""
+        session = self.devices.get(device_id)
+        if session is None or session.link.closed:
+            return None
+        return session.link
+
+    # -- signals --
+
+    def seen(
+        self,
+        link: Link,
+        device_id: str,
+        *,
+        protocol: str,
+        gateway_id: str,
+        heartbeat_interval_s: float,
+        heartbeat: bool,
+        now: float,
+        wall: datetime,
+    ) -> DeviceSession:
+        """A frame from ``device_id`` arrived on ``link``."""
+        session = self.devices.get(device_id)
+        if session is None:
+            session = DeviceSession(device_id, protocol, gateway_id, link, heartbeat_interval_s)
+            self.devices[device_id] = session
+            self._attach(link, device_id)
+        elif session.link is not link:
+            self._rebind(session, link, wall)
+        session.gateway_id = gateway_id
+        session.heartbeat_interval_s = heartbeat_interval_s
+        session.last_seen = now
+        if heartbeat or not session.online:
+            session.last_heartbeat = now
+        if not session.online:
+            self._set_online(session, wall, "frame received")
+        self.writer.put_device(
+            device_id,
+            protocol=protocol,
+            gateway_id=gateway_id,
+            online=True,
+            connection_id=link.id,
+            last_seen_at=wall,
+            last_heartbeat_at=wall if heartbeat else None,
+        )
+        return session
+
+    def bind_iccid(self, link: Link, iccid: str) -> None:
+        """A SIM announced itself; an older connection with the same SIM is stale."""
+        link.iccid = iccid
+        other = self._iccids.get(iccid)
+        self._iccids[iccid] = link
+        if other is not None and other is not link and not other.closed:
+            log.info("SIM reconnected, closing the old connection", old=other.id, new=link.id)
+            other.close("superseded")
+
+    def ack_timeout(self, device_id: str, wall: datetime) -> None:
+        """A command to the device went unanswered."""
+        session = self.devices.get(device_id)
+        if session is None:
+            return
+        session.ack_timeouts += 1
+        if session.online and session.ack_timeouts >= self.ack_timeouts_offline:
+            self._set_offline(session, wall, "ack_timeouts")
+
+    def ack_ok(self, device_id: str) -> None:
+        """A command to the device was answered."""
+        session = self.devices.get(device_id)
+        if session is not None:
+            session.ack_timeouts = 0
+
+    def link_opened(self, link: Link) -> None:
+        self._links[link.id] = link
+
+    def link_closed(self, link: Link, reason: str, wall: datetime) -> None:
+        """The connection is gone: its devices go offline with the reason."""
+        self._links.pop(link.id, None)
+        if link.iccid and self._iccids.get(link.iccid) is link:
+            del self._iccids[link.iccid]
+        for device_id in self._by_link.pop(link.id, set()):
+            session = self.devices.get(device_id)
+            if session is not None and session.link is link and session.online:
+                self._set_offline(session, wall, reason)
+
+    def sweep(self, now: float, wall: datetime) -> None:
+        """Mark devices offline whose heartbeats stopped."""
+        for session in self.devices.values():
+            if not session.online:
+                continue
+            limit = session.heartbeat_interval_s * self.missed_heartbeats
+            if now - session.last_heartbeat > limit:
+                self._set_offline(session, wall, "heartbeat_timeout")
+
+    # -- transitions --
+
+    def _attach(self, link: Link, device_id: str) -> None:
+        self._by_link.setdefault(link.id, set()).add(device_id)
+
+    def _rebind(self, session: DeviceSession, link: Link, wall: datetime) -> None:
+        old = session.link
+        remaining = self._by_link.get(old.id, set())
+        remaining.discard(session.device_id)
+        session.link = link
+        self._attach(link, session.device_id)
+        self.writer.put_event(
+            session.device_id,
+            wall,
+            EventKind.REBOUND.value,
+            "newer connection",
+            {"old_connection": old.id, "new_connection": link.id, "remote": link.remote},
+        )
+        log.info(
+            "device moved to a newer connection",
+            device_id=session.device_id,
+            old=old.id,
+            new=link.id,
+        )
+        if not remaining and not old.closed:
+            old.close("superseded")
+
+    def _set_online(self, session: DeviceSession, wall: datetime, reason: str) -> None:
+        session.online = True
+        session.ack_timeouts = 0
+        self.metrics.devices_online.inc()
+        self.writer.put_event(
+            session.device_id,
+            wall,
+            EventKind.ONLINE.value,
+            reason,
+            {"connection": session.link.id, "remote": session.link.remote, "node": self.node},
+        )
+        log.info("device online", device_id=session.device_id, connection=session.link.id)
+
+    def _set_offline(self, session: DeviceSession, wall: datetime, reason: str) -> None:
+        session.online = False
+        self.metrics.devices_online.dec()
+        self.writer.put_device(
+            session.device_id, protocol=session.protocol, online=False, offline_reason=reason
+        )
+        self.writer.put_event(
+            session.device_id,
+            wall,
+            EventKind.OFFLINE.value,
+            reason,
+            {"connection": session.link.id},
+        )
+        log.info("device offline", device_id=session.device_id, reason=reason)
+        self.on_offline(session.device_id, reason)

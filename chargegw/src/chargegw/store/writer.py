@@ -1,0 +1,433 @@
+"""Batched persistence: state and audit rows are written in one transaction per batch.
+
+Frame-rate data is not written one round trip per frame. Callers ``put_*`` rows into
+the writer without awaiting; a background task flushes every ``interval_s`` or as
+soon as ``batch_rows`` rows wait. Device, gateway and port state is coalesced by key
+(only the newest values matter), events and frames are appended.
+
+If PostgreSQL goes away, rows stay in memory and the flush is retried with backoff;
+``healthy`` turns False (readiness reports it). The buffer is bounded: above
+``limit`` rows ``overloaded`` turns True and the transport pauses reading from the
+devices until the backlog drains, so nothing accepted is ever dropped.
+
+``after_commit(callback)`` runs ``callback`` once every row put before it is
+committed: a settlement is acknowledged to its device only then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from ..metrics import Metrics
+from .database import Connection
+
+log = structlog.get_logger("chargegw.writer")
+
+GATEWAY_COLUMNS = (
+    "gateway_id",
+    "protocol",
+    "iccid",
+    "imei",
+    "firmware",
+    "online",
+    "connection_id",
+    "node",
+    "remote_addr",
+    "connected_at",
+    "last_seen_at",
+)
+DEVICE_COLUMNS = (
+    "device_id",
+    "protocol",
+    "gateway_id",
+    "phy_id",
+    "socket_no",
+    "device_type",
+    "firmware",
+    "port_count",
+    "iccid",
+    "online",
+    "offline_reason",
+    "connection_id",
+    "last_seen_at",
+    "last_heartbeat_at",
+    "signal_strength",
+    "temperature_c",
+    "voltage_v",
+    "attributes",
+)
+PORT_COLUMNS = (
+    "device_id",
+    "port",
+    "status",
+    "status_code",
+    "status_text",
+    "power_w",
+    "voltage_v",
+    "current_a",
+    "energy_kwh",
+    "temperature_c",
+    "order_ref",
+    "reported_at",
+    "device_time",
+)
+EVENT_COLUMNS = ("device_id", "at", "kind", "reason", "detail")
+FRAME_COLUMNS = (
+    "received_at",
+    "connection_id",
+    "device_id",
+    "direction",
+    "protocol",
+    "command",
+    "hex",
+    "error",
+)
+
+
+#: NOT NULL columns with a default: a partial row inserts the default, updates keep the value
+_DEFAULTS = {"online": "false", "attributes": "'{}'::jsonb"}
+
+
+def _upsert_sql(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
+    """An upsert where a NULL parameter means "keep what is stored".
+
+    PostgreSQL checks NOT NULL on the proposed row before it resolves the conflict, so
+    the inserted values fall back to the column defaults, while the update refers to
+    the parameters themselves and keeps the stored value when one is NULL.
+    """
+    names = ", ".join(columns)
+    values = []
+    updates = []
+    for index, column in enumerate(columns, start=1):
+        param = f"${index}"
+        default = _DEFAULTS.get(column)
+        values.append(f"COALESCE({param}, {default})" if default else param)
+        if column in key:
+            continue
+        if column == "attributes":
+            updates.append(f"attributes = t.attributes || COALESCE({param}, '{{}}'::jsonb)")
+        else:
+            updates.append(f"{column} = COALESCE({param}, t.{column})")
+    stamp = ", updated_at = now()" if table in ("gateways", "devices") else ""
+    return (
+        f"INSERT INTO {table} AS t ({names}) VALUES ({', '.join(values)}) "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {', '.join(updates)}{stamp}"
+    )
+
+
+_GATEWAY_SQL = _upsert_sql("gateways", GATEWAY_COLUMNS, ("gateway_id",))
+_DEVICE_SQL = _upsert_sql("devices", DEVICE_COLUMNS, ("device_id",))
+_PORT_SQL = _upsert_sql("ports", PORT_COLUMNS, ("device_id", "port"))
+
+
+def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    if old is None:
+        return dict(new)
+    merged = dict(old)
+    for key, value in new.items():
+        if value is None:
+            continue
+        if key == "attributes" and merged.get("attributes"):
+            merged["attributes"] = {**merged["attributes"], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+@dataclasses.dataclass
+class _Batch:
+    gateways: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    devices: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    ports: dict[tuple[str, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
+    events: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    frames: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    callbacks: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+
+    def rows(self) -> int:
+        return (
+            len(self.gateways)
+            + len(self.devices)
+            + len(self.ports)
+            + len(self.events)
+            + len(self.frames)
+        )
+
+    def absorb(self, newer: _Batch) -> None:
+        """Fold a newer batch into this (older, unwritten) one, keeping order."""
+        for gid, row in newer.gateways.items():
+            self.gateways[gid] = _merge(self.gateways.get(gid), row)
+        for did, row in newer.devices.items():
+            self.devices[did] = _merge(self.devices.get(did), row)
+        for key, row in newer.ports.items():
+            self.ports[key] = _merge(self.ports.get(key), row)
+        self.events.extend(newer.events)
+        self.frames.extend(newer.frames)
+        self.callbacks.extend(newer.callbacks)
+
+
+class BatchWriter:
+    """Collects rows from the event loop and writes them in batches (see module doc)."""
+
+    def __init__(
+        self,
+        pool_factory: Callable[[], asyncpg.Pool | None],
+        metrics: Metrics,
+        *,
+        batch_rows: int = 500,
+        interval_s: float = 0.1,
+        limit: int = 100000,
+    ) -> None:
+        self._pool_factory = pool_factory
+        self._metrics = metrics
+        self.batch_rows = batch_rows
+        self.interval_s = interval_s
+        self.limit = limit
+        self._pending = _Batch()
+        self._failed: _Batch | None = None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.healthy = True
+        self.last_error: str | None = None
+        #: called with True when the backlog passes ``limit``, False when it drains
+        self.on_overload: Callable[[bool], None] = lambda overloaded: None
+        self.overloaded = False
+
+    # -- putting rows (synchronous: called from protocol callbacks) --
+
+    def put_gateway(self, gateway_id: str, **values: Any) -> None:
+        row = {"gateway_id": gateway_id, **values}
+        self._pending.gateways[gateway_id] = _merge(self._pending.gateways.get(gateway_id), row)
+        self._added()
+
+    def put_device(self, device_id: str, **values: Any) -> None:
+        row = {"device_id": device_id, **values}
+        self._pending.devices[device_id] = _merge(self._pending.devices.get(device_id), row)
+        self._added()
+
+    def put_port(self, device_id: str, port: int, **values: Any) -> None:
+        key = (device_id, port)
+        row = {"device_id": device_id, "port": port, **values}
+        self._pending.ports[key] = _merge(self._pending.ports.get(key), row)
+        self._added()
+
+    def put_event(
+        self,
+        device_id: str,
+        at: datetime,
+        kind: str,
+        reason: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        self._pending.events.append((device_id, at, kind, reason, json.dumps(detail or {})))
+        self._added()
+
+    def put_frame(
+        self,
+        received_at: datetime,
+        connection_id: str,
+        device_id: str | None,
+        direction: str,
+        protocol: str | None,
+        command: str | None,
+        hex_text: str,
+        error: str | None = None,
+    ) -> None:
+        self._pending.frames.append(
+            (received_at, connection_id, device_id, direction, protocol, command, hex_text, error)
+        )
+        self._added()
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` after every row put so far is committed."""
+        self._pending.callbacks.append(callback)
+        self._idle.clear()
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        """Rows waiting to be written."""
+        failed = self._failed.rows() if self._failed else 0
+        return self._pending.rows() + failed
+
+    def _added(self) -> None:
+        self._idle.clear()
+        backlog = self.backlog
+        if backlog >= self.batch_rows:
+            self._wake.set()
+        if backlog > self.limit and not self.overloaded:
+            self.overloaded = True
+            log.warning("write backlog over limit, pausing device reads", backlog=backlog)
+            self.on_overload(True)
+
+    # -- the flushing task --
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batch-writer")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush what is pending (within ``timeout``) and stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout)
+            except TimeoutError:
+                self._task.cancel()
+                log.error("writer stopped with unwritten rows", backlog=self.backlog)
+
+    async def drained(self) -> None:
+        """Wait until everything put so far is committed (tests, shutdown)."""
+        self._wake.set()
+        await self._idle.wait()
+
+    async def _run(self) -> None:
+        delay = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay or self.interval_s)
+            self._wake.clear()
+            batch = self._take()
+            if batch.rows() == 0 and not batch.callbacks:
+                self._idle.set()
+                if self._closing:
+                    return
+                continue
+            ok = await self._write(batch)
+            if ok:
+                delay = 0.0
+                for callback in batch.callbacks:
+                    try:
+                        callback()
+                    except Exception:
+                        log.exception("after-commit callback failed")
+                if self.overloaded and self.backlog < self.limit // 2:
+                    self.overloaded = False
+                    log.info("write backlog drained, resuming device reads")
+                    self.on_overload(False)
+                if self.backlog == 0:
+                    self._idle.set()
+                    if self._closing:
+                        return
+            else:
+                self._failed = batch
+                delay = min(max(delay * 2, 0.5), 5.0)
+                if self._closing and delay >= 5.0:
+                    return
+            self._metrics.batch_queue_depth.set(self.backlog)
+            self._metrics.db_buffered_rows.set(self.backlog)
+
+    def _take(self) -> _Batch:
+        """The rows to write next: a failed batch first, with newer rows folded in."""
+        batch = self._failed or _Batch()
+        self._failed = None
+        batch.absorb(self._pending)
+        self._pending = _Batch()
+        return batch
+
+    async def _write(self, batch: _Batch) -> bool:
+        """Write one batch in one transaction; False when it must be retried."""
+        pool = self._pool_factory()
+        started = time.perf_counter()
+        try:
+            if pool is None:
+                raise ConnectionError("no database pool")
+            async with pool.acquire(timeout=5) as conn, conn.transaction():
+                await _write_batch(conn, batch)
+        except _TRANSIENT as exc:
+            self._metrics.db_write_failures_total.inc()
+            if self.healthy:
+                log.warning(
+                    "database write failed, holding rows", error=str(exc), rows=batch.rows()
+                )
+            self.healthy = False
+            self.last_error = str(exc)
+            return False
+        except asyncpg.PostgresError as exc:
+            # not an outage: some row is invalid. Retrying the batch would block every
+            # later row, so write row by row and log (with content) what is refused.
+            self._metrics.db_write_failures_total.inc()
+            log.error("database refused a batch, writing rows one by one", error=str(exc))
+            assert pool is not None
+            return await self._write_isolated(pool, batch)
+        self._metrics.db_write_seconds.observe(time.perf_counter() - started)
+        if not self.healthy:
+            log.info("database writes recovered", rows=batch.rows())
+        self.healthy = True
+        self.last_error = None
+        return True
+
+    async def _write_isolated(self, pool: asyncpg.Pool, batch: _Batch) -> bool:
+        singles: list[_Batch] = []
+        singles += [_Batch(gateways={k: v}) for k, v in batch.gateways.items()]
+        singles += [_Batch(devices={k: v}) for k, v in batch.devices.items()]
+        singles += [_Batch(ports={k: v}) for k, v in batch.ports.items()]
+        singles += [_Batch(events=[row]) for row in batch.events]
+        singles += [_Batch(frames=[row]) for row in batch.frames]
+        for single in singles:
+            try:
+                async with pool.acquire(timeout=5) as conn, conn.transaction():
+                    await _write_batch(conn, single)
+            except _TRANSIENT:
+                return False  # the outage case after all: retry everything later
+            except asyncpg.PostgresError as exc:
+                self._metrics.db_rows_rejected_total.inc()
+                log.error("row refused by the database", error=str(exc), row=repr(single))
+        return True
+
+
+#: errors that mean "the database is away": hold the rows and retry
+_TRANSIENT = (
+    OSError,
+    TimeoutError,
+    ConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ObjectNotInPrerequisiteStateError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+async def _write_batch(conn: Connection, batch: _Batch) -> None:
+    if batch.gateways:
+        await conn.executemany(
+            _GATEWAY_SQL,
+            [tuple(r.get(c) for c in GATEWAY_COLUMNS) for r in batch.gateways.values()],
+        )
+    if batch.devices:
+        await conn.executemany(
+            _DEVICE_SQL,
+            [
+                tuple(
+                    json.dumps(r[c]) if c == "attributes" and r.get(c) else r.get(c)
+                    for c in DEVICE_COLUMNS
+                )
+                for r in batch.devices.values()
+            ],
+        )
+    if batch.ports:
+        await conn.executemany(
+            _PORT_SQL, [tuple(r.get(c) for c in PORT_COLUMNS) for r in batch.ports.values()]
+        )
+    if batch.events:
+        await conn.copy_records_to_table(
+            "device_events", records=batch.events, columns=list(EVENT_COLUMNS)
+        )
+    if batch.frames:
+        await conn.copy_records_to_table(
+            "frames", records=batch.frames, columns=list(FRAME_COLUMNS)
+        )

@@ -1,0 +1,268 @@
+"""The gateway with AP3000 piles over real TCP and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from chargegw.config import Settings
+from chargegw.service import Gateway
+from chargeproto import ap3000
+
+from .piles import RawPile
+
+
+def settings_for(dsn: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "dsn": dsn,
+        "device_host": "127.0.0.1",
+        "device_port": 0,
+        "batch_interval_s": 0.02,
+        "liveness_check_s": 0.05,
+        "ap3000_heartbeat_s": 180.0,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture
+async def gateway(db_dsn: str, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
+    marker = request.node.get_closest_marker("settings")
+    overrides = marker.kwargs if marker else {}
+    gw = Gateway(settings_for(db_dsn, **overrides))
+    await gw.start(http=False)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+async def fetchrow(gw: Gateway, sql: str, *args: Any) -> asyncpg.Record | None:
+    await gw.writer.drained()
+    assert gw.pool is not None
+    return await gw.pool.fetchrow(sql, *args)
+
+
+async def fetch(gw: Gateway, sql: str, *args: Any) -> list[asyncpg.Record]:
+    await gw.writer.drained()
+    assert gw.pool is not None
+    return list(await gw.pool.fetch(sql, *args))
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_pile_registers_heartbeats_and_is_seen(gateway: Gateway) -> None:
+    pile = await RawPile("04CEAA40").connect(gateway.server.port)
+    await pile.register()
+    reply = await pile.expect(ap3000.RegistrationReply)
+    assert reply.msg_id == 1 and isinstance(reply, ap3000.RegistrationReply) and reply.result == 0
+    msg_id = await pile.heartbeat((1, 0))
+    hb = await pile.expect(ap3000.HeartbeatReply)
+    assert hb.msg_id == msg_id
+    await pile.send(ap3000.TimeRequest(pile.phy_id, pile.next_id()))
+    time_reply = await pile.expect(ap3000.TimeReply)
+    assert isinstance(time_reply, ap3000.TimeReply) and time_reply.timestamp_unix > 1_700_000_000
+
+    device = await fetchrow(gateway, "SELECT * FROM devices WHERE device_id = $1", "04CEAA40")
+    assert device is not None
+    assert device["online"] and device["protocol"] == "ap3000"
+    assert device["port_count"] == 2 and device["firmware"] == "126"
+    assert device["voltage_v"] == pytest.approx(221.5) and device["temperature_c"] == 30
+    ports = await fetch(
+        gateway, "SELECT * FROM ports WHERE device_id = $1 ORDER BY port", "04CEAA40"
+    )
+    assert [(p["port"], p["status"], p["status_code"]) for p in ports] == [
+        (1, "charging", 1),
+        (2, "idle", 0),
+    ]
+    gw_row = await fetchrow(gateway, "SELECT * FROM gateways WHERE gateway_id = $1", "04CEAA40")
+    assert gw_row is not None and gw_row["online"]
+    frames = await fetch(gateway, "SELECT direction, command, hex FROM frames ORDER BY id")
+    assert (frames[0]["direction"], frames[0]["command"]) == ("in", "iccid")
+    assert "*" in frames[0]["hex"]  # the ICCID is masked
+    assert [(f["direction"], f["command"]) for f in frames[1:]] == [
+        ("in", "0x20"),
+        ("out", "0x20"),
+        ("in", "0x21"),
+        ("out", "0x21"),
+        ("in", "0x22"),
+        ("out", "0x22"),
+    ]
+    await pile.close()
+    await wait_for(lambda: _offline(gateway, "04CEAA40"))
+    event = await fetchrow(
+        gateway,
+        "SELECT reason FROM device_events WHERE device_id = $1 AND kind = 'offline'",
+        "04CEAA40",
+    )
+    assert event is not None and event["reason"] == "peer closed"
+
+
+async def _offline(gw: Gateway, device_id: str) -> bool:
+    row = await fetchrow(gw, "SELECT online FROM devices WHERE device_id = $1", device_id)
+    return row is not None and not row["online"]
+
+
+@pytest.mark.settings(ap3000_heartbeat_s=0.2, missed_heartbeats=2.0)
+async def test_silent_pile_goes_offline_with_reason(gateway: Gateway) -> None:
+    pile = await RawPile("04000001").connect(gateway.server.port)
+    await pile.heartbeat()
+    await pile.expect(ap3000.HeartbeatReply)
+    await wait_for(lambda: _offline(gateway, "04000001"))
+    row = await fetchrow(
+        gateway,
+        "SELECT reason FROM device_events WHERE device_id = $1 AND kind = 'offline'",
+        "04000001",
+    )
+    assert row is not None and row["reason"] == "heartbeat_timeout"
+    await pile.close()
+
+
+async def test_reconnect_on_a_new_socket_rebinds_and_closes_the_old(gateway: Gateway) -> None:
+    old = await RawPile("04000002").connect(gateway.server.port)
+    await old.heartbeat()
+    await old.expect(ap3000.HeartbeatReply)
+    new = await RawPile("04000002").connect(gateway.server.port, iccid=None)
+    await new.heartbeat()
+    await new.expect(ap3000.HeartbeatReply)
+    assert await old.closed_by_server()
+    link = gateway.sessions.link_of("04000002")
+    assert link is not None and not link.closed
+    kinds = [
+        r["kind"]
+        for r in await fetch(
+            gateway, "SELECT kind FROM device_events WHERE device_id = $1 ORDER BY id", "04000002"
+        )
+    ]
+    assert kinds == ["online", "rebound"]  # never offline in between
+    await new.close()
+
+
+async def test_same_sim_on_a_new_connection_supersedes_the_old(gateway: Gateway) -> None:
+    old = await RawPile("04000003").connect(gateway.server.port)
+    await old.heartbeat()
+    await old.expect(ap3000.HeartbeatReply)
+    new = await RawPile("04000004").connect(gateway.server.port)  # same ICCID
+    assert await old.closed_by_server()
+    await new.heartbeat()
+    await new.expect(ap3000.HeartbeatReply)
+    await new.close()
+
+
+@pytest.mark.settings(garbage_budget=3)
+async def test_garbage_is_counted_then_the_connection_closed_others_unaffected(
+    gateway: Gateway,
+) -> None:
+    good = await RawPile("04000005").connect(gateway.server.port)
+    bad = await RawPile("04000006").connect(gateway.server.port, iccid=None)
+    for _ in range(5):
+        await bad.send_raw(b"\x00\x01garbage\xff" * 3)
+        await bad.send_raw(bytes.fromhex("444e5910003b37ab0401002198080200000905eeff"))  # bad sum
+    assert await bad.closed_by_server()
+    await good.heartbeat()
+    await good.expect(ap3000.HeartbeatReply)
+    errors = await fetch(gateway, "SELECT error FROM frames WHERE error IS NOT NULL")
+    assert any("checksum" in r["error"] for r in errors)
+    assert any("garbage" in r["error"] for r in errors)
+    await good.close()
+
+
+async def test_oversized_length_never_buffers_more_than_one_frame(gateway: Gateway) -> None:
+    pile = await RawPile("04000007").connect(gateway.server.port, iccid=None)
+    # a header announcing 65535 bytes, then lots of filler
+    await pile.send_raw(b"DNY\xff\xff" + b"\x00" * 10000)
+    await asyncio.sleep(0.1)
+    for link in gateway.server.links.values():
+        assert link.buffered <= gateway.settings.max_frame
+    await pile.heartbeat()
+    await pile.expect(ap3000.HeartbeatReply)
+    await pile.close()
+
+
+async def test_settlement_is_acknowledged_after_it_is_stored(gateway: Gateway) -> None:
+    pile = await RawPile("04000008").connect(gateway.server.port)
+    settlement = ap3000.Settlement(
+        pile.phy_id,
+        pile.next_id(),
+        duration_s=3600,
+        max_power_w=100.0,
+        energy_kwh=0.48,
+        port=0,
+        start_mode=1,
+        card_id="00000000",
+        stop_reason=1,
+        order_id="AB" * 16,
+    )
+    await pile.send(settlement)
+    reply = await pile.expect(ap3000.SettlementReply)
+    assert reply.msg_id == settlement.msg_id
+    # by the time the pile has its ACK, the settlement is in the database
+    assert gateway.pool is not None
+    row = await gateway.pool.fetchrow(
+        "SELECT detail FROM device_events WHERE device_id = $1 AND kind = 'settlement'",
+        pile.phy_id,
+    )
+    assert row is not None and '"order_id": "' + "AB" * 16 in row["detail"]
+    await pile.close()
+
+
+async def test_database_outage_keeps_piles_answered_and_loses_nothing(
+    gateway: Gateway, db_dsn: str, pg_server_dsn: str
+) -> None:
+    pile = await RawPile("04000009").connect(gateway.server.port)
+    await pile.heartbeat()
+    await pile.expect(ap3000.HeartbeatReply)
+    await gateway.writer.drained()
+    name = db_dsn.rsplit("/", 1)[1].split("?", maxsplit=1)[0]
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        # the database goes away: no new connections, existing ones killed
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        sent = []
+        for _ in range(5):
+            sent.append(await pile.heartbeat((1, 0)))
+            await pile.expect(ap3000.HeartbeatReply)  # still answered
+        settlement = ap3000.Settlement(
+            pile.phy_id,
+            pile.next_id(),
+            duration_s=60,
+            max_power_w=50.0,
+            energy_kwh=0.01,
+            port=0,
+            start_mode=1,
+            card_id="00000000",
+            stop_reason=7,
+            order_id="CD" * 16,
+        )
+        await pile.send(settlement)
+        await asyncio.sleep(0.5)
+        assert not gateway.readiness()["database"]
+        assert pile.received == []  # no settlement ACK while it cannot be stored
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        await admin.close()
+    reply = await pile.expect(ap3000.SettlementReply, timeout=15)
+    assert reply.msg_id == settlement.msg_id
+    await gateway.writer.drained()
+    assert gateway.readiness()["database"]
+    rows = await fetch(
+        gateway,
+        "SELECT count(*) AS n FROM frames WHERE device_id = $1 AND command = '0x21'"
+        " AND direction = 'in'",
+        pile.phy_id,
+    )
+    assert rows[0]["n"] == 6  # the heartbeat before and the five during the outage
+    await pile.close()

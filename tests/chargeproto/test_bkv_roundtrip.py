@@ -9,14 +9,14 @@ import struct
 from typing import Any
 
 import pytest
+from chargeproto._layout import WireField
+from chargeproto._units import HEX, IDENTITY, Ascii, Converter, Hex
+from chargeproto.bkv._tlv import Entries, Fixed, Group, TagSpec, UInt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chargeproto
 from chargeproto import ABSENT, bkv
-from chargeproto._layout import WireField
-from chargeproto._units import HEX, IDENTITY, Ascii, Converter, Hex
-from chargeproto.bkv._tlv import Entries, Fixed, Group, TagSpec, UInt
 
 settings.register_profile("bkv", max_examples=100, deadline=None)
 settings.load_profile("bkv")

@@ -26,6 +26,7 @@ from ._errors import (
 )
 from ._events import Event, IccidReceived, KeepaliveReceived, MessageReceived, StreamError
 from ._hex import parse_hex
+from ._stream import StreamDecoder
 
 __version__ = "0.1.0"
 
@@ -52,6 +53,7 @@ __all__ = [
     "MessageReceived",
     "PayloadError",
     "ProtocolDetectionError",
+    "StreamDecoder",
     "StreamError",
     "TailError",
     "TruncatedError",

@@ -13,6 +13,11 @@ from os import PathLike
 from typing import Any, Final
 
 from .._base import unknown_text
+from .._errors import ChargeProtoError
+
+
+class ReasonTableError(ChargeProtoError, ValueError):
+    """A reason table that is not a mapping of byte codes to meanings."""
 
 RESULT: Final[Mapping[int, str]] = {0: "failed", 1: "ok"}
 SWITCH: Final[Mapping[int, str]] = {0: "off", 1: "on"}
@@ -126,12 +131,12 @@ def load_reason_table(source: str | PathLike[str] | Mapping[Any, Any]) -> Reason
         if data is None:
             data = {}
     if not isinstance(data, Mapping):
-        raise ValueError("a reason table must be a mapping of code -> meaning")
+        raise ReasonTableError("a reason table must be a mapping of code -> meaning")
     codes: dict[int, str] = {}
     for key, meaning in data.items():
         code = key if isinstance(key, int) and not isinstance(key, bool) else _code(key)
         if not 0 <= code <= 0xFF:
-            raise ValueError(f"reason code {key!r} is not a byte")
+            raise ReasonTableError(f"reason code {key!r} is not a byte")
         codes[code] = str(meaning)
     return ReasonTable(codes)
 
@@ -140,4 +145,4 @@ def _code(key: Any) -> int:
     try:
         return int(str(key), 0)
     except ValueError:
-        raise ValueError(f"reason code {key!r} is not an integer") from None
+        raise ReasonTableError(f"reason code {key!r} is not an integer") from None

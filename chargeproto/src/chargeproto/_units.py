@@ -120,6 +120,34 @@ class Ascii(Converter):
         return raw
 
 
+@dataclass(frozen=True)
+class EscapedAscii(Ascii):
+    """Like :class:`Ascii`, but bytes above 0x7F decode to lone surrogates
+    (``surrogateescape``) instead of U+FFFD, so that hostile text re-encodes to the
+    same bytes. Encoding accepts ASCII and such surrogates only."""
+
+    decode_expr = "_ascii_escaped({})"
+    encode_expr = "{}.encode('ascii', 'surrogateescape')"
+
+    def decode(self, raw: Any) -> Any:
+        return _ascii_escaped(raw)
+
+    def encode(self, value: Any, field: str) -> Any:
+        if not isinstance(value, str):
+            raise EncodeError(f"{field}: expected text, got {value!r}", field=field)
+        try:
+            raw = value.encode("ascii", "surrogateescape")
+        except UnicodeEncodeError:
+            raise EncodeError(f"{field}: text must be ASCII: {value!r}", field=field) from None
+        if b"\0" in raw:
+            raise EncodeError(f"{field}: text must not contain NUL", field=field)
+        if self.max_chars is not None and len(raw) > self.max_chars:
+            raise EncodeError(
+                f"{field}: at most {self.max_chars} characters, got {len(raw)}", field=field
+            )
+        return raw
+
+
 class PhyIdHex(Converter):
     """An AP3000 physical id as a u32 <-> 8 uppercase hex digits (most significant first)."""
 
@@ -259,6 +287,11 @@ def _ascii(raw: bytes) -> str:
     return (raw if end < 0 else raw[:end]).decode("ascii", "replace")
 
 
+def _ascii_escaped(raw: bytes) -> str:
+    end = raw.find(b"\0")
+    return (raw if end < 0 else raw[:end]).decode("ascii", "surrogateescape")
+
+
 def _round(value: float) -> int:
     return round(value)
 
@@ -283,6 +316,7 @@ IPV4 = IPv4()
 #: names the generated code may refer to
 RUNTIME = {
     "_ascii": _ascii,
+    "_ascii_escaped": _ascii_escaped,
     "_round": _round,
     "_unhex": _unhex,
     "_bcd_time": _bcd_time,

@@ -19,7 +19,7 @@ from construct import Array, Bytes, GreedyRange, Int8ub, Int16ub, Int32ub, Struc
 from .._base import ABSENT, Absent, Direction, Item, Message, _fields_of
 from .._errors import EncodeError
 from .._layout import Codec, compile_message, optional_tail
-from .._units import BCD_TIME, BIN_TIME, DECI, HHMM, IPV4, MILLI, Ascii, Converter
+from .._units import BCD_TIME, BIN_TIME, DECI, HHMM, IPV4, MILLI, Converter, EscapedAscii
 from . import _enums as enums
 from ._frame import build_frame
 
@@ -38,6 +38,8 @@ REGISTRY: dict[tuple[int, int | None, Direction], type[BkvMessage]] = {}
 _M = TypeVar("_M", bound="type[BkvMessage]")
 
 _INNER = struct.Struct(">HB")
+#: text fields (rule 8); undecodable bytes survive a round trip as surrogates
+TEXT = EscapedAscii()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -310,7 +312,7 @@ class _EndHead(InnerMessage):
         "firmware_version" / Bytes(8),
         "signal_strength" / Int8ub,
     ),
-    units={"iccid": Ascii(), "firmware_version": Ascii()},
+    units={"iccid": TEXT, "firmware_version": TEXT},
 )
 @dataclasses.dataclass(frozen=True, slots=True)
 class Heartbeat(FixedMessage):
@@ -788,7 +790,7 @@ class VoiceWindowReply(_Result, InnerMessage):
         "ftp_port" / Int16ub,
         "file_name" / Bytes(13),
     ),
-    units={"ftp_ip": IPV4, "file_name": Ascii()},
+    units={"ftp_ip": IPV4, "file_name": TEXT},
 )
 @dataclasses.dataclass(frozen=True, slots=True)
 class OtaUpgrade(FixedMessage):

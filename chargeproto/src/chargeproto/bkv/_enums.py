@@ -19,6 +19,7 @@ from .._errors import ChargeProtoError
 class ReasonTableError(ChargeProtoError, ValueError):
     """A reason table that is not a mapping of byte codes to meanings."""
 
+
 RESULT: Final[Mapping[int, str]] = {0: "failed", 1: "ok"}
 SWITCH: Final[Mapping[int, str]] = {0: "off", 1: "on"}
 #: 0x0015/0x07 has its own coding (11.2)

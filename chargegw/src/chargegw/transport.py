@@ -18,8 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-import chargeproto
-from chargeproto import Event
+from chargeproto import Event, StreamDecoder
 
 from .metrics import Metrics
 
@@ -42,14 +41,6 @@ class Handler(Protocol):
     def on_closed(self, link: DeviceLink, reason: str) -> None: ...
 
 
-def make_stream_decoder(max_frame: int) -> Any:
-    """A protocol-detecting stream decoder when chargeproto has one, else AP3000's."""
-    factory = getattr(chargeproto, "StreamDecoder", None)
-    if factory is not None:
-        return factory(max_frame=max_frame)
-    return chargeproto.ap3000.Ap3000StreamDecoder(max_frame=max_frame)
-
-
 class DeviceLink(asyncio.BufferedProtocol):
     """One device connection (a pile, a host, or a BKV gateway)."""
 
@@ -68,7 +59,7 @@ class DeviceLink(asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray(_READ_BUFFER)
         self._view = memoryview(self._buffer)
-        self._decoder = make_stream_decoder(server.max_frame)
+        self._decoder = StreamDecoder(ap3000_max_frame=server.max_frame)
         self._queue: list[collections.deque[bytes]] = [collections.deque() for _ in range(3)]
         self._queued = 0
         self._write_paused = False

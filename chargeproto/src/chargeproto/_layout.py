@@ -14,6 +14,8 @@ Supported declaration elements, in a top-level ``Struct``:
 * ``"name" / Array(n or this.count, FormatField)``; fields named ``"list[].field"``
   with the same count are zipped into a tuple of :class:`~chargeproto._base.Item`;
 * ``"name" / Array(this.count, Struct(...fixed fields...))`` -> tuple of items;
+* ``"name" / GreedyRange(Struct(...fixed fields...))``: as many records as the
+  payload holds (a partial record at the end is kept as ``trailing_hex``);
 * ``"name" / Bytes(this.count)`` and ``"name" / GreedyBytes`` (last only);
 * :func:`optional_tail` for the fields that older firmware leaves out.
 
@@ -133,10 +135,12 @@ def _field_of(name: str, sub: Any, endian: str, group: int) -> WireField:
         return WireField(name, "vbytes", "s", 1, count=_path_name(sub.length), group=group)
     if isinstance(sub, type(cs.GreedyBytes)):
         return WireField(name, "greedy", group=group)
-    if isinstance(sub, cs.Array):
-        count = sub.count if isinstance(sub.count, int) else _path_name(sub.count)
+    if isinstance(sub, cs.Array | cs.GreedyRange):
+        count: str | int | None = None
+        if isinstance(sub, cs.Array):
+            count = sub.count if isinstance(sub.count, int) else _path_name(sub.count)
         item = sub.subcon
-        if isinstance(item, cs.FormatField):
+        if isinstance(item, cs.FormatField) and count is not None:
             fmt = item.fmtstr[1:]
             return WireField(name, "array", fmt, struct.calcsize(endian + fmt), count, group)
         if isinstance(item, cs.Struct):
@@ -219,6 +223,7 @@ class Codec:
             "_present": _present,
             "_fixhex": _fixhex,
             "_fixascii": _fixascii,
+            "_fixbytes": _fixbytes,
             **RUNTIME,
             **{f"_I_{k}": v for k, v in self.items.items()},
             **consts,
@@ -317,7 +322,12 @@ class Codec:
             elif wf.kind == "greedy":
                 size = end - off
             else:
-                count = wf.count if isinstance(wf.count, int) else int(raw.get(wf.count or "", 0))
+                if wf.count is None:
+                    count = (end - off) // wf.size
+                elif isinstance(wf.count, int):
+                    count = wf.count
+                else:
+                    count = int(raw.get(wf.count, 0))
                 size = count * wf.size
             if end - off < size:
                 if wf.group >= 0:
@@ -375,6 +385,12 @@ def _fixhex(value: str, size: int, field: str) -> bytes:
     if len(raw) != size:
         raise EncodeError(f"{field}: expected {size} bytes, got {len(raw)}", field=field)
     return bytes(raw)
+
+
+def _fixbytes(raw: bytes, size: int, field: str) -> bytes:
+    if len(raw) != size:
+        raise EncodeError(f"{field}: expected {size} bytes, got {len(raw)}", field=field)
+    return raw
 
 
 def _fixascii(value: str, size: int, field: str, conv: Ascii) -> bytes:
@@ -486,8 +502,7 @@ class _DecodeWriter(_Writer):
             self.emit(depth, f"{v} = bytes(buf[off:end])")
             self.emit(depth, "off = end")
             return
-        count = str(f.count) if isinstance(f.count, int) else self.var[f.count or ""]
-        self.emit(depth, f"n_ = {count} * {f.size}")
+        self.emit(depth, f"n_ = {self.count_expr(f)} * {f.size}")
         self.emit(depth, "if end - off < n_:")
         self.emit(
             depth + 1,
@@ -532,8 +547,7 @@ class _DecodeWriter(_Writer):
             if f.kind == "fixed":
                 self.emit(inner, f"n_ = {f.size}")
             else:
-                count = str(f.count) if isinstance(f.count, int) else self.var[f.count or ""]
-                self.emit(inner, f"n_ = {count} * {f.size}")
+                self.emit(inner, f"n_ = {self.count_expr(f)} * {f.size}")
             self.emit(inner, "if end - off < n_:")
             self.emit(inner + 1, "ok_ = False")
             self.emit(inner, "else:")
@@ -546,6 +560,12 @@ class _DecodeWriter(_Writer):
         if len(groups) > 1:
             self.emit(depth, "else:")
             self._nested(groups[1:], depth + 1)
+
+    def count_expr(self, f: WireField) -> str:
+        """Expression for the element count of a dynamic field."""
+        if f.count is None:  # GreedyRange: every whole record left
+            return f"((end - off) // {f.size})"
+        return str(f.count) if isinstance(f.count, int) else self.var[f.count]
 
     def unpack_dynamic(self, f: WireField, v: str, depth: int) -> None:
         """Read field ``f`` (its byte size is in ``n_``) into variable ``v``."""
@@ -689,8 +709,11 @@ class _EncodeWriter(_Writer):
                 parts = []
                 for member, fmt in f.record:
                     mconv = c.converter(f"{typed}[].{member}")
-                    if fmt.endswith("s"):
+                    if fmt.endswith("s") and (mconv is IDENTITY or isinstance(mconv, Hex)):
                         parts.append(f"_fixhex(x_.{member}, {fmt[:-1]}, {member!r})")
+                    elif fmt.endswith("s"):
+                        raw = mconv.encode_expr.format(f"x_.{member}")
+                        parts.append(f"_fixbytes({raw}, {fmt[:-1]}, {member!r})")
                     else:
                         parts.append(mconv.encode_expr.format(f"x_.{member}"))
                 self.emit(depth, f"{v} = [y_ for x_ in m.{typed} for y_ in ({', '.join(parts)},)]")
@@ -704,10 +727,11 @@ class _EncodeWriter(_Writer):
                     const = f"_A_{len(self.consts)}"
                     self.consts[const] = conv
                     self.emit(depth, f"{v} = _fixascii(m.{typed}, {size}, {f.name!r}, {const})")
-                else:
-                    if not isinstance(conv, Hex) and conv is not IDENTITY:
-                        raise TypeError(f"{f.name}: byte fields take Hex or Ascii")
+                elif isinstance(conv, Hex) or conv is IDENTITY:
                     self.emit(depth, f"{v} = _fixhex(m.{typed}, {size}, {f.name!r})")
+                else:  # a converter that yields bytes (dates, addresses)
+                    raw = conv.encode_expr.format("m." + typed)
+                    self.emit(depth, f"{v} = _fixbytes({raw}, {size}, {f.name!r})")
             else:
                 self.emit(depth, f"{v} = {conv.encode_expr.format('m.' + typed)}")
 

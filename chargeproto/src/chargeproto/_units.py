@@ -8,6 +8,8 @@ both as Python callables and as expression templates for the generated fast path
 from __future__ import annotations
 
 import math
+import re
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,6 +127,34 @@ class Ascii(Converter):
         return raw
 
 
+@dataclass(frozen=True)
+class EscapedAscii(Ascii):
+    """Like :class:`Ascii`, but bytes above 0x7F decode to lone surrogates
+    (``surrogateescape``) instead of U+FFFD, so that hostile text re-encodes to the
+    same bytes. Encoding accepts ASCII and such surrogates only."""
+
+    decode_expr = "_ascii_escaped({})"
+    encode_expr = "{}.encode('ascii', 'surrogateescape')"
+
+    def decode(self, raw: Any) -> Any:
+        return _ascii_escaped(raw)
+
+    def encode(self, value: Any, field: str) -> Any:
+        if not isinstance(value, str):
+            raise EncodeError(f"{field}: expected text, got {value!r}", field=field)
+        try:
+            raw = value.encode("ascii", "surrogateescape")
+        except UnicodeEncodeError:
+            raise EncodeError(f"{field}: text must be ASCII: {value!r}", field=field) from None
+        if b"\0" in raw:
+            raise EncodeError(f"{field}: text must not contain NUL", field=field)
+        if self.max_chars is not None and len(raw) > self.max_chars:
+            raise EncodeError(
+                f"{field}: at most {self.max_chars} characters, got {len(raw)}", field=field
+            )
+        return raw
+
+
 class PhyIdHex(Converter):
     """An AP3000 physical id as a u32 <-> 8 uppercase hex digits (most significant first)."""
 
@@ -143,6 +173,122 @@ class PhyIdHex(Converter):
             raise EncodeError(f"{field}: not hex: {value!r}", field=field) from None
 
 
+class BcdDateTime(Converter):
+    """7 BCD bytes ``YY YY MM DD hh mm ss`` <-> ``"YYYY-MM-DDThh:mm:ss"`` (BKV).
+
+    The digits are the hex digits of the bytes, so a corrupt nibble (A-F) survives a
+    decode/encode round trip instead of failing the whole frame.
+    """
+
+    decode_expr = "_bcd_time({})"
+    encode_expr = "_bcd_time_raw({})"
+
+    def decode(self, raw: Any) -> Any:
+        return _bcd_time(raw)
+
+    def encode(self, value: Any, field: str) -> Any:
+        return _checked(_bcd_time_raw, value, field, "YYYY-MM-DDThh:mm:ss")
+
+
+class BinaryDateTime(Converter):
+    """year u16be, month, day, hour, minute, second <-> ``"YYYY-MM-DDThh:mm:ss"`` (BKV 0x18)."""
+
+    decode_expr = "_bin_time({})"
+    encode_expr = "_bin_time_raw({})"
+
+    def decode(self, raw: Any) -> Any:
+        return _bin_time(raw)
+
+    def encode(self, value: Any, field: str) -> Any:
+        return _checked(_bin_time_raw, value, field, "YYYY-MM-DDThh:mm:ss")
+
+
+class HourMinute(Converter):
+    """hour, minute (binary bytes) <-> ``"HH:MM"`` (BKV periods and fee tiers)."""
+
+    decode_expr = "_hhmm({})"
+    encode_expr = "_hhmm_raw({})"
+
+    def decode(self, raw: Any) -> Any:
+        return _hhmm(raw)
+
+    def encode(self, value: Any, field: str) -> Any:
+        return _checked(_hhmm_raw, value, field, "HH:MM")
+
+
+class IPv4(Converter):
+    """4 bytes <-> dotted quad ``"101.37.145.162"``."""
+
+    decode_expr = "_ipv4({})"
+    encode_expr = "_ipv4_raw({})"
+
+    def decode(self, raw: Any) -> Any:
+        return _ipv4(raw)
+
+    def encode(self, value: Any, field: str) -> Any:
+        return _checked(_ipv4_raw, value, field, "a dotted IPv4 address")
+
+
+def _checked(fn: Any, value: Any, field: str, form: str) -> bytes:
+    try:
+        raw: bytes = fn(value)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        raise EncodeError(f"{field}: expected {form}, got {value!r}", field=field) from None
+    return raw
+
+
+_X2 = "([0-9A-F]{2})"
+_BCD_TIME = re.compile(f"([0-9A-F]{{4}})-{_X2}-{_X2}T{_X2}:{_X2}:{_X2}")
+_BIN_TIME = re.compile(r"(\d{4,5})-(\d{2,3})-(\d{2,3})T(\d{2,3}):(\d{2,3}):(\d{2,3})")
+_HHMM = re.compile(r"(\d{2,3}):(\d{2,3})")
+
+
+def _bcd_time(raw: bytes) -> str:
+    h = bytes(raw).hex().upper()
+    return f"{h[0:4]}-{h[4:6]}-{h[6:8]}T{h[8:10]}:{h[10:12]}:{h[12:14]}"
+
+
+def _bcd_time_raw(value: str) -> bytes:
+    match = _BCD_TIME.fullmatch(value)
+    if match is None:
+        raise ValueError(value)
+    return bytes.fromhex("".join(match.groups()))
+
+
+def _bin_time(raw: bytes) -> str:
+    year, month, day, hour, minute, second = struct.unpack(">H5B", raw)
+    return f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
+
+
+def _bin_time_raw(value: str) -> bytes:
+    match = _BIN_TIME.fullmatch(value)
+    if match is None:
+        raise ValueError(value)
+    return struct.pack(">H5B", *(int(g) for g in match.groups()))
+
+
+def _hhmm(raw: bytes) -> str:
+    return f"{raw[0]:02d}:{raw[1]:02d}"
+
+
+def _hhmm_raw(value: str) -> bytes:
+    match = _HHMM.fullmatch(value)
+    if match is None:
+        raise ValueError(value)
+    return bytes(int(g) for g in match.groups())
+
+
+def _ipv4(raw: bytes) -> str:
+    return ".".join(str(b) for b in raw)
+
+
+def _ipv4_raw(value: str) -> bytes:
+    parts = value.split(".")
+    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+        raise ValueError(value)
+    return bytes(int(p) for p in parts)
+
+
 def _ascii(raw: bytes) -> str:
     end = raw.find(b"\0")
     return (raw if end < 0 else raw[:end]).decode("ascii", "replace")
@@ -153,6 +299,11 @@ def _t65(value: int) -> int:
     if raw <= 0:
         raise ValueError(f"{value} degC is below the wire range")
     return raw
+
+
+def _ascii_escaped(raw: bytes) -> str:
+    end = raw.find(b"\0")
+    return (raw if end < 0 else raw[:end]).decode("ascii", "surrogateescape")
 
 
 def _round(value: float) -> int:
@@ -171,6 +322,24 @@ TEMP65 = Temperature65()
 HEX = Hex()
 ASCII = Ascii()
 PHY_ID = PhyIdHex()
+BCD_TIME = BcdDateTime()
+BIN_TIME = BinaryDateTime()
+HHMM = HourMinute()
+IPV4 = IPv4()
 
 #: names the generated code may refer to
-RUNTIME = {"_ascii": _ascii, "_round": _round, "_t65": _t65, "_unhex": _unhex}
+RUNTIME = {
+    "_ascii": _ascii,
+    "_ascii_escaped": _ascii_escaped,
+    "_round": _round,
+    "_t65": _t65,
+    "_unhex": _unhex,
+    "_bcd_time": _bcd_time,
+    "_bcd_time_raw": _bcd_time_raw,
+    "_bin_time": _bin_time,
+    "_bin_time_raw": _bin_time_raw,
+    "_hhmm": _hhmm,
+    "_hhmm_raw": _hhmm_raw,
+    "_ipv4": _ipv4,
+    "_ipv4_raw": _ipv4_raw,
+}

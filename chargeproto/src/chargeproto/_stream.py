@@ -1,0 +1,142 @@
+"""A stream decoder that detects the protocol from a connection's first bytes."""
+
+from __future__ import annotations
+
+import re
+
+from ._base import Direction
+from ._errors import ProtocolDetectionError
+from ._events import Event, IccidReceived, KeepaliveReceived, StreamError
+from ._preamble import ICCID, ICCID_LENGTH, KEEPALIVE, is_iccid_prefix
+from .ap3000._frame import DEFAULT_MAX_FRAME as AP3000_MAX_FRAME
+from .ap3000._frame import HEADER as AP3000_HEADER
+from .ap3000._stream import Ap3000StreamDecoder
+from .bkv import BkvStreamDecoder
+from .bkv._frame import DEFAULT_MAX_FRAME as BKV_MAX_FRAME
+
+#: bytes that may start something: DNY, fc fe / fc ff, link, an ICCID
+_CANDIDATE = re.compile(rb"[D\xfcl8]")
+
+
+class StreamDecoder:
+    """One connection's bytes -> events, for a connection whose protocol is unknown.
+
+    Until a frame header is seen, the decoder watches the first bytes: ``DNY`` means
+    AP3000, ``fc fe``/``fc ff`` means BKV; an ICCID preamble or a ``link`` keepalive
+    is reported (:class:`IccidReceived`, :class:`KeepaliveReceived`) and detection goes
+    on; anything else is reported as a :class:`StreamError` carrying a
+    ``ProtocolDetectionError`` and skipped. From the first header on, every byte goes
+    to the protocol's own stream decoder (:class:`~chargeproto.ap3000.Ap3000StreamDecoder`
+    or :class:`~chargeproto.bkv.BkvStreamDecoder`), with the same guarantees: any
+    chunking, resynchronisation after garbage, bad checksums reported as events, a
+    bounded buffer (``buffered``).
+
+    ``direction`` says who sends on this stream; it matters for AP3000 only (BKV
+    frames carry their direction).
+    """
+
+    def __init__(
+        self,
+        direction: Direction | str = Direction.UP,
+        *,
+        ap3000_max_frame: int = AP3000_MAX_FRAME,
+        bkv_max_frame: int = BKV_MAX_FRAME,
+    ) -> None:
+        self.direction = Direction(direction)
+        self.ap3000_max_frame = ap3000_max_frame
+        self.bkv_max_frame = bkv_max_frame
+        self._buf = bytearray()
+        self._delegate: Ap3000StreamDecoder | BkvStreamDecoder | None = None
+
+    @property
+    def protocol(self) -> str | None:
+        """``"ap3000"`` or ``"bkv"`` once detected, else None."""
+        if isinstance(self._delegate, Ap3000StreamDecoder):
+            return "ap3000"
+        if isinstance(self._delegate, BkvStreamDecoder):
+            return "bkv"
+        return None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a complete item."""
+        inner = self._delegate.buffered if self._delegate is not None else 0
+        return len(self._buf) + inner
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Add received bytes; return the events they complete, in stream order."""
+        if self._delegate is not None:
+            return self._delegate.feed(data)
+        events: list[Event] = []
+        self._buf += data
+        self._detect(events)
+        if self._delegate is not None and self._buf:
+            rest = bytes(self._buf)
+            self._buf.clear()
+            events.extend(self._delegate.feed(rest))
+        return events
+
+    def _detect(self, events: list[Event]) -> None:
+        buf = self._buf
+        while buf and self._delegate is None:
+            first = buf[0]
+            if first == 0x44:  # D
+                if len(buf) < len(AP3000_HEADER):
+                    if AP3000_HEADER.startswith(buf):
+                        return
+                    self._skip(buf, events)
+                elif buf[:3] == AP3000_HEADER:
+                    self._delegate = Ap3000StreamDecoder(
+                        self.direction, max_frame=self.ap3000_max_frame
+                    )
+                else:
+                    self._skip(buf, events)
+            elif first == 0xFC:
+                if len(buf) < 2:
+                    return
+                if buf[1] in (0xFE, 0xFF):
+                    self._delegate = BkvStreamDecoder(max_frame=self.bkv_max_frame)
+                else:
+                    self._skip(buf, events)
+            elif first == 0x6C:  # l
+                if len(buf) < len(KEEPALIVE):
+                    if KEEPALIVE.startswith(buf):
+                        return
+                    self._skip(buf, events)
+                elif buf[:4] == KEEPALIVE:
+                    del buf[:4]
+                    events.append(KeepaliveReceived())
+                else:
+                    self._skip(buf, events)
+            elif first == 0x38:  # 8
+                if len(buf) < ICCID_LENGTH:
+                    if is_iccid_prefix(buf):
+                        return
+                    self._skip(buf, events)
+                elif ICCID.match(buf):
+                    raw = bytes(buf[:ICCID_LENGTH])
+                    del buf[:ICCID_LENGTH]
+                    events.append(IccidReceived(raw.decode("ascii"), raw))
+                else:
+                    self._skip(buf, events)
+            else:
+                self._skip(buf, events)
+
+    def _skip(self, buf: bytearray, events: list[Event]) -> None:
+        """Drop bytes up to the next candidate start; one event per run of garbage."""
+        match = _CANDIDATE.search(buf, 1)
+        cut = match.start() if match else len(buf)
+        raw = bytes(buf[:cut])
+        del buf[:cut]
+        last = events[-1] if events else None
+        if isinstance(last, StreamError) and isinstance(last.error, ProtocolDetectionError):
+            raw = last.raw + raw
+            events.pop()
+        events.append(
+            StreamError(
+                ProtocolDetectionError(
+                    f"{len(raw)} bytes match no supported protocol", offset=0, actual=raw[:8]
+                ),
+                raw,
+            )
+        )

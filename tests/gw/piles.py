@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import itertools
 
-from chargeproto import MessageReceived, ap3000
+from chargeproto import MessageReceived, ap3000, bkv
 
 ICCID = b"89860448161870064815"
 
@@ -102,3 +102,53 @@ class RawPile:
             self.writer.close()
             with contextlib.suppress(ConnectionError):
                 await self.writer.wait_closed()
+
+
+class RawBkvGateway:
+    """One TCP connection speaking BKV through chargeproto, under the test's control."""
+
+    def __init__(self) -> None:
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.decoder = bkv.BkvStreamDecoder()
+        self.received: list[bkv.BkvMessage] = []
+        self.raw: list[bytes] = []
+
+    async def connect(self, port: int) -> RawBkvGateway:
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
+        return self
+
+    async def send_raw(self, data: bytes) -> None:
+        assert self.writer is not None
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def expect(
+        self, cls: type[bkv.BkvMessage], timeout: float = 5.0
+    ) -> tuple[bkv.BkvMessage, bytes]:
+        """Wait for the next frame of class ``cls``; returns it with its bytes."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for index, message in enumerate(self.received):
+                if isinstance(message, cls):
+                    return self.received.pop(index), self.raw.pop(index)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise AssertionError(f"no {cls.__name__} within {timeout} s; got {self.received}")
+            assert self.reader is not None
+            data = await asyncio.wait_for(self.reader.read(4096), remaining)
+            if not data:
+                raise AssertionError(f"connection closed while waiting for {cls.__name__}")
+            for event in self.decoder.feed(data):
+                if isinstance(event, MessageReceived):
+                    assert isinstance(event.message, bkv.BkvMessage)
+                    self.received.append(event.message)
+                    self.raw.append(event.raw)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            try:
+                await self.writer.wait_closed()
+            except ConnectionError:
+                pass

@@ -7,7 +7,7 @@ of a value stay visible so an operator can still tell two values apart.
 
 from __future__ import annotations
 
-from chargeproto import Message, ap3000
+from chargeproto import Message, ap3000, bkv
 
 #: message fields that hold personal data
 SENSITIVE_FIELDS = frozenset({"iccid", "card_id", "card2", "imei"})
@@ -66,6 +66,34 @@ def mask_ap3000_frame(message: Message | None, raw: bytes) -> str:
         if name in SENSITIVE_FIELDS
     ]
     return mask_bytes_hex(raw, spans)
+
+
+#: BKV: header 2, length 2, command 2, seq 4, direction 1, gateway id 7
+BKV_PAYLOAD_OFFSET = 18
+#: 0x0005/0x0015: inner length 2 + sub-command 1 before the fields
+BKV_INNER_HEADER = 3
+
+
+def mask_bkv_frame(message: Message | None, raw: bytes) -> str:
+    """Hex of a BKV frame with its ICCID and card numbers masked."""
+    if not isinstance(message, bkv.FixedMessage) or not _sensitive(type(message)):
+        return raw.hex()
+    start = BKV_PAYLOAD_OFFSET
+    if isinstance(message, bkv.InnerMessage):
+        start += BKV_INNER_HEADER
+    spans = [
+        (start + offset, size)
+        for name, offset, size in type(message).codec.spans(raw, start, len(raw) - 3)
+        if name in SENSITIVE_FIELDS
+    ]
+    return mask_bytes_hex(raw, spans)
+
+
+def mask_frame(message: Message | None, raw: bytes) -> str:
+    """Hex of a frame of either protocol with personal data masked."""
+    if message is not None and message.protocol == "bkv":
+        return mask_bkv_frame(message, raw)
+    return mask_ap3000_frame(message, raw)
 
 
 def mask_iccid_hex(raw: bytes) -> str:

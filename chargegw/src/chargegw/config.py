@@ -47,8 +47,10 @@ class Settings:
     write_queue_limit: int = 65536
     #: AP3000 heartbeat interval the devices use (3 min by default)
     ap3000_heartbeat_s: float = 180.0
-    #: BKV heartbeat interval
-    bkv_heartbeat_s: float = 60.0
+    #: BKV sockets report their status this often (bkv.md 3: every 5 min)
+    bkv_status_interval_s: float = 300.0
+    #: time zone of the devices' clocks (BKV heartbeat replies carry local time)
+    device_timezone: str = "Asia/Shanghai"
     #: missed heartbeat intervals before a device is marked offline
     missed_heartbeats: float = 2.5
     #: consecutive command ACK timeouts before a device is marked offline

@@ -16,14 +16,15 @@ from chargeproto import (
     Event,
     IccidReceived,
     KeepaliveReceived,
-    Message,
     MessageReceived,
     StreamError,
 )
 
-from .audit import mask_ap3000_frame, mask_iccid_hex, mask_text
+from .audit import mask_frame, mask_iccid_hex, mask_text
 from .config import Settings
 from .drivers.ap3000 import Ap3000Driver
+from .drivers.base import command_label
+from .drivers.bkv import BkvDriver
 from .metrics import Metrics
 from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
@@ -31,13 +32,6 @@ from .store.writer import BatchWriter
 from .transport import DeviceLink, DeviceServer
 
 log = structlog.get_logger("chargegw")
-
-
-def _command_label(message: Message) -> str:
-    code = getattr(message, "unknown_command", None)
-    if code is None:
-        code = message.command
-    return f"0x{code:02x}"
 
 
 class Gateway:
@@ -73,7 +67,7 @@ class Gateway:
             node=settings.node,
         )
         self.writer.on_overload = self.server.set_paused
-        self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self)}
+        self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self), "bkv": BkvDriver(self)}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: uvicorn.Server | None = None
 
@@ -186,17 +180,17 @@ class Gateway:
         protocol = event.protocol
         link.protocol = protocol
         driver = self.drivers.get(protocol)
-        command = _command_label(message)
+        command = command_label(message)
         self.metrics.frames_total.labels(protocol=protocol, direction="in", command=command).inc()
         device_id = driver.device_of(message) if driver is not None else None
         self.writer.put_frame(
             wall,
             link.id,
-            device_id or getattr(message, "phy_id", None),
+            device_id or getattr(message, "phy_id", None) or getattr(message, "gateway_id", None),
             "in",
             protocol,
             command,
-            mask_ap3000_frame(message, event.raw),
+            mask_frame(message, event.raw),
         )
         if driver is None:
             log.warning("no driver for protocol", protocol=protocol, connection=link.id)
@@ -265,7 +259,7 @@ class Gateway:
             "out",
             protocol,
             command,
-            mask_ap3000_frame(message, frame),
+            mask_frame(message, frame),
         )
         if after_commit:
             self.writer.after_commit(write)

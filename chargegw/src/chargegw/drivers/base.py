@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
+from chargeproto import Message, bkv
+
 from ..config import Settings
 from ..sessions import SessionRegistry
 from ..store.writer import BatchWriter
@@ -40,3 +42,15 @@ class DriverContext(Protocol):
         """Write ``frame`` to ``link`` (and to the audit log); with ``after_commit``
         only once every row queued so far is committed."""
         ...
+
+
+def command_label(message: Message) -> str:
+    """``0x21`` (AP3000), ``0x0000``, ``0x0015/0x07``, ``0x1000/0x1017`` (BKV)."""
+    if isinstance(message, bkv.BkvMessage):
+        key = bkv.message_key(message)
+        label = f"0x{message.wire_command:04x}"
+        if key is None:
+            return label
+        return f"{label}/0x{key:04x}" if message.wire_command == 0x1000 else f"{label}/0x{key:02x}"
+    code = getattr(message, "unknown_command", None)
+    return f"0x{message.command if code is None else code:02x}"

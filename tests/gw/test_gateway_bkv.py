@@ -37,7 +37,7 @@ async def gateway(db_dsn: str) -> AsyncIterator[Gateway]:
 async def test_heartbeat_is_answered_with_the_local_time(gateway: Gateway) -> None:
     box = await RawBkvGateway().connect(gateway.server.port)
     await box.send_raw(VECTORS["bkv_0x0000_heartbeat"])
-    reply, _ = await box.expect(bkv.HeartbeatReply)
+    reply = await box.expect(bkv.HeartbeatReply)
     assert isinstance(reply, bkv.HeartbeatReply)
     assert reply.gateway_id == "82200520004869" and reply.seq == 0
     assert reply.server_time[:2] == "20" and "T" in reply.server_time
@@ -52,7 +52,7 @@ async def test_status_cluster_is_acked_exactly_and_sockets_become_devices(
 ) -> None:
     box = await RawBkvGateway().connect(gateway.server.port)
     await box.send_raw(VECTORS["bkv_0x1000_0x1017_status_cluster"])
-    _, raw = await box.expect(bkv.StatusClusterAck)
+    _, raw = await box.expect_with_bytes(bkv.StatusClusterAck)
     assert raw == VECTORS["bkv_0x1000_0x1017_status_cluster_ack"]  # the guide's own ACK
     device = await fetchrow(
         gateway, "SELECT * FROM devices WHERE device_id = $1", "82231214002700-1"
@@ -100,7 +100,7 @@ async def test_reports_get_the_guides_acks(
 ) -> None:
     box = await RawBkvGateway().connect(gateway.server.port)
     await box.send_raw(VECTORS[report])
-    _, raw = await box.expect(ack_cls)
+    _, raw = await box.expect_with_bytes(ack_cls)
     assert raw == VECTORS[ack_vector]
     await box.close()
 
@@ -113,7 +113,7 @@ async def test_end_report_is_stored_then_acked_in_the_form_that_stops_resends(
     report = bkv.decode(frame)
     assert isinstance(report, bkv.EndReport)
     await box.send_raw(frame)
-    ack, _ = await box.expect(bkv.CardEndAck)
+    ack = await box.expect(bkv.CardEndAck)
     assert isinstance(ack, bkv.CardEndAck)
     assert ack.socket == report.socket and ack.result == 1
     assert gateway.pool is not None  # stored before the ACK left

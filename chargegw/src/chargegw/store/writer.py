@@ -362,6 +362,14 @@ class BatchWriter:
             log.error("database refused a batch, writing rows one by one", error=str(exc))
             assert pool is not None
             return await self._write_isolated(pool, batch)
+        except Exception as exc:
+            # anything else (a driver-internal state error ...): keep the rows, retry;
+            # the writer task itself must never die
+            self._metrics.db_write_failures_total.inc()
+            log.exception("unexpected database write error, holding rows")
+            self.healthy = False
+            self.last_error = str(exc)
+            return False
         self._metrics.db_write_seconds.observe(time.perf_counter() - started)
         if not self.healthy:
             log.info("database writes recovered", rows=batch.rows())

@@ -28,6 +28,7 @@ from .drivers.bkv import BkvDriver
 from .metrics import Metrics
 from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
+from .store.partitions import maintain
 from .store.writer import BatchWriter
 from .transport import DeviceLink, DeviceServer
 
@@ -91,9 +92,11 @@ class Gateway:
         self.pool = await connect_pool(self.dsn)
         async with self.pool.acquire() as conn:
             await migrate(conn)
+        await self._maintain_partitions()
         self.writer.start()
         await self.server.start(self.settings.device_host, self.settings.device_port)
         self._spawn(self._sweeper(), "liveness-sweeper")
+        self._spawn(self._maintenance(), "partition-maintenance")
         if http:
             await self._start_http()
 
@@ -140,6 +143,24 @@ class Gateway:
             "database": self.pool is not None and self.writer.healthy,
             "listener": self.server.listening,
         }
+
+    async def _maintain_partitions(self) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            await maintain(
+                conn,
+                today=self.wall().date(),
+                retention_days=self.settings.audit_retention_days,
+            )
+
+    async def _maintenance(self) -> None:
+        """Hourly: audit partitions ahead, expired ones dropped (retries while the DB is away)."""
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self._maintain_partitions()
+            except Exception:
+                log.exception("audit partition maintenance failed, retrying in an hour")
 
     async def _sweeper(self) -> None:
         while True:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import construct as cs
 from construct import Array, Bytes, GreedyRange, Int8ub, Int16ub, Int32ub, Struct, this
 
-from .._base import ABSENT, Absent, Direction, Item, Message, _fields_of
+from .._base import ABSENT, Absent, Direction, Item, Message, _fields_of, _from_fields
 from .._errors import EncodeError
 from .._layout import Codec, compile_message, optional_tail
 from .._units import BCD_TIME, BIN_TIME, DECI, HHMM, IPV4, MILLI, Converter, EscapedAscii
@@ -36,6 +36,7 @@ TLV = 0x1000
 REGISTRY: dict[tuple[int, int | None, Direction], type[BkvMessage]] = {}
 
 _M = TypeVar("_M", bound="type[BkvMessage]")
+_I = TypeVar("_I", bound="BkvItem")
 
 _INNER = struct.Struct(">HB")
 #: text fields (rule 8); undecodable bytes survive a round trip as surrogates
@@ -106,6 +107,18 @@ class BkvMessage(Message):
         """Inner-header fields (``inner_length``, ``sub_cmd``, ``bkv_cmd`` ...)."""
         return {}
 
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """Accept what ``to_fields`` gives: computed names (``length``, ``checksum``,
+        ``inner_length``, status flags, counts) are dropped; ``command``, ``direction``,
+        ``sub_cmd`` and ``bkv_cmd`` must match the class when given."""
+        fields = strip_computed(cls, fields)
+        expect_value(cls, fields, "command", cls.command)
+        expect_value(cls, fields, "direction", cls.direction)
+        for name in ("sub_cmd", "bkv_cmd"):
+            expect_value(cls, fields, name, cls.key)
+        return fields
+
     def body_fields(self) -> dict[str, Any]:
         """The payload fields with their ``_text`` siblings and status flags."""
         return with_flags(_fields_of(self, self.TEXTS))
@@ -123,12 +136,53 @@ def with_flags(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: names ``to_fields`` adds that ``from_fields`` recomputes (when not a field of the class)
+COMPUTED_NAMES = frozenset(
+    {"length", "checksum", "inner_length", "tier_count", "period_count", *enums.STATUS_FLAGS}
+)
+
+
+def strip_computed(cls: type, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """``fields`` without the computed names that are not dataclass fields of ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in fields.items() if k in names or k not in COMPUTED_NAMES}
+
+
+def as_direction(value: Any, field: str = "direction") -> Direction:
+    """A :class:`Direction` from ``"up"``/``"down"``; ``EncodeError`` for anything else."""
+    try:
+        return Direction(value)
+    except ValueError:
+        raise EncodeError(f"{field} must be 'up' or 'down', got {value!r}", field=field) from None
+
+
+def expect_value(cls: type, fields: dict[str, Any], name: str, want: Any) -> None:
+    """Pop ``name`` from ``fields``; ``EncodeError`` when it is given and is not ``want``."""
+    if name not in fields:
+        return
+    got = fields.pop(name)
+    if name == "direction":
+        got = as_direction(got)
+    if got != want or isinstance(got, bool):
+        raise EncodeError(f"{cls.__name__} has {name} {want!r}, got {got!r}", field=name)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class BkvItem(Item):
     """Base of the per-port / per-node / per-tier objects of BKV messages."""
 
     def to_fields(self) -> dict[str, Any]:
         return with_flags(_fields_of(self, self.TEXTS))
+
+    @classmethod
+    def from_fields(cls: type[_I], fields: Mapping[str, Any]) -> _I:
+        """Build from canonical names; the status flags ``to_fields`` adds are ignored."""
+        return _from_fields(cls, strip_computed(cls, fields), cls.item_types())
+
+    @classmethod
+    def item_types(cls) -> Mapping[str, type[Item]]:
+        """List field name -> item class, for ``from_fields``."""
+        return {}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,6 +196,10 @@ class FixedMessage(BkvMessage):
 
     def payload(self) -> bytes:
         return self.codec.encode(self)
+
+    @classmethod
+    def item_types(cls) -> Mapping[str, type[Item]]:
+        return cls.codec.items
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -838,6 +896,13 @@ class UnknownSubCommand(BkvMessage):
     def body_fields(self) -> dict[str, Any]:
         return {"params_hex": self.params_hex, "unknown_sub_cmd": True}
 
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """``command`` and ``direction`` become ``outer_command``/``unknown_direction``."""
+        fields = strip_computed(cls, fields)
+        fields.pop("unknown_sub_cmd", None)
+        return _unknown_head(fields, "outer_command")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class UnknownMessage(BkvMessage):
@@ -860,6 +925,24 @@ class UnknownMessage(BkvMessage):
 
     def body_fields(self) -> dict[str, Any]:
         return {"payload_hex": self.payload_hex, "unknown_command": True}
+
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """``command`` and ``direction`` become ``unknown_command``/``unknown_direction``."""
+        fields = strip_computed(cls, fields)
+        if isinstance(fields.get("unknown_command"), bool):  # the flag to_fields adds
+            del fields["unknown_command"]
+        return _unknown_head(fields, "unknown_command")
+
+
+def _unknown_head(fields: dict[str, Any], command_field: str) -> dict[str, Any]:
+    if "command" in fields:
+        fields[command_field] = fields.pop("command")
+    if "direction" in fields:
+        fields["unknown_direction"] = fields.pop("direction")
+    if "unknown_direction" in fields:
+        fields["unknown_direction"] = as_direction(fields["unknown_direction"])
+    return fields
 
 
 for _cls in (UnknownSubCommand, UnknownMessage):

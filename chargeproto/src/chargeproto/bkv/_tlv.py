@@ -21,15 +21,25 @@ connecting (bkv.md 15).
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
-from .._base import ABSENT, Absent, Direction, Item, _fields_of
+from .._base import ABSENT, Absent, Direction, Item, _fields_of, _from_fields
 from .._errors import EncodeError, PayloadError, TruncatedError
 from .._units import BCD_TIME, DECI, HEX, HHMM, IDENTITY, MILLI, Converter
 from . import _enums as enums
-from ._messages import REGISTRY, TLV, BkvItem, BkvMessage, with_flags
+from ._messages import (
+    REGISTRY,
+    TLV,
+    BkvItem,
+    BkvMessage,
+    as_direction,
+    expect_value,
+    strip_computed,
+    with_flags,
+)
 
 UP = Direction.UP
 DOWN = Direction.DOWN
@@ -267,6 +277,38 @@ class _Record:
                 out[spec.name] = value
         return out
 
+    @classmethod
+    def item_types(cls) -> Mapping[str, type[Item]]:
+        """List field name -> item class (groups and packed entries), for ``from_fields``."""
+        out: dict[str, type[Item]] = {}
+        for spec in cls.TAGS:
+            if isinstance(spec.kind, Group):
+                out[spec.name] = spec.kind.record
+            elif isinstance(spec.kind, Entries):
+                out[spec.name] = spec.kind.item
+        return out
+
+    @classmethod
+    def raw_from_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """``tag_xx`` names back to :class:`TlvItem` raw items (marker 0x01), in the
+        order given; ``field_notes`` and ``tlv_markers`` are dropped. The item order of
+        the original frame is not part of the fields: encoding writes the default order
+        unless ``tlv_order`` is given."""
+        fields.pop("field_notes", None)
+        fields.pop("tlv_markers", None)
+        raw = list(fields.pop("raw_items", ()))
+        for key in [k for k in fields if _TAG_KEY.fullmatch(k)]:
+            value = fields.pop(key)
+            for entry in value if isinstance(value, list) else [value]:
+                if not isinstance(entry, str):
+                    raise EncodeError(f"{key}: expected hex text, got {entry!r}", field=key)
+                raw.append(TlvItem(int(key[4:], 16), entry.upper()))
+        if raw:
+            fields["raw_items"] = tuple(raw)
+        if "tlv_order" in fields:
+            fields["tlv_order"] = tuple(tuple(pair) for pair in fields["tlv_order"])
+        return fields
+
     def field_notes(self) -> list[str]:
         """Why known tags were kept raw (wrong length, repeated, other marker)."""
         notes = []
@@ -285,6 +327,9 @@ class _Record:
             seen.add(item.tag)
             notes.append(f"tag 0x{item.tag:02X} ({spec.name}) kept raw: {why}")
         return notes
+
+
+_TAG_KEY = re.compile(r"tag_[0-9a-f]{2}")
 
 
 def _fits(kind: Kind, value: bytes) -> bool:
@@ -476,6 +521,15 @@ class TlvRecord(_Record, BkvItem):
     def to_fields(self) -> dict[str, Any]:
         return tlv_fields(self)
 
+    @classmethod
+    def from_fields(cls: type[_G], fields: Mapping[str, Any]) -> _G:
+        """Build from canonical names, ``tag_xx`` raw items included."""
+        prepared = cls.raw_from_fields(strip_computed(cls, fields))
+        return _from_fields(cls, prepared, cls.item_types())
+
+
+_G = TypeVar("_G", bound=TlvRecord)
+
 
 # --- group items and entries ------------------------------------------------------------
 
@@ -578,6 +632,10 @@ class _TlvBase(_Record, BkvMessage):
 
     def body_fields(self) -> dict[str, Any]:
         return tlv_fields(self)
+
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        return cls.raw_from_fields(super(_TlvBase, cls).normalize_fields(fields))
 
 
 _T = TypeVar("_T", bound="type[TlvMessage]")
@@ -946,6 +1004,10 @@ class EventReport(TlvMessage):
     undervoltage_v: float | Absent = ABSENT
 
     @classmethod
+    def item_types(cls) -> Mapping[str, type[Item]]:
+        return {"ports": EventPort}
+
+    @classmethod
     def assemble(cls, values: dict[str, Any]) -> dict[str, Any]:
         plain: dict[str, Any] = {}
         ports: dict[int, dict[str, Any]] = {}
@@ -1003,6 +1065,17 @@ class TlvContainer(_TlvBase):
     @property
     def wire_direction(self) -> Direction:
         return self.unknown_direction
+
+    @classmethod
+    def normalize_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """``direction`` becomes ``unknown_direction``; ``bkv_cmd`` is a field here."""
+        fields = strip_computed(cls, fields)
+        expect_value(cls, fields, "command", TLV)
+        if "direction" in fields:
+            fields["unknown_direction"] = fields.pop("direction")
+        if "unknown_direction" in fields:
+            fields["unknown_direction"] = as_direction(fields["unknown_direction"])
+        return cls.raw_from_fields(fields)
 
 
 TlvContainer.command = TLV

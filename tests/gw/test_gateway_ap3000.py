@@ -266,3 +266,34 @@ async def test_database_outage_keeps_piles_answered_and_loses_nothing(
     )
     assert rows[0]["n"] == 6  # the heartbeat before and the five during the outage
     await pile.close()
+
+
+async def test_a_host_relays_several_piles_as_one_gateway(gateway: Gateway) -> None:
+    host = await RawPile("09D62684").connect(gateway.server.port)
+    await host.send(
+        ap3000.HostHeartbeat(
+            "09D62684",
+            host.next_id(),
+            firmware_version=101,
+            rtc_type=1,
+            timestamp_unix=1604934748,
+            signal_strength=31,
+            modem_type=6,
+            iccid="89860413161892009275",
+            host_type=0x50,
+            frequency_mhz=472,
+        )
+    )
+    for phy_id in ("04000011", "04000012"):
+        host.phy_id = phy_id
+        await host.heartbeat((0, 1))
+        await host.expect(ap3000.HeartbeatReply)
+    devices = await fetch(gateway, "SELECT device_id, gateway_id FROM devices ORDER BY device_id")
+    assert [(d["device_id"], d["gateway_id"]) for d in devices] == [
+        ("04000011", "09D62684"),
+        ("04000012", "09D62684"),
+    ]
+    row = await fetchrow(gateway, "SELECT * FROM gateways WHERE gateway_id = '09D62684'")
+    assert row is not None and row["iccid"] == "89860413161892009275" and row["firmware"] == "101"
+    assert len(gateway.sessions.device_ids(next(iter(gateway.server.links.values())))) == 2
+    await host.close()

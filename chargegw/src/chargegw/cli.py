@@ -12,6 +12,7 @@ import click
 
 from .config import ConfigError, Settings, load_settings
 from .logs import configure_logging
+from .sim.cli import sim_command
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
@@ -115,12 +116,4 @@ def config_show(ctx: click.Context) -> None:
     click.echo(json.dumps(settings.masked(), indent=2))
 
 
-def _register_sim() -> None:
-    try:
-        from .sim.cli import sim_command
-    except ImportError:
-        return
-    main.add_command(sim_command, "sim")
-
-
-_register_sim()
+main.add_command(sim_command, "sim")

@@ -32,8 +32,9 @@ MAX_ZOMBIES: Final = 4
 COMMAND_MEMORY: Final = 256
 #: connections shorter than this count as a failure for the reconnect backoff
 SHORT_SESSION_S: Final = 5.0
-#: garbage bytes exclude the bytes that may start a frame, an ICCID or ``link``
-_GARBAGE_ALPHABET: Final = bytes(b for b in range(256) if b not in b"Dl8")
+#: garbage bytes exclude the bytes that may start a frame (AP3000 ``DNY``, BKV ``fc``),
+#: an ICCID or ``link``, so that a server's resynchronisation is deterministic
+_GARBAGE_ALPHABET: Final = bytes(b for b in range(256) if b not in b"Dl8\xfc")
 
 
 class StreamDecoder(Protocol):

@@ -2,12 +2,16 @@
 
 For tests, demos and load. The protocol-neutral machinery (connections, reconnects,
 faults, frame records) is :class:`SimulatedPile`; :class:`SimulatedAp3000Pile` speaks
-AP3000 through chargeproto. :class:`Simulator` runs many piles against one address.
+AP3000 and :class:`SimulatedBkvGateway` BKV through chargeproto. :class:`Simulator` runs
+many piles of either protocol against one address.
 
 >>> from chargegw.sim import Simulator, make_ap3000_piles
 >>> sim = Simulator("127.0.0.1", 8900, make_ap3000_piles(3), accel=60, seed=1)
 >>> sim["04000001"].phy_id
 '04000001'
+>>> sim.add(make_bkv_gateways(1, sockets=2)[0])
+>>> sim["82231214000001"].protocol
+'bkv'
 """
 
 from ._timing import Timing
@@ -23,26 +27,48 @@ from .ap3000 import (
     make_ap3000_piles,
     type_code_for_ports,
 )
+from .bkv import (
+    BkvGatewayStats,
+    BkvIntervals,
+    BkvJack,
+    BkvSession,
+    BkvSocket,
+    PendingEndReport,
+    SimulatedBkvGateway,
+    bkv_gateway_id,
+    bkv_iccid_for,
+    make_bkv_gateways,
+)
 from .pile import Faults, Flow, FrameRecord, PileStats, SimulatedPile
 from .runner import Simulator, SimulatorStats
 
 __all__ = [
     "Ap3000Intervals",
+    "BkvGatewayStats",
+    "BkvIntervals",
+    "BkvJack",
+    "BkvSession",
+    "BkvSocket",
     "ChargeSession",
     "Faults",
     "Flow",
     "FrameRecord",
+    "PendingEndReport",
     "PileStats",
     "PortStatus",
     "SimPort",
     "SimulatedAp3000Pile",
+    "SimulatedBkvGateway",
     "SimulatedPile",
     "Simulator",
     "SimulatorStats",
     "StoredSettlement",
     "Timing",
     "ap3000_phy_id",
+    "bkv_gateway_id",
+    "bkv_iccid_for",
     "iccid_for",
     "make_ap3000_piles",
+    "make_bkv_gateways",
     "type_code_for_ports",
 ]

@@ -10,6 +10,8 @@ import time
 import click
 
 from .ap3000 import make_ap3000_piles
+from .bkv import make_bkv_gateways
+from .pile import SimulatedPile
 from .runner import Simulator
 
 
@@ -49,7 +51,36 @@ def _server(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[s
     type=click.FloatRange(min=1.0),
     default=180.0,
     show_default=True,
-    help="Heartbeat interval in pile seconds.",
+    help="AP3000 heartbeat interval in pile seconds.",
+)
+@click.option(
+    "--bkv",
+    "bkv_count",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Number of BKV gateways.",
+)
+@click.option(
+    "--bkv-sockets",
+    type=click.IntRange(1, 250),
+    default=2,
+    show_default=True,
+    help="Sockets per BKV gateway (two jacks each).",
+)
+@click.option(
+    "--bkv-heartbeat-s",
+    type=click.FloatRange(min=1.0),
+    default=60.0,
+    show_default=True,
+    help="BKV gateway heartbeat interval in gateway seconds.",
+)
+@click.option(
+    "--bkv-id-start",
+    type=click.IntRange(0, 999_999),
+    default=1,
+    show_default=True,
+    help="Number of the first BKV gateway (82231214000001 for 1); the others follow.",
 )
 @click.option(
     "--accel",
@@ -91,6 +122,10 @@ def sim_command(
     ap3000_count: int,
     ports: int,
     heartbeat_s: float,
+    bkv_count: int,
+    bkv_sockets: int,
+    bkv_heartbeat_s: float,
+    bkv_id_start: int,
     accel: float,
     jitter: float,
     duration_s: float | None,
@@ -98,18 +133,35 @@ def sim_command(
     id_start: int,
     status_every_s: float,
 ) -> None:
-    """Simulate AP3000 piles speaking real bytes to a server over TCP."""
+    """Simulate AP3000 piles and BKV gateways speaking real bytes to a server over TCP."""
     if id_start + ap3000_count - 1 > 0xFFFFFF:
         raise click.BadParameter("device numbers are 24 bits", param_hint="--id-start")
+    if bkv_id_start + bkv_count - 1 > 999_999:
+        raise click.BadParameter("gateway numbers end at 999999", param_hint="--bkv-id-start")
     # a short record per pile: thousands of piles must not hold millions of frames
-    piles = make_ap3000_piles(
+    ap3000_piles = make_ap3000_piles(
         ap3000_count, ports=ports, id_start=id_start, heartbeat_s=heartbeat_s, record_limit=200
     )
+    gateways = make_bkv_gateways(
+        bkv_count,
+        sockets=bkv_sockets,
+        id_start=bkv_id_start,
+        heartbeat_s=bkv_heartbeat_s,
+        record_limit=200,
+    )
+    piles: list[SimulatedPile] = [*ap3000_piles, *gateways]
     host, port = server
     simulator = Simulator(host, port, piles, accel=accel, jitter=jitter, seed=seed)
-    first = piles[0].pile_id if piles else "-"
+    fleet = []
+    if ap3000_piles or not gateways:
+        first = ap3000_piles[0].pile_id if ap3000_piles else "-"
+        fleet.append(f"{len(ap3000_piles)} AP3000 piles ({first}...) with {ports} ports")
+    if gateways:
+        fleet.append(
+            f"{len(gateways)} BKV gateways ({gateways[0].pile_id}...) with {bkv_sockets} sockets"
+        )
     click.echo(
-        f"simulating {len(piles)} AP3000 piles ({first}...) with {ports} ports "
+        f"simulating {' and '.join(fleet)} "
         f"against {host}:{port}, accel {accel:g}, jitter {jitter:g}"
     )
     asyncio.run(_run(simulator, duration_s, status_every_s))

@@ -26,11 +26,17 @@ class SimulatorStats:
     frames_sent: int
     frames_received: int
     decode_errors: int
+    #: ``(protocol, piles, connected)`` per protocol, in the order first added
+    by_protocol: tuple[tuple[str, int, int], ...] = ()
 
     def line(self) -> str:
         """One status line for people."""
+        piles = connected = ""
+        if self.by_protocol:
+            piles = " (" + ", ".join(f"{p} {n}" for p, n, _ in self.by_protocol) + ")"
+            connected = " (" + ", ".join(f"{p} {c}" for p, _, c in self.by_protocol) + ")"
         return (
-            f"piles {self.piles} connected {self.connected} "
+            f"piles {self.piles}{piles} connected {self.connected}{connected} "
             f"sent {self.frames_sent} received {self.frames_received} "
             f"connects {self.connects} failures {self.connect_failures} "
             f"errors {self.decode_errors}"
@@ -39,6 +45,8 @@ class SimulatorStats:
 
 class Simulator:
     """A set of simulated piles connected to ``server_host:server_port``.
+
+    Piles of any protocol mix freely (AP3000 piles, BKV gateways).
 
     ``accel`` divides every protocol interval of every pile; ``jitter`` spreads
     intervals by plus or minus that fraction, and start times over
@@ -172,6 +180,11 @@ class Simulator:
     def stats(self) -> SimulatorStats:
         """Counters summed over every pile."""
         piles = list(self._piles.values())
+        counts: dict[str, list[int]] = {}
+        for pile in piles:
+            count = counts.setdefault(pile.protocol, [0, 0])
+            count[0] += 1
+            count[1] += pile.connected
         return SimulatorStats(
             piles=len(piles),
             connected=sum(p.connected for p in piles),
@@ -180,6 +193,7 @@ class Simulator:
             frames_sent=sum(p.stats.frames_sent for p in piles),
             frames_received=sum(p.stats.frames_received for p in piles),
             decode_errors=sum(p.stats.decode_errors for p in piles),
+            by_protocol=tuple((p, n, c) for p, (n, c) in counts.items()),
         )
 
     async def wait_connected(self, count: int | None = None, *, timeout: float = 10.0) -> None:

@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 
 from .._base import ABSENT, Absent, Direction, Item, _fields_of, _from_fields
 from .._errors import EncodeError, PayloadError, TruncatedError
-from .._units import BCD_TIME, DECI, HEX, HHMM, IDENTITY, MILLI, Converter
+from .._units import BCD_TIME, DECI, HEX, HHMM, IDENTITY, MILLI, Converter, Scale
 from . import _enums as enums
 from ._messages import (
     REGISTRY,
@@ -222,10 +222,9 @@ class Group(Kind):
 
     def decode(self, value: bytes) -> list[Any]:
         try:
-            items = parse_items(value, 0, len(value))
+            return [decode_items(self.record, value, 0, len(value), {})]
         except (PayloadError, TruncatedError) as exc:
             raise _UnfitError(f"nested items: {exc}") from None
-        return [decode_record(self.record, items, {})]
 
     def encode(self, value: Any, field: str) -> bytes:
         if not isinstance(value, self.record):
@@ -263,10 +262,23 @@ class _Record:
     raw_items: tuple[TlvItem, ...]
     tlv_order: tuple[tuple[int, int], ...]
 
+    #: tag -> (name, size, divisor or 0, position in TAGS, item header) for plain integer
+    #: tags (identity or scaled), read and written inline on the hot path
+    PLAIN: ClassVar[Mapping[int, tuple[str, int, int, int, bytes]]] = {}
+    #: tag -> position in TAGS
+    TAG_POSITION: ClassVar[Mapping[int, int]] = {}
+    #: names of the list-valued tags (groups, packed entries)
+    LIST_NAMES: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def assemble(cls, values: dict[str, Any]) -> dict[str, Any]:
-        """Constructor arguments from decoded tag values (hook for nested names)."""
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        """Constructor arguments from decoded tag values (hook for nested names).
+
+        ``values`` belongs to the caller's decoding and is updated in place."""
+        for name in cls.LIST_NAMES:
+            if name in values:
+                values[name] = tuple(values[name])
+        return values
 
     def flatten(self) -> dict[str, Any]:
         """Tag name -> value for every present tag (inverse of :meth:`assemble`)."""
@@ -401,6 +413,72 @@ def decode_record(cls: type[_R], items: Sequence[RawItem], head: Mapping[str, An
     return result
 
 
+def decode_items(
+    cls: type[_R],
+    buf: bytes | bytearray | memoryview,
+    start: int,
+    end: int,
+    head: Mapping[str, Any],
+) -> _R:
+    """:func:`parse_items` and :func:`decode_record` in one pass: the hot path.
+
+    Plain integer tags (:attr:`_Record.PLAIN`) are read inline. The pass assumes the
+    items come in the order the encoder writes by default (then ``tlv_order`` is
+    empty); at the first item that shows otherwise it starts over with the general
+    :func:`decode_record`, which records the order. Raises what ``parse_items`` raises.
+    """
+    tag_map: Mapping[int, TagSpec] = cls.TAG_MAP  # type: ignore[attr-defined]
+    plain: Mapping[int, tuple[str, int, int, int, bytes]] = cls.PLAIN  # type: ignore[attr-defined]
+    position: Mapping[int, int] = cls.TAG_POSITION  # type: ignore[attr-defined]
+    values: dict[str, Any] = {}
+    raw: list[TlvItem] = []
+    last = -1
+    off = start
+    while off < end:
+        size = buf[off]
+        nxt = off + 1 + size
+        if size < 2 or nxt > end:
+            parse_items(buf, off, end)  # raises the error parse_items gives
+        marker = buf[off + 1]
+        tag = buf[off + 2]
+        if marker == 1:
+            fast = plain.get(tag)
+            if fast is not None:
+                name, value_size, divisor, pos, _ = fast
+                if size - 2 == value_size and name not in values:
+                    if raw or pos < last:
+                        return decode_record(cls, parse_items(buf, start, end), head)
+                    last = pos
+                    number = int.from_bytes(buf[off + 3 : nxt], "big")
+                    values[name] = number / divisor if divisor else number
+                    off = nxt
+                    continue
+            else:
+                spec = tag_map.get(tag)
+                if spec is not None and (spec.kind.is_list or spec.name not in values):
+                    try:
+                        decoded = spec.kind.decode(bytes(buf[off + 3 : nxt]))
+                    except _UnfitError:
+                        pass
+                    else:
+                        pos = position[tag]
+                        if raw or pos < last or (pos == last and not spec.kind.is_group):
+                            return decode_record(cls, parse_items(buf, start, end), head)
+                        last = pos
+                        if spec.kind.is_list and spec.name in values:
+                            values[spec.name].extend(decoded)
+                        else:
+                            values[spec.name] = decoded
+                        off = nxt
+                        continue
+        raw.append(TlvItem(tag, bytes(buf[off + 3 : nxt]).hex().upper(), marker))
+        off = nxt
+    kwargs = cls.assemble(values)  # type: ignore[attr-defined]
+    build: Any = cls
+    result: _R = build(**head, **kwargs, raw_items=tuple(raw), tlv_order=())
+    return result
+
+
 def default_layout(
     cls: Any, values: Mapping[str, Any], raw_count: int
 ) -> tuple[tuple[int, int], ...]:
@@ -423,6 +501,8 @@ def default_layout(
 def encode_record(record: Any) -> bytes:
     """The items of a record, in ``tlv_order`` when it has one."""
     flat: dict[str, Any] = record.flatten()
+    if not record.tlv_order:
+        return _encode_default(record, flat)
     specs: tuple[TagSpec, ...] = record.TAGS
     tag_map: Mapping[int, TagSpec] = record.TAG_MAP
     remaining = {s.name: list(flat[s.name]) for s in specs if s.kind.is_list and s.name in flat}
@@ -473,6 +553,39 @@ def encode_record(record: Any) -> bytes:
     return b"".join(parts)
 
 
+def _encode_default(record: Any, flat: Mapping[str, Any]) -> bytes:
+    """The items in the default order: the class's tags, then the raw items."""
+    parts: list[bytes] = []
+    plain: Mapping[int, tuple[str, int, int, int, bytes]] = record.PLAIN
+    for spec in record.TAGS:
+        name = spec.name
+        if name not in flat:
+            continue
+        value = flat[name]
+        fast = plain.get(spec.tag)
+        if fast is not None:
+            _, size, divisor, _, prefix = fast
+            if divisor:
+                number = spec.kind.conv.encode(value, name)
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise EncodeError(f"{name}: expected an integer, got {value!r}", field=name)
+            else:
+                number = value
+            try:
+                parts.append(prefix + number.to_bytes(size, "big"))
+            except OverflowError:
+                raise EncodeError(
+                    f"{name}: {value!r} does not fit {size} bytes", field=name
+                ) from None
+        elif spec.kind.is_group:
+            for entry in value:
+                parts.append(build_item(spec.tag, spec.kind.encode(entry, name), field=name))
+        else:
+            parts.append(build_item(spec.tag, spec.kind.encode(value, name), field=name))
+    parts.extend(_raw_item(item) for item in record.raw_items)
+    return b"".join(parts)
+
+
 def _raw_item(item: TlvItem) -> bytes:
     if not isinstance(item, TlvItem):
         raise EncodeError(f"raw_items: expected TlvItem, got {item!r}", field="raw_items")
@@ -496,6 +609,16 @@ def _compile_tags(cls: Any, tags: Sequence[TagSpec], extra_names: Sequence[str] 
         tag_map[spec.tag] = spec
     cls.TAGS = tuple(tags)
     cls.TAG_MAP = tag_map
+    cls.TAG_POSITION = {spec.tag: i for i, spec in enumerate(tags)}
+    cls.LIST_NAMES = tuple(spec.name for spec in tags if spec.kind.is_list)
+    plain: dict[int, tuple[str, int, int, int, bytes]] = {}
+    for i, spec in enumerate(tags):
+        kind = spec.kind
+        if type(kind) is UInt and (kind.conv is IDENTITY or type(kind.conv) is Scale):
+            divisor = kind.conv.divisor if isinstance(kind.conv, Scale) else 0
+            prefix = bytes((kind.size + 2, 1, spec.tag))
+            plain[spec.tag] = (spec.name, kind.size, divisor, i, prefix)
+    cls.PLAIN = plain
 
 
 _C = TypeVar("_C")
@@ -665,7 +788,6 @@ class TlvMessage(_TlvBase):
 
     @classmethod
     def assemble(cls, values: dict[str, Any]) -> dict[str, Any]:
-        values = dict(values)
         values.pop("bkv_cmd", None)
         return super(TlvMessage, cls).assemble(values)
 
@@ -1101,12 +1223,14 @@ def decode_tlv(
     direction: Direction,
 ) -> _TlvBase:
     """Decode a 0x1000 payload ``buf[start:end]`` into its message class."""
-    items = parse_items(buf, start, end)
-    bkv_cmd = first_bkv_cmd(items)
+    if end - start >= 5 and buf[start] == 4 and buf[start + 1] == 1 and buf[start + 2] == 1:
+        bkv_cmd: int | None = buf[start + 3] << 8 | buf[start + 4]  # the usual first item
+    else:
+        bkv_cmd = first_bkv_cmd(parse_items(buf, start, end))
     cls = REGISTRY.get((TLV, bkv_cmd, direction)) if bkv_cmd is not None else None
     head: dict[str, Any] = {"gateway_id": gateway_id, "seq": seq}
     if cls is None:
         head["unknown_direction"] = direction
-        return decode_record(TlvContainer, items, head)
+        return decode_items(TlvContainer, buf, start, end, head)
     assert issubclass(cls, TlvMessage)
-    return decode_record(cls, items, head)
+    return decode_items(cls, buf, start, end, head)

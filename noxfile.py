@@ -31,13 +31,14 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Codec benchmarks; writes the figures into docs/benchmarks.md."""
-    session.run(
-        *UV_RUN,
-        "python",
-        "benchmarks/bench_ap3000.py",
-        "--write",
-        "docs/benchmarks.md",
-        *session.posargs,
-        external=True,
-    )
+    """Codec benchmarks (AP3000, BKV); each writes its section of docs/benchmarks.md."""
+    for script in ("benchmarks/bench_ap3000.py", "benchmarks/bench_bkv.py"):
+        session.run(
+            *UV_RUN,
+            "python",
+            script,
+            "--write",
+            "docs/benchmarks.md",
+            *session.posargs,
+            external=True,
+        )

@@ -365,3 +365,12 @@ def test_bkv_decode_output_encodes_back_to_the_vector(name: str) -> None:
 def _no_order(hex_text: str) -> dict[str, object]:
     message = bkv.decode(hex_text)
     return {"tlv_order": ()} if getattr(message, "tlv_order", ()) else {}
+
+
+def test_iccid_and_link_outside_a_stream_belong_to_no_protocol() -> None:
+    code, out = run("decode", ICCID_HEX, LINK_HEX)
+    assert code == 0
+    assert [(r["protocol"], r["command"]) for r in map(json.loads, out.splitlines())] == [
+        (None, "iccid"),
+        (None, "link"),
+    ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import struct
 import timeit
@@ -325,11 +326,24 @@ def _us(value: object) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def machine_name() -> str:
+    """CPU model (from /proc/cpuinfo where there is one), core count, OS, architecture."""
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = os.cpu_count() or 0
+    system = f"{platform.system()} {platform.machine()}"
+    return f"{model or 'unknown CPU'} ({cores} logical CPUs), {system}"
+
+
 def markdown(rows: list[dict[str, object]]) -> str:
     when = datetime.date.today().isoformat()
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
-    )
+    machine = f"{machine_name()}, Python {platform.python_version()}"
     out = [
         "## BKV codec",
         "",

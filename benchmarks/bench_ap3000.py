@@ -12,11 +12,11 @@ import argparse
 import datetime
 import platform
 import struct
-import timeit
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import construct
+from common import best_us, machine_name, paired_best_us, write_section
 
 from chargeproto import ap3000
 from chargeproto.ap3000 import Heartbeat, PortState, PowerHeartbeat, Settlement
@@ -182,10 +182,6 @@ def hand_encode_settlement(m: Settlement) -> bytes:
 # --- measuring -----------------------------------------------------------------------
 
 
-def best_us(fn: Callable[[], object], number: int, repeat: int) -> float:
-    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
-
-
 CASES = [
     ("0x21 heartbeat (2 ports)", HEARTBEAT, hand_decode_heartbeat, hand_encode_heartbeat),
     ("0x06 power heartbeat", POWER, hand_decode_power, hand_encode_power),
@@ -202,12 +198,14 @@ def run(number: int, repeat: int) -> list[dict[str, object]]:
         cls = type(ours)
         compiled = cls.WIRE.compile()
         payload = frame[12:-2]
-        decode_ours = best_us(lambda f=frame: ap3000.decode(f), number, repeat)
-        decode_hand = best_us(lambda f=frame, d=hand_decode: d(f), number, repeat)
-        encode_ours = best_us(lambda m=ours: ap3000.encode(m), number, repeat)
-        encode_hand = best_us(lambda m=ours, e=hand_encode: e(m), number, repeat)
-        construct_compiled = best_us(lambda c=compiled, p=payload: c.parse(p), number, repeat)
-        construct_interp = best_us(lambda w=cls.WIRE, p=payload: w.parse(p), number // 5, repeat)
+        decode_ours, decode_hand = paired_best_us(
+            partial(ap3000.decode, frame), partial(hand_decode, frame), number, repeat
+        )
+        encode_ours, encode_hand = paired_best_us(
+            partial(ap3000.encode, ours), partial(hand_encode, ours), number, repeat
+        )
+        construct_compiled = best_us(partial(compiled.parse, payload), number, repeat)
+        construct_interp = best_us(partial(cls.WIRE.parse, payload), number // 5, repeat)
         rows.append(
             {
                 "case": label,
@@ -226,16 +224,15 @@ def run(number: int, repeat: int) -> list[dict[str, object]]:
 
 def markdown(rows: list[dict[str, object]]) -> str:
     when = datetime.date.today().isoformat()
-    machine = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}"
-    )
+    machine = f"{machine_name()}, Python {platform.python_version()}"
     out = [
         "## AP3000 codec",
         "",
         f"Measured {when} on {machine} ({construct.version_string} for the construct columns),",
         "`nox -s bench`. Microseconds per frame, best of the timing runs; a ratio compares",
-        "two figures of the same run. The hand-written decoder checks header, length and",
-        "checksum, unpacks with `struct.unpack_from` and builds the same typed message;",
+        "two figures of the same run, timed interleaved. The hand-written decoder checks",
+        "header, length and checksum, unpacks with `struct.unpack_from` and builds the same",
+        "typed message;",
         "the hand-written encoder packs the same message with `struct.pack`.",
         "The construct columns parse the payload only (no frame, no typed message).",
         "",
@@ -252,17 +249,6 @@ def markdown(rows: list[dict[str, object]]) -> str:
         )
     out += ["", "Target: decode and encode within 3x of the hand-written code.", ""]
     return "\n".join(out)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find("## AP3000 codec")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:

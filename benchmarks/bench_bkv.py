@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import struct
-import timeit
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import construct
+from common import best_us, machine_name, paired_best_us, write_section
 
 from chargeproto import ABSENT, Absent, bkv
 from chargeproto.bkv import EndReport, JackStatus, SocketStatus, StatusCluster
@@ -258,23 +257,6 @@ def hand_encode_end_report(m: EndReport) -> bytes:
 # --- measuring -----------------------------------------------------------------------
 
 
-def best_us(fn: Callable[[], object], number: int, repeat: int) -> float:
-    return min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e6
-
-
-def paired_best_us(
-    ours: Callable[[], object], hand: Callable[[], object], number: int, repeat: int
-) -> tuple[float, float]:
-    """Best of ``repeat`` runs of each, the two interleaved run by run, so that a busy
-    moment of a shared machine slows both sides of a ratio alike."""
-    timers = (timeit.Timer(ours), timeit.Timer(hand))
-    best = [float("inf"), float("inf")]
-    for _ in range(repeat):
-        for i, timer in enumerate(timers):
-            best[i] = min(best[i], timer.timeit(number))
-    return best[0] / number * 1e6, best[1] / number * 1e6
-
-
 CASES: list[tuple[str, bytes, Callable[[bytes], Any], Callable[[Any], bytes]]] = [
     (
         "0x1000/0x1017 status cluster (2 sockets, 4 jacks)",
@@ -326,21 +308,6 @@ def _us(value: object) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def machine_name() -> str:
-    """CPU model (from /proc/cpuinfo where there is one), core count, OS, architecture."""
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count() or 0
-    system = f"{platform.system()} {platform.machine()}"
-    return f"{model or 'unknown CPU'} ({cores} logical CPUs), {system}"
-
-
 def markdown(rows: list[dict[str, object]]) -> str:
     when = datetime.date.today().isoformat()
     machine = f"{machine_name()}, Python {platform.python_version()}"
@@ -370,17 +337,6 @@ def markdown(rows: list[dict[str, object]]) -> str:
         )
     out += ["", "Target: decode and encode within 3x of the hand-written code.", ""]
     return "\n".join(out)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = text.find("## BKV codec")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from chargegw.sim import Simulator, make_ap3000_piles
+from chargegw.sim import Simulator, make_ap3000_piles, make_bkv_gateways
 
 
 def _free_port() -> int:
@@ -75,24 +75,30 @@ async def _serve_and_simulate(extra_env: dict[str, str], tmp_path: Path) -> None
             await _wait_http(f"{base}/readyz", timeout=60, process=server)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{log_path.read_text()[-3000:]}") from None
-        sim = Simulator("127.0.0.1", device_port, make_ap3000_piles(3), accel=60, seed=7)
+        piles = [*make_ap3000_piles(3), *make_bkv_gateways(1, sockets=2)]
+        sim = Simulator("127.0.0.1", device_port, piles, accel=60, seed=7)
         async with sim:
-            await sim.wait_connected(3, timeout=10)
+            await sim.wait_connected(4, timeout=10)
             async with httpx.AsyncClient(base_url=base) as client:
-                for _ in range(50):
+                for _ in range(100):
                     body = (await client.get("/api/v1/devices", params={"online": "true"})).json()
-                    if len(body["items"]) == 3:
+                    if len(body["items"]) == 5:
                         break
                     await asyncio.sleep(0.2)
                 assert sorted(d["device_id"] for d in body["items"]) == [
                     "04000001",
                     "04000002",
                     "04000003",
+                    "82231214000001-1",
+                    "82231214000001-2",
                 ]
                 detail = (await client.get("/api/v1/devices/04000001")).json()
                 assert [p["port"] for p in detail["ports"]] == [1, 2]
                 metrics = (await client.get("/metrics")).text
-                assert "chargegw_connections_current 3.0" in metrics
+                assert "chargegw_connections_current 4.0" in metrics
+                bkv_socket = (await client.get("/api/v1/devices/82231214000001-1")).json()
+                assert [p["port"] for p in bkv_socket["ports"]] == [1, 2]
+                assert bkv_socket["protocol"] == "bkv"
     finally:
         if server.returncode is None:
             server.send_signal(signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,8 @@ def _all_ready() -> dict[str, bool]:
 
 
 def _client(state: ApiState) -> httpx.AsyncClient:
+    # the read API itself, without keys; authentication is tested in test_auth.py
+    state = dataclasses.replace(state, auth_required=False)
     transport = httpx.ASGITransport(app=create_app(state))
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 

@@ -15,6 +15,13 @@ Conventions shared by every list endpoint:
 - Timestamps are ISO 8601 in UTC with a zone; timestamps given without a zone are UTC.
 - While the database is unavailable the data endpoints answer 503
   ``{"detail": "database unavailable"}``.
+
+Authentication: every ``/api/v1`` endpoint, and every router passed to ``create_app``,
+requires ``Authorization: Bearer <key>`` (see :mod:`chargegw.auth`); without a valid key
+the answer is 401 ``{"detail": "missing or invalid API key"}`` with
+``WWW-Authenticate: Bearer``. ``/healthz``, ``/readyz``, ``/metrics``, ``/openapi.json``
+and ``/docs`` stay open. With ``ApiState.auth_required`` false (no key configured or
+stored: the gateway then listens on 127.0.0.1 only) requests need no key.
 """
 
 from __future__ import annotations
@@ -32,12 +39,13 @@ from typing import Annotated, Any
 
 import asyncpg
 import structlog
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from chargegw import __version__
+from chargegw import __version__, auth
 from chargegw.core import EventKind
 from chargegw.metrics import Metrics
 
@@ -75,11 +83,18 @@ class ApiState:
     ``pool`` may be ``None`` (or be replaced) while the database is down: it is read on
     every request. ``readiness`` returns named checks such as
     ``{"database": True, "listener": True}``; the process is ready when all are true.
+
+    ``api_keys`` are the configured keys (``CHARGEGW_API_KEYS``); keys stored in the
+    database are accepted too, checked through ``key_cache``. ``auth_required`` false
+    lets every request through without a key: only for a gateway listening on loopback.
     """
 
     pool: asyncpg.Pool | None
     metrics: Metrics
     readiness: Callable[[], dict[str, bool]]
+    api_keys: frozenset[str] = frozenset()
+    auth_required: bool = True
+    key_cache: auth.KeyCache = dataclasses.field(default_factory=auth.KeyCache)
 
 
 class DatabaseUnavailableError(Exception):
@@ -344,6 +359,44 @@ async def _require_device(conn: asyncpg.pool.PoolConnectionProxy, device_id: str
         raise HTTPException(404, f"device {device_id} not found")
 
 
+# ---------------------------------------------------------------- authentication
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearerAuth",
+    bearerFormat="cgw_...",
+    description="An API key: configured in `CHARGEGW_API_KEYS` or made with "
+    "`chargegw apikey create`. Send it as `Authorization: Bearer <key>`.",
+)
+
+_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key"}
+}
+
+
+async def require_api_key(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """401 unless the request carries a valid ``Authorization: Bearer <key>``."""
+    state = _state(request)
+    if not state.auth_required:
+        return
+    presented = credentials.credentials if credentials is not None else None
+    try:
+        valid = await auth.verify(state.pool, state.api_keys, presented, cache=state.key_cache)
+    except _DATABASE_DOWN as exc:
+        log.warning("database unavailable for a key lookup", error=repr(exc))
+        raise DatabaseUnavailableError(str(exc)) from exc
+    if not valid and presented and state.pool is None:
+        # a stored key cannot be told from a wrong one without the database
+        raise DatabaseUnavailableError("no database pool")
+    if not valid:
+        raise HTTPException(
+            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
 # ---------------------------------------------------------------- endpoints
 
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -602,8 +655,11 @@ _TAGS = [
 ]
 
 
-def create_app(state: ApiState) -> FastAPI:
-    """The read API over ``state``. Serve it with uvicorn on ``http_host:http_port``."""
+def create_app(state: ApiState, routers: Sequence[APIRouter] = ()) -> FastAPI:
+    """The read API over ``state``, plus ``routers``, all behind the API-key check.
+
+    Serve it with uvicorn on the host given by :func:`chargegw.auth.effective_http_host`.
+    """
     app = FastAPI(
         title="chargegw",
         version=__version__,
@@ -612,6 +668,8 @@ def create_app(state: ApiState) -> FastAPI:
     )
     app.state.chargegw = state
     app.include_router(health)
-    app.include_router(data)
+    protected = [Security(require_api_key)]
+    for router in (data, *routers):
+        app.include_router(router, dependencies=protected, responses=_UNAUTHORIZED)
     app.add_exception_handler(DatabaseUnavailableError, _database_unavailable)
     return app

@@ -117,3 +117,106 @@ def config_show(ctx: click.Context) -> None:
 
 
 main.add_command(sim_command, "sim")
+
+
+# ---------------------------------------------------------------- apikey
+
+
+def _with_database(settings: Settings, work: Any) -> Any:
+    """Run ``await work(conn)`` on the migrated database of ``settings``; exit 1 on failure."""
+    from .store.database import connect_pool, start_embedded
+    from .store.database import migrate as run_migrations
+
+    async def go() -> Any:
+        dsn = settings.dsn or await asyncio.to_thread(start_embedded, settings.data_dir)
+        pool = await connect_pool(dsn, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                await run_migrations(conn)
+                return await work(conn)
+        finally:
+            await pool.close()
+
+    try:
+        return asyncio.run(go())
+    except Exception as exc:
+        click.echo(f"chargegw: {exc}", err=True)
+        sys.exit(1)
+
+
+_dsn_option = click.option(
+    "--dsn", help="PostgreSQL DSN (default: the embedded server in --data-dir)."
+)
+_data_dir_option = click.option("--data-dir", help="Where the embedded PostgreSQL keeps its data.")
+
+
+@main.group()
+def apikey() -> None:
+    """Manage the API keys stored in the database (only their hashes are kept)."""
+
+
+@apikey.command("create")
+@click.option("--name", required=True, help="What the key is for (shown by `apikey list`).")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def apikey_create(ctx: click.Context, /, name: str, **flags: Any) -> None:
+    """Create a key and print it; it is shown only this once."""
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, settings.log_level)
+    from .auth import create_key
+
+    key_id, key = _with_database(settings, lambda conn: create_key(conn, name))
+    click.echo(key)
+    click.echo(
+        f"created API key {key_id} ({name.strip()}); store it now, it is not shown again. "
+        "A gateway started without any key picks it up at its next start.",
+        err=True,
+    )
+
+
+@apikey.command("list")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def apikey_list(ctx: click.Context, /, **flags: Any) -> None:
+    """List the stored keys (ids, names, dates; never the keys)."""
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, settings.log_level)
+    from .auth import list_keys
+
+    keys = _with_database(settings, list_keys)
+    if not keys:
+        click.echo("no API keys stored", err=True)
+        return
+
+    def when(value: Any) -> str:
+        return value.isoformat(timespec="seconds") if value is not None else "-"
+
+    rows = [("KEY_ID", "NAME", "CREATED", "LAST_USED", "STATUS")]
+    for k in keys:
+        status = "active" if k.active else f"revoked {when(k.revoked_at)}"
+        rows.append((str(k.key_id), k.name, when(k.created_at), when(k.last_used_at), status))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[-1]]))
+
+
+@apikey.command("revoke")
+@click.argument("key_id", type=int)
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def apikey_revoke(ctx: click.Context, /, key_id: int, **flags: Any) -> None:
+    """Revoke a key; gateways stop accepting it within a minute."""
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, settings.log_level)
+    from .auth import DEFAULT_CACHE_TTL_S, revoke_key
+
+    if not _with_database(settings, lambda conn: revoke_key(conn, key_id)):
+        click.echo(f"chargegw: no active API key {key_id}", err=True)
+        sys.exit(1)
+    click.echo(
+        f"revoked API key {key_id}; gateways stop accepting it within {DEFAULT_CACHE_TTL_S:g} s"
+    )

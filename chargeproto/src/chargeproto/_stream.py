@@ -6,8 +6,8 @@ import re
 
 from ._base import Direction
 from ._errors import ProtocolDetectionError
-from ._events import Event, IccidReceived, KeepaliveReceived, StreamError
-from ._preamble import ICCID, ICCID_LENGTH, KEEPALIVE, is_iccid_prefix
+from ._events import Event
+from ._preamble import skip, take_or_skip
 from .ap3000._frame import DEFAULT_MAX_FRAME as AP3000_MAX_FRAME
 from .ap3000._frame import HEADER as AP3000_HEADER
 from .ap3000._stream import Ap3000StreamDecoder
@@ -16,6 +16,12 @@ from .bkv._frame import DEFAULT_MAX_FRAME as BKV_MAX_FRAME
 
 #: bytes that may start something: DNY, fc fe / fc ff, link, an ICCID
 _CANDIDATE = re.compile(rb"[D\xfcl8]")
+
+
+def _undetected(raw: bytes) -> ProtocolDetectionError:
+    return ProtocolDetectionError(
+        f"{len(raw)} bytes match no supported protocol", offset=0, actual=raw[:8]
+    )
 
 
 class StreamDecoder:
@@ -84,59 +90,19 @@ class StreamDecoder:
                 if len(buf) < len(AP3000_HEADER):
                     if AP3000_HEADER.startswith(buf):
                         return
-                    self._skip(buf, events)
+                    skip(buf, events, _CANDIDATE, _undetected)
                 elif buf[:3] == AP3000_HEADER:
                     self._delegate = Ap3000StreamDecoder(
                         self.direction, max_frame=self.ap3000_max_frame
                     )
                 else:
-                    self._skip(buf, events)
+                    skip(buf, events, _CANDIDATE, _undetected)
             elif first == 0xFC:
                 if len(buf) < 2:
                     return
                 if buf[1] in (0xFE, 0xFF):
                     self._delegate = BkvStreamDecoder(max_frame=self.bkv_max_frame)
                 else:
-                    self._skip(buf, events)
-            elif first == 0x6C:  # l
-                if len(buf) < len(KEEPALIVE):
-                    if KEEPALIVE.startswith(buf):
-                        return
-                    self._skip(buf, events)
-                elif buf[:4] == KEEPALIVE:
-                    del buf[:4]
-                    events.append(KeepaliveReceived())
-                else:
-                    self._skip(buf, events)
-            elif first == 0x38:  # 8
-                if len(buf) < ICCID_LENGTH:
-                    if is_iccid_prefix(buf):
-                        return
-                    self._skip(buf, events)
-                elif ICCID.match(buf):
-                    raw = bytes(buf[:ICCID_LENGTH])
-                    del buf[:ICCID_LENGTH]
-                    events.append(IccidReceived(raw.decode("ascii"), raw))
-                else:
-                    self._skip(buf, events)
-            else:
-                self._skip(buf, events)
-
-    def _skip(self, buf: bytearray, events: list[Event]) -> None:
-        """Drop bytes up to the next candidate start; one event per run of garbage."""
-        match = _CANDIDATE.search(buf, 1)
-        cut = match.start() if match else len(buf)
-        raw = bytes(buf[:cut])
-        del buf[:cut]
-        last = events[-1] if events else None
-        if isinstance(last, StreamError) and isinstance(last.error, ProtocolDetectionError):
-            raw = last.raw + raw
-            events.pop()
-        events.append(
-            StreamError(
-                ProtocolDetectionError(
-                    f"{len(raw)} bytes match no supported protocol", offset=0, actual=raw[:8]
-                ),
-                raw,
-            )
-        )
+                    skip(buf, events, _CANDIDATE, _undetected)
+            elif not take_or_skip(buf, events, _CANDIDATE, _undetected):
+                return

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import re
-from typing import Final
 
 from .._base import Direction
-from .._errors import (
-    ChecksumError,
-    DecodeError,
-    GarbageError,
-    LengthError,
-)
-from .._events import Event, IccidReceived, KeepaliveReceived, MessageReceived, StreamError
+from .._errors import ChecksumError, DecodeError, LengthError
+from .._events import Event, MessageReceived, StreamError
+from .._preamble import skip, take_or_skip
 from ._codec import decode_checked
 from ._frame import DEFAULT_MAX_FRAME, HEADER, MIN_LENGTH
 
-KEEPALIVE: Final = b"link"
-ICCID_LENGTH: Final = 20
-_ICCID = re.compile(rb"89[0-9A-Fa-f]{18}")
-_ICCID_PREFIX = re.compile(rb"8(9[0-9A-Fa-f]{0,18})?\Z")
 #: bytes that may start something: DNY, link, an ICCID
 _CANDIDATE = re.compile(rb"[Dl8]")
 #: what certainly starts an item
 _START = re.compile(rb"DNY|link|89[0-9A-Fa-f]{18}")
-
-
-def is_iccid_prefix(data: bytes | bytearray) -> bool:
-    """Whether ``data`` (shorter than 20 bytes) may still grow into an ICCID."""
-    return _ICCID_PREFIX.match(data) is not None
 
 
 class Ap3000StreamDecoder:
@@ -70,33 +56,11 @@ class Ap3000StreamDecoder:
     def _drain(self, events: list[Event]) -> None:
         buf = self._buf
         while buf:
-            first = buf[0]
-            if first == 0x44:  # D
+            if buf[0] == 0x44:  # D
                 if not self._frame(buf, events):
                     return
-            elif first == 0x6C:  # l
-                if len(buf) < 4:
-                    if KEEPALIVE.startswith(buf):
-                        return
-                    self._skip(buf, events)
-                elif buf[:4] == KEEPALIVE:
-                    del buf[:4]
-                    events.append(KeepaliveReceived())
-                else:
-                    self._skip(buf, events)
-            elif first == 0x38:  # 8
-                if len(buf) < ICCID_LENGTH:
-                    if is_iccid_prefix(buf):
-                        return
-                    self._skip(buf, events)
-                elif _ICCID.match(buf):
-                    raw = bytes(buf[:ICCID_LENGTH])
-                    del buf[:ICCID_LENGTH]
-                    events.append(IccidReceived(raw.decode("ascii"), raw))
-                else:
-                    self._skip(buf, events)
-            else:
-                self._skip(buf, events)
+            elif not take_or_skip(buf, events, _CANDIDATE):
+                return
 
     def _frame(self, buf: bytearray, events: list[Event]) -> bool:
         """Handle a buffer starting with ``D``; False when more bytes are needed."""
@@ -104,10 +68,10 @@ class Ap3000StreamDecoder:
         if size < 3:
             if HEADER.startswith(buf):
                 return False
-            self._skip(buf, events)
+            skip(buf, events, _CANDIDATE)
             return True
         if buf[:3] != HEADER:
-            self._skip(buf, events)
+            skip(buf, events, _CANDIDATE)
             return True
         if size < 5:
             return False
@@ -163,17 +127,3 @@ class Ap3000StreamDecoder:
         else:
             events.append(MessageReceived("ap3000", message, frame))
         return True
-
-    def _skip(self, buf: bytearray, events: list[Event]) -> None:
-        """Drop bytes up to the next candidate start and report them as garbage."""
-        match = _CANDIDATE.search(buf, 1)
-        cut = match.start() if match else len(buf)
-        raw = bytes(buf[:cut])
-        del buf[:cut]
-        last = events[-1] if events else None
-        if isinstance(last, StreamError) and isinstance(last.error, GarbageError):
-            raw = last.raw + raw  # one event per run of garbage
-            events.pop()
-        events.append(
-            StreamError(GarbageError(f"skipped {len(raw)} bytes of garbage", offset=0), raw)
-        )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
-from .._errors import DecodeError, GarbageError, LengthError, TailError
-from .._events import Event, IccidReceived, KeepaliveReceived, MessageReceived, StreamError
-from .._preamble import ICCID, ICCID_LENGTH, KEEPALIVE, is_iccid_prefix
+from .._errors import DecodeError, LengthError, TailError
+from .._events import Event, MessageReceived, StreamError
+from .._preamble import skip, take_or_skip
 from ._codec import decode_checked
 from ._frame import DEFAULT_MAX_FRAME, MIN_FRAME, MIN_LENGTH, TAIL, check_frame
 
@@ -49,33 +49,11 @@ class BkvStreamDecoder:
     def _drain(self, events: list[Event]) -> None:
         buf = self._buf
         while buf:
-            first = buf[0]
-            if first == 0xFC:
+            if buf[0] == 0xFC:
                 if not self._frame(buf, events):
                     return
-            elif first == 0x6C:  # l
-                if len(buf) < len(KEEPALIVE):
-                    if KEEPALIVE.startswith(buf):
-                        return
-                    self._skip(buf, events)
-                elif buf[:4] == KEEPALIVE:
-                    del buf[:4]
-                    events.append(KeepaliveReceived())
-                else:
-                    self._skip(buf, events)
-            elif first == 0x38:  # 8
-                if len(buf) < ICCID_LENGTH:
-                    if is_iccid_prefix(buf):
-                        return
-                    self._skip(buf, events)
-                elif ICCID.match(buf):
-                    raw = bytes(buf[:ICCID_LENGTH])
-                    del buf[:ICCID_LENGTH]
-                    events.append(IccidReceived(raw.decode("ascii"), raw))
-                else:
-                    self._skip(buf, events)
-            else:
-                self._skip(buf, events)
+            elif not take_or_skip(buf, events, _CANDIDATE):
+                return
 
     def _frame(self, buf: bytearray, events: list[Event]) -> bool:
         """Handle a buffer starting with ``fc``; False when more bytes are needed."""
@@ -83,7 +61,7 @@ class BkvStreamDecoder:
         if size < 2:
             return False
         if buf[1] not in (0xFE, 0xFF):
-            self._skip(buf, events)
+            skip(buf, events, _CANDIDATE)
             return True
         if size < 4:
             return False
@@ -134,17 +112,3 @@ class BkvStreamDecoder:
         else:
             events.append(MessageReceived("bkv", message, frame))
         return True
-
-    def _skip(self, buf: bytearray, events: list[Event]) -> None:
-        """Drop bytes up to the next candidate start and report them as garbage."""
-        match = _CANDIDATE.search(buf, 1)
-        cut = match.start() if match else len(buf)
-        raw = bytes(buf[:cut])
-        del buf[:cut]
-        last = events[-1] if events else None
-        if isinstance(last, StreamError) and isinstance(last.error, GarbageError):
-            raw = last.raw + raw  # one event per run of garbage
-            events.pop()
-        events.append(
-            StreamError(GarbageError(f"skipped {len(raw)} bytes of garbage", offset=0), raw)
-        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,8 @@ class Ascii(Converter):
 
     decode_expr = "_ascii({})"
     encode_expr = "{}.encode('ascii')"
+    #: how ``encode`` treats what is not ASCII (``str.encode`` errors)
+    text_errors = "strict"
 
     def decode(self, raw: Any) -> Any:
         return _ascii(raw)
@@ -115,7 +118,7 @@ class Ascii(Converter):
         if not isinstance(value, str):
             raise EncodeError(f"{field}: expected text, got {value!r}", field=field)
         try:
-            raw = value.encode("ascii")
+            raw = value.encode("ascii", self.text_errors)
         except UnicodeEncodeError:
             raise EncodeError(f"{field}: text must be ASCII: {value!r}", field=field) from None
         if b"\0" in raw:
@@ -135,24 +138,10 @@ class EscapedAscii(Ascii):
 
     decode_expr = "_ascii_escaped({})"
     encode_expr = "{}.encode('ascii', 'surrogateescape')"
+    text_errors = "surrogateescape"
 
     def decode(self, raw: Any) -> Any:
         return _ascii_escaped(raw)
-
-    def encode(self, value: Any, field: str) -> Any:
-        if not isinstance(value, str):
-            raise EncodeError(f"{field}: expected text, got {value!r}", field=field)
-        try:
-            raw = value.encode("ascii", "surrogateescape")
-        except UnicodeEncodeError:
-            raise EncodeError(f"{field}: text must be ASCII: {value!r}", field=field) from None
-        if b"\0" in raw:
-            raise EncodeError(f"{field}: text must not contain NUL", field=field)
-        if self.max_chars is not None and len(raw) > self.max_chars:
-            raise EncodeError(
-                f"{field}: at most {self.max_chars} characters, got {len(raw)}", field=field
-            )
-        return raw
 
 
 class PhyIdHex(Converter):
@@ -173,60 +162,28 @@ class PhyIdHex(Converter):
             raise EncodeError(f"{field}: not hex: {value!r}", field=field) from None
 
 
-class BcdDateTime(Converter):
-    """7 BCD bytes ``YY YY MM DD hh mm ss`` <-> ``"YYYY-MM-DDThh:mm:ss"`` (BKV).
+@dataclass(frozen=True)
+class TextForm(Converter):
+    """Bytes <-> text through a pair of :data:`RUNTIME` helpers (the generated code
+    calls them by name); ``form`` says what text ``encode`` expects."""
 
-    The digits are the hex digits of the bytes, so a corrupt nibble (A-F) survives a
-    decode/encode round trip instead of failing the whole frame.
-    """
+    to_text: Callable[[bytes], str]
+    to_raw: Callable[[str], bytes]
+    form: str
 
-    decode_expr = "_bcd_time({})"
-    encode_expr = "_bcd_time_raw({})"
+    @property
+    def decode_expr(self) -> str:  # type: ignore[override]
+        return self.to_text.__name__ + "({})"
 
-    def decode(self, raw: Any) -> Any:
-        return _bcd_time(raw)
-
-    def encode(self, value: Any, field: str) -> Any:
-        return _checked(_bcd_time_raw, value, field, "YYYY-MM-DDThh:mm:ss")
-
-
-class BinaryDateTime(Converter):
-    """year u16be, month, day, hour, minute, second <-> ``"YYYY-MM-DDThh:mm:ss"`` (BKV 0x18)."""
-
-    decode_expr = "_bin_time({})"
-    encode_expr = "_bin_time_raw({})"
+    @property
+    def encode_expr(self) -> str:  # type: ignore[override]
+        return self.to_raw.__name__ + "({})"
 
     def decode(self, raw: Any) -> Any:
-        return _bin_time(raw)
+        return self.to_text(raw)
 
     def encode(self, value: Any, field: str) -> Any:
-        return _checked(_bin_time_raw, value, field, "YYYY-MM-DDThh:mm:ss")
-
-
-class HourMinute(Converter):
-    """hour, minute (binary bytes) <-> ``"HH:MM"`` (BKV periods and fee tiers)."""
-
-    decode_expr = "_hhmm({})"
-    encode_expr = "_hhmm_raw({})"
-
-    def decode(self, raw: Any) -> Any:
-        return _hhmm(raw)
-
-    def encode(self, value: Any, field: str) -> Any:
-        return _checked(_hhmm_raw, value, field, "HH:MM")
-
-
-class IPv4(Converter):
-    """4 bytes <-> dotted quad ``"101.37.145.162"``."""
-
-    decode_expr = "_ipv4({})"
-    encode_expr = "_ipv4_raw({})"
-
-    def decode(self, raw: Any) -> Any:
-        return _ipv4(raw)
-
-    def encode(self, value: Any, field: str) -> Any:
-        return _checked(_ipv4_raw, value, field, "a dotted IPv4 address")
+        return _checked(self.to_raw, value, field, self.form)
 
 
 def _checked(fn: Any, value: Any, field: str, form: str) -> bytes:
@@ -322,10 +279,16 @@ TEMP65 = Temperature65()
 HEX = Hex()
 ASCII = Ascii()
 PHY_ID = PhyIdHex()
-BCD_TIME = BcdDateTime()
-BIN_TIME = BinaryDateTime()
-HHMM = HourMinute()
-IPV4 = IPv4()
+#: 7 BCD bytes ``YY YY MM DD hh mm ss`` <-> ``"YYYY-MM-DDThh:mm:ss"`` (BKV). The
+#: digits are the hex digits of the bytes, so a corrupt nibble (A-F) survives a
+#: decode/encode round trip instead of failing the whole frame.
+BCD_TIME = TextForm(_bcd_time, _bcd_time_raw, "YYYY-MM-DDThh:mm:ss")
+#: year u16be, month, day, hour, minute, second <-> ``"YYYY-MM-DDThh:mm:ss"`` (BKV 0x18)
+BIN_TIME = TextForm(_bin_time, _bin_time_raw, "YYYY-MM-DDThh:mm:ss")
+#: hour, minute (binary bytes) <-> ``"HH:MM"`` (BKV periods and fee tiers)
+HHMM = TextForm(_hhmm, _hhmm_raw, "HH:MM")
+#: 4 bytes <-> dotted quad ``"101.37.145.162"``
+IPV4 = TextForm(_ipv4, _ipv4_raw, "a dotted IPv4 address")
 
 #: names the generated code may refer to
 RUNTIME = {

@@ -71,7 +71,12 @@ async def test_status_cluster_is_acked_exactly_and_sockets_become_devices(
 
     assert gateway.pool is not None
     app = create_app(
-        ApiState(pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness)
+        ApiState(
+            pool=gateway.pool,
+            metrics=gateway.metrics,
+            readiness=gateway.readiness,
+            auth_required=False,
+        )
     )
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://test"

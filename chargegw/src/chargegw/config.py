@@ -64,6 +64,17 @@ class Settings:
     buffer_limit: int = 100000
     #: audit frames kept for this many days (partitions dropped after)
     audit_retention_days: int = 30
+    #: a command unanswered this long is sent once more (same msg id), then it is dead
+    ack_timeout_s: float = 15.0
+    #: least time between two commands to one device
+    command_spacing_s: float = 0.5
+    #: a command for an offline device waits this long, then it is dead ("offline")
+    command_expiry_s: float = 300.0
+    #: finished commands are kept this many days
+    command_retention_days: float = 7.0
+    #: API keys accepted besides those created with ``chargegw apikey create``
+    #: (comma-separated); with none at all the HTTP API listens on 127.0.0.1 only
+    api_keys: str = ""
     #: node name in logs and the session directory
     node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
 
@@ -71,6 +82,7 @@ class Settings:
         """The settings as a dict with secrets masked (for ``config show``)."""
         out = dataclasses.asdict(self)
         out["dsn"] = mask_dsn(self.dsn)
+        out["api_keys"] = "***" if self.api_keys else ""
         return out
 
 

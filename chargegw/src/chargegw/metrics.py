@@ -138,6 +138,43 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        #: commands finished, by command name and final status (acked, failed, dead)
+        self.commands_finished_total = Counter(
+            "commands_finished_total",
+            "Commands finished, by command and final status",
+            ["command", "status"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: commands sent a second time for want of an answer
+        self.commands_resent_total = Counter(
+            "commands_resent_total",
+            "Commands resent (same message id) after the ACK timeout",
+            namespace=ns,
+            registry=reg,
+        )
+        #: from the API call to the pile's answer
+        self.command_latency_seconds = Histogram(
+            "command_latency_seconds",
+            "Time from a command's creation to the pile's answer",
+            ["command"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60),
+            namespace=ns,
+            registry=reg,
+        )
+        #: settlements committed, and resends of an already committed one
+        self.settlements_committed_total = Counter(
+            "settlements_committed_total",
+            "Settlements (AP3000 0x03, BKV end reports) committed",
+            namespace=ns,
+            registry=reg,
+        )
+        self.settlements_duplicate_total = Counter(
+            "settlements_duplicate_total",
+            "Settlement resends that changed nothing",
+            namespace=ns,
+            registry=reg,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The exposition of every metric and its content type, for ``GET /metrics``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,14 +24,17 @@ from chargeproto import (
 from .audit import mask_frame, mask_iccid_hex, mask_text
 from .config import Settings
 from .drivers.ap3000 import Ap3000Driver
+from .drivers.ap3000_commands import Ap3000Commands
 from .drivers.base import command_label
 from .drivers.bkv import BkvDriver
 from .metrics import Metrics
+from .orders import settle, transition
+from .outbox import Outbox, Outcome
 from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
 from .store.partitions import maintain
-from .store.writer import BatchWriter
-from .transport import DeviceLink, DeviceServer
+from .store.writer import TRANSIENT_DB_ERRORS, BatchWriter
+from .transport import CONTROL, DeviceLink, DeviceServer
 
 log = structlog.get_logger("chargegw")
 
@@ -68,6 +72,21 @@ class Gateway:
             node=settings.node,
         )
         self.writer.on_overload = self.server.set_paused
+        self.outbox = Outbox(
+            lambda: self.pool,
+            {"ap3000": Ap3000Commands()},
+            self.sessions.link_of,
+            ack_timeout_s=settings.ack_timeout_s,
+            spacing_s=settings.command_spacing_s,
+            retention_s=settings.command_retention_days * 86400,
+            on_result=self._command_finished,
+            on_sent=self._command_sent,
+            on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
+            on_answered=self.sessions.ack_ok,
+            on_resend=lambda name: self.metrics.commands_resent_total.inc(),
+            write=self._write_command,
+        )
+        self.sessions.on_online = self.outbox.wake
         self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self), "bkv": BkvDriver(self)}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: uvicorn.Server | None = None
@@ -94,6 +113,7 @@ class Gateway:
             await migrate(conn)
         await self._maintain_partitions()
         self.writer.start()
+        self.outbox.start()
         await self.server.start(self.settings.device_host, self.settings.device_port)
         self._spawn(self._sweeper(), "liveness-sweeper")
         self._spawn(self._maintenance(), "partition-maintenance")
@@ -107,6 +127,7 @@ class Gateway:
         await asyncio.sleep(0)
         if self._http is not None:
             self._http.should_exit = True
+        await self.outbox.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -120,13 +141,27 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
     async def _start_http(self) -> None:
+        from . import auth
         from .api import ApiState, create_app
+        from .commands_api import make_router
 
-        self.api_state = ApiState(pool=self.pool, metrics=self.metrics, readiness=self.readiness)
-        app = create_app(self.api_state)
+        assert self.pool is not None
+        keys = auth.parse_keys(self.settings.api_keys)
+        required = await auth.auth_mode(keys, self.pool)
+        host, warning = auth.effective_http_host(self.settings.http_host, required)
+        if warning:
+            log.warning(warning)
+        self.api_state = ApiState(
+            pool=self.pool,
+            metrics=self.metrics,
+            readiness=self.readiness,
+            api_keys=keys,
+            auth_required=required,
+        )
+        app = create_app(self.api_state, routers=[make_router(self)])
         config = uvicorn.Config(
             app,
-            host=self.settings.http_host,
+            host=host,
             port=self.settings.http_port,
             log_config=None,
             access_log=False,
@@ -136,7 +171,7 @@ class Gateway:
         self._spawn(self._http.serve(), "http")
         while not self._http.started:
             await asyncio.sleep(0.02)
-        log.info("http listener up", host=self.settings.http_host, port=self.settings.http_port)
+        log.info("http listener up", host=host, port=self.settings.http_port)
 
     def readiness(self) -> dict[str, bool]:
         return {
@@ -253,6 +288,173 @@ class Gateway:
         log.info("connection closed", connection=link.id, reason=reason)
 
     # -- used by drivers --
+
+    def run(self, coro: Any, name: str) -> None:
+        """Run a driver's coroutine as an owned task; failures are logged."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background step failed", step=name)
+
+        self._spawn(guarded(), name)
+
+    async def settle_order(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        port: int,
+        order_no: str,
+        start_mode: str,
+        values: dict[str, Any],
+        detail: dict[str, Any],
+        while_connected: DeviceLink | None = None,
+    ) -> bool:
+        """Commit a settlement; while the database is away, retry with backoff as long as
+        ``while_connected`` is open (the device resends later otherwise)."""
+        delay = 0.5
+        while True:
+            try:
+                return await self._settle_once(
+                    protocol=protocol,
+                    device_id=device_id,
+                    port=port,
+                    order_no=order_no,
+                    start_mode=start_mode,
+                    values=values,
+                    detail=detail,
+                )
+            except TRANSIENT_DB_ERRORS as exc:
+                if while_connected is None or while_connected.closed:
+                    raise
+                log.warning(
+                    "settlement not stored yet, retrying",
+                    device_id=device_id,
+                    order_no=order_no,
+                    error=str(exc),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _settle_once(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        port: int,
+        order_no: str,
+        start_mode: str,
+        values: dict[str, Any],
+        detail: dict[str, Any],
+    ) -> bool:
+        assert self.pool is not None
+        wall = self.wall()
+        async with self.pool.acquire(timeout=5) as conn, conn.transaction():
+            applied = await settle(
+                conn,
+                order_no=order_no,
+                device_id=device_id,
+                port=port,
+                protocol=protocol,
+                start_mode=start_mode,
+                values=values,
+                at=wall,
+            )
+            await conn.execute(
+                """INSERT INTO device_events (device_id, at, kind, reason, detail)
+                   VALUES ($1, $2, 'settlement', $3, $4)""",
+                device_id,
+                wall,
+                "applied" if applied else "duplicate",
+                json.dumps(detail),
+            )
+        if applied:
+            self.metrics.settlements_committed_total.inc()
+        else:
+            self.metrics.settlements_duplicate_total.inc()
+        return applied
+
+    async def order_progress(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        port: int,
+        order_no: str,
+        start_mode: str,
+        sample: dict[str, Any],
+    ) -> None:
+        assert self.pool is not None
+        wall = self.wall()
+        async with self.pool.acquire() as conn, conn.transaction():
+            exists = await conn.fetchval("SELECT 1 FROM orders WHERE order_no = $1", order_no)
+            if not exists:
+                await conn.execute(
+                    """INSERT INTO orders (order_no, device_id, port, protocol, status,
+                                           start_mode, device_initiated, started_at)
+                       VALUES ($1, $2, $3, $4, 'charging', $5, true, $6)
+                       ON CONFLICT DO NOTHING""",
+                    order_no,
+                    device_id,
+                    port,
+                    protocol,
+                    start_mode,
+                    wall,
+                )
+            else:
+                await transition(conn, order_no, "reported_charging", failure_reason=None)
+            await conn.execute(
+                """INSERT INTO order_samples (order_no, at, duration_s, energy_kwh, power_w,
+                                              voltage_v, current_a)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                order_no,
+                wall,
+                sample.get("duration_s"),
+                sample.get("energy_kwh"),
+                sample.get("power_w"),
+                sample.get("voltage_v"),
+                sample.get("current_a"),
+            )
+
+    # -- outbox hooks --
+
+    def _write_command(self, link: Any, frame: bytes, device_id: str, name: str) -> None:
+        self.send(link, frame, device_id=device_id, command=name, priority=CONTROL)
+
+    async def _command_sent(self, command_id: int, order_no: str | None, name: str) -> None:
+        if order_no is None or name not in ("start", "stop"):
+            return
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            await transition(conn, order_no, f"{name}_sent")
+
+    async def _command_finished(
+        self,
+        command_id: int,
+        name: str,
+        order_no: str | None,
+        status: str,
+        outcome: Outcome | None,
+        dead_reason: str | None,
+        created_at: datetime | None = None,
+    ) -> None:
+        self.metrics.commands_finished_total.labels(command=name, status=status).inc()
+        if outcome is not None and created_at is not None:
+            latency = (self.wall() - created_at).total_seconds()
+            self.metrics.command_latency_seconds.labels(command=name).observe(latency)
+        if order_no is None or name != "start":
+            return
+        assert self.pool is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            if status == "acked":
+                await transition(conn, order_no, "start_acked", started_at=self.wall())
+            else:
+                reason = dead_reason or (outcome.result_text if outcome else None) or status
+                await transition(conn, order_no, "start_failed", failure_reason=reason)
 
     def send(
         self,

@@ -73,6 +73,8 @@ class SessionRegistry:
         self._links: dict[str, Link] = {}
         self._iccids: dict[str, Link] = {}
         self.on_offline: Callable[[str, str], None] = lambda device_id, reason: None
+        #: called when a device comes online (its waiting commands can go out)
+        self.on_online: Callable[[str], None] = lambda device_id: None
 
     def device_ids(self, link: Link) -> set[str]:
         """The devices currently bound to ``link``."""
@@ -210,6 +212,7 @@ class SessionRegistry:
             {"connection": session.link.id, "remote": session.link.remote, "node": self.node},
         )
         log.info("device online", device_id=session.device_id, connection=session.link.id)
+        self.on_online(session.device_id)
 
     def _set_offline(self, session: DeviceSession, wall: datetime, reason: str) -> None:
         session.online = False

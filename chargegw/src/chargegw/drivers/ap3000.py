@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -12,7 +12,9 @@ from chargeproto import ABSENT, Direction, Message, ap3000
 
 from ..audit import mask_text
 from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
+from ..orders import AP3000_STOP_REASONS
 from ..transport import REPLY, DeviceLink
+from . import ap3000_commands as commands
 from .base import DriverContext
 
 log = structlog.get_logger("chargegw.ap3000")
@@ -50,6 +52,10 @@ def _detail(message: Message) -> dict[str, Any]:
     fields.pop("card_number", None)
     fields["command"] = f"0x{message.command:02x}" if message.command >= 0 else None
     return fields
+
+
+#: AP3000 start modes (11.4) -> the platform's start modes
+_START_MODES = {0: "card", 1: "online", 3: "code"}
 
 
 def _status(code: int, table: dict[int, PortStatus]) -> PortStatus:
@@ -105,6 +111,10 @@ class Ap3000Driver:
                 now=ctx.now(),
                 wall=wall,
             )
+        if message.direction is Direction.UP and device_id is not None:
+            key = commands.reply_key(device_id, message.command, message.msg_id)
+            if ctx.outbox.open_command(key) is not None:
+                ctx.outbox.on_reply(key, commands.outcome(message))
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(link, message, device_id)
@@ -165,12 +175,19 @@ class Ap3000Driver:
             after_commit=after_commit,
         )
 
+    def _query_answered(self, device_id: str, m: Message) -> None:
+        """0x81 has no reply of its own: the 0x20/0x21 it triggers acknowledge it."""
+        key = commands.query_key(device_id)
+        if self.ctx.outbox.open_command(key) is not None:
+            self.ctx.outbox.on_reply(key, commands.outcome(m))
+
     def _registration(
         self, link: DeviceLink, m: ap3000.Registration, device_id: str | None
     ) -> None:
         self._reply(link, ap3000.RegistrationReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
+        self._query_answered(device_id, m)
         wall = self.ctx.wall()
         attributes = {"virtual_id": m.virtual_id}
         if m.work_mode is not ABSENT:
@@ -194,6 +211,7 @@ class Ap3000Driver:
         self._reply(link, ap3000.HeartbeatReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
+        self._query_answered(device_id, m)
         wall = self.ctx.wall()
         self.ctx.writer.put_device(
             device_id,
@@ -281,6 +299,25 @@ class Ap3000Driver:
             values["status"] = PortStatus.UNKNOWN.value
             values["status_code"] = m.status
         self.ctx.writer.put_port(device_id, m.port + 1, **values)
+        if known in (PortStatus.CHARGING, PortStatus.FLOAT, PortStatus.FULL):
+            sample = {
+                "duration_s": m.duration_s,
+                "energy_kwh": m.energy_kwh,
+                "power_w": m.power_w,
+                "voltage_v": None if m.voltage_v is ABSENT else m.voltage_v,
+                "current_a": None if m.current_a is ABSENT else m.current_a,
+            }
+            self.ctx.run(
+                self.ctx.order_progress(
+                    protocol=self.protocol,
+                    device_id=device_id,
+                    port=m.port + 1,
+                    order_no=m.order_id,
+                    start_mode=_START_MODES.get(m.start_mode, "device"),
+                    sample=sample,
+                ),
+                "order-progress",
+            )
 
     def _time(self, link: DeviceLink, m: ap3000.Ap3000Message, device_id: str | None) -> None:
         now = int(self.ctx.wall().timestamp())
@@ -294,12 +331,32 @@ class Ap3000Driver:
     def _settlement(self, link: DeviceLink, m: ap3000.Settlement, device_id: str | None) -> None:
         # the device deletes a settlement once answered: answer only after it is stored
         owner = device_id or m.phy_id
-        self.ctx.writer.put_event(
-            owner, self.ctx.wall(), EventKind.SETTLEMENT.value, None, _detail(m)
-        )
-        self._reply(
-            link, ap3000.SettlementReply(m.phy_id, m.msg_id, result=0), device_id, after_commit=True
-        )
+        values: dict[str, Any] = {
+            "duration_s": m.duration_s,
+            "energy_kwh": m.energy_kwh,
+            "max_power_w": m.max_power_w,
+            "stop_reason": AP3000_STOP_REASONS.get(m.stop_reason, "unknown"),
+            "stop_reason_code": m.stop_reason,
+            "stop_reason_text": ap3000.Settlement.TEXTS["stop_reason"].get(m.stop_reason),
+            "settlement": _detail(m),
+        }
+        if m.timestamp_unix is not ABSENT:
+            values["device_ended_at"] = datetime.fromtimestamp(m.timestamp_unix, UTC)
+
+        async def settle_then_ack() -> None:
+            await self.ctx.settle_order(
+                protocol=self.protocol,
+                device_id=owner,
+                port=m.port + 1,
+                order_no=m.order_id,
+                start_mode=_START_MODES.get(m.start_mode, "device"),
+                values=values,
+                detail=_detail(m),
+                while_connected=link,
+            )
+            self._reply(link, ap3000.SettlementReply(m.phy_id, m.msg_id, result=0), device_id)
+
+        self.ctx.run(settle_then_ack(), "settlement")
 
     def _card_swipe(self, link: DeviceLink, m: ap3000.CardSwipe, device_id: str | None) -> None:
         self.ctx.writer.put_event(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any, Protocol
 
 from chargeproto import Message, bkv
 
 from ..config import Settings
+from ..outbox import Outbox
 from ..sessions import SessionRegistry
 from ..store.writer import BatchWriter
 from ..transport import DeviceLink
@@ -19,6 +21,40 @@ class DriverContext(Protocol):
     settings: Settings
     sessions: SessionRegistry
     writer: BatchWriter
+    outbox: Outbox
+
+    def run(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` as a task the gateway owns (errors are logged, not lost)."""
+        ...
+
+    async def settle_order(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        port: int,
+        order_no: str,
+        start_mode: str,
+        values: dict[str, Any],
+        detail: dict[str, Any],
+        while_connected: DeviceLink | None = None,
+    ) -> bool:
+        """Commit a settlement (once; False for a resend) and its event row, retrying
+        while the database is away and ``while_connected`` stays open."""
+        ...
+
+    async def order_progress(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        port: int,
+        order_no: str,
+        start_mode: str,
+        sample: dict[str, Any],
+    ) -> None:
+        """A device reports an order charging: a sample, and reconciliation."""
+        ...
 
     def now(self) -> float:
         """Monotonic seconds."""

@@ -346,7 +346,7 @@ class BatchWriter:
                 raise ConnectionError("no database pool")
             async with pool.acquire(timeout=5) as conn, conn.transaction():
                 await _write_batch(conn, batch)
-        except _TRANSIENT as exc:
+        except TRANSIENT_DB_ERRORS as exc:
             self._metrics.db_write_failures_total.inc()
             if self.healthy:
                 log.warning(
@@ -388,7 +388,7 @@ class BatchWriter:
             try:
                 async with pool.acquire(timeout=5) as conn, conn.transaction():
                     await _write_batch(conn, single)
-            except _TRANSIENT:
+            except TRANSIENT_DB_ERRORS:
                 return False  # the outage case after all: retry everything later
             except asyncpg.PostgresError as exc:
                 self._metrics.db_rows_rejected_total.inc()
@@ -397,7 +397,7 @@ class BatchWriter:
 
 
 #: errors that mean "the database is away": hold the rows and retry
-_TRANSIENT = (
+TRANSIENT_DB_ERRORS = (
     OSError,
     TimeoutError,
     ConnectionError,

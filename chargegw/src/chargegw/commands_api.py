@@ -1,0 +1,330 @@
+"""The command API: start and stop charging, change a running session, send commands,
+and follow orders and commands. Every command becomes an outbox row first."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import asyncpg
+from fastapi import APIRouter, Header, HTTPException, Path, Query
+from pydantic import BaseModel, Field
+
+from chargeproto import EncodeError
+
+from .core import split_device_id
+from .drivers import ap3000_commands
+from .orders import OrderStatus, new_order_no
+from .outbox import Priority
+
+if TYPE_CHECKING:
+    from .service import Gateway
+
+_ORDER_NO = re.compile(r"^[0-9A-F]{32}$")
+
+#: command name -> priority (stop before start before queries before parameters)
+_PRIORITIES = {
+    "stop": Priority.STOP,
+    "start": Priority.START,
+    "modify": Priority.START,
+    "query": Priority.QUERY,
+}
+
+
+class StartRequest(BaseModel):
+    """How to charge: until full, for a time, or for an amount of energy."""
+
+    mode: Literal["full", "time", "energy"]
+    duration_min: int | None = Field(None, ge=1, le=1092, description="for mode=time")
+    energy_kwh: float | None = Field(None, gt=0, le=655.35, description="for mode=energy")
+    balance_cent: int | None = Field(
+        None, ge=0, le=0xFFFFFFFF, description="announced by the pile's voice prompt"
+    )
+    order_no: str | None = Field(None, description="32 hex digits; generated when absent")
+
+
+class ModifyRequest(BaseModel):
+    """New limit of a running session (AP3000 0x8A)."""
+
+    duration_min: int | None = Field(None, ge=1, le=1092)
+    energy_kwh: float | None = Field(None, gt=0, le=655.35)
+    stop_when_full: bool = False
+
+
+class CommandRequest(BaseModel):
+    command: str = Field(description="e.g. reboot, locate, set_qr_code, set_work_mode")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Accepted(BaseModel):
+    order_no: str | None = None
+    command_id: int
+    status: str
+
+
+def make_router(gateway: Gateway) -> APIRouter:
+    """The command and order endpoints of ``gateway``."""
+    router = APIRouter(prefix="/api/v1", tags=["commands"])
+
+    def pool() -> asyncpg.Pool:
+        if gateway.pool is None:
+            raise HTTPException(503, "database unavailable")
+        return gateway.pool
+
+    async def device(device_id: str) -> asyncpg.Record:
+        row = await pool().fetchrow(
+            "SELECT device_id, protocol, port_count FROM devices WHERE device_id = $1", device_id
+        )
+        if row is None:
+            raise HTTPException(404, f"device {device_id} not found")
+        if row["protocol"] != "ap3000":
+            raise HTTPException(422, f"commands to {row['protocol']} devices are not supported yet")
+        return row
+
+    def check_port(row: asyncpg.Record, port: int) -> None:
+        count = row["port_count"]
+        if count is not None and port > count:
+            raise HTTPException(422, f"port {port} does not exist: the device has {count}")
+
+    async def enqueue(
+        conn: Any, device_id: str, name: str, params: dict[str, Any], order_no: str | None
+    ) -> int:
+        try:
+            ap3000_commands.validate(split_device_id(device_id)[0], name, params)
+        except EncodeError as exc:
+            raise HTTPException(
+                422, {"error": str(exc), "field": exc.field, "command": name}
+            ) from None
+        return await gateway.outbox.submit(
+            conn,
+            device_id=device_id,
+            protocol="ap3000",
+            name=name,
+            params=params,
+            priority=_PRIORITIES.get(name, Priority.PARAMETER),
+            expires_s=gateway.settings.command_expiry_s,
+            order_no=order_no,
+        )
+
+    @router.post(
+        "/devices/{device_id}/ports/{port}/start",
+        status_code=202,
+        response_model=Accepted,
+        summary="Start charging on a port",
+    )
+    async def start(
+        device_id: str,
+        port: Annotated[int, Path(ge=1, le=255)],
+        body: StartRequest,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> Accepted:
+        row = await device(device_id)
+        check_port(row, port)
+        if body.mode == "time" and body.duration_min is None:
+            raise HTTPException(422, "mode=time needs duration_min")
+        if body.mode == "energy" and body.energy_kwh is None:
+            raise HTTPException(422, "mode=energy needs energy_kwh")
+        order_no = (body.order_no or new_order_no()).upper()
+        if not _ORDER_NO.match(order_no):
+            raise HTTPException(422, "order_no must be 32 hex digits (16 bytes on the wire)")
+        rate_mode, limit = 0, 0
+        if body.mode == "time":
+            limit = (body.duration_min or 0) * 60
+        elif body.mode == "energy":
+            rate_mode, limit = 2, round((body.energy_kwh or 0) * 100)
+        params = {
+            "port": port - 1,
+            "rate_mode": rate_mode,
+            "charge_limit": limit,
+            "balance_cent": body.balance_cent or 0,
+            "order_id": order_no,
+        }
+        async with pool().acquire() as conn, conn.transaction():
+            if idempotency_key:
+                earlier = await conn.fetchrow(
+                    "SELECT order_no, command_id FROM idempotency_keys WHERE key = $1",
+                    idempotency_key,
+                )
+                if earlier is not None:
+                    status = await conn.fetchval(
+                        "SELECT status FROM orders WHERE order_no = $1", earlier["order_no"]
+                    )
+                    return Accepted(
+                        order_no=earlier["order_no"],
+                        command_id=earlier["command_id"],
+                        status=status,
+                    )
+            if await conn.fetchval("SELECT 1 FROM orders WHERE order_no = $1", order_no):
+                raise HTTPException(409, f"order {order_no} exists")
+            busy = await conn.fetchval(
+                """SELECT order_no FROM orders WHERE device_id = $1 AND port = $2
+                   AND status IN ('pending', 'starting', 'charging', 'stopping')""",
+                device_id,
+                port,
+            )
+            if busy:
+                raise HTTPException(409, f"port {port} has an open order {busy}")
+            await conn.execute(
+                """INSERT INTO orders (order_no, device_id, port, protocol, status, mode,
+                                       requested_duration_min, requested_energy_kwh,
+                                       balance_cent)
+                   VALUES ($1, $2, $3, 'ap3000', 'pending', $4, $5, $6, $7)""",
+                order_no,
+                device_id,
+                port,
+                body.mode,
+                body.duration_min,
+                body.energy_kwh,
+                body.balance_cent,
+            )
+            command_id = await enqueue(conn, device_id, "start", params, order_no)
+            await conn.execute(
+                "UPDATE orders SET start_command_id = $2 WHERE order_no = $1", order_no, command_id
+            )
+            if idempotency_key:
+                await conn.execute(
+                    """INSERT INTO idempotency_keys (key, order_no, command_id)
+                       VALUES ($1, $2, $3)""",
+                    idempotency_key,
+                    order_no,
+                    command_id,
+                )
+        gateway.outbox.wake(device_id)
+        return Accepted(order_no=order_no, command_id=command_id, status="pending")
+
+    @router.post(
+        "/devices/{device_id}/ports/{port}/stop",
+        status_code=202,
+        response_model=Accepted,
+        summary="Stop charging on a port",
+    )
+    async def stop(device_id: str, port: Annotated[int, Path(ge=1, le=255)]) -> Accepted:
+        await device(device_id)
+        async with pool().acquire() as conn, conn.transaction():
+            order = await conn.fetchrow(
+                """SELECT order_no, status FROM orders WHERE device_id = $1 AND port = $2
+                   AND status IN ('pending', 'starting', 'charging', 'stopping')
+                   ORDER BY created_at DESC LIMIT 1""",
+                device_id,
+                port,
+            )
+            if order is None:
+                raise HTTPException(409, f"no running order on port {port}")
+            params = {"port": port - 1, "order_id": order["order_no"]}
+            command_id = await enqueue(conn, device_id, "stop", params, order["order_no"])
+        gateway.outbox.wake(device_id)
+        return Accepted(order_no=order["order_no"], command_id=command_id, status="pending")
+
+    @router.post(
+        "/devices/{device_id}/ports/{port}/modify",
+        status_code=202,
+        response_model=Accepted,
+        summary="Change the limit of a running session",
+    )
+    async def modify(
+        device_id: str, port: Annotated[int, Path(ge=1, le=255)], body: ModifyRequest
+    ) -> Accepted:
+        await device(device_id)
+        if (body.duration_min is None) == (body.energy_kwh is None):
+            raise HTTPException(422, "give exactly one of duration_min and energy_kwh")
+        if body.energy_kwh is not None:
+            params = {
+                "port": port - 1,
+                "rate_mode": 2,
+                "charge_limit": round(body.energy_kwh * 100),
+            }
+        else:
+            params = {
+                "port": port - 1,
+                "rate_mode": 1 if body.stop_when_full else 0,
+                "charge_limit": (body.duration_min or 0) * 60,
+            }
+        async with pool().acquire() as conn, conn.transaction():
+            command_id = await enqueue(conn, device_id, "modify", params, None)
+        gateway.outbox.wake(device_id)
+        return Accepted(command_id=command_id, status="pending")
+
+    @router.post(
+        "/devices/{device_id}/commands",
+        status_code=202,
+        response_model=Accepted,
+        summary="Send any other command the device's driver supports",
+    )
+    async def command(device_id: str, body: CommandRequest) -> Accepted:
+        await device(device_id)
+        if body.command in ("start", "stop", "modify"):
+            raise HTTPException(422, f"use the {body.command} endpoint")
+        if body.command != "query" and body.command not in ap3000_commands.GENERIC:
+            raise HTTPException(
+                422,
+                {
+                    "error": f"unknown command {body.command!r}",
+                    "commands": ["query", *sorted(ap3000_commands.GENERIC)],
+                },
+            )
+        async with pool().acquire() as conn, conn.transaction():
+            command_id = await enqueue(conn, device_id, body.command, body.params, None)
+        gateway.outbox.wake(device_id)
+        return Accepted(command_id=command_id, status="pending")
+
+    @router.get("/commands/{command_id}", summary="A command's delivery state")
+    async def get_command(command_id: int) -> dict[str, Any]:
+        row = await pool().fetchrow("SELECT * FROM commands WHERE command_id = $1", command_id)
+        if row is None:
+            raise HTTPException(404, f"command {command_id} not found")
+        return _record(row)
+
+    @router.get("/orders/{order_no}", summary="An order (charging session)")
+    async def get_order(order_no: str) -> dict[str, Any]:
+        row = await pool().fetchrow("SELECT * FROM orders WHERE order_no = $1", order_no.upper())
+        if row is None:
+            raise HTTPException(404, f"order {order_no} not found")
+        return _record(row)
+
+    @router.get("/orders/{order_no}/samples", summary="Progress samples of an order")
+    async def samples(order_no: str) -> dict[str, Any]:
+        rows = await pool().fetch(
+            """SELECT at, duration_s, energy_kwh, power_w, voltage_v, current_a
+               FROM order_samples WHERE order_no = $1 ORDER BY at, id""",
+            order_no.upper(),
+        )
+        return {"items": [_record(r) for r in rows]}
+
+    @router.get("/orders", summary="Orders, newest first")
+    async def list_orders(
+        device_id: str | None = None,
+        status: OrderStatus | None = None,
+        since: dt.datetime | None = None,
+        until: dt.datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> dict[str, Any]:
+        rows = await pool().fetch(
+            """SELECT * FROM orders
+               WHERE ($1::text IS NULL OR device_id = $1)
+                 AND ($2::text IS NULL OR status = $2)
+                 AND ($3::timestamptz IS NULL OR created_at >= $3)
+                 AND ($4::timestamptz IS NULL OR created_at < $4)
+               ORDER BY created_at DESC, order_no LIMIT $5""",
+            device_id,
+            None if status is None else status.value,
+            since,
+            until,
+            limit,
+        )
+        return {"items": [_record(r) for r in rows]}
+
+    return router
+
+
+def _record(row: asyncpg.Record) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in row.items():
+        value: Any = raw
+        if isinstance(raw, dt.datetime):
+            value = raw.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+        elif key in ("params", "reply", "settlement") and isinstance(raw, str):
+            value = json.loads(raw)
+        out[key] = value
+    return out

@@ -1,0 +1,132 @@
+"""AP3000 commands: protocol-neutral requests -> 0x82/0x8A/0x81/... frames, and replies.
+
+A reply is matched by (physical id, command, msg id) (ap3000.md 3). 0x81 has no reply
+of its own: the device answers by sending 0x20/0x21, which acknowledge the query.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from chargeproto import EncodeError, Message, ap3000
+
+from ..outbox import Outcome, random_start
+
+#: replies the server sends to device messages: not commands
+_SERVER_REPLIES = {
+    ap3000.LegacyHeartbeatReply,
+    ap3000.RegistrationReply,
+    ap3000.HeartbeatReply,
+    ap3000.TimeReply,
+    ap3000.CardSwipeReply,
+    ap3000.SettlementReply,
+    ap3000.OrderConfirmReply,
+    ap3000.HostTimeReply,
+    ap3000.HostFirmwareRequestReply,
+}
+#: firmware packets go through an upgrade job, never one by one from the API
+_FIRMWARE = {
+    ap3000.SubDeviceFirmwarePacket,
+    ap3000.PowerBoardFirmwarePacket,
+    ap3000.HostSetFirmwarePacket,
+    ap3000.LegacyFirmwarePacket,
+    ap3000.HostLegacyFirmwarePacket,
+    ap3000.HostFirmwareUpgrade,
+}
+#: commands with their own endpoints (start, stop, modify, query)
+_DEDICATED = {ap3000.ChargeControl, ap3000.ModifyChargeLimit, ap3000.QueryStatus}
+#: commands after which the document shows no reply: done once written
+NO_REPLY = {0xE4, 0xFE}
+
+
+def snake(name: str) -> str:
+    """``SetQrCode`` -> ``set_qr_code``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+#: name -> message class of every command the generic endpoint accepts
+GENERIC: dict[str, type[ap3000.Ap3000Message]] = {
+    snake(cls.__name__): cls
+    for cls in ap3000.MESSAGE_CLASSES
+    if cls.direction is ap3000.ChargeControl.direction
+    and cls not in _SERVER_REPLIES | _FIRMWARE | _DEDICATED
+}
+
+
+def build(device_id: str, name: str, params: dict[str, Any], msg_id: int) -> ap3000.Ap3000Message:
+    """The message for a command; ``EncodeError`` when the parameters do not fit."""
+    if name in ("start", "stop"):
+        return ap3000.ChargeControl(
+            phy_id=device_id,
+            msg_id=msg_id,
+            rate_mode=params.get("rate_mode", 0),
+            balance_or_expiry=params.get("balance_cent", 0),
+            port=params["port"],
+            charge_command=1 if name == "start" else 0,
+            charge_limit=params.get("charge_limit", 0),
+            order_id=params["order_id"],
+            max_charge_duration_s=0,
+            overload_power_w=0.0,
+        )
+    if name == "modify":
+        return ap3000.ModifyChargeLimit(
+            phy_id=device_id,
+            msg_id=msg_id,
+            rate_mode=params["rate_mode"],
+            port=params["port"],
+            charge_limit=params["charge_limit"],
+        )
+    if name == "query":
+        return ap3000.QueryStatus(phy_id=device_id, msg_id=msg_id)
+    cls = GENERIC.get(name)
+    if cls is None:
+        raise EncodeError(f"unknown AP3000 command {name!r}", field="command")
+    return cls.from_fields({**params, "phy_id": device_id, "msg_id": msg_id})
+
+
+def validate(device_id: str, name: str, params: dict[str, Any]) -> None:
+    """Raise ``EncodeError`` (with the field) if the command cannot be sent."""
+    try:
+        ap3000.encode(build(device_id, name, params, 0))
+    except KeyError as exc:
+        raise EncodeError(f"missing parameter {exc.args[0]}", field=str(exc.args[0])) from None
+
+
+def reply_key(device_id: str, command: int, msg_id: int) -> tuple[str, int, int]:
+    return (device_id, command, msg_id)
+
+
+def query_key(device_id: str) -> tuple[str, str]:
+    return (device_id, "query")
+
+
+def outcome(message: Message) -> Outcome:
+    """Success, result code and its meaning from a device's reply."""
+    result = getattr(message, "result", None)
+    fields = message.to_fields()
+    if not isinstance(result, int):
+        return Outcome(True, None, None, fields)
+    text = fields.get("result_text")
+    return Outcome(result == 0, result, text if isinstance(text, str) else None, fields)
+
+
+class Ap3000Commands:
+    """The outbox's view of AP3000: frames out, reply keys."""
+
+    def __init__(self) -> None:
+        self._next = random_start()
+
+    def new_correlation(self, device_id: str) -> int:
+        self._next = self._next % 0xFFFF + 1
+        return self._next
+
+    def encode_command(
+        self, device_id: str, name: str, params: dict[str, Any], correlation: int
+    ) -> tuple[bytes, Any]:
+        message = build(device_id, name, params, correlation)
+        if message.command in NO_REPLY:
+            return ap3000.encode(message), None
+        if name == "query":
+            return ap3000.encode(message), query_key(device_id)
+        return ap3000.encode(message), reply_key(device_id, message.command, correlation)

@@ -1,0 +1,258 @@
+"""Charging sessions end to end on AP3000: API -> outbox -> real TCP -> simulated pile."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from chargegw.api import ApiState, create_app
+from chargegw.commands_api import make_router
+from chargegw.service import Gateway
+from chargegw.sim import Faults, SimulatedAp3000Pile, Simulator
+from chargeproto import ap3000
+
+from .piles import RawPile
+from .test_gateway_ap3000 import settings_for
+
+ACCEL = 120.0
+PHY = "04000001"
+
+
+@pytest.fixture
+async def gateway(db_dsn: str, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
+    marker = request.node.get_closest_marker("settings")
+    overrides = {
+        "ack_timeout_s": 1.0,
+        "command_spacing_s": 0.5,
+        **(marker.kwargs if marker else {}),
+    }
+    gw = Gateway(settings_for(db_dsn, **overrides))
+    await gw.start(http=False)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+@pytest.fixture
+async def api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    state = ApiState(
+        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
+    )
+    app = create_app(state, routers=[make_router(gateway)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        yield client
+
+
+async def _pile(gateway: Gateway, **options: Any) -> tuple[Simulator, SimulatedAp3000Pile]:
+    pile = SimulatedAp3000Pile(PHY, ports=2, heartbeat_s=180, **options)
+    sim = Simulator("127.0.0.1", gateway.server.port, [pile], accel=ACCEL, jitter=0, seed=1)
+    await sim.start()
+    await sim.wait_connected(1, timeout=10)
+    for _ in range(100):  # registered in the database
+        if gateway.sessions.link_of(PHY) is not None and await _device_known(gateway):
+            break
+        await asyncio.sleep(0.05)
+    return sim, pile
+
+
+async def _device_known(gateway: Gateway) -> bool:
+    await gateway.writer.drained()
+    assert gateway.pool is not None
+    return bool(await gateway.pool.fetchval("SELECT 1 FROM devices WHERE device_id = $1", PHY))
+
+
+async def _until(
+    client: httpx.AsyncClient, path: str, key: str, values: set[str], timeout: float = 15.0
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        body: dict[str, Any] = (await client.get(path)).json()
+        if body.get(key) in values:
+            return body
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{path}: {key} never in {values}: {body}")
+        await asyncio.sleep(0.1)
+
+
+async def test_start_by_time_charges_reports_progress_and_settles(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        response = await api.post(
+            f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "time", "duration_min": 10}
+        )
+        assert response.status_code == 202, response.text
+        body = response.json()
+        order_no, command_id = body["order_no"], body["command_id"]
+        assert body["status"] == "pending" and len(order_no) == 32
+        command = await _until(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
+        assert command["result_code"] == 0 and command["attempts"] == 1
+        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        assert order["stop_reason"] == "time_limit" and order["stop_reason_code"] == 3
+        assert order["duration_s"] == 600 and not order["device_initiated"]
+        assert order["started_at"] and order["ended_at"]
+        samples = (await api.get(f"/api/v1/orders/{order_no}/samples")).json()["items"]
+        assert samples and samples[-1]["energy_kwh"] >= samples[0]["energy_kwh"]
+        # the 0x82 the pile got carries the order number and the limit in seconds
+        start = pile.received(0x82)[0].message
+        assert isinstance(start, ap3000.ChargeControl)
+        assert start.order_id == order_no and start.charge_limit == 600 and start.port == 0
+
+
+async def test_stop_by_api_and_idempotent_start(gateway: Gateway, api: httpx.AsyncClient) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        headers = {"Idempotency-Key": "app-request-1"}
+        first = await api.post(
+            f"/api/v1/devices/{PHY}/ports/2/start", json={"mode": "full"}, headers=headers
+        )
+        again = await api.post(
+            f"/api/v1/devices/{PHY}/ports/2/start", json={"mode": "full"}, headers=headers
+        )
+        assert first.status_code == again.status_code == 202
+        assert first.json()["order_no"] == again.json()["order_no"]
+        order_no = first.json()["order_no"]
+        await _until(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        stop = await api.post(f"/api/v1/devices/{PHY}/ports/2/stop")
+        assert stop.status_code == 202 and stop.json()["order_no"] == order_no
+        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        assert order["stop_reason"] == "server_stop"
+        assert len(pile.received(0x82)) == 2  # one start (not two), one stop
+
+
+async def test_refusal_fails_the_order_with_the_piles_reason(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, _ = await _pile(gateway, plugged=[False, True])
+    async with sim:
+        body = (
+            await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})
+        ).json()
+        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"failed"})
+        assert command["result_code"] == 1
+        assert command["result_text"] == "no charger plugged into the port"
+        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"})
+        assert order["failure_reason"] == "no charger plugged into the port"
+
+
+async def test_a_silent_pile_gets_one_resend_with_the_same_msg_id_then_dead(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway, faults=Faults(silent=True))
+    async with sim:
+        body = (
+            await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})
+        ).json()
+        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"})
+        assert command["dead_reason"] == "no answer" and command["attempts"] == 2
+        sent = [r.message for r in pile.received(0x82)]
+        assert len(sent) == 2 and sent[0] == sent[1]  # same bytes, same msg id
+        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"})
+        assert order["failure_reason"] == "no answer"
+
+
+async def test_a_pile_that_answers_only_the_resend_is_acked(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, _ = await _pile(gateway, faults=Faults(answer_only_resend=True))
+    async with sim:
+        body = (
+            await api.post(
+                f"/api/v1/devices/{PHY}/commands",
+                json={"command": "locate", "params": {"locate_duration_s": 5}},
+            )
+        ).json()
+        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
+        assert command["attempts"] == 2
+
+
+@pytest.mark.settings(command_spacing_s=0.5)
+async def test_priority_order_and_spacing_as_the_pile_receives_them(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    await sim.stop()  # offline: commands wait in the outbox
+    await asyncio.sleep(0.2)
+    names = []
+    for request in (
+        {"command": "set_running_params3", "params": {"mute_mode": 1}},  # parameter
+        {"command": "query"},  # query
+    ):
+        assert (await api.post(f"/api/v1/devices/{PHY}/commands", json=request)).status_code == 202
+        names.append(request["command"])
+    start = await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})
+    assert start.status_code == 202
+    sim2 = Simulator("127.0.0.1", gateway.server.port, [pile], accel=ACCEL, jitter=0, seed=2)
+    async with sim2:
+        await _until(api, f"/api/v1/commands/{start.json()['command_id']}", "status", {"acked"})
+        await asyncio.sleep(1.5)
+        commands = [r for r in pile.received() if r.command in (0x82, 0x81, 0x97)]
+        assert [r.command for r in commands] == [0x82, 0x81, 0x97]  # start, query, parameter
+        gaps = [b.t - a.t for a, b in itertools.pairwise(commands)]
+        assert all(gap >= 0.49 for gap in gaps), gaps
+
+
+async def test_bad_requests_get_clear_errors_and_send_nothing(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        cases = [
+            ("/api/v1/devices/04999999/ports/1/start", {"mode": "full"}, 404),
+            (f"/api/v1/devices/{PHY}/ports/3/start", {"mode": "full"}, 422),
+            (f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "time"}, 422),
+            (f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "fast"}, 422),
+            (f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full", "order_no": "xyz"}, 422),
+            (f"/api/v1/devices/{PHY}/commands", {"command": "explode"}, 422),
+            (
+                f"/api/v1/devices/{PHY}/commands",
+                {"command": "locate", "params": {"locate_duration_s": 999}},
+                422,
+            ),
+            (f"/api/v1/devices/{PHY}/ports/1/stop", None, 409),
+        ]
+        for path, body, status in cases:
+            response = await api.post(path, json=body)
+            assert response.status_code == status, (path, body, response.text)
+        await asyncio.sleep(1.0)
+        assert pile.received(0x82) == [] and pile.received(0x96) == []
+
+
+async def test_settlement_resends_change_nothing_and_unknown_orders_become_device_initiated(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    pile = await RawPile("04000077").connect(gateway.server.port)
+    settlement = ap3000.Settlement(
+        pile.phy_id,
+        pile.next_id(),
+        duration_s=1800,
+        max_power_w=250.0,
+        energy_kwh=0.75,
+        port=1,
+        start_mode=0,
+        card_id="7A8D05DD",
+        stop_reason=5,
+        order_id="AB" * 16,
+    )
+    for _ in range(3):  # the pile resends until answered; each resend is answered
+        await pile.send(settlement)
+        await pile.expect(ap3000.SettlementReply)
+    order = (await api.get(f"/api/v1/orders/{'AB' * 16}")).json()
+    assert order["status"] == "settled" and order["device_initiated"]
+    assert order["start_mode"] == "card" and order["port"] == 2
+    assert order["stop_reason"] == "unplugged" and order["energy_kwh"] == pytest.approx(0.75)
+    assert gateway.pool is not None
+    events = await gateway.pool.fetch(
+        "SELECT reason FROM device_events WHERE kind = 'settlement' ORDER BY id"
+    )
+    assert [e["reason"] for e in events] == ["applied", "duplicate", "duplicate"]
+    await pile.close()

@@ -8,15 +8,10 @@ absolute microseconds move. ``--write FILE`` replaces the AP3000 section of FILE
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
 import struct
 from functools import partial
-from pathlib import Path
 
-import construct
-from common import best_us, machine_name, paired_best_us, write_section
+from common import TIMING_COLUMNS, Row, bench_main, best_us, markdown_section, measure_codec
 
 from chargeproto import ap3000
 from chargeproto.ap3000 import Heartbeat, PortState, PowerHeartbeat, Settlement
@@ -189,82 +184,30 @@ CASES = [
 ]
 
 
-def run(number: int, repeat: int) -> list[dict[str, object]]:
+def run(number: int, repeat: int) -> list[Row]:
     rows = []
     for label, frame, hand_decode, hand_encode in CASES:
-        ours = ap3000.decode(frame)
-        assert hand_decode(frame) == ours, label
-        assert hand_encode(ours) == frame == ap3000.encode(ours), label
-        cls = type(ours)
-        compiled = cls.WIRE.compile()
+        ours, row = measure_codec(
+            label, frame, ap3000.decode, ap3000.encode, hand_decode, hand_encode, number, repeat
+        )
+        wire = type(ours).WIRE
+        compiled = wire.compile()
         payload = frame[12:-2]
-        decode_ours, decode_hand = paired_best_us(
-            partial(ap3000.decode, frame), partial(hand_decode, frame), number, repeat
-        )
-        encode_ours, encode_hand = paired_best_us(
-            partial(ap3000.encode, ours), partial(hand_encode, ours), number, repeat
-        )
-        construct_compiled = best_us(partial(compiled.parse, payload), number, repeat)
-        construct_interp = best_us(partial(cls.WIRE.parse, payload), number // 5, repeat)
-        rows.append(
-            {
-                "case": label,
-                "decode_us": decode_ours,
-                "hand_decode_us": decode_hand,
-                "decode_ratio": decode_ours / decode_hand,
-                "encode_us": encode_ours,
-                "hand_encode_us": encode_hand,
-                "encode_ratio": encode_ours / encode_hand,
-                "construct_compiled_us": construct_compiled,
-                "construct_interpreted_us": construct_interp,
-            }
-        )
+        row["construct_compiled_us"] = best_us(partial(compiled.parse, payload), number, repeat)
+        row["construct_interpreted_us"] = best_us(partial(wire.parse, payload), number // 5, repeat)
+        rows.append(row)
     return rows
 
 
-def markdown(rows: list[dict[str, object]]) -> str:
-    when = datetime.date.today().isoformat()
-    machine = f"{machine_name()}, Python {platform.python_version()}"
-    out = [
-        "## AP3000 codec",
-        "",
-        f"Measured {when} on {machine} ({construct.version_string} for the construct columns),",
-        "`nox -s bench`. Microseconds per frame, best of the timing runs; a ratio compares",
-        "two figures of the same run, timed interleaved. The hand-written decoder checks",
+def markdown(rows: list[Row]) -> str:
+    method = [
         "header, length and checksum, unpacks with `struct.unpack_from` and builds the same",
         "typed message;",
         "the hand-written encoder packs the same message with `struct.pack`.",
         "The construct columns parse the payload only (no frame, no typed message).",
-        "",
-        "| frame | decode us | hand us | ratio | encode us | hand us | ratio |"
-        " construct compiled us | construct interpreted us |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        out.append(
-            f"| {r['case']} | {r['decode_us']:.2f} | {r['hand_decode_us']:.2f} |"
-            f" **{r['decode_ratio']:.2f}x** | {r['encode_us']:.2f} | {r['hand_encode_us']:.2f} |"
-            f" **{r['encode_ratio']:.2f}x** | {r['construct_compiled_us']:.2f} |"
-            f" {r['construct_interpreted_us']:.2f} |"
-        )
-    out += ["", "Target: decode and encode within 3x of the hand-written code.", ""]
-    return "\n".join(out)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--number", type=int, default=20000)
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--write", type=Path, help="update this markdown file")
-    args = parser.parse_args()
-    rows = run(args.number, args.repeat)
-    section = markdown(rows)
-    print(section)
-    if args.write:
-        write_section(args.write, section)
-    worst = max(max(float(r["decode_ratio"]), float(r["encode_ratio"])) for r in rows)  # type: ignore[arg-type]
-    print(f"worst ratio {worst:.2f}x (target 3x)")
+    return markdown_section("AP3000 codec", method, [("frame", "case"), *TIMING_COLUMNS], rows)
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, markdown, number=20000, repeat=7)

@@ -12,17 +12,12 @@ report (vector ``bkv_0x0015_0x02_end_report``).
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
 import struct
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import construct
-from common import best_us, machine_name, paired_best_us, write_section
+from common import TIMING_COLUMNS, Row, bench_main, best_us, markdown_section, measure_codec
 
 from chargeproto import ABSENT, Absent, bkv
 from chargeproto.bkv import EndReport, JackStatus, SocketStatus, StatusCluster
@@ -268,30 +263,14 @@ CASES: list[tuple[str, bytes, Callable[[bytes], Any], Callable[[Any], bytes]]] =
 ]
 
 
-def run(number: int, repeat: int) -> list[dict[str, object]]:
+def run(number: int, repeat: int) -> list[Row]:
     rows = []
     for label, frame, hand_decode, hand_encode in CASES:
-        ours = bkv.decode(frame)
-        assert hand_decode(frame) == ours, label
-        assert hand_encode(ours) == frame == bkv.encode(ours), label
-        decode_ours, decode_hand = paired_best_us(
-            partial(bkv.decode, frame), partial(hand_decode, frame), number, repeat
+        ours, row = measure_codec(
+            label, frame, bkv.decode, bkv.encode, hand_decode, hand_encode, number, repeat
         )
-        encode_ours, encode_hand = paired_best_us(
-            partial(bkv.encode, ours), partial(hand_encode, ours), number, repeat
-        )
-        row: dict[str, object] = {
-            "case": label,
-            "bytes": len(frame),
-            "decode_us": decode_ours,
-            "hand_decode_us": decode_hand,
-            "decode_ratio": decode_ours / decode_hand,
-            "encode_us": encode_ours,
-            "hand_encode_us": encode_hand,
-            "encode_ratio": encode_ours / encode_hand,
-            "construct_compiled_us": None,
-            "construct_interpreted_us": None,
-        }
+        row["bytes"] = len(frame)
+        row["construct_compiled_us"] = row["construct_interpreted_us"] = None
         if isinstance(ours, bkv.FixedMessage):  # the TLV container has no construct layout
             wire = type(ours).WIRE
             compiled = wire.compile()
@@ -304,55 +283,18 @@ def run(number: int, repeat: int) -> list[dict[str, object]]:
     return rows
 
 
-def _us(value: object) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def markdown(rows: list[dict[str, object]]) -> str:
-    when = datetime.date.today().isoformat()
-    machine = f"{machine_name()}, Python {platform.python_version()}"
-    out = [
-        "## BKV codec",
-        "",
-        f"Measured {when} on {machine} ({construct.version_string} for the construct columns),",
-        "`nox -s bench`. Microseconds per frame, best of the timing runs; a ratio compares",
-        "two figures of the same run, timed interleaved. The hand-written decoder checks",
+def markdown(rows: list[Row]) -> str:
+    method = [
         "header, length, tail, checksum and direction byte, walks the items (TLV) or",
         "unpacks with `struct.unpack_from` (0x0015) and builds the same typed message;",
         "the hand-written encoder packs the same message with `struct`/`bytes`. The status",
         "cluster has two sockets of two jacks (built with the library; the guide's example",
         "has one socket). The construct columns parse the parameters only; the TLV",
         "container has no construct layout (`-`).",
-        "",
-        "| frame | bytes | decode us | hand us | ratio | encode us | hand us | ratio |"
-        " construct compiled us | construct interpreted us |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        out.append(
-            f"| {r['case']} | {r['bytes']} | {_us(r['decode_us'])} | {_us(r['hand_decode_us'])} |"
-            f" **{r['decode_ratio']:.2f}x** | {_us(r['encode_us'])} |"
-            f" {_us(r['hand_encode_us'])} | **{r['encode_ratio']:.2f}x** |"
-            f" {_us(r['construct_compiled_us'])} | {_us(r['construct_interpreted_us'])} |"
-        )
-    out += ["", "Target: decode and encode within 3x of the hand-written code.", ""]
-    return "\n".join(out)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--number", type=int, default=5000)
-    parser.add_argument("--repeat", type=int, default=15)
-    parser.add_argument("--write", type=Path, help="update this markdown file")
-    args = parser.parse_args()
-    rows = run(args.number, args.repeat)
-    section = markdown(rows)
-    print(section)
-    if args.write:
-        write_section(args.write, section)
-    worst = max(max(float(r["decode_ratio"]), float(r["encode_ratio"])) for r in rows)  # type: ignore[arg-type]
-    print(f"worst ratio {worst:.2f}x (target 3x)")
+    columns = [("frame", "case"), ("bytes", "bytes"), *TIMING_COLUMNS]
+    return markdown_section("BKV codec", method, columns, rows)
 
 
 if __name__ == "__main__":
-    main()
+    bench_main(__doc__, run, markdown, number=5000, repeat=15)

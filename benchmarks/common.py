@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
 import platform
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import Any
+
+import construct
+
+#: one measured frame: ``case`` (its label), the timings and ratios, extra columns
+Row = dict[str, object]
+
+#: the table columns after the frame's own: (heading, row key)
+TIMING_COLUMNS = [
+    ("decode us", "decode_us"),
+    ("hand us", "hand_decode_us"),
+    ("ratio", "decode_ratio"),
+    ("encode us", "encode_us"),
+    ("hand us", "hand_encode_us"),
+    ("ratio", "encode_ratio"),
+    ("construct compiled us", "construct_compiled_us"),
+    ("construct interpreted us", "construct_interpreted_us"),
+]
 
 
 def best_us(fn: Callable[[], object], number: int, repeat: int) -> float:
@@ -53,3 +74,92 @@ def write_section(path: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
     path.write_text(text)
+
+
+def measure_codec(
+    label: str,
+    frame: bytes,
+    decode: Callable[[bytes], Any],
+    encode: Callable[[Any], bytes],
+    hand_decode: Callable[[bytes], Any],
+    hand_encode: Callable[[Any], bytes],
+    number: int,
+    repeat: int,
+) -> tuple[Any, Row]:
+    """Check that our codec and the hand-written one agree on ``frame``, then time
+    decode and encode against it (paired). Returns the decoded message and the row."""
+    ours = decode(frame)
+    assert hand_decode(frame) == ours, label
+    assert hand_encode(ours) == frame == encode(ours), label
+    decode_ours, decode_hand = paired_best_us(
+        partial(decode, frame), partial(hand_decode, frame), number, repeat
+    )
+    encode_ours, encode_hand = paired_best_us(
+        partial(encode, ours), partial(hand_encode, ours), number, repeat
+    )
+    return ours, {
+        "case": label,
+        "decode_us": decode_ours,
+        "hand_decode_us": decode_hand,
+        "decode_ratio": decode_ours / decode_hand,
+        "encode_us": encode_ours,
+        "hand_encode_us": encode_hand,
+        "encode_ratio": encode_ours / encode_hand,
+    }
+
+
+def _cell(key: str, value: object) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_ratio"):
+        return f"**{value:.2f}x**"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def markdown_section(
+    title: str, method: Sequence[str], columns: Sequence[tuple[str, str]], rows: Sequence[Row]
+) -> str:
+    """The ``## title`` section: when and where it was measured, ``method`` (the lines
+    that finish "The hand-written decoder checks"), the table, the target."""
+    when = datetime.date.today().isoformat()
+    machine = f"{machine_name()}, Python {platform.python_version()}"
+    out = [
+        f"## {title}",
+        "",
+        f"Measured {when} on {machine} ({construct.version_string} for the construct columns),",
+        "`nox -s bench`. Microseconds per frame, best of the timing runs; a ratio compares",
+        "two figures of the same run, timed interleaved. The hand-written decoder checks",
+        *method,
+        "",
+        "| " + " | ".join(heading for heading, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for r in rows:
+        out.append("| " + " | ".join(_cell(key, r[key]) for _, key in columns) + " |")
+    out += ["", "Target: decode and encode within 3x of the hand-written code.", ""]
+    return "\n".join(out)
+
+
+def bench_main(
+    doc: str | None,
+    run: Callable[[int, int], list[Row]],
+    markdown: Callable[[list[Row]], str],
+    *,
+    number: int,
+    repeat: int,
+) -> None:
+    """Command line of a codec benchmark: measure, print the section, ``--write`` it."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--number", type=int, default=number)
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--write", type=Path, help="update this markdown file")
+    args = parser.parse_args()
+    rows = run(args.number, args.repeat)
+    section = markdown(rows)
+    print(section)
+    if args.write:
+        write_section(args.write, section)
+    worst = max(max(float(r["decode_ratio"]), float(r["encode_ratio"])) for r in rows)  # type: ignore[arg-type]
+    print(f"worst ratio {worst:.2f}x (target 3x)")

@@ -1,0 +1,187 @@
+"""The gateway process is killed (SIGKILL) mid-command and mid-settlement, then restarted:
+nothing is lost, nothing is doubled, and the pile gets its answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from chargegw.sim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
+
+from .test_serve_e2e import _free_port, _wait_http
+
+PHY = "04000001"
+
+
+class Server:
+    """``chargegw serve`` in a subprocess that the test can kill and restart."""
+
+    def __init__(self, dsn: str, tmp_path: Path) -> None:
+        self.dsn = dsn
+        self.tmp_path = tmp_path
+        self.device_port = _free_port()
+        self.http_port = _free_port()
+        self.process: asyncio.subprocess.Process | None = None
+        self.runs = 0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    async def start(self) -> None:
+        self.runs += 1
+        log = (self.tmp_path / f"serve-{self.runs}.log").open("wb")
+        env = {
+            **os.environ,
+            "CHARGEGW_DSN": self.dsn,
+            "CHARGEGW_LOG_FORMAT": "json",
+            "CHARGEGW_ACK_TIMEOUT_S": "3",
+            "CHARGEGW_BATCH_INTERVAL_S": "0.02",
+        }
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "chargegw",
+            "serve",
+            "--device-host",
+            "127.0.0.1",
+            "--device-port",
+            str(self.device_port),
+            "--http-port",
+            str(self.http_port),
+            env=env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        await _wait_http(f"{self.base}/readyz", timeout=60, process=self.process)
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(self.process.wait(), 30)
+
+
+@pytest.fixture
+async def server(db_dsn: str, tmp_path: Path) -> AsyncIterator[Server]:
+    srv = Server(db_dsn, tmp_path)
+    await srv.start()
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+async def _get(server: Server, path: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(base_url=server.base) as client:
+        body: dict[str, Any] = (await client.get(path)).json()
+        return body
+
+
+async def _until(
+    server: Server, path: str, key: str, values: set[str], timeout: float = 30.0
+) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            body = await _get(server, path)
+        except httpx.TransportError:
+            body = {}
+        if body.get(key) in values:
+            return body
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{path}: {key} never in {values}: {body}")
+        await asyncio.sleep(0.1)
+
+
+async def _online(server: Server) -> None:
+    await _until(server, f"/api/v1/devices/{PHY}", "online", {True})  # type: ignore[arg-type]
+
+
+async def test_killed_between_the_start_request_and_the_piles_ack(server: Server) -> None:
+    # the pile answers late, so the kill lands while the start is in flight
+    pile = SimulatedAp3000Pile(PHY, ports=2, faults=Faults(reply_delay_s=1.5))
+    async with Simulator(
+        "127.0.0.1", server.device_port, [pile], accel=60, jitter=0, reconnect_max_s=1.0
+    ):
+        await _online(server)
+        async with httpx.AsyncClient(base_url=server.base) as client:
+            response = await client.post(
+                f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"}
+            )
+        assert response.status_code == 202
+        order_no, command_id = response.json()["order_no"], response.json()["command_id"]
+        await pile.wait_for_record(lambda r: r.command == 0x82, timeout=10)
+        await server.kill()
+        await server.start()
+        command = await _until(server, f"/api/v1/commands/{command_id}", "status", {"acked"})
+        order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        assert order["start_command_id"] == command_id
+        starts = [r.message for r in pile.received(0x82)]
+        assert all(m == starts[0] for m in starts)  # a resend carries the same msg id
+        assert command["attempts"] <= 2
+        assert sum(1 for p in pile.ports if p.session is not None) == 1  # started once
+
+
+async def test_killed_between_a_settlement_and_its_ack(
+    server: Server, db_dsn: str, pg_server_dsn: str
+) -> None:
+    intervals = Ap3000Intervals(settlement_resend_s=120.0)  # 2 s at accel 60
+    pile = SimulatedAp3000Pile(PHY, ports=2, intervals=intervals)
+    async with Simulator(
+        "127.0.0.1", server.device_port, [pile], accel=60, jitter=0, reconnect_max_s=1.0
+    ):
+        await _online(server)
+        async with httpx.AsyncClient(base_url=server.base) as client:
+            response = await client.post(
+                f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"}
+            )
+        order_no = response.json()["order_no"]
+        await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        name = db_dsn.rsplit("/", 1)[1].split("?", 1)[0]
+        admin = await asyncpg.connect(pg_server_dsn)
+        try:
+            # the database goes away, so the settlement cannot be committed (no ACK) ...
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                name,
+            )
+            pile.unplug(0)  # the session ends: the pile sends its 0x03
+            await pile.wait_for_record(lambda r: r.command == 0x03, timeout=10)
+            await asyncio.sleep(0.5)
+            assert pile.settlements, "the settlement must not be acknowledged yet"
+            await server.kill()  # ... and the server dies holding it
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            await admin.close()
+        await server.start()
+        order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        assert order["stop_reason"] == "unplugged"
+        for _ in range(100):  # the resend is answered after the commit
+            if not pile.settlements:
+                break
+            await asyncio.sleep(0.1)
+        assert not pile.settlements
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            applied = await conn.fetchval(
+                "SELECT count(*) FROM device_events"
+                " WHERE kind = 'settlement' AND reason = 'applied'"
+            )
+        finally:
+            await conn.close()
+        assert applied == 1  # applied once, however often it was sent

@@ -36,8 +36,10 @@ _FIRMWARE = {
 }
 #: commands with their own endpoints (start, stop, modify, query)
 _DEDICATED = {ap3000.ChargeControl, ap3000.ModifyChargeLimit, ap3000.QueryStatus}
-#: commands after which the document shows no reply: done once written
-NO_REPLY = {0xE4, 0xFE}
+#: placeholders without a defined meaning (ap3000.md 9.25): not offered
+_RESERVED = {ap3000.ReservedFD, ap3000.ReservedFE}
+#: commands after which the document shows no reply (0xE4): done once written
+NO_REPLY = {0xE4}
 
 
 def snake(name: str) -> str:
@@ -50,7 +52,7 @@ GENERIC: dict[str, type[ap3000.Ap3000Message]] = {
     snake(cls.__name__): cls
     for cls in ap3000.MESSAGE_CLASSES
     if cls.direction is ap3000.ChargeControl.direction
-    and cls not in _SERVER_REPLIES | _FIRMWARE | _DEDICATED
+    and cls not in _SERVER_REPLIES | _FIRMWARE | _DEDICATED | _RESERVED
 }
 
 

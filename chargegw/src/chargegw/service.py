@@ -21,6 +21,7 @@ from chargeproto import (
     StreamError,
 )
 
+from . import billing
 from .audit import mask_frame, mask_iccid_hex, mask_text
 from .config import Settings
 from .drivers.ap3000 import Ap3000Driver
@@ -143,6 +144,7 @@ class Gateway:
     async def _start_http(self) -> None:
         from . import auth
         from .api import ApiState, create_app
+        from .billing_api import make_billing_router
         from .commands_api import make_router
 
         assert self.pool is not None
@@ -158,7 +160,7 @@ class Gateway:
             api_keys=keys,
             auth_required=required,
         )
-        app = create_app(self.api_state, routers=[make_router(self)])
+        app = create_app(self.api_state, routers=[make_router(self), make_billing_router(self)])
         config = uvicorn.Config(
             app,
             host=host,
@@ -364,6 +366,8 @@ class Gateway:
                 values=values,
                 at=wall,
             )
+            if applied:  # priced, and a card charged, in the settlement's transaction
+                await billing.price_order(conn, order_no)
             await conn.execute(
                 """INSERT INTO device_events (device_id, at, kind, reason, detail)
                    VALUES ($1, $2, 'settlement', $3, $4)""",

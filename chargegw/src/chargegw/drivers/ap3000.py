@@ -10,6 +10,7 @@ import structlog
 
 from chargeproto import ABSENT, Direction, Message, ap3000
 
+from .. import billing
 from ..audit import mask_text
 from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
 from ..orders import AP3000_STOP_REASONS
@@ -21,8 +22,6 @@ log = structlog.get_logger("chargegw.ap3000")
 
 #: physical-id type codes of hosts (main units): gateways, not devices with ports
 HOST_TYPES = frozenset({0x09, 0x0A})
-#: account status sent for every card until the card registry exists
-CARD_NOT_REGISTERED = 0x01
 #: 0x01 heartbeats in a row, with no 0x21 ever, before the server answers 0x01
 LEGACY_AFTER = 2
 
@@ -359,23 +358,56 @@ class Ap3000Driver:
         self.ctx.run(settle_then_ack(), "settlement")
 
     def _card_swipe(self, link: DeviceLink, m: ap3000.CardSwipe, device_id: str | None) -> None:
-        self.ctx.writer.put_event(
-            device_id or m.phy_id,
-            self.ctx.wall(),
-            EventKind.CARD_SWIPE.value,
-            "card not registered",
-            _detail(m),
-        )
-        reply = ap3000.CardSwipeReply(
-            m.phy_id,
-            m.msg_id,
-            card_id=m.card_id,
-            account_status=CARD_NOT_REGISTERED,
-            rate_mode=0,
-            balance_or_expiry=0,
-            port=m.port,
-        )
-        self._reply(link, reply, device_id)
+        """Answer 0x02 from the card registry; an accepted swipe on a real port becomes
+        an order whose 0x82 start the outbox sends after this reply (ap3000.md 8.5)."""
+        ctx = self.ctx
+        owner = device_id or m.phy_id
+        port = None if m.port == 0xFF else m.port + 1
+        pool = getattr(ctx, "pool", None)
+
+        def start_params(order_no: str, _port: int, rate_mode: int, balance: int) -> dict[str, Any]:
+            return {
+                "port": m.port,
+                "rate_mode": rate_mode,
+                "charge_limit": 0,
+                "balance_cent": min(balance, 0xFFFFFFFF),
+                "order_id": order_no,
+            }
+
+        async def decide_then_reply() -> None:
+            if pool is None:
+                raise RuntimeError("no database pool: card swipe left unanswered")
+            async with pool.acquire(timeout=5) as conn:
+                result = await billing.card_swipe(
+                    conn,
+                    ctx.outbox,
+                    device_id=owner,
+                    protocol=self.protocol,
+                    card_id=m.card_id,
+                    port=port,
+                    expires_s=ctx.settings.command_expiry_s,
+                    start_params=start_params,
+                )
+            detail = {**_detail(m), "account_status": result.account_status}
+            if result.order_no is not None:
+                detail["order_no"] = result.order_no
+            ctx.writer.put_event(
+                owner, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail
+            )
+            reply = ap3000.CardSwipeReply(
+                m.phy_id,
+                m.msg_id,
+                card_id=m.card_id,
+                account_status=result.account_status,
+                rate_mode=result.rate_mode,
+                balance_or_expiry=min(result.balance_cent, 0xFFFFFFFF),
+                port=m.port,
+            )
+            self._reply(link, reply, device_id)
+            if result.order_no is not None:
+                ctx.outbox.wake(owner)  # the 0x82 follows the 0x02 reply
+
+        ctx.run(decide_then_reply(), "card-swipe")
 
     def _order_confirm(
         self, link: DeviceLink, m: ap3000.OrderConfirm, device_id: str | None

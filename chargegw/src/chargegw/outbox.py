@@ -232,6 +232,8 @@ class Outbox:
                 event.clear()
                 row = await self._next(device_id)
                 if row is None:
+                    if event.is_set():  # woken while looking: a row may have just committed
+                        continue
                     return
                 await self._deliver(row, event)
         except asyncio.CancelledError:

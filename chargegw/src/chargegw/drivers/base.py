@@ -6,6 +6,8 @@ from collections.abc import Coroutine
 from datetime import datetime
 from typing import Any, Protocol
 
+import asyncpg
+
 from chargeproto import Message, bkv
 
 from ..config import Settings
@@ -22,6 +24,8 @@ class DriverContext(Protocol):
     sessions: SessionRegistry
     writer: BatchWriter
     outbox: Outbox
+    #: the database, for drivers that look orders up (None until the gateway started)
+    pool: asyncpg.Pool | None
 
     def run(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``coro`` as a task the gateway owns (errors are logged, not lost)."""

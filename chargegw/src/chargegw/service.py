@@ -28,6 +28,7 @@ from .drivers.ap3000 import Ap3000Driver
 from .drivers.ap3000_commands import Ap3000Commands
 from .drivers.base import command_label
 from .drivers.bkv import BkvDriver
+from .drivers.bkv_commands import BkvCommands
 from .metrics import Metrics
 from .orders import settle, transition
 from .outbox import Outbox, Outcome
@@ -75,7 +76,7 @@ class Gateway:
         self.writer.on_overload = self.server.set_paused
         self.outbox = Outbox(
             lambda: self.pool,
-            {"ap3000": Ap3000Commands()},
+            {"ap3000": Ap3000Commands(), "bkv": BkvCommands()},
             self.sessions.link_of,
             ack_timeout_s=settings.ack_timeout_s,
             spacing_s=settings.command_spacing_s,

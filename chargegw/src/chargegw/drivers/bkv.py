@@ -9,9 +9,11 @@ gateway's resends.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
-from typing import Any
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
@@ -20,7 +22,10 @@ from chargeproto import ABSENT, Message, bkv
 
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
+from ..orders import new_order_no
+from ..store.writer import TRANSIENT_DB_ERRORS
 from ..transport import REPLY, DeviceLink
+from . import bkv_commands as commands
 from .base import DriverContext, command_label
 
 log = structlog.get_logger("chargegw.bkv")
@@ -31,6 +36,14 @@ _BEIJING = timezone(timedelta(hours=8), "UTC+08:00")
 
 #: end reports: a settlement, ACKed after commit
 _END_REPORTS = (bkv.EndReport, bkv.PowerTierEndReport, bkv.CardEndReport, bkv.FeeModeEndReport)
+#: orders an end report or a status report can belong to
+_OPEN = ("pending", "starting", "charging", "stopping")
+#: a start that went unanswered may still have started: reconciled within this window
+RECONCILE_WINDOW = timedelta(days=1)
+#: energy reported in 1 Wh steps: a limit counts as reached within this much
+_ENERGY_SLACK_KWH = 0.0015
+
+_R = TypeVar("_R")
 
 
 def device_timezone(name: str) -> timezone | ZoneInfo:
@@ -80,6 +93,12 @@ class BkvDriver:
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
         self.zone = device_timezone(ctx.settings.device_timezone)
+        #: (device, API port) -> (order, business number) of starts the socket accepted
+        self._started: dict[tuple[str, int], tuple[str, int]] = {}
+        #: (device, API port, business number) of sessions a stop was acknowledged for
+        self._stops_acked: set[tuple[str, int, int]] = set()
+        #: order lookups, settlements and progress of one socket, one at a time
+        self._locks: dict[str, asyncio.Lock] = {}
         self._handlers: dict[type[Message], Callable[[DeviceLink, Any], None]] = {
             bkv.Heartbeat: self._heartbeat,
             bkv.StatusCluster: self._status_cluster,
@@ -109,6 +128,8 @@ class BkvDriver:
         device_id = self.device_of(message)
         if device_id is not None and not isinstance(message, bkv.StatusCluster):
             self._seen(link, message.gateway_id, device_id, wall, heartbeat=False)
+        if message.direction is bkv.Heartbeat.direction and message.seq:
+            self._command_reply(link, message)
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(link, message)
@@ -183,6 +204,240 @@ class BkvDriver:
         )
         return reply
 
+    # -- commands and orders --
+
+    def _command_reply(self, link: DeviceLink, m: bkv.BkvMessage) -> None:
+        """A frame echoing a server seq: the answer to the command in flight, if any."""
+        key = commands.key_of(m)
+        waiting = self.ctx.outbox.open_command(key)
+        if waiting is None:
+            return
+        result = commands.outcome(m)
+        if isinstance(m, bkv.ChargeControlReply) and result.success:
+            port = m.port + 1
+            if waiting.name == "stop":
+                self._stops_acked.add((waiting.device_id, port, m.business_no))
+            elif waiting.name == "start" and waiting.order_no is not None:
+                # recorded before the outbox moves the order: a status or end report
+                # that follows at once already finds the order by its business number
+                self._started[(waiting.device_id, port)] = (waiting.order_no, m.business_no)
+                self.ctx.run(
+                    self._record_business_no(link, waiting.device_id, waiting.order_no, m),
+                    "business-no",
+                )
+        self.ctx.outbox.on_reply(key, result)
+
+    def _query_answered(self, device_id: str, m: Message) -> None:
+        """A 0x1D query is answered by 0x1C or by a 0x1017 cluster about the socket."""
+        key = commands.query_key(device_id)
+        if self.ctx.outbox.open_command(key) is not None:
+            self.ctx.outbox.on_reply(key, commands.outcome(m))
+
+    def _lock(self, device_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(device_id, asyncio.Lock())
+
+    async def _db(self, step: Callable[[Any], Awaitable[_R]], link: DeviceLink | None) -> _R:
+        """Run ``step(conn)`` in a transaction; while the database is away, retry as long
+        as ``link`` is open (the gateway resends otherwise)."""
+        delay = 0.5
+        while True:
+            pool = self.ctx.pool
+            assert pool is not None
+            try:
+                async with pool.acquire(timeout=5) as conn, conn.transaction():
+                    return await step(conn)
+            except TRANSIENT_DB_ERRORS:
+                if link is None or link.closed:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _record_business_no(
+        self, link: DeviceLink, device_id: str, order_no: str, m: bkv.ChargeControlReply
+    ) -> None:
+        async def update(conn: Any) -> None:
+            await conn.execute(
+                "UPDATE orders SET business_no = $2 WHERE order_no = $1", order_no, m.business_no
+            )
+
+        async with self._lock(device_id):
+            await self._db(update, link)
+        log.info("business number recorded", order_no=order_no, business_no=m.business_no)
+
+    async def _find_order(
+        self,
+        conn: Any,
+        device_id: str,
+        port: int,
+        business_no: int,
+        *,
+        settlement: dict[str, Any] | None = None,
+        stuck_starts: bool = True,
+    ) -> Any:
+        """The order of the session (device, port, business number), or None.
+
+        The business number of an open order (or the one the start reply just named);
+        with ``settlement``, also the order that settlement was applied to (a resend);
+        with ``stuck_starts``, else the latest recent start that went unanswered
+        (``failed``, "no answer"), which may have started after all.
+        """
+        columns = """o.order_no, o.status, o.mode, o.requested_duration_min,
+                     o.requested_energy_kwh, o.started_at,
+                     EXISTS (SELECT 1 FROM commands c WHERE c.order_no = o.order_no
+                             AND c.name = 'stop' AND c.status = 'acked') AS stop_acked"""
+        hint = self._started.get((device_id, port))
+        row = await conn.fetchrow(
+            f"""SELECT {columns} FROM orders o
+                WHERE o.device_id = $1 AND o.port = $2
+                  AND (o.business_no = $3 OR o.order_no = $4)
+                  AND (o.status = ANY($5::text[])
+                       OR (o.status = 'settled' AND o.settlement = $6::jsonb))
+                ORDER BY (o.status <> 'settled') DESC, o.created_at DESC LIMIT 1""",
+            device_id,
+            port,
+            business_no,
+            hint[0] if hint is not None and hint[1] == business_no else None,
+            list(_OPEN),
+            None if settlement is None else json.dumps(settlement),
+        )
+        if row is not None or not stuck_starts:
+            return row
+        row = await conn.fetchrow(
+            f"""SELECT {columns} FROM orders o
+                WHERE o.device_id = $1 AND o.port = $2 AND o.business_no IS NULL
+                  AND o.status = 'failed' AND o.failure_reason = 'no answer'
+                  AND o.created_at > $3
+                ORDER BY o.created_at DESC LIMIT 1""",
+            device_id,
+            port,
+            self.ctx.wall() - RECONCILE_WINDOW,
+        )
+        if row is not None:
+            log.info(
+                "unanswered start reconciled by the business number",
+                order_no=row["order_no"],
+                business_no=business_no,
+            )
+        return row
+
+    def _stop_reason(self, order: Any, device_id: str, port: int, m: Any) -> str:
+        """The neutral stop reason BKV lets one derive honestly.
+
+        0x02 carries no reason code and the status byte is no guide (bkv.md 15): a
+        session the platform stopped (stop acknowledged) is ``server_stop``; one that
+        reached the order's own limit ``time_limit`` / ``energy_limit``; anything else
+        ``unknown`` (the unpublished ``end_reason`` code is kept beside).
+        """
+        business_no = _present(m.business_no)
+        stopped = (device_id, port, business_no) in self._stops_acked
+        if stopped or (order is not None and order["stop_acked"]):
+            return "server_stop"
+        if order is None:
+            return "unknown"
+        minutes, energy = _present(m.duration_min), _present(m.energy_kwh)
+        limit_min, limit_kwh = order["requested_duration_min"], order["requested_energy_kwh"]
+        time_reached = isinstance(minutes, int) and bool(limit_min) and minutes >= limit_min
+        if order["mode"] == "time" and time_reached:
+            return "time_limit"
+        energy_reached = (
+            isinstance(energy, int | float)
+            and bool(limit_kwh)
+            and energy + _ENERGY_SLACK_KWH >= limit_kwh
+        )
+        if order["mode"] == "energy" and energy_reached:
+            return "energy_limit"
+        return "unknown"
+
+    def _device_time(self, text: Any) -> datetime | None:
+        if not isinstance(text, str):
+            return None
+        try:
+            local = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        return local.replace(tzinfo=self.zone).astimezone(UTC)
+
+    def _settlement_values(
+        self, m: Any, detail: dict[str, Any], order: Any, device_id: str, port: int
+    ) -> dict[str, Any]:
+        minutes, energy = _present(m.duration_min), _present(m.energy_kwh)
+        code = _present(getattr(m, "end_reason", None))
+        values: dict[str, Any] = {
+            "duration_s": minutes * 60 if isinstance(minutes, int) else None,
+            "energy_kwh": energy,
+            "stop_reason": self._stop_reason(order, device_id, port, m),
+            "stop_reason_code": code,
+            "stop_reason_text": None if code is None else bkv.END_REASONS.text(code),
+            "business_no": _present(m.business_no),
+            "settlement": detail,
+        }
+        if isinstance(m, bkv.FeeModeEndReport):
+            fees = [_present(m.electricity_fee_cent), _present(m.service_fee_cent)]
+            if any(isinstance(fee, int) for fee in fees):
+                values["amount_cent"] = sum(fee for fee in fees if isinstance(fee, int))
+        elif isinstance(m, bkv.PowerTierEndReport | bkv.CardEndReport):
+            values["amount_cent"] = m.amount_cent
+            if m.settlement_power_w:
+                values["max_power_w"] = m.settlement_power_w
+        ended = self._device_time(_present(getattr(m, "end_time", None)))
+        if ended is not None:
+            values["device_ended_at"] = ended
+        return values
+
+    async def _progress(
+        self, link: DeviceLink, device_id: str, port: int, business_no: int, sample: dict[str, Any]
+    ) -> None:
+        """A jack reports charging: a sample of its order; a start left ``starting`` or
+        ``failed`` without an answer is reconciled (``charging``)."""
+        wall = self.ctx.wall()
+        minutes = sample.get("duration_s") or 0
+
+        async def find(conn: Any) -> str | None:
+            order = await self._find_order(conn, device_id, port, business_no)
+            if order is None or order["status"] == "settled":
+                return None
+            await conn.execute(
+                """UPDATE orders SET business_no = $2, started_at = COALESCE(started_at, $3)
+                   WHERE order_no = $1""",
+                order["order_no"],
+                business_no,
+                wall - timedelta(seconds=minutes),
+            )
+            return str(order["order_no"])
+
+        async with self._lock(device_id):
+            order_no = await self._db(find, link)
+            if order_no is None:  # not started by the platform: its end report creates it
+                return
+            await self.ctx.order_progress(
+                protocol=self.protocol,
+                device_id=device_id,
+                port=port,
+                order_no=order_no,
+                start_mode="online",
+                sample=sample,
+            )
+
+    def _jacks_reported(self, link: DeviceLink, device_id: str, jacks: Any) -> None:
+        for jack in jacks:
+            port, bits = _present(jack.port), _present(jack.status_bits)
+            business_no = _present(jack.business_no)
+            if not isinstance(port, int) or not isinstance(bits, int):
+                continue
+            if not bkv.status_flags(bits)["charging"] or not business_no:
+                continue
+            minutes = _present(jack.duration_min)
+            sample = {
+                "duration_s": minutes * 60 if isinstance(minutes, int) else None,
+                "energy_kwh": _present(jack.energy_kwh),
+                "power_w": _present(jack.power_w),
+                "voltage_v": _present(jack.voltage_v),
+                "current_a": _present(jack.current_a),
+            }
+            self.ctx.run(
+                self._progress(link, device_id, port + 1, business_no, sample), "order-progress"
+            )
+
     # -- handlers --
 
     def _heartbeat(self, link: DeviceLink, m: bkv.Heartbeat) -> None:
@@ -238,6 +493,8 @@ class BkvDriver:
                     order_ref=None if not business_no else str(business_no),
                     reported_at=wall,
                 )
+            self._jacks_reported(link, device_id, ports)
+            self._query_answered(device_id, m)
         self._reply(link, self._ack(bkv.StatusClusterAck, m, result=OK), None)
 
     def _socket_state(self, link: DeviceLink, m: bkv.SocketState) -> None:
@@ -270,6 +527,8 @@ class BkvDriver:
         self.ctx.writer.put_event(
             device_id, wall, EventKind.COMMAND_REPLY.value, type(m).__name__, _detail(m)
         )
+        self._jacks_reported(link, device_id, m.ports)
+        self._query_answered(device_id, m)
 
     def _event_report(self, link: DeviceLink, m: bkv.EventReport) -> None:
         socket = _present(m.socket)
@@ -280,18 +539,63 @@ class BkvDriver:
         self._reply(link, self._ack(bkv.EventReportAck, m, socket=m.socket, result=OK), None)
 
     def _end_report(self, link: DeviceLink, m: Any) -> None:
-        socket = _present(m.socket)
-        owner = bkv_device_id(m.gateway_id, socket) if isinstance(socket, int) else m.gateway_id
-        self.ctx.writer.put_event(
-            owner, self.ctx.wall(), EventKind.SETTLEMENT.value, type(m).__name__, _detail(m)
-        )
+        socket, port = _present(m.socket), _present(m.port)
         reply: bkv.BkvMessage
         if isinstance(m, bkv.FeeModeEndReport):
             reply = self._ack(bkv.FeeModeEndAck, m, result=OK, socket=m.socket, port=m.port)
         else:
             # the 0x0C form stops a real gateway's resends (bkv.md field notes)
             reply = bkv.CardEndAck(m.gateway_id, m.seq, socket=m.socket, result=OK)
-        self._reply(link, reply, owner, after_commit=True)
+        if not isinstance(socket, int) or not isinstance(port, int):
+            # no jack to settle: kept as an event, acknowledged once stored
+            owner = bkv_device_id(m.gateway_id, socket) if isinstance(socket, int) else None
+            self.ctx.writer.put_event(
+                owner or m.gateway_id,
+                self.ctx.wall(),
+                EventKind.SETTLEMENT.value,
+                type(m).__name__,
+                _detail(m),
+            )
+            self._reply(link, reply, owner, after_commit=True)
+            return
+        device_id = bkv_device_id(m.gateway_id, socket)
+        business_no = _present(m.business_no)
+        detail = _detail(m)
+        card = isinstance(m, bkv.CardEndReport)
+
+        async def settle_then_ack() -> None:
+            # the gateway resends until acknowledged: acknowledge only what is committed
+            async with self._lock(device_id):
+                order = None
+                if isinstance(business_no, int):
+                    order = await self._db(
+                        lambda conn: self._find_order(
+                            conn,
+                            device_id,
+                            port + 1,
+                            business_no,
+                            settlement=detail,
+                            stuck_starts=not card,
+                        ),
+                        link,
+                    )
+                order_no = new_order_no() if order is None else str(order["order_no"])
+                await self.ctx.settle_order(
+                    protocol=self.protocol,
+                    device_id=device_id,
+                    port=port + 1,
+                    order_no=order_no,
+                    start_mode="card" if card else "device",
+                    values=self._settlement_values(m, detail, order, device_id, port + 1),
+                    detail=detail,
+                    while_connected=link,
+                )
+                if self._started.get((device_id, port + 1), ("", None))[1] == business_no:
+                    del self._started[(device_id, port + 1)]
+                self._stops_acked.discard((device_id, port + 1, business_no))
+            self._reply(link, reply, device_id)
+
+        self.ctx.run(settle_then_ack(), "settlement")
 
     def _card_swipe(self, link: DeviceLink, m: bkv.CardSwipe) -> None:
         # no card registry yet: nothing is started for an unknown card

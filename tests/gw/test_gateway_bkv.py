@@ -126,7 +126,7 @@ async def test_end_report_is_stored_then_acked_in_the_form_that_stops_resends(
         "SELECT reason FROM device_events WHERE kind = 'settlement' AND device_id = $1",
         f"{report.gateway_id}-{report.socket}",
     )
-    assert row is not None and row["reason"] == "EndReport"
+    assert row is not None and row["reason"] == "applied"  # the settlement, committed
     await box.close()
 
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from chargeproto import EncodeError
 
 from .core import split_device_id
-from .drivers import ap3000_commands
+from .drivers import ap3000_commands, bkv_commands
 from .orders import OrderStatus, new_order_no
 from .outbox import Priority
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from .service import Gateway
 
 _ORDER_NO = re.compile(r"^[0-9A-F]{32}$")
+#: protocols commands can be sent to
+_PROTOCOLS = ("ap3000", "bkv")
 
 #: command name -> priority (stop before start before queries before parameters)
 _PRIORITIES = {
@@ -46,7 +48,7 @@ class StartRequest(BaseModel):
 
 
 class ModifyRequest(BaseModel):
-    """New limit of a running session (AP3000 0x8A)."""
+    """New limit of a running session (AP3000 0x8A; BKV has no such command)."""
 
     duration_min: int | None = Field(None, ge=1, le=1092)
     energy_kwh: float | None = Field(None, gt=0, le=655.35)
@@ -54,7 +56,10 @@ class ModifyRequest(BaseModel):
 
 
 class CommandRequest(BaseModel):
-    command: str = Field(description="e.g. reboot, locate, set_qr_code, set_work_mode")
+    command: str = Field(
+        description="e.g. reboot, locate, set_qr_code, set_work_mode (AP3000); "
+        "set_params, query_params, voice_window, node_add, node_list_refresh (BKV)"
+    )
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -79,9 +84,15 @@ def make_router(gateway: Gateway) -> APIRouter:
         )
         if row is None:
             raise HTTPException(404, f"device {device_id} not found")
-        if row["protocol"] != "ap3000":
-            raise HTTPException(422, f"commands to {row['protocol']} devices are not supported yet")
+        if row["protocol"] not in _PROTOCOLS:
+            raise HTTPException(422, f"commands to {row['protocol']} devices are not supported")
         return row
+
+    def generic(protocol: str) -> dict[str, Any]:
+        """The commands the generic endpoint accepts for ``protocol``."""
+        if protocol == "bkv":
+            return dict(bkv_commands.GENERIC)
+        return dict(ap3000_commands.GENERIC)
 
     def check_port(row: asyncpg.Record, port: int) -> None:
         count = row["port_count"]
@@ -89,10 +100,18 @@ def make_router(gateway: Gateway) -> APIRouter:
             raise HTTPException(422, f"port {port} does not exist: the device has {count}")
 
     async def enqueue(
-        conn: Any, device_id: str, name: str, params: dict[str, Any], order_no: str | None
+        conn: Any,
+        device_id: str,
+        protocol: str,
+        name: str,
+        params: dict[str, Any],
+        order_no: str | None,
     ) -> int:
         try:
-            ap3000_commands.validate(split_device_id(device_id)[0], name, params)
+            if protocol == "bkv":
+                bkv_commands.validate(device_id, name, params)
+            else:
+                ap3000_commands.validate(split_device_id(device_id)[0], name, params)
         except EncodeError as exc:
             raise HTTPException(
                 422, {"error": str(exc), "field": exc.field, "command": name}
@@ -100,7 +119,7 @@ def make_router(gateway: Gateway) -> APIRouter:
         return await gateway.outbox.submit(
             conn,
             device_id=device_id,
-            protocol="ap3000",
+            protocol=protocol,
             name=name,
             params=params,
             priority=_PRIORITIES.get(name, Priority.PARAMETER),
@@ -129,18 +148,25 @@ def make_router(gateway: Gateway) -> APIRouter:
         order_no = (body.order_no or new_order_no()).upper()
         if not _ORDER_NO.match(order_no):
             raise HTTPException(422, "order_no must be 32 hex digits (16 bytes on the wire)")
-        rate_mode, limit = 0, 0
-        if body.mode == "time":
-            limit = (body.duration_min or 0) * 60
-        elif body.mode == "energy":
-            rate_mode, limit = 2, round((body.energy_kwh or 0) * 100)
-        params = {
-            "port": port - 1,
-            "rate_mode": rate_mode,
-            "charge_limit": limit,
-            "balance_cent": body.balance_cent or 0,
-            "order_id": order_no,
-        }
+        protocol = row["protocol"]
+        params: dict[str, Any]
+        if protocol == "bkv":  # the order number stays here; the socket names a business no
+            params = bkv_commands.start_params(
+                port - 1, body.mode, body.duration_min, body.energy_kwh
+            )
+        else:
+            rate_mode, limit = 0, 0
+            if body.mode == "time":
+                limit = (body.duration_min or 0) * 60
+            elif body.mode == "energy":
+                rate_mode, limit = 2, round((body.energy_kwh or 0) * 100)
+            params = {
+                "port": port - 1,
+                "rate_mode": rate_mode,
+                "charge_limit": limit,
+                "balance_cent": body.balance_cent or 0,
+                "order_id": order_no,
+            }
         async with pool().acquire() as conn, conn.transaction():
             if idempotency_key:
                 earlier = await conn.fetchrow(
@@ -170,7 +196,7 @@ def make_router(gateway: Gateway) -> APIRouter:
                 """INSERT INTO orders (order_no, device_id, port, protocol, status, mode,
                                        requested_duration_min, requested_energy_kwh,
                                        balance_cent)
-                   VALUES ($1, $2, $3, 'ap3000', 'pending', $4, $5, $6, $7)""",
+                   VALUES ($1, $2, $3, $8, 'pending', $4, $5, $6, $7)""",
                 order_no,
                 device_id,
                 port,
@@ -178,8 +204,9 @@ def make_router(gateway: Gateway) -> APIRouter:
                 body.duration_min,
                 body.energy_kwh,
                 body.balance_cent,
+                protocol,
             )
-            command_id = await enqueue(conn, device_id, "start", params, order_no)
+            command_id = await enqueue(conn, device_id, protocol, "start", params, order_no)
             await conn.execute(
                 "UPDATE orders SET start_command_id = $2 WHERE order_no = $1", order_no, command_id
             )
@@ -201,7 +228,7 @@ def make_router(gateway: Gateway) -> APIRouter:
         summary="Stop charging on a port",
     )
     async def stop(device_id: str, port: Annotated[int, Path(ge=1, le=255)]) -> Accepted:
-        await device(device_id)
+        row = await device(device_id)
         async with pool().acquire() as conn, conn.transaction():
             order = await conn.fetchrow(
                 """SELECT order_no, status FROM orders WHERE device_id = $1 AND port = $2
@@ -212,8 +239,12 @@ def make_router(gateway: Gateway) -> APIRouter:
             )
             if order is None:
                 raise HTTPException(409, f"no running order on port {port}")
-            params = {"port": port - 1, "order_id": order["order_no"]}
-            command_id = await enqueue(conn, device_id, "stop", params, order["order_no"])
+            params: dict[str, Any] = {"port": port - 1}
+            if row["protocol"] == "ap3000":
+                params["order_id"] = order["order_no"]
+            command_id = await enqueue(
+                conn, device_id, row["protocol"], "stop", params, order["order_no"]
+            )
         gateway.outbox.wake(device_id)
         return Accepted(order_no=order["order_no"], command_id=command_id, status="pending")
 
@@ -226,7 +257,13 @@ def make_router(gateway: Gateway) -> APIRouter:
     async def modify(
         device_id: str, port: Annotated[int, Path(ge=1, le=255)], body: ModifyRequest
     ) -> Accepted:
-        await device(device_id)
+        row = await device(device_id)
+        if row["protocol"] == "bkv":
+            raise HTTPException(
+                422,
+                "changing the limit of a running session is not supported by BKV: the "
+                "protocol has no such command (stop the session and start a new one)",
+            )
         if (body.duration_min is None) == (body.energy_kwh is None):
             raise HTTPException(422, "give exactly one of duration_min and energy_kwh")
         if body.energy_kwh is not None:
@@ -242,7 +279,7 @@ def make_router(gateway: Gateway) -> APIRouter:
                 "charge_limit": (body.duration_min or 0) * 60,
             }
         async with pool().acquire() as conn, conn.transaction():
-            command_id = await enqueue(conn, device_id, "modify", params, None)
+            command_id = await enqueue(conn, device_id, row["protocol"], "modify", params, None)
         gateway.outbox.wake(device_id)
         return Accepted(command_id=command_id, status="pending")
 
@@ -253,19 +290,21 @@ def make_router(gateway: Gateway) -> APIRouter:
         summary="Send any other command the device's driver supports",
     )
     async def command(device_id: str, body: CommandRequest) -> Accepted:
-        await device(device_id)
+        row = await device(device_id)
+        protocol = row["protocol"]
         if body.command in ("start", "stop", "modify"):
             raise HTTPException(422, f"use the {body.command} endpoint")
-        if body.command != "query" and body.command not in ap3000_commands.GENERIC:
+        known = generic(protocol)
+        if body.command != "query" and body.command not in known:
             raise HTTPException(
                 422,
                 {
-                    "error": f"unknown command {body.command!r}",
-                    "commands": ["query", *sorted(ap3000_commands.GENERIC)],
+                    "error": f"unknown {protocol} command {body.command!r}",
+                    "commands": ["query", *sorted(known)],
                 },
             )
         async with pool().acquire() as conn, conn.transaction():
-            command_id = await enqueue(conn, device_id, body.command, body.params, None)
+            command_id = await enqueue(conn, device_id, protocol, body.command, body.params, None)
         gateway.outbox.wake(device_id)
         return Accepted(command_id=command_id, status="pending")
 

@@ -179,15 +179,19 @@ def outcome(message: Message) -> Outcome:
     return Outcome(result == 1, result, text if isinstance(text, str) else None, fields)
 
 
+#: the seq is a u32 on the wire; the outbox stores correlations in an int4 column
+MAX_SEQ = 0x7FFFFFFF
+
+
 class BkvCommands:
     """The outbox's view of BKV: frames out, reply keys."""
 
     def __init__(self) -> None:
-        self._next = random.randrange(1, 0xFFFFFFFF)
+        self._next = random.randrange(1, MAX_SEQ)
 
     def new_correlation(self, device_id: str) -> int:
         # seq 0 marks frames a device sends on its own (bkv.md 3): never use it
-        self._next = self._next % 0xFFFFFFFF + 1
+        self._next = self._next % MAX_SEQ + 1
         return self._next
 
     def encode_command(

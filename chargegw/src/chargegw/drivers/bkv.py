@@ -390,7 +390,7 @@ class BkvDriver:
         """A jack reports charging: a sample of its order; a start left ``starting`` or
         ``failed`` without an answer is reconciled (``charging``)."""
         wall = self.ctx.wall()
-        minutes = sample.get("duration_s") or 0
+        charged_s = sample.get("duration_s") or 0
 
         async def find(conn: Any) -> str | None:
             order = await self._find_order(conn, device_id, port, business_no)
@@ -401,7 +401,7 @@ class BkvDriver:
                    WHERE order_no = $1""",
                 order["order_no"],
                 business_no,
-                wall - timedelta(seconds=minutes),
+                wall - timedelta(seconds=charged_s),
             )
             return str(order["order_no"])
 

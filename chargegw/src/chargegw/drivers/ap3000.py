@@ -363,7 +363,6 @@ class Ap3000Driver:
         ctx = self.ctx
         owner = device_id or m.phy_id
         port = None if m.port == 0xFF else m.port + 1
-        pool = getattr(ctx, "pool", None)
 
         def start_params(order_no: str, _port: int, rate_mode: int, balance: int) -> dict[str, Any]:
             return {
@@ -375,6 +374,7 @@ class Ap3000Driver:
             }
 
         async def decide_then_reply() -> None:
+            pool = ctx.pool
             if pool is None:
                 raise RuntimeError("no database pool: card swipe left unanswered")
             async with pool.acquire(timeout=5) as conn:

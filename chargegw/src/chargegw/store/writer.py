@@ -407,6 +407,8 @@ TRANSIENT_DB_ERRORS = (
     asyncpg.ObjectNotInPrerequisiteStateError,
     asyncpg.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
+    # a pooled connection whose server went away mid-protocol reports this
+    asyncpg.exceptions.InternalClientError,
 )
 
 

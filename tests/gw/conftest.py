@@ -30,6 +30,11 @@ def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield start_embedded(data_dir)
 
 
+def database_name(dsn: str) -> str:
+    """The database a DSN names (its path), whatever the host part looks like."""
+    return urlsplit(dsn).path.lstrip("/")
+
+
 def _with_database(dsn: str, name: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))

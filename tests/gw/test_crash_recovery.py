@@ -17,6 +17,7 @@ import pytest
 
 from chargegw.sim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 
+from .conftest import database_name
 from .test_serve_e2e import _free_port, _wait_http
 
 PHY = "04000001"
@@ -151,7 +152,7 @@ async def test_killed_between_a_settlement_and_its_ack(
             )
         order_no = response.json()["order_no"]
         await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
-        name = db_dsn.rsplit("/", 1)[1].split("?", 1)[0]
+        name = database_name(db_dsn)
         admin = await asyncpg.connect(pg_server_dsn)
         try:
             # the database goes away, so the settlement cannot be committed (no ACK) ...

@@ -13,6 +13,7 @@ from chargegw.config import Settings
 from chargegw.service import Gateway
 from chargeproto import ap3000
 
+from .conftest import database_name
 from .piles import RawPile
 
 
@@ -223,7 +224,7 @@ async def test_database_outage_keeps_piles_answered_and_loses_nothing(
     await pile.heartbeat()
     await pile.expect(ap3000.HeartbeatReply)
     await gateway.writer.drained()
-    name = db_dsn.rsplit("/", 1)[1].split("?", maxsplit=1)[0]
+    name = database_name(db_dsn)
     admin = await asyncpg.connect(pg_server_dsn)
     try:
         # the database goes away: no new connections, existing ones killed

@@ -256,3 +256,89 @@ async def test_settlement_resends_change_nothing_and_unknown_orders_become_devic
     )
     assert [e["reason"] for e in events] == ["applied", "duplicate", "duplicate"]
     await pile.close()
+
+
+async def test_start_by_energy_and_the_order_list_pages(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        body = (
+            await api.post(
+                f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "energy", "energy_kwh": 1.5}
+            )
+        ).json()
+        await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
+        start = pile.received(0x82)[0].message
+        assert isinstance(start, ap3000.ChargeControl)
+        assert start.rate_mode == 2 and start.charge_limit == 150  # 0.01 kWh on the wire
+        stop = await api.post(f"/api/v1/devices/{PHY}/ports/1/stop")
+        assert stop.status_code == 202
+        await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"})
+    # three more orders (device-initiated settlements) for the pagination
+    raw = await RawPile(PHY).connect(gateway.server.port, iccid=None)
+    for index in range(3):
+        await raw.send(
+            ap3000.Settlement(
+                PHY,
+                raw.next_id(),
+                duration_s=60,
+                max_power_w=10.0,
+                energy_kwh=0.01,
+                port=1,
+                start_mode=1,
+                card_id="00000000",
+                stop_reason=1,
+                order_id=f"{index:032X}",
+            )
+        )
+        await raw.expect(ap3000.SettlementReply)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, "device_id": PHY}
+        if cursor:
+            params["cursor"] = cursor
+        page = (await api.get("/api/v1/orders", params=params)).json()
+        seen += [o["order_no"] for o in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert len(seen) == len(set(seen)) == 4
+    bad = await api.get("/api/v1/orders", params={"cursor": "nonsense"})
+    assert bad.status_code == 422
+    await raw.close()
+
+
+async def test_a_pending_order_can_be_cancelled_and_a_dead_command_is_an_event(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, _ = await _pile(gateway)
+    await sim.stop()  # offline: the start waits in the outbox
+    await asyncio.sleep(0.2)
+    body = (await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})).json()
+    cancelled = await api.post(f"/api/v1/orders/{body['order_no']}/cancel")
+    assert cancelled.status_code == 200, cancelled.text
+    assert (await api.get(f"/api/v1/orders/{body['order_no']}")).json()["status"] == "cancelled"
+    command = (await api.get(f"/api/v1/commands/{body['command_id']}")).json()
+    assert command["status"] == "dead" and command["dead_reason"] == "cancelled"
+    again = await api.post(f"/api/v1/orders/{body['order_no']}/cancel")
+    assert again.status_code == 409
+
+
+@pytest.mark.settings(command_expiry_s=0.5)
+async def test_a_command_for_an_offline_device_dies_offline_with_an_event(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    sim, _ = await _pile(gateway)
+    await sim.stop()
+    await asyncio.sleep(0.2)
+    body = (await api.post(f"/api/v1/devices/{PHY}/commands", json={"command": "reboot"})).json()
+    command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"})
+    assert command["dead_reason"] == "offline"
+    await gateway.writer.drained()
+    assert gateway.pool is not None
+    event = await gateway.pool.fetchrow(
+        "SELECT reason, detail FROM device_events WHERE kind = 'command_dead'"
+    )
+    assert event is not None and event["reason"] == "offline"

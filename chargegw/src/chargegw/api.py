@@ -258,12 +258,12 @@ def _invalid(field: str, message: str, value: Any) -> RequestValidationError:
     )
 
 
-def _encode_cursor(kind: str, key: Sequence[Any]) -> str:
+def encode_cursor(kind: str, key: Sequence[Any]) -> str:
     raw = json.dumps({"k": kind, "v": list(key)}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str, kind: str, types: Sequence[type]) -> list[Any]:
+def decode_cursor(cursor: str, kind: str, types: Sequence[type]) -> list[Any]:
     """The key in ``cursor``; 422 unless it is a cursor of this endpoint."""
     try:
         raw = base64.b64decode(cursor + "=" * (-len(cursor) % 4), altchars=b"-_", validate=True)
@@ -284,7 +284,7 @@ def _decode_cursor(cursor: str, kind: str, types: Sequence[type]) -> list[Any]:
 
 def _timestamp_key(cursor: str, kind: str) -> tuple[dt.datetime, int]:
     """The (time, id) key of an events or frames cursor."""
-    at, row_id = _decode_cursor(cursor, kind, (str, int))
+    at, row_id = decode_cursor(cursor, kind, (str, int))
     try:
         when = dt.datetime.fromisoformat(at)
     except ValueError:
@@ -294,7 +294,7 @@ def _timestamp_key(cursor: str, kind: str) -> tuple[dt.datetime, int]:
     return when, row_id
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
+def utc(value: dt.datetime | None) -> dt.datetime | None:
     """Timestamps without a zone are UTC."""
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=dt.UTC)
@@ -471,7 +471,7 @@ async def list_gateways(
     if online is not None:
         where.add("g.online = {}", online)
     if cursor is not None:
-        (after,) = _decode_cursor(cursor, "gateways", (str,))
+        (after,) = decode_cursor(cursor, "gateways", (str,))
         where.add("g.gateway_id > {}", after)
     query = f"""
         SELECT g.gateway_id, g.protocol, g.online, g.iccid, g.imei, g.firmware,
@@ -483,7 +483,7 @@ async def list_gateways(
     async with _connection(request) as conn:
         rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
     items = [Gateway(**{**dict(r), "iccid": mask_iccid(r["iccid"])}) for r in rows[:limit]]
-    next_cursor = _encode_cursor("gateways", [items[-1].gateway_id]) if len(rows) > limit else None
+    next_cursor = encode_cursor("gateways", [items[-1].gateway_id]) if len(rows) > limit else None
     return GatewayPage(items=items, next_cursor=next_cursor)
 
 
@@ -511,14 +511,14 @@ async def list_devices(
     if gateway_id is not None:
         where.add("gateway_id = {}", gateway_id)
     if cursor is not None:
-        (after,) = _decode_cursor(cursor, "devices", (str,))
+        (after,) = decode_cursor(cursor, "devices", (str,))
         where.add("device_id > {}", after)
     query = f"""SELECT {_DEVICE_COLUMNS} FROM devices {where.sql()}
                 ORDER BY device_id {where.limit(limit)}"""
     async with _connection(request) as conn:
         rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
     items = [Device(**dict(r)) for r in rows[:limit]]
-    next_cursor = _encode_cursor("devices", [items[-1].device_id]) if len(rows) > limit else None
+    next_cursor = encode_cursor("devices", [items[-1].device_id]) if len(rows) > limit else None
     return DevicePage(items=items, next_cursor=next_cursor)
 
 
@@ -569,7 +569,7 @@ async def list_events(
     cursor: Cursor = None,
 ) -> EventPage:
     """Events ordered by (at, id), oldest first; the whole log unless a window is given."""
-    since, until = _utc(since), _utc(until)
+    since, until = utc(since), utc(until)
     _check_window(since, until)
     where = _Where()
     where.add("device_id = {}", device_id)
@@ -589,7 +589,7 @@ async def list_events(
     items = [DeviceEvent(**{**dict(r), "detail": _json_object(r["detail"])}) for r in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
-        next_cursor = _encode_cursor("events", [items[-1].at.isoformat(), items[-1].id])
+        next_cursor = encode_cursor("events", [items[-1].at.isoformat(), items[-1].id])
     return EventPage(items=items, next_cursor=next_cursor)
 
 
@@ -616,8 +616,8 @@ async def list_frames(
 ) -> FramePage:
     """Frames ordered by (received_at, id), oldest first, within a window of at most
     31 days (the last 24 h by default)."""
-    until = _utc(until) or dt.datetime.now(dt.UTC)
-    since = _utc(since) or until - DEFAULT_FRAMES_WINDOW
+    until = utc(until) or dt.datetime.now(dt.UTC)
+    since = utc(since) or until - DEFAULT_FRAMES_WINDOW
     _check_window(since, until)
     if until - since > MAX_FRAMES_WINDOW:
         raise _invalid(
@@ -640,7 +640,7 @@ async def list_frames(
     items = [Frame(**dict(r)) for r in rows[:limit]]
     next_cursor = None
     if len(rows) > limit:
-        next_cursor = _encode_cursor("frames", [items[-1].received_at.isoformat(), items[-1].id])
+        next_cursor = encode_cursor("frames", [items[-1].received_at.isoformat(), items[-1].id])
     return FramePage(items=items, next_cursor=next_cursor)
 
 

@@ -14,9 +14,10 @@ from pydantic import BaseModel, Field
 
 from chargeproto import EncodeError
 
+from .api import decode_cursor, encode_cursor, utc
 from .core import split_device_id
 from .drivers import ap3000_commands, bkv_commands
-from .orders import OrderStatus, new_order_no
+from .orders import OrderStatus, new_order_no, transition
 from .outbox import Priority
 
 if TYPE_CHECKING:
@@ -337,22 +338,65 @@ def make_router(gateway: Gateway) -> APIRouter:
         status: OrderStatus | None = None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        cursor: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
+        after: tuple[dt.datetime, str] | None = None
+        if cursor is not None:
+            at, order_no = decode_cursor(cursor, "orders", (str, str))
+            try:
+                after = (dt.datetime.fromisoformat(at), order_no)
+            except ValueError:
+                raise HTTPException(422, "malformed cursor") from None
         rows = await pool().fetch(
             """SELECT * FROM orders
                WHERE ($1::text IS NULL OR device_id = $1)
                  AND ($2::text IS NULL OR status = $2)
                  AND ($3::timestamptz IS NULL OR created_at >= $3)
                  AND ($4::timestamptz IS NULL OR created_at < $4)
-               ORDER BY created_at DESC, order_no LIMIT $5""",
+                 AND ($5::timestamptz IS NULL OR (created_at, order_no) < ($5, $6))
+               ORDER BY created_at DESC, order_no DESC LIMIT $7""",
             device_id,
             None if status is None else status.value,
-            since,
-            until,
-            limit,
+            utc(since),
+            utc(until),
+            None if after is None else after[0],
+            None if after is None else after[1],
+            limit + 1,
         )
-        return {"items": [_record(r) for r in rows]}
+        page = rows[:limit]
+        next_cursor = None
+        if len(rows) > limit:
+            last = page[-1]
+            next_cursor = encode_cursor(
+                "orders", [last["created_at"].isoformat(), last["order_no"]]
+            )
+        return {"items": [_record(r) for r in page], "next_cursor": next_cursor}
+
+    @router.post(
+        "/orders/{order_no}/cancel",
+        response_model=Accepted,
+        summary="Cancel an order whose start has not been sent yet",
+    )
+    async def cancel(order_no: str) -> Accepted:
+        async with pool().acquire() as conn, conn.transaction():
+            order = await conn.fetchrow(
+                "SELECT status, start_command_id FROM orders WHERE order_no = $1 FOR UPDATE",
+                order_no.upper(),
+            )
+            if order is None:
+                raise HTTPException(404, f"order {order_no} not found")
+            # only while the start is still a row: once sent, stop the session instead
+            claimed = await conn.fetchval(
+                """UPDATE commands SET status = 'dead', dead_reason = 'cancelled',
+                          finished_at = now()
+                   WHERE command_id = $1 AND status = 'pending' RETURNING command_id""",
+                order["start_command_id"],
+            )
+            if order["status"] != OrderStatus.PENDING.value or claimed is None:
+                raise HTTPException(409, f"order {order_no} is {order['status']}: stop it instead")
+            await transition(conn, order_no.upper(), "cancel")
+        return Accepted(order_no=order_no.upper(), command_id=claimed, status="cancelled")
 
     return router
 

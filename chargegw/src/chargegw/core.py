@@ -53,6 +53,8 @@ class EventKind(str, enum.Enum):
     SETTLEMENT = "settlement"
     CARD_SWIPE = "card_swipe"
     COMMAND_REPLY = "command_reply"
+    #: a command gave up: no answer after its resend, or the device stayed offline
+    COMMAND_DEAD = "command_dead"
     REPORT = "report"
 
 

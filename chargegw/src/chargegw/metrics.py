@@ -146,6 +146,22 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        #: commands that gave up, by reason (no answer, offline, cancelled ...)
+        self.commands_dead_total = Counter(
+            "commands_dead_total",
+            "Commands that ended dead, by reason",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: commands waiting in the outbox, by state (pending, sent)
+        self.outbox_backlog = Gauge(
+            "outbox_backlog",
+            "Commands in the outbox not yet finished, by state",
+            ["status"],
+            namespace=ns,
+            registry=reg,
+        )
         #: commands sent a second time for want of an answer
         self.commands_resent_total = Counter(
             "commands_resent_total",

@@ -68,6 +68,20 @@ class CommandCodec(Protocol):
     def new_correlation(self, device_id: str) -> int: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A command that reached a final state (acked, failed or dead)."""
+
+    command_id: int
+    device_id: str
+    name: str
+    order_no: str | None
+    status: str
+    outcome: Outcome | None
+    dead_reason: str | None
+    created_at: datetime
+
+
 @dataclasses.dataclass
 class _Open:
     """A command in flight, waiting for its reply."""
@@ -92,10 +106,8 @@ class Outbox:
         spacing_s: float = 0.5,
         scan_interval_s: float = 5.0,
         retention_s: float = 7 * 86400,
-        on_result: Callable[
-            [int, str, str | None, str, Outcome | None, str | None, datetime], Awaitable[None]
-        ]
-        | None = None,
+        on_result: Callable[[Finished], Awaitable[None]] | None = None,
+        on_backlog: Callable[[dict[str, int]], None] = lambda counts: None,
         on_timeout: Callable[[str], None] = lambda device_id: None,
         on_answered: Callable[[str], None] = lambda device_id: None,
         on_resend: Callable[[str], None] = lambda name: None,
@@ -110,6 +122,7 @@ class Outbox:
         self.scan_interval_s = scan_interval_s
         self.retention_s = retention_s
         self.on_result = on_result
+        self.on_backlog = on_backlog
         self.on_timeout = on_timeout
         self.on_answered = on_answered
         self.on_resend = on_resend
@@ -217,6 +230,11 @@ class Outbox:
         )
         for row in rows:
             self.wake(row["device_id"])
+        counts = await pool.fetch(
+            """SELECT status, count(*) AS n FROM commands
+               WHERE status IN ('pending', 'sent') GROUP BY status"""
+        )
+        self.on_backlog({"pending": 0, "sent": 0, **{r["status"]: r["n"] for r in counts}})
         await pool.execute(
             """DELETE FROM commands WHERE status IN ('acked', 'failed', 'dead')
                AND finished_at < now() - make_interval(secs => $1)""",
@@ -370,13 +388,16 @@ class Outbox:
         )
         if self.on_result is not None:
             await self.on_result(
-                row["command_id"],
-                row["name"],
-                row["order_no"],
-                status.value,
-                outcome,
-                dead_reason,
-                row["created_at"],
+                Finished(
+                    command_id=row["command_id"],
+                    device_id=row["device_id"],
+                    name=row["name"],
+                    order_no=row["order_no"],
+                    status=status.value,
+                    outcome=outcome,
+                    dead_reason=dead_reason,
+                    created_at=row["created_at"],
+                )
             )
 
 

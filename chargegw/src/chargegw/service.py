@@ -24,6 +24,7 @@ from chargeproto import (
 from . import billing
 from .audit import mask_frame, mask_iccid_hex, mask_text
 from .config import Settings
+from .core import EventKind
 from .drivers.ap3000 import Ap3000Driver
 from .drivers.ap3000_commands import Ap3000Commands
 from .drivers.base import command_label
@@ -31,7 +32,7 @@ from .drivers.bkv import BkvDriver
 from .drivers.bkv_commands import BkvCommands
 from .metrics import Metrics
 from .orders import settle, transition
-from .outbox import Outbox, Outcome
+from .outbox import Finished, Outbox
 from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
 from .store.partitions import maintain
@@ -82,6 +83,7 @@ class Gateway:
             spacing_s=settings.command_spacing_s,
             retention_s=settings.command_retention_days * 86400,
             on_result=self._command_finished,
+            on_backlog=self._outbox_backlog,
             on_sent=self._command_sent,
             on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
             on_answered=self.sessions.ack_ok,
@@ -437,29 +439,38 @@ class Gateway:
         async with self.pool.acquire() as conn, conn.transaction():
             await transition(conn, order_no, f"{name}_sent")
 
-    async def _command_finished(
-        self,
-        command_id: int,
-        name: str,
-        order_no: str | None,
-        status: str,
-        outcome: Outcome | None,
-        dead_reason: str | None,
-        created_at: datetime | None = None,
-    ) -> None:
-        self.metrics.commands_finished_total.labels(command=name, status=status).inc()
-        if outcome is not None and created_at is not None:
-            latency = (self.wall() - created_at).total_seconds()
-            self.metrics.command_latency_seconds.labels(command=name).observe(latency)
-        if order_no is None or name != "start":
+    def _outbox_backlog(self, counts: dict[str, int]) -> None:
+        for status, count in counts.items():
+            self.metrics.outbox_backlog.labels(status=status).set(count)
+
+    async def _command_finished(self, done: Finished) -> None:
+        self.metrics.commands_finished_total.labels(command=done.name, status=done.status).inc()
+        if done.outcome is not None:
+            latency = (self.wall() - done.created_at).total_seconds()
+            self.metrics.command_latency_seconds.labels(command=done.name).observe(latency)
+        if done.status == "dead":
+            reason = done.dead_reason or "unknown"
+            self.metrics.commands_dead_total.labels(reason=reason).inc()
+            # webhook-ready: the device's event log says which command died and why
+            self.writer.put_event(
+                done.device_id,
+                self.wall(),
+                EventKind.COMMAND_DEAD.value,
+                reason,
+                {"command_id": done.command_id, "command": done.name, "order_no": done.order_no},
+            )
+        if done.order_no is None or done.name != "start":
             return
         assert self.pool is not None
         async with self.pool.acquire() as conn, conn.transaction():
-            if status == "acked":
-                await transition(conn, order_no, "start_acked", started_at=self.wall())
+            if done.status == "acked":
+                await transition(conn, done.order_no, "start_acked", started_at=self.wall())
             else:
-                reason = dead_reason or (outcome.result_text if outcome else None) or status
-                await transition(conn, order_no, "start_failed", failure_reason=reason)
+                outcome = done.outcome
+                why = done.dead_reason or (outcome.result_text if outcome else None)
+                await transition(
+                    conn, done.order_no, "start_failed", failure_reason=why or done.status
+                )
 
     def send(
         self,

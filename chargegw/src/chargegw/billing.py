@@ -322,6 +322,44 @@ def normalise_card_id(card_id: str) -> str:
     return text
 
 
+# -- BKV card orders --
+
+#: 0x0B down by time: the longest limit given, in minutes (the 0x07 range, bkv.md 7.2)
+BKV_CARD_MAX_MIN = 900
+#: 0x0B down ``amount_cent`` is a u16
+BKV_CARD_MAX_AMOUNT = 0xFFFF
+
+
+def bkv_card_order(
+    kind: str | None, params: Mapping[str, Any], balance_cent: int
+) -> dict[str, Any]:
+    """What a BKV 0x0B down order for an accepted card carries (bkv.md 7.6).
+
+    * ``power_tier`` plans: by power tiers (charge mode 3), the plan's tiers and the
+      balance as the amount (at most 655.35): the socket derives the time itself.
+    * ``per_hour``: by time (charge mode 1), the whole minutes the balance covers at the
+      plan's price (at least 1, at most 900); a free plan gets the maximum.
+    * ``per_kwh`` and ``fee_tier``: by time with the maximum, 900 minutes (by energy is
+      only presumed for 0x0B, bkv.md 11.2); the socket stops when the battery is full
+      and the settlement charges what was used, never below zero.
+
+    ``duration_min`` is sent as ``duration_raw`` in minutes: the unit is unconfirmed
+    (bkv.md 14.3), and if a socket reads seconds the session is shorter, never longer
+    than the balance covers.
+    """
+    if kind == "power_tier":
+        return {
+            "charge_mode": 3,
+            "amount_cent": min(balance_cent, BKV_CARD_MAX_AMOUNT),
+            "tiers": [dict(tier) for tier in params["tiers"]],
+            "duration_min": None,
+        }
+    minutes = BKV_CARD_MAX_MIN
+    if kind == "per_hour" and params.get("cent_per_hour"):
+        minutes = max(1, min(BKV_CARD_MAX_MIN, balance_cent * 60 // params["cent_per_hour"]))
+    return {"charge_mode": 1, "duration_min": minutes}
+
+
 # -- database: plans --
 
 
@@ -530,12 +568,15 @@ async def card_swipe(
     port: int | None,
     expires_s: float,
     start_params: Any,
+    business_no: int | None = None,
 ) -> SwipeResult:
     """Decide on a swipe (``port`` 1-based, None for a balance query) in one transaction;
     when accepted, insert the order (start_mode ``card``) and its start command.
 
     ``start_params(order_no, port, rate_mode, balance_cent)`` gives the start command's
     protocol parameters. Call ``outbox.wake(device_id)`` after this returns an order.
+    ``business_no`` (BKV: allocated by the socket with the swipe) is stored on the order,
+    so the session's end report finds it.
     """
     from .orders import new_order_no
     from .outbox import Priority
@@ -578,14 +619,15 @@ async def card_swipe(
         order_no = new_order_no()
         await conn.execute(
             """INSERT INTO orders (order_no, device_id, port, protocol, status, start_mode,
-                                   mode, balance_cent, card_id)
-               VALUES ($1, $2, $3, $4, 'pending', 'card', 'full', $5, $6)""",
+                                   mode, balance_cent, card_id, business_no)
+               VALUES ($1, $2, $3, $4, 'pending', 'card', 'full', $5, $6, $7)""",
             order_no,
             device_id,
             port,
             protocol,
             min(balance, 0xFFFFFFFF),
             card["card_id"],
+            business_no,
         )
         command_id = await outbox.submit(
             conn,

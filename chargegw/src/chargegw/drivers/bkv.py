@@ -20,6 +20,7 @@ import structlog
 
 from chargeproto import ABSENT, Message, bkv
 
+from .. import billing
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
 from ..orders import new_order_no
@@ -598,26 +599,115 @@ class BkvDriver:
         self.ctx.run(settle_then_ack(), "settlement")
 
     def _card_swipe(self, link: DeviceLink, m: bkv.CardSwipe) -> None:
-        # no card registry yet: nothing is started for an unknown card
+        """Answer 0x0B from the card registry (bkv.md 7.6). Accepted: an order (start
+        mode ``card``, the swipe's business number) and its 0x0B down order in the
+        outbox, confirmed by 0x0F. Refused: a 0x0B down with ``switch`` 0 at once."""
+        ctx = self.ctx
         device_id = bkv_device_id(m.gateway_id, m.socket)
-        self.ctx.writer.put_event(
-            device_id,
-            self.ctx.wall(),
-            EventKind.CARD_SWIPE.value,
-            "card not registered",
-            _detail(m),
-        )
+        port = m.port + 1
+
+        async def decide_then_reply() -> None:
+            pool = ctx.pool
+            if pool is None:
+                raise RuntimeError("no database pool: card swipe left unanswered")
+            async with pool.acquire(timeout=5) as conn, conn.transaction():
+                plan = await billing.device_plan(conn, device_id)
+                kind, params = (plan[1], plan[2]) if plan is not None else (None, {})
+                limit: dict[str, Any] = {}
+
+                def start_params(
+                    _order_no: str, _port: int, _rate_mode: int, balance: int
+                ) -> dict[str, Any]:
+                    order = billing.bkv_card_order(kind, params, balance)
+                    limit["duration_min"] = order["duration_min"]
+                    out = {
+                        "port": m.port,
+                        "card_business_no": m.business_no,
+                        "charge_mode": order["charge_mode"],
+                        "duration_raw": order["duration_min"] or 0,
+                    }
+                    if "tiers" in order:
+                        out.update(amount_cent=order["amount_cent"], tiers=order["tiers"])
+                    return out
+
+                result = await billing.card_swipe(
+                    conn,
+                    ctx.outbox,
+                    device_id=device_id,
+                    protocol=self.protocol,
+                    card_id=m.card_id,
+                    port=port,
+                    expires_s=ctx.settings.command_expiry_s,
+                    start_params=start_params,
+                    business_no=m.business_no,
+                )
+                if result.order_no is not None and kind == "per_hour":
+                    # the limit is what the balance covers: its end is a time limit
+                    await conn.execute(
+                        """UPDATE orders SET mode = 'time', requested_duration_min = $2
+                           WHERE order_no = $1""",
+                        result.order_no,
+                        limit["duration_min"],
+                    )
+            detail = {**_detail(m), "balance_cent": result.balance_cent}
+            if result.order_no is not None:
+                detail["order_no"] = result.order_no
+            ctx.writer.put_event(
+                device_id, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail
+            )
+            if result.order_no is not None:
+                ctx.outbox.wake(device_id)  # the 0x0B order goes out through the outbox
+                return
+            refusal = bkv.CardOrder(
+                m.gateway_id,
+                m.seq,
+                socket=m.socket,
+                port=m.port,
+                business_no=m.business_no,
+                switch=0,
+                charge_mode=commands.CARD_BY_TIME,
+                duration_raw=0,
+                energy_kwh=0.0,
+            )
+            self._reply(link, refusal, device_id)
+
+        ctx.run(decide_then_reply(), "card-swipe")
 
     def _balance(self, link: DeviceLink, m: bkv.BalanceQuery) -> None:
+        """Answer 0x1A with the card's balance (bkv.md 7.7); 0 for an unknown card."""
+        ctx = self.ctx
         device_id = bkv_device_id(m.gateway_id, m.socket)
-        self.ctx.writer.put_event(
-            device_id,
-            self.ctx.wall(),
-            EventKind.CARD_SWIPE.value,
-            "balance query, card not registered",
-            _detail(m),
-        )
-        reply = bkv.BalanceReply(
-            m.gateway_id, m.seq, socket=m.socket, port=m.port, card_id=m.card_id, balance_cent=0
-        )
-        self._reply(link, reply, device_id)
+
+        async def look_up_then_reply() -> None:
+            pool = ctx.pool
+            if pool is None:
+                raise RuntimeError("no database pool: balance query left unanswered")
+            async with pool.acquire(timeout=5) as conn:
+                result = await billing.card_swipe(
+                    conn,
+                    ctx.outbox,
+                    device_id=device_id,
+                    protocol=self.protocol,
+                    card_id=m.card_id,
+                    port=None,
+                    expires_s=ctx.settings.command_expiry_s,
+                    start_params=None,
+                )
+            ctx.writer.put_event(
+                device_id,
+                ctx.wall(),
+                EventKind.CARD_SWIPE.value,
+                result.reason,
+                {**_detail(m), "balance_cent": result.balance_cent},
+            )
+            reply = bkv.BalanceReply(
+                m.gateway_id,
+                m.seq,
+                socket=m.socket,
+                port=m.port,
+                card_id=m.card_id,
+                balance_cent=min(result.balance_cent, 0xFFFFFFFF),
+            )
+            self._reply(link, reply, device_id)
+
+        ctx.run(look_up_then_reply(), "balance-query")

@@ -26,6 +26,11 @@ BY_ENERGY = 0
 MAX_DURATION_MIN = 900
 #: energy limit: u16 in Wh (bkv.md 7.2)
 MAX_ENERGY_KWH = 0xFFFF / 1000
+#: 0x0015/0x0B down ``charge_mode`` (bkv.md 7.6 / 11.2)
+CARD_BY_TIME = 1
+CARD_BY_POWER_TIERS = 3
+#: sub-command of the socket's confirmation of a card order (0x0F, same seq)
+CARD_ORDER_ACK = 0x0F
 
 #: replies the server sends to device messages: not commands
 _SERVER_REPLIES = {
@@ -105,6 +110,8 @@ def _check_limits(params: dict[str, Any]) -> None:
 def build(device_id: str, name: str, params: dict[str, Any], seq: int) -> bkv.BkvMessage:
     """The message for a command; ``EncodeError`` when the parameters do not fit."""
     gateway_id, socket = _address(device_id)
+    if name == "start" and "card_business_no" in params:
+        return _card_order(gateway_id, socket, params, seq)
     if name == "start":
         _check_limits(params)
         return bkv.ChargeControl(
@@ -144,6 +151,37 @@ def build(device_id: str, name: str, params: dict[str, Any], seq: int) -> bkv.Bk
     if issubclass(cls, bkv.TlvMessage):
         fields.update(bkv_seq=seq, bkv_gateway_id=gateway_id)
     return cls.from_fields(fields)
+
+
+def _card_order(gateway_id: str, socket: int, params: dict[str, Any], seq: int) -> bkv.CardOrder:
+    """The 0x0B down order for an accepted card swipe (bkv.md 7.6): by time
+    (``duration_raw``) or by power tiers (``amount_cent`` and ``tiers``)."""
+    mode = params["charge_mode"]
+    fields: dict[str, Any] = {}
+    if mode == CARD_BY_POWER_TIERS:
+        fields["amount_cent"] = params["amount_cent"]
+        fields["tiers"] = tuple(
+            bkv.PowerTier(
+                power_w=float(t["power_w"]),
+                price_cent=t["price_cent"],
+                duration_min=t["duration_min"],
+            )
+            for t in params["tiers"]
+        )
+    elif mode != CARD_BY_TIME:
+        raise EncodeError("charge_mode is 1 (by time) or 3 (by power tiers)", field="charge_mode")
+    return bkv.CardOrder(
+        gateway_id,
+        seq,
+        socket=socket,
+        port=params["port"],
+        business_no=params["card_business_no"],
+        switch=1,
+        charge_mode=mode,
+        duration_raw=params.get("duration_raw", 0),
+        energy_kwh=0.0,
+        **fields,
+    )
 
 
 def validate(device_id: str, name: str, params: dict[str, Any]) -> None:
@@ -200,4 +238,8 @@ class BkvCommands:
         message = build(device_id, name, params, correlation)
         if name == "query":
             return bkv.encode(message), query_key(device_id)
+        if isinstance(message, bkv.CardOrder):  # confirmed by 0x0F with the same seq
+            return bkv.encode(message), reply_key(
+                message.gateway_id, message.seq, message.wire_command, CARD_ORDER_ACK
+            )
         return bkv.encode(message), key_of(message)

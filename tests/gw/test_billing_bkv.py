@@ -153,6 +153,7 @@ async def test_accepted_swipe_orders_by_time_and_the_end_report_charges_once(
         assert (order_msg.switch, order_msg.charge_mode) == (1, 1)
         assert order_msg.duration_raw == 250  # 500 cents at 2 cents a minute
         assert order_msg.seq != 0
+        await _send(box, _swipe())  # the socket swipes again: no refusal, no second order
         order = await _order(gateway, 26)
         assert order["start_mode"] == "card" and order["card_id"] == CARD and order["port"] == 1
         assert (order["mode"], order["requested_duration_min"]) == ("time", 250)
@@ -178,7 +179,8 @@ async def test_accepted_swipe_orders_by_time_and_the_end_report_charges_once(
         )
         assert [(c["amount_cent"], c["order_no"]) for c in charges] == [(-62, order["order_no"])]
         events = await _events(gateway)
-        assert [e["reason"] for e in events] == ["accepted", "balance_query"]
+        assert [e["reason"] for e in events] == ["accepted", "resend", "balance_query"]
+        assert not [m for m in box.received if isinstance(m, bkv.CardOrder)]
         assert CARD not in json.dumps([json.loads(e["detail"]) for e in events])  # masked
     finally:
         await box.close()

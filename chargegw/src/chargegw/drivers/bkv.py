@@ -611,6 +611,24 @@ class BkvDriver:
             if pool is None:
                 raise RuntimeError("no database pool: card swipe left unanswered")
             async with pool.acquire(timeout=5) as conn, conn.transaction():
+                resent = await conn.fetchval(
+                    """SELECT order_no FROM orders WHERE device_id = $1 AND port = $2
+                       AND business_no = $3 AND start_mode = 'card'
+                       AND status = ANY($4::text[])""",
+                    device_id,
+                    port,
+                    m.business_no,
+                    list(_OPEN),
+                )
+                if resent is not None:
+                    # the same swipe again: its order is on its way, a refusal would
+                    # contradict it
+                    detail = {**_detail(m), "order_no": resent}
+                    ctx.writer.put_event(
+                        device_id, ctx.wall(), EventKind.CARD_SWIPE.value, "resend", detail
+                    )
+                    ctx.outbox.wake(device_id)
+                    return
                 plan = await billing.device_plan(conn, device_id)
                 kind, params = (plan[1], plan[2]) if plan is not None else (None, {})
                 limit: dict[str, Any] = {}

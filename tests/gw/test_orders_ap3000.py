@@ -13,7 +13,7 @@ import pytest
 from chargegw.api import ApiState, create_app
 from chargegw.commands_api import make_router
 from chargegw.service import Gateway
-from chargegw.sim import Faults, SimulatedAp3000Pile, Simulator
+from chargegw.sim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 from chargeproto import ap3000
 
 from .piles import RawPile
@@ -342,3 +342,32 @@ async def test_a_command_for_an_offline_device_dies_offline_with_an_event(
         "SELECT reason, detail FROM device_events WHERE kind = 'command_dead'"
     )
     assert event is not None and event["reason"] == "offline"
+
+
+@pytest.mark.parametrize(
+    ("start", "intervals", "unplug", "reason", "code"),
+    [
+        ({"mode": "full"}, {"full_after_s": 60.0}, False, "full", 0x01),
+        ({"mode": "energy", "energy_kwh": 0.01}, {}, False, "energy_limit", 0x04),
+        ({"mode": "full"}, {}, True, "unplugged", 0x05),
+    ],
+    ids=["full", "energy_limit", "unplugged"],
+)
+async def test_stop_reason_families(
+    gateway: Gateway,
+    api: httpx.AsyncClient,
+    start: dict[str, Any],
+    intervals: dict[str, float],
+    unplug: bool,
+    reason: str,
+    code: int,
+) -> None:
+    sim, pile = await _pile(gateway, intervals=Ap3000Intervals(**intervals), charge_power_w=2000)
+    async with sim:
+        body = (await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json=start)).json()
+        await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"charging"})
+        if unplug:
+            pile.unplug(0)
+        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"})
+        assert (order["stop_reason"], order["stop_reason_code"]) == (reason, code)
+        assert order["stop_reason_text"]

@@ -186,3 +186,32 @@ async def test_killed_between_a_settlement_and_its_ack(
         finally:
             await conn.close()
         assert applied == 1  # applied once, however often it was sent
+
+
+async def test_bkv_killed_between_the_start_request_and_the_sockets_reply(
+    server: Server,
+) -> None:
+    from chargegw.sim.bkv import SimulatedBkvGateway
+
+    gateway_id = "82231214000001"
+    device = f"{gateway_id}-1"
+    box = SimulatedBkvGateway(gateway_id, sockets=1, faults=Faults(reply_delay_s=1.5))
+    async with Simulator(
+        "127.0.0.1", server.device_port, [box], accel=60, jitter=0, reconnect_max_s=1.0
+    ):
+        await _until(server, f"/api/v1/devices/{device}", "online", {True})  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=server.base) as client:
+            response = await client.post(
+                f"/api/v1/devices/{device}/ports/1/start",
+                json={"mode": "time", "duration_min": 600},
+            )
+        assert response.status_code == 202, response.text
+        order_no, command_id = response.json()["order_no"], response.json()["command_id"]
+        await box.wait_for_record(lambda r: r.command == 0x0015, timeout=10)
+        await server.kill()
+        await server.start()
+        command = await _until(server, f"/api/v1/commands/{command_id}", "status", {"acked"})
+        order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        assert order["business_no"] == box.jack(1, 0).business_no != 0
+        assert command["attempts"] <= 2
+        assert box.sockets[1].last_business_no == 1  # one session, not two

@@ -215,3 +215,67 @@ async def test_bkv_killed_between_the_start_request_and_the_sockets_reply(
         assert order["business_no"] == box.jack(1, 0).business_no != 0
         assert command["attempts"] <= 2
         assert box.sockets[1].last_business_no == 1  # one session, not two
+
+
+async def test_bkv_killed_between_an_end_report_and_its_ack(
+    server: Server, db_dsn: str, pg_server_dsn: str
+) -> None:
+    from chargegw.sim.bkv import BkvIntervals, SimulatedBkvGateway
+
+    gateway_id = "82231214000001"
+    device = f"{gateway_id}-1"
+    box = SimulatedBkvGateway(
+        gateway_id, sockets=1, intervals=BkvIntervals(end_report_resend_s=60)
+    )  # 1 s at accel 60
+    async with Simulator(
+        "127.0.0.1", server.device_port, [box], accel=60, jitter=0, reconnect_max_s=1.0
+    ):
+        await _until(server, f"/api/v1/devices/{device}", "online", {True})  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=server.base) as client:
+            response = await client.post(
+                f"/api/v1/devices/{device}/ports/1/start",
+                json={"mode": "time", "duration_min": 600},
+            )
+        order_no = response.json()["order_no"]
+        await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        name = database_name(db_dsn)
+        admin = await asyncpg.connect(pg_server_dsn)
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+                name,
+            )
+            box.unplug(1, 0)  # the session ends: the socket sends its end report
+            await box.wait_for_record(
+                lambda r: (
+                    r.command == 0x0015
+                    and r.flow.name == "SENT"
+                    and r.message is not None
+                    and type(r.message).__name__ == "EndReport"
+                ),
+                timeout=10,
+            )
+            await asyncio.sleep(0.5)
+            assert box.end_reports, "the end report must not be acknowledged yet"
+            await server.kill()
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+            await admin.close()
+        await server.start()
+        order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        assert order["business_no"] is not None
+        for _ in range(100):
+            if not box.end_reports:
+                break
+            await asyncio.sleep(0.1)
+        assert not box.end_reports
+        conn = await asyncpg.connect(db_dsn)
+        try:
+            applied = await conn.fetchval(
+                "SELECT count(*) FROM device_events"
+                " WHERE kind = 'settlement' AND reason = 'applied'"
+            )
+        finally:
+            await conn.close()
+        assert applied == 1

@@ -10,13 +10,12 @@ import structlog
 
 from chargeproto import ABSENT, Direction, Message, ap3000
 
-from .. import billing
 from ..audit import mask_text
 from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
 from ..orders import AP3000_STOP_REASONS
-from ..transport import REPLY, DeviceLink
+from ..transport import DeviceLink
 from . import ap3000_commands as commands
-from .base import DriverContext
+from .base import DriverContext, gateway_connected, look_up_card, record_swipe, send_reply
 
 log = structlog.get_logger("chargegw.ap3000")
 
@@ -141,16 +140,7 @@ class Ap3000Driver:
             current = message.phy_id
             state["gateway"] = current
             state["host"] = is_host
-            self.ctx.writer.put_gateway(
-                current,
-                protocol=self.protocol,
-                online=True,
-                connection_id=link.id,
-                node=self.ctx.settings.node,
-                remote_addr=link.remote,
-                connected_at=wall,
-                iccid=link.iccid,
-            )
+            gateway_connected(self.ctx, link, current, protocol=self.protocol, wall=wall)
         self.ctx.writer.put_gateway(current, protocol=self.protocol, last_seen_at=wall)
         return str(current)
 
@@ -164,14 +154,8 @@ class Ap3000Driver:
         *,
         after_commit: bool = False,
     ) -> None:
-        self.ctx.send(
-            link,
-            ap3000.encode(reply),
-            device_id=device_id,
-            command=f"0x{reply.command:02x}",
-            priority=REPLY,
-            message=reply,
-            after_commit=after_commit,
+        send_reply(
+            self.ctx, link, reply, ap3000.encode(reply), device_id, after_commit=after_commit
         )
 
     def _query_answered(self, device_id: str, m: Message) -> None:
@@ -374,25 +358,17 @@ class Ap3000Driver:
             }
 
         async def decide_then_reply() -> None:
-            pool = ctx.pool
-            if pool is None:
-                raise RuntimeError("no database pool: card swipe left unanswered")
-            async with pool.acquire(timeout=5) as conn:
-                result = await billing.card_swipe(
-                    conn,
-                    ctx.outbox,
-                    device_id=owner,
-                    protocol=self.protocol,
-                    card_id=m.card_id,
-                    port=port,
-                    expires_s=ctx.settings.command_expiry_s,
-                    start_params=start_params,
-                )
-            detail = {**_detail(m), "account_status": result.account_status}
-            if result.order_no is not None:
-                detail["order_no"] = result.order_no
-            ctx.writer.put_event(
-                owner, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail
+            result = await look_up_card(
+                ctx,
+                protocol=self.protocol,
+                device_id=owner,
+                card_id=m.card_id,
+                port=port,
+                start_params=start_params,
+                what="card swipe",
+            )
+            record_swipe(
+                ctx, owner, result, {**_detail(m), "account_status": result.account_status}
             )
             reply = ap3000.CardSwipeReply(
                 m.phy_id,

@@ -10,11 +10,13 @@ import asyncpg
 
 from chargeproto import Message, bkv
 
+from .. import billing
 from ..config import Settings
+from ..core import EventKind
 from ..outbox import Outbox
 from ..sessions import SessionRegistry
 from ..store.writer import BatchWriter
-from ..transport import DeviceLink
+from ..transport import REPLY, DeviceLink
 
 
 class DriverContext(Protocol):
@@ -94,3 +96,81 @@ def command_label(message: Message) -> str:
         return f"{label}/0x{key:04x}" if message.wire_command == 0x1000 else f"{label}/0x{key:02x}"
     code = getattr(message, "unknown_command", None)
     return f"0x{message.command if code is None else code:02x}"
+
+
+def send_reply(
+    ctx: DriverContext,
+    link: DeviceLink,
+    reply: Message,
+    frame: bytes,
+    device_id: str | None,
+    *,
+    after_commit: bool = False,
+) -> None:
+    """Send a driver's answer ``reply`` (encoded as ``frame``) with reply priority."""
+    ctx.send(
+        link,
+        frame,
+        device_id=device_id,
+        command=command_label(reply),
+        priority=REPLY,
+        message=reply,
+        after_commit=after_commit,
+    )
+
+
+def gateway_connected(
+    ctx: DriverContext, link: DeviceLink, gateway_id: str, *, protocol: str, wall: datetime
+) -> None:
+    """Record ``gateway_id`` online on ``link`` (the connection's first word from it)."""
+    ctx.writer.put_gateway(
+        gateway_id,
+        protocol=protocol,
+        online=True,
+        connection_id=link.id,
+        node=ctx.settings.node,
+        remote_addr=link.remote,
+        connected_at=wall,
+        iccid=link.iccid,
+    )
+
+
+def require_pool(ctx: DriverContext, what: str) -> asyncpg.Pool:
+    """The database pool; without one, ``what`` stays unanswered."""
+    pool = ctx.pool
+    if pool is None:
+        raise RuntimeError(f"no database pool: {what} left unanswered")
+    return pool
+
+
+async def look_up_card(
+    ctx: DriverContext,
+    *,
+    protocol: str,
+    device_id: str,
+    card_id: str,
+    port: int | None,
+    start_params: Any,
+    what: str,
+) -> billing.SwipeResult:
+    """Decide on a card swipe (``port`` None: a balance query) with the card registry."""
+    async with require_pool(ctx, what).acquire(timeout=5) as conn:
+        return await billing.card_swipe(
+            conn,
+            ctx.outbox,
+            device_id=device_id,
+            protocol=protocol,
+            card_id=card_id,
+            port=port,
+            expires_s=ctx.settings.command_expiry_s,
+            start_params=start_params,
+        )
+
+
+def record_swipe(
+    ctx: DriverContext, device_id: str, result: billing.SwipeResult, detail: dict[str, Any]
+) -> None:
+    """The card-swipe event of a decision (with the order it opened, if any)."""
+    if result.order_no is not None:
+        detail = {**detail, "order_no": result.order_no}
+    ctx.writer.put_event(device_id, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail)

@@ -25,9 +25,16 @@ from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
 from ..orders import new_order_no
 from ..store.writer import TRANSIENT_DB_ERRORS
-from ..transport import REPLY, DeviceLink
+from ..transport import DeviceLink
 from . import bkv_commands as commands
-from .base import DriverContext, command_label
+from .base import (
+    DriverContext,
+    gateway_connected,
+    look_up_card,
+    record_swipe,
+    require_pool,
+    send_reply,
+)
 
 log = structlog.get_logger("chargegw.bkv")
 
@@ -150,16 +157,7 @@ class BkvDriver:
     def _gateway(self, link: DeviceLink, message: bkv.BkvMessage, wall: datetime) -> None:
         if link.driver_state.get("gateway") != message.gateway_id:
             link.driver_state["gateway"] = message.gateway_id
-            self.ctx.writer.put_gateway(
-                message.gateway_id,
-                protocol=self.protocol,
-                online=True,
-                connection_id=link.id,
-                node=self.ctx.settings.node,
-                remote_addr=link.remote,
-                connected_at=wall,
-                iccid=link.iccid,
-            )
+            gateway_connected(self.ctx, link, message.gateway_id, protocol=self.protocol, wall=wall)
         self.ctx.writer.put_gateway(message.gateway_id, protocol=self.protocol, last_seen_at=wall)
 
     def _seen(
@@ -184,15 +182,7 @@ class BkvDriver:
         *,
         after_commit: bool = False,
     ) -> None:
-        self.ctx.send(
-            link,
-            bkv.encode(reply),
-            device_id=device_id,
-            command=command_label(reply),
-            priority=REPLY,
-            message=reply,
-            after_commit=after_commit,
-        )
+        send_reply(self.ctx, link, reply, bkv.encode(reply), device_id, after_commit=after_commit)
 
     def _ack(self, cls: Any, message: Any, **fields: Any) -> bkv.BkvMessage:
         """A TLV ACK echoing the report's header items (bkv.md 9.4, 9.6, 9.8)."""
@@ -607,10 +597,10 @@ class BkvDriver:
         port = m.port + 1
 
         async def decide_then_reply() -> None:
-            pool = ctx.pool
-            if pool is None:
-                raise RuntimeError("no database pool: card swipe left unanswered")
-            async with pool.acquire(timeout=5) as conn, conn.transaction():
+            async with (
+                require_pool(ctx, "card swipe").acquire(timeout=5) as conn,
+                conn.transaction(),
+            ):
                 resent = await conn.fetchval(
                     """SELECT order_no FROM orders WHERE device_id = $1 AND port = $2
                        AND business_no = $3 AND start_mode = 'card'
@@ -667,11 +657,8 @@ class BkvDriver:
                         result.order_no,
                         limit["duration_min"],
                     )
-            detail = {**_detail(m), "balance_cent": result.balance_cent}
-            if result.order_no is not None:
-                detail["order_no"] = result.order_no
-            ctx.writer.put_event(
-                device_id, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail
+            record_swipe(
+                ctx, device_id, result, {**_detail(m), "balance_cent": result.balance_cent}
             )
             if result.order_no is not None:
                 ctx.outbox.wake(device_id)  # the 0x0B order goes out through the outbox
@@ -697,26 +684,17 @@ class BkvDriver:
         device_id = bkv_device_id(m.gateway_id, m.socket)
 
         async def look_up_then_reply() -> None:
-            pool = ctx.pool
-            if pool is None:
-                raise RuntimeError("no database pool: balance query left unanswered")
-            async with pool.acquire(timeout=5) as conn:
-                result = await billing.card_swipe(
-                    conn,
-                    ctx.outbox,
-                    device_id=device_id,
-                    protocol=self.protocol,
-                    card_id=m.card_id,
-                    port=None,
-                    expires_s=ctx.settings.command_expiry_s,
-                    start_params=None,
-                )
-            ctx.writer.put_event(
-                device_id,
-                ctx.wall(),
-                EventKind.CARD_SWIPE.value,
-                result.reason,
-                {**_detail(m), "balance_cent": result.balance_cent},
+            result = await look_up_card(
+                ctx,
+                protocol=self.protocol,
+                device_id=device_id,
+                card_id=m.card_id,
+                port=None,
+                start_params=None,
+                what="balance query",
+            )
+            record_swipe(
+                ctx, device_id, result, {**_detail(m), "balance_cent": result.balance_cent}
             )
             reply = bkv.BalanceReply(
                 m.gateway_id,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -205,16 +205,37 @@ class Ap3000Driver:
             temperature_c=m.temperature_c,
             voltage_v=m.voltage_v,
         )
-        for p in m.ports:
+        # 0x21 reports no port power: an idle port draws none, a busy one is unknown
+        self._put_ports(
+            device_id,
+            m.ports,
+            ap3000.PortState.TEXTS["status"],
+            m.voltage_v,
+            wall,
+            power_w=lambda p, status: 0.0 if status is PortStatus.IDLE else None,
+        )
+
+    def _put_ports(
+        self,
+        device_id: str,
+        ports: Any,
+        texts: Mapping[int, str],
+        voltage_v: Any,
+        wall: datetime,
+        *,
+        power_w: Callable[[Any, PortStatus], Any],
+    ) -> None:
+        """The port list of a 0x21 or 0x01 heartbeat (ports 0-based on the wire)."""
+        for p in ports:
             status = _status(p.status, AP3000_PORT_STATUS)
             self.ctx.writer.put_port(
                 device_id,
                 p.port + 1,
                 status=status.value,
                 status_code=p.status,
-                status_text=ap3000.PortState.TEXTS["status"].get(p.status),
-                voltage_v=m.voltage_v,
-                power_w=0.0 if status is PortStatus.IDLE else None,
+                status_text=texts.get(p.status),
+                voltage_v=voltage_v,
+                power_w=power_w(p, status),
                 reported_at=wall,
             )
 
@@ -243,18 +264,14 @@ class Ap3000Driver:
             temperature_c=m.temperature_c,
             voltage_v=m.voltage_v,
         )
-        for p in m.ports:
-            status = _status(p.status, AP3000_PORT_STATUS)
-            self.ctx.writer.put_port(
-                device_id,
-                p.port + 1,
-                status=status.value,
-                status_code=p.status,
-                status_text=ap3000.LegacyPortState.TEXTS["status"].get(p.status),
-                power_w=p.power_w,
-                voltage_v=m.voltage_v,
-                reported_at=wall,
-            )
+        self._put_ports(
+            device_id,
+            m.ports,
+            ap3000.LegacyPortState.TEXTS["status"],
+            m.voltage_v,
+            wall,
+            power_w=lambda p, status: p.power_w,
+        )
 
     def _power_heartbeat(
         self, link: DeviceLink, m: ap3000.PowerHeartbeat, device_id: str | None

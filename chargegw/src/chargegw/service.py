@@ -27,7 +27,7 @@ from .config import Settings
 from .core import EventKind
 from .drivers.ap3000 import Ap3000Driver
 from .drivers.ap3000_commands import Ap3000Commands
-from .drivers.base import command_label
+from .drivers.base import command_label, retry_while_connected
 from .drivers.bkv import BkvDriver
 from .drivers.bkv_commands import BkvCommands
 from .metrics import Metrics
@@ -36,7 +36,7 @@ from .outbox import Finished, Outbox
 from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
 from .store.partitions import maintain
-from .store.writer import TRANSIENT_DB_ERRORS, BatchWriter
+from .store.writer import BatchWriter
 from .transport import CONTROL, DeviceLink, DeviceServer
 
 log = structlog.get_logger("chargegw")
@@ -321,29 +321,28 @@ class Gateway:
     ) -> bool:
         """Commit a settlement; while the database is away, retry with backoff as long as
         ``while_connected`` is open (the device resends later otherwise)."""
-        delay = 0.5
-        while True:
-            try:
-                return await self._settle_once(
-                    protocol=protocol,
-                    device_id=device_id,
-                    port=port,
-                    order_no=order_no,
-                    start_mode=start_mode,
-                    values=values,
-                    detail=detail,
-                )
-            except TRANSIENT_DB_ERRORS as exc:
-                if while_connected is None or while_connected.closed:
-                    raise
-                log.warning(
-                    "settlement not stored yet, retrying",
-                    device_id=device_id,
-                    order_no=order_no,
-                    error=str(exc),
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+
+        def retrying(exc: Exception) -> None:
+            log.warning(
+                "settlement not stored yet, retrying",
+                device_id=device_id,
+                order_no=order_no,
+                error=str(exc),
+            )
+
+        return await retry_while_connected(
+            lambda: self._settle_once(
+                protocol=protocol,
+                device_id=device_id,
+                port=port,
+                order_no=order_no,
+                start_mode=start_mode,
+                values=values,
+                detail=detail,
+            ),
+            while_connected,
+            on_retry=retrying,
+        )
 
     async def _settle_once(
         self,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -15,8 +16,10 @@ from ..config import Settings
 from ..core import EventKind
 from ..outbox import Outbox
 from ..sessions import SessionRegistry
-from ..store.writer import BatchWriter
+from ..store.writer import TRANSIENT_DB_ERRORS, BatchWriter
 from ..transport import REPLY, DeviceLink
+
+_R = TypeVar("_R")
 
 
 class DriverContext(Protocol):
@@ -174,3 +177,24 @@ def record_swipe(
     if result.order_no is not None:
         detail = {**detail, "order_no": result.order_no}
     ctx.writer.put_event(device_id, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail)
+
+
+async def retry_while_connected(
+    attempt: Callable[[], Awaitable[_R]],
+    link: DeviceLink | None,
+    *,
+    on_retry: Callable[[Exception], None] | None = None,
+) -> _R:
+    """``attempt()``; while the database is away, retry with backoff (0.5 s doubling to
+    5 s) as long as ``link`` is open (the device resends later otherwise)."""
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except TRANSIENT_DB_ERRORS as exc:
+            if link is None or link.closed:
+                raise
+            if on_retry is not None:
+                on_retry(exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)

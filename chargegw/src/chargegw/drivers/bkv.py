@@ -24,7 +24,6 @@ from .. import billing
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
 from ..orders import new_order_no
-from ..store.writer import TRANSIENT_DB_ERRORS
 from ..transport import DeviceLink
 from . import bkv_commands as commands
 from .base import (
@@ -33,6 +32,7 @@ from .base import (
     look_up_card,
     record_swipe,
     require_pool,
+    retry_while_connected,
     send_reply,
 )
 
@@ -230,18 +230,14 @@ class BkvDriver:
     async def _db(self, step: Callable[[Any], Awaitable[_R]], link: DeviceLink | None) -> _R:
         """Run ``step(conn)`` in a transaction; while the database is away, retry as long
         as ``link`` is open (the gateway resends otherwise)."""
-        delay = 0.5
-        while True:
+
+        async def attempt() -> _R:
             pool = self.ctx.pool
             assert pool is not None
-            try:
-                async with pool.acquire(timeout=5) as conn, conn.transaction():
-                    return await step(conn)
-            except TRANSIENT_DB_ERRORS:
-                if link is None or link.closed:
-                    raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            async with pool.acquire(timeout=5) as conn, conn.transaction():
+                return await step(conn)
+
+        return await retry_while_connected(attempt, link)
 
     async def _record_business_no(
         self, link: DeviceLink, device_id: str, order_no: str, m: bkv.ChargeControlReply

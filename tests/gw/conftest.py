@@ -7,15 +7,22 @@ runs on a laptop with nothing installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import httpx
 import pytest
 
+from chargegw.api import ApiState, create_app
+from chargegw.commands_api import make_router
+from chargegw.config import Settings
+from chargegw.service import Gateway
 from chargegw.store.database import migrate, start_embedded
 
 
@@ -78,3 +85,68 @@ async def db_pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def database_outage(pg_server_dsn: str, db_dsn: str) -> AsyncIterator[None]:
+    """The database of ``db_dsn`` goes away (no new connections, existing ones killed)
+    for the duration of the block; it comes back when the block ends."""
+    name = database_name(db_dsn)
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        yield
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
+        await admin.close()
+
+
+def settings_for(dsn: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "dsn": dsn,
+        "device_host": "127.0.0.1",
+        "device_port": 0,
+        "batch_interval_s": 0.02,
+        "liveness_check_s": 0.05,
+        "ap3000_heartbeat_s": 180.0,
+        **overrides,
+    }
+    return Settings(**values)
+
+
+@pytest.fixture
+def gateway_settings() -> dict[str, Any]:
+    """Settings a module's ``gateway`` starts with (overridden per module; a test's
+    ``settings`` marker adds to them)."""
+    return {}
+
+
+@pytest.fixture
+async def gateway(
+    db_dsn: str, gateway_settings: dict[str, Any], request: pytest.FixtureRequest
+) -> AsyncIterator[Gateway]:
+    """A gateway on a fresh database, devices on a free local port, no HTTP server."""
+    marker = request.node.get_closest_marker("settings")
+    overrides = {**gateway_settings, **(marker.kwargs if marker else {})}
+    gw = Gateway(settings_for(db_dsn, **overrides))
+    await gw.start(http=False)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
+
+
+@pytest.fixture
+async def api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    """The device and command API of ``gateway``, in process, without authentication."""
+    state = ApiState(
+        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
+    )
+    app = create_app(state, routers=[make_router(gateway)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        yield client

@@ -26,7 +26,6 @@ from chargegw.service import Gateway
 from chargeproto import ap3000
 
 from .piles import RawPile
-from .test_gateway_ap3000 import settings_for
 
 PHY = "04000001"
 CARD = "0A1B2C3D"
@@ -294,13 +293,8 @@ def test_reconciliation_total_is_the_sum_of_order_amounts(
 
 
 @pytest.fixture
-async def gateway(db_dsn: str) -> AsyncIterator[Gateway]:
-    gw = Gateway(settings_for(db_dsn, ack_timeout_s=1.0, command_spacing_s=0.2))
-    await gw.start(http=False)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
+def gateway_settings() -> dict[str, Any]:
+    return {"ack_timeout_s": 1.0, "command_spacing_s": 0.2}
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from chargegw.service import Gateway
 from chargeproto import bkv
 
 from .piles import RawBkvGateway
-from .test_gateway_ap3000 import settings_for
 
 VECTORS = {
     v["name"]: bytes.fromhex(v["hex"])
@@ -35,13 +33,8 @@ POWER_TIERS = {
 
 
 @pytest.fixture
-async def gateway(db_dsn: str) -> AsyncIterator[Gateway]:
-    gw = Gateway(settings_for(db_dsn, ack_timeout_s=1.0, command_spacing_s=0.2))
-    await gw.start(http=False)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
+def gateway_settings() -> dict[str, Any]:
+    return {"ack_timeout_s": 1.0, "command_spacing_s": 0.2}
 
 
 async def _box(gateway: Gateway) -> RawBkvGateway:

@@ -17,7 +17,7 @@ import pytest
 
 from chargegw.sim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 
-from .conftest import database_name
+from .conftest import database_outage
 from .test_serve_e2e import _free_port, _wait_http
 
 PHY = "04000001"
@@ -152,23 +152,13 @@ async def test_killed_between_a_settlement_and_its_ack(
             )
         order_no = response.json()["order_no"]
         await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
-        name = database_name(db_dsn)
-        admin = await asyncpg.connect(pg_server_dsn)
-        try:
-            # the database goes away, so the settlement cannot be committed (no ACK) ...
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                name,
-            )
+        # the database goes away, so the settlement cannot be committed (no ACK) ...
+        async with database_outage(pg_server_dsn, db_dsn):
             pile.unplug(0)  # the session ends: the pile sends its 0x03
             await pile.wait_for_record(lambda r: r.command == 0x03, timeout=10)
             await asyncio.sleep(0.5)
             assert pile.settlements, "the settlement must not be acknowledged yet"
             await server.kill()  # ... and the server dies holding it
-        finally:
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-            await admin.close()
         await server.start()
         order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "unplugged"
@@ -238,14 +228,7 @@ async def test_bkv_killed_between_an_end_report_and_its_ack(
             )
         order_no = response.json()["order_no"]
         await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
-        name = database_name(db_dsn)
-        admin = await asyncpg.connect(pg_server_dsn)
-        try:
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
-                name,
-            )
+        async with database_outage(pg_server_dsn, db_dsn):
             box.unplug(1, 0)  # the session ends: the socket sends its end report
             await box.wait_for_record(
                 lambda r: (
@@ -259,9 +242,6 @@ async def test_bkv_killed_between_an_end_report_and_its_ack(
             await asyncio.sleep(0.5)
             assert box.end_reports, "the end report must not be acknowledged yet"
             await server.kill()
-        finally:
-            await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-            await admin.close()
         await server.start()
         order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["business_no"] is not None

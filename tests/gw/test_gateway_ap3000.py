@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from chargegw.config import Settings
 from chargegw.service import Gateway
 from chargeproto import ap3000
 
-from .conftest import database_name
+from .conftest import database_outage
 from .piles import RawPile
-
-
-def settings_for(dsn: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "dsn": dsn,
-        "device_host": "127.0.0.1",
-        "device_port": 0,
-        "batch_interval_s": 0.02,
-        "liveness_check_s": 0.05,
-        "ap3000_heartbeat_s": 180.0,
-        **overrides,
-    }
-    return Settings(**values)
-
-
-@pytest.fixture
-async def gateway(db_dsn: str, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
-    marker = request.node.get_closest_marker("settings")
-    overrides = marker.kwargs if marker else {}
-    gw = Gateway(settings_for(db_dsn, **overrides))
-    await gw.start(http=False)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
 
 
 async def fetchrow(gw: Gateway, sql: str, *args: Any) -> asyncpg.Record | None:
@@ -224,14 +197,8 @@ async def test_database_outage_keeps_piles_answered_and_loses_nothing(
     await pile.heartbeat()
     await pile.expect(ap3000.HeartbeatReply)
     await gateway.writer.drained()
-    name = database_name(db_dsn)
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        # the database goes away: no new connections, existing ones killed
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
-        )
+    # the database goes away: no new connections, existing ones killed
+    async with database_outage(pg_server_dsn, db_dsn):
         sent = []
         for _ in range(5):
             sent.append(await pile.heartbeat((1, 0)))
@@ -252,9 +219,6 @@ async def test_database_outage_keeps_piles_answered_and_loses_nothing(
         await asyncio.sleep(0.5)
         assert not gateway.readiness()["database"]
         assert pile.received == []  # no settlement ACK while it cannot be stored
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
-        await admin.close()
     reply = await pile.expect(ap3000.SettlementReply, timeout=15)
     assert reply.msg_id == settlement.msg_id
     await gateway.writer.drained()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +14,13 @@ from chargegw.service import Gateway
 from chargeproto import bkv
 
 from .piles import RawBkvGateway
-from .test_gateway_ap3000 import fetch, fetchrow, settings_for
+from .test_gateway_ap3000 import fetch, fetchrow
 
 VECTORS = {
     v["name"]: bytes.fromhex(v["hex"])
     for v in json.loads((Path(__file__).parents[2] / "fixtures" / "bkv.json").read_text())
     if v["valid"]
 }
-
-
-@pytest.fixture
-async def gateway(db_dsn: str) -> AsyncIterator[Gateway]:
-    gw = Gateway(settings_for(db_dsn))
-    await gw.start(http=False)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
 
 
 async def test_heartbeat_is_answered_with_the_local_time(gateway: Gateway) -> None:

@@ -4,51 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
 from chargegw.service import Gateway
 from chargegw.sim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 from chargeproto import ap3000
 
 from .piles import RawPile
-from .test_gateway_ap3000 import settings_for
 
 ACCEL = 120.0
 PHY = "04000001"
 
 
 @pytest.fixture
-async def gateway(db_dsn: str, request: pytest.FixtureRequest) -> AsyncIterator[Gateway]:
-    marker = request.node.get_closest_marker("settings")
-    overrides = {
-        "ack_timeout_s": 1.0,
-        "command_spacing_s": 0.5,
-        **(marker.kwargs if marker else {}),
-    }
-    gw = Gateway(settings_for(db_dsn, **overrides))
-    await gw.start(http=False)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
-
-
-@pytest.fixture
-async def api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    state = ApiState(
-        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
-    )
-    app = create_app(state, routers=[make_router(gateway)])
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
-        yield client
+def gateway_settings() -> dict[str, Any]:
+    return {"ack_timeout_s": 1.0, "command_spacing_s": 0.5}
 
 
 async def _pile(gateway: Gateway, **options: Any) -> tuple[Simulator, SimulatedAp3000Pile]:

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
 from chargegw.service import Gateway
 from chargegw.sim import Faults, Simulator
 from chargegw.sim.bkv import BkvIntervals, SimulatedBkvGateway
 from chargeproto import bkv
 
 from .piles import RawBkvGateway
-from .test_gateway_ap3000 import settings_for
 
 ACCEL = 60.0
 GW = "82231214000001"
@@ -27,25 +23,8 @@ INTERVALS = BkvIntervals(status_s=60, end_report_resend_s=60)
 
 
 @pytest.fixture
-async def gateway(db_dsn: str) -> AsyncIterator[Gateway]:
-    gw = Gateway(settings_for(db_dsn, ack_timeout_s=1.0, command_spacing_s=0.2))
-    await gw.start(http=False)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
-
-
-@pytest.fixture
-async def api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    state = ApiState(
-        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
-    )
-    app = create_app(state, routers=[make_router(gateway)])
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
-        yield client
+def gateway_settings() -> dict[str, Any]:
+    return {"ack_timeout_s": 1.0, "command_spacing_s": 0.2}
 
 
 async def _gateway(gateway: Gateway, **options: Any) -> tuple[Simulator, SimulatedBkvGateway]:

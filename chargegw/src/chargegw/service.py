@@ -149,6 +149,7 @@ class Gateway:
         from .api import ApiState, create_app
         from .billing_api import make_billing_router
         from .commands_api import make_router
+        from .params_api import make_params_router
 
         assert self.pool is not None
         keys = auth.parse_keys(self.settings.api_keys)
@@ -163,7 +164,10 @@ class Gateway:
             api_keys=keys,
             auth_required=required,
         )
-        app = create_app(self.api_state, routers=[make_router(self), make_billing_router(self)])
+        app = create_app(
+            self.api_state,
+            routers=[make_router(self), make_billing_router(self), make_params_router(self)],
+        )
         config = uvicorn.Config(
             app,
             host=host,

@@ -10,6 +10,7 @@ import structlog
 
 from chargeproto import ABSENT, Direction, Message, ap3000
 
+from .. import params
 from ..audit import mask_text
 from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
 from ..orders import AP3000_STOP_REASONS
@@ -111,8 +112,12 @@ class Ap3000Driver:
             )
         if message.direction is Direction.UP and device_id is not None:
             key = commands.reply_key(device_id, message.command, message.msg_id)
-            if ctx.outbox.open_command(key) is not None:
+            waiting = ctx.outbox.open_command(key)
+            if waiting is not None:
                 ctx.outbox.on_reply(key, commands.outcome(message))
+            if type(message) in params.REPLIES:  # read-back verification (params.py)
+                answered = None if waiting is None else waiting.command_id
+                ctx.run(params.on_reply(ctx.pool, device_id, message, answered), "params")
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(link, message, device_id)

@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
 
 from chargeproto import EncodeError, Message, ap3000
 
+from .core import split_device_id
 from .drivers import ap3000_commands
+from .outbox import Priority
+
+if TYPE_CHECKING:
+    from .outbox import Outbox
 
 log = structlog.get_logger("chargegw.params")
 
@@ -104,6 +109,14 @@ class ParamsError(ValueError):
         self.field = field
 
 
+class DeviceNotFoundError(LookupError):
+    """The device is not known."""
+
+
+class UnsupportedDeviceError(ValueError):
+    """The device speaks a protocol whose parameters are not supported yet."""
+
+
 def quantize(group: Group, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` as the device will hold them: floats rounded to the wire resolution."""
     out = dict(values)
@@ -140,6 +153,94 @@ def prepare(
     except EncodeError as exc:
         raise ParamsError(f"{group_name}: {exc}", group_name, exc.field) from None
     return quantize(group, desired)
+
+
+async def apply(
+    outbox: Outbox,
+    conn: asyncpg.pool.PoolConnectionProxy,
+    device_id: str,
+    body: dict[str, Any],
+    *,
+    expires_s: float,
+) -> dict[str, dict[str, Any]]:
+    """Store ``body`` (group -> fields) as desired for ``device_id`` and queue each group's
+    set command and read-back, inside the caller's transaction (wake the outbox after it
+    commits). Everything is validated before anything is queued: ``ParamsError``,
+    ``DeviceNotFoundError`` or ``UnsupportedDeviceError`` otherwise.
+
+    Returns group -> ``desired``, ``set_command_id``, ``read_command_id``."""
+    row = await conn.fetchrow(
+        "SELECT protocol FROM devices WHERE device_id = $1 FOR UPDATE", device_id
+    )
+    if row is None:
+        raise DeviceNotFoundError(f"device {device_id} not found")
+    if row["protocol"] != "ap3000":
+        raise UnsupportedDeviceError(
+            f"parameters of {row['protocol']} devices are not supported yet"
+        )
+    existing = {
+        r["group"]: r
+        for r in await conn.fetch(
+            """SELECT "group", desired, reported FROM device_params WHERE device_id = $1""",
+            device_id,
+        )
+    }
+    desired: dict[str, dict[str, Any]] = {}
+    phy = split_device_id(device_id)[0]
+    for name, values in body.items():  # validate everything before sending anything
+        old = existing.get(name)
+        base = None
+        if old is not None:
+            base = json.loads(old["desired"] or old["reported"] or "null")
+        desired[name] = prepare(phy, name, values, base)
+    accepted: dict[str, dict[str, Any]] = {}
+    for name, values in desired.items():
+        group = GROUPS[name]
+        ids = []
+        for command, params in ((group.set_command, values), (group.read_command, {})):
+            ids.append(
+                await outbox.submit(
+                    conn,
+                    device_id=device_id,
+                    protocol="ap3000",
+                    name=command,
+                    params=params,
+                    priority=Priority.PARAMETER,
+                    expires_s=expires_s,
+                )
+            )
+        await conn.execute(
+            """INSERT INTO device_params (device_id, "group", desired, desired_at,
+                                          status, diff, verified_at, failure_reason,
+                                          set_command_id, read_command_id)
+               VALUES ($1, $2, $3, now(), 'pending', NULL, NULL, NULL, $4, $5)
+               ON CONFLICT (device_id, "group") DO UPDATE SET
+                   desired = excluded.desired, desired_at = now(),
+                   status = 'pending', diff = NULL, verified_at = NULL,
+                   failure_reason = NULL, set_command_id = excluded.set_command_id,
+                   read_command_id = excluded.read_command_id""",
+            device_id,
+            name,
+            json.dumps(values),
+            ids[0],
+            ids[1],
+        )
+        accepted[name] = {"desired": values, "set_command_id": ids[0], "read_command_id": ids[1]}
+    return accepted
+
+
+async def mark_dead_commands(conn: asyncpg.pool.PoolConnectionProxy, device_ids: list[str]) -> None:
+    """Groups of ``device_ids`` whose queued set or read-back failed or died: ``failed``."""
+    await conn.execute(
+        """UPDATE device_params p SET status = 'failed',
+                  failure_reason = c.name || ' ' || c.status
+                      || coalesce(': ' || coalesce(c.result_text, c.dead_reason), '')
+           FROM commands c
+           WHERE p.device_id = ANY($1::text[]) AND p.status IN ('pending', 'applying')
+             AND c.command_id IN (p.set_command_id, p.read_command_id)
+             AND c.status IN ('failed', 'dead')""",
+        device_ids,
+    )
 
 
 def compare(

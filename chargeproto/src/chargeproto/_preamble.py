@@ -8,6 +8,7 @@ comes here).
 
 from __future__ import annotations
 
+import abc
 import re
 from collections.abc import Callable
 from typing import Final
@@ -93,3 +94,50 @@ def take_or_skip(
             return taken
     skip(buf, events, candidate, make_error)
     return True
+
+
+class FramedStreamDecoder(abc.ABC):
+    """The part of a protocol's stream decoder that does not know its frames.
+
+    Received bytes are taken in slices of at most ``max_frame`` so unparsed data stays
+    bounded; a buffer starting with ``header_byte`` goes to the subclass's ``_frame``,
+    anything else is a preamble (ICCID, ``link``) or garbage up to a ``candidate``.
+    """
+
+    header_byte: int
+    candidate: re.Pattern[bytes]
+
+    def __init__(self, max_frame: int, min_frame: int) -> None:
+        if max_frame < min_frame:
+            raise ValueError(f"max_frame must admit at least an empty frame ({min_frame} bytes)")
+        self.max_frame = max_frame
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet form a complete item."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Add received bytes; return the events they complete, in stream order."""
+        events: list[Event] = []
+        view = memoryview(data)
+        step = self.max_frame
+        for start in range(0, len(view), step):
+            self._buf += view[start : start + step]
+            self._drain(events)
+        return events
+
+    def _drain(self, events: list[Event]) -> None:
+        buf = self._buf
+        header = self.header_byte
+        while buf:
+            if buf[0] == header:
+                if not self._frame(buf, events):
+                    return
+            elif not take_or_skip(buf, events, self.candidate):
+                return
+
+    @abc.abstractmethod
+    def _frame(self, buf: bytearray, events: list[Event]) -> bool:
+        """Handle a buffer starting with the header byte; False when more bytes are needed."""

@@ -7,7 +7,7 @@ import re
 from .._base import Direction
 from .._errors import ChecksumError, DecodeError, LengthError
 from .._events import Event, MessageReceived, StreamError
-from .._preamble import skip, take_or_skip
+from .._preamble import FramedStreamDecoder, skip
 from ._codec import decode_checked
 from ._frame import DEFAULT_MAX_FRAME, HEADER, MIN_LENGTH
 
@@ -17,7 +17,7 @@ _CANDIDATE = re.compile(rb"[Dl8]")
 _START = re.compile(rb"DNY|link|89[0-9A-Fa-f]{18}")
 
 
-class Ap3000StreamDecoder:
+class Ap3000StreamDecoder(FramedStreamDecoder):
     """Split one connection's bytes into AP3000 frames, ICCIDs and keepalives.
 
     ``feed(data)`` takes bytes in any chunking and returns the events completed so
@@ -29,38 +29,14 @@ class Ap3000StreamDecoder:
     server) or ``down`` (a server, for a simulator or a capture of the other side).
     """
 
+    header_byte = 0x44  # D
+    candidate = _CANDIDATE
+
     def __init__(
         self, direction: Direction | str = Direction.UP, *, max_frame: int = DEFAULT_MAX_FRAME
     ) -> None:
-        if max_frame < MIN_LENGTH + 5:
-            raise ValueError("max_frame must admit at least an empty frame (14 bytes)")
+        super().__init__(max_frame, MIN_LENGTH + 5)
         self.direction = Direction(direction)
-        self.max_frame = max_frame
-        self._buf = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held that do not yet form a complete item."""
-        return len(self._buf)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Add received bytes; return the events they complete, in stream order."""
-        events: list[Event] = []
-        view = memoryview(data)
-        step = self.max_frame
-        for start in range(0, len(view), step):
-            self._buf += view[start : start + step]
-            self._drain(events)
-        return events
-
-    def _drain(self, events: list[Event]) -> None:
-        buf = self._buf
-        while buf:
-            if buf[0] == 0x44:  # D
-                if not self._frame(buf, events):
-                    return
-            elif not take_or_skip(buf, events, _CANDIDATE):
-                return
 
     def _frame(self, buf: bytearray, events: list[Event]) -> bool:
         """Handle a buffer starting with ``D``; False when more bytes are needed."""

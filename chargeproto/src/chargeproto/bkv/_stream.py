@@ -6,7 +6,7 @@ import re
 
 from .._errors import DecodeError, LengthError, TailError
 from .._events import Event, MessageReceived, StreamError
-from .._preamble import skip, take_or_skip
+from .._preamble import FramedStreamDecoder, skip
 from ._codec import decode_checked
 from ._frame import DEFAULT_MAX_FRAME, MIN_FRAME, MIN_LENGTH, TAIL, check_frame
 
@@ -14,7 +14,7 @@ from ._frame import DEFAULT_MAX_FRAME, MIN_FRAME, MIN_LENGTH, TAIL, check_frame
 _CANDIDATE = re.compile(rb"[\xfcl8]")
 
 
-class BkvStreamDecoder:
+class BkvStreamDecoder(FramedStreamDecoder):
     """Split one connection's bytes into BKV frames (either direction).
 
     ``feed(data)`` takes bytes in any chunking and returns the events completed so
@@ -25,35 +25,11 @@ class BkvStreamDecoder:
     the modem is tolerated and reported. Unparsed data never exceeds ``max_frame``.
     """
 
+    header_byte = 0xFC
+    candidate = _CANDIDATE
+
     def __init__(self, *, max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        if max_frame < MIN_FRAME:
-            raise ValueError(f"max_frame must admit at least an empty frame ({MIN_FRAME} bytes)")
-        self.max_frame = max_frame
-        self._buf = bytearray()
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held that do not yet form a complete item."""
-        return len(self._buf)
-
-    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
-        """Add received bytes; return the events they complete, in stream order."""
-        events: list[Event] = []
-        view = memoryview(data)
-        step = self.max_frame
-        for start in range(0, len(view), step):
-            self._buf += view[start : start + step]
-            self._drain(events)
-        return events
-
-    def _drain(self, events: list[Event]) -> None:
-        buf = self._buf
-        while buf:
-            if buf[0] == 0xFC:
-                if not self._frame(buf, events):
-                    return
-            elif not take_or_skip(buf, events, _CANDIDATE):
-                return
+        super().__init__(max_frame, MIN_FRAME)
 
     def _frame(self, buf: bytearray, events: list[Event]) -> bool:
         """Handle a buffer starting with ``fc``; False when more bytes are needed."""

@@ -20,6 +20,7 @@ connecting (bkv.md 15).
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import re
 import struct
@@ -118,17 +119,19 @@ def build_item(tag: int, value: bytes, marker: int = 1, field: str = "") -> byte
 # --- value kinds ---------------------------------------------------------------------------
 
 
-class Kind:
+class Kind(abc.ABC):
     """How one tag's value is laid out."""
 
     is_list = False
     is_group = False
 
+    @abc.abstractmethod
     def decode(self, value: bytes) -> Any:
-        raise NotImplementedError
+        """The field value of one item's bytes."""
 
+    @abc.abstractmethod
     def encode(self, value: Any, field: str) -> bytes:
-        raise NotImplementedError
+        """The item's bytes for a field value."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,9 +36,32 @@ class Settings:
     log_level: str = "info"
     #: largest AP3000 frame accepted (ap3000.md 13.2)
     max_frame: int = 512
-    max_connections: int = 10000
-    #: new connections per second before the listener pauses accepting
+    #: device connections per process; 0 = as many as the open-file limit allows
+    max_connections: int = 0
+    #: new connections per second (per process) before new ones are refused
     accept_rate: float = 500.0
+    #: worker processes sharing the device and HTTP ports (SO_REUSEPORT)
+    workers: int = 1
+    #: frames per second one connection may send (bursts up to 5 s worth) before its
+    #: reads are paused; 0 = no limit
+    frame_rate_per_connection: float = 50.0
+    #: frames per second one process decodes before reads are paused; 0 = no limit
+    frame_rate_per_process: float = 0.0
+    #: more (re)connections than this by one device within ``flap_window_s`` get it
+    #: refused for ``flap_ban_s``; 0 = no flapping detection
+    flap_max_connects: int = 10
+    flap_window_s: float = 300.0
+    flap_ban_s: float = 600.0
+    #: a process refreshes its row in the cluster table this often ...
+    cluster_heartbeat_s: float = 5.0
+    #: ... and is declared dead (its devices released) after this long without one
+    process_timeout_s: float = 20.0
+    #: how often the outbox looks for work it was not notified of, and expires commands
+    outbox_scan_s: float = 5.0
+    #: on SIGTERM, device connections are closed at this rate (per second) so the piles
+    #: reconnect elsewhere gradually; the drain gives up waiting after ``drain_timeout_s``
+    drain_rate: float = 500.0
+    drain_timeout_s: float = 120.0
     #: a connection that sent nothing for this long is closed
     idle_timeout_s: float = 900.0
     #: decode errors a connection may cause before it is closed

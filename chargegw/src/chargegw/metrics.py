@@ -61,6 +61,9 @@ class Metrics:
     frames_total: Counter
     #: undecodable input, by ``kind`` (checksum, length, resync, ...)
     decode_errors_total: Counter
+    #: reads paused for exceeding a frame-rate limit, by scope (connection, process)
+    frames_throttled_total: Counter
+    devices_banned_total: Counter
     #: devices currently considered online
     devices_online: Gauge
     #: duration of one database write (a batch or a transaction)
@@ -103,6 +106,19 @@ class Metrics:
             "decode_errors",
             "Input that could not be decoded, by kind",
             ["kind"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.frames_throttled_total = Counter(
+            "frames_throttled",
+            "Times reads were paused because a connection or the process sent too many frames",
+            ["scope"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.devices_banned_total = Counter(
+            "devices_banned",
+            "Devices banned for reconnecting too often",
             namespace=ns,
             registry=reg,
         )

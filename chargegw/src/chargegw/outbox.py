@@ -8,12 +8,20 @@ its bytes are written. The driver correlates the device's reply; without one wit
 is ``dead``. A command for an offline device waits until ``expires_at``, then it is
 ``dead`` with reason ``offline``. On start, a cold-start scan picks up what a crash
 left ``pending`` or ``sent``; a periodic scan repeats it.
+
+Several processes share the table. A command is claimed (``claimed_by``) only by the
+process that holds the device's connection according to the session directory
+(``device_sessions``), with ``FOR UPDATE SKIP LOCKED``; every later update of the row
+checks the claim, so a process that lost the device (it reconnected elsewhere) cannot
+finish or resend a command the new owner has taken over. Submitting a command notifies
+the ``chargegw_outbox`` channel inside the caller's transaction: at commit every process
+hears it and the owner delivers at once. Expiring commands of devices no live process
+holds is shared background work, claimed with ``SKIP LOCKED`` too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import enum
 import json
@@ -36,6 +44,7 @@ class Priority(enum.IntEnum):
     START = 1
     QUERY = 2
     PARAMETER = 3
+    FIRMWARE = 4
 
 
 class CommandStatus(str, enum.Enum):
@@ -113,6 +122,8 @@ class Outbox:
         on_resend: Callable[[str], None] = lambda name: None,
         on_sent: Callable[[int, str | None, str], Awaitable[None]] | None = None,
         write: Callable[[Any, bytes, str, str], None] | None = None,
+        owner: str = "",
+        process_timeout_s: float = 20.0,
     ) -> None:
         self._pool = pool
         self.codecs = codecs
@@ -128,6 +139,11 @@ class Outbox:
         self.on_resend = on_resend
         self.on_sent = on_sent
         self.write = write
+        #: this process's id in the session directory (cluster.py)
+        self.owner = owner
+        self.process_timeout_s = process_timeout_s
+        #: while draining, nothing new is claimed (the devices take it elsewhere)
+        self.draining = False
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._open: dict[Any, _Open] = {}
@@ -151,9 +167,12 @@ class Outbox:
     ) -> int:
         """Insert a command row (inside the caller's transaction); returns its id.
 
-        Call :meth:`wake` after the transaction commits.
+        Every process hears of it when the transaction commits (``chargegw_outbox``);
+        call :meth:`wake` after the commit too, so the local process does not wait for
+        the notification to come back.
         """
         expires = datetime.now(UTC) + timedelta(seconds=expires_s)
+        await conn.execute("SELECT pg_notify('chargegw_outbox', $1)", device_id)
         command_id: int = await conn.fetchval(
             """INSERT INTO commands (device_id, protocol, name, params, priority, status,
                                      order_no, expires_at)
@@ -169,8 +188,8 @@ class Outbox:
         return command_id
 
     def wake(self, device_id: str) -> None:
-        """Make sure a worker delivers ``device_id``'s commands."""
-        if self._closing:
+        """Make sure a worker delivers ``device_id``'s commands, if it is connected here."""
+        if self._closing or self.link_of(device_id) is None:
             return
         event = self._wake.setdefault(device_id, asyncio.Event())
         event.set()
@@ -194,6 +213,10 @@ class Outbox:
     def open_command(self, key: Any) -> _Open | None:
         """The command in flight that a reply with ``key`` would answer."""
         return self._open.get(key)
+
+    def busy(self, device_id: str) -> bool:
+        """True while a command to ``device_id`` waits for its reply here."""
+        return any(w.device_id == device_id for w in self._open.values())
 
     # -- lifecycle --
 
@@ -222,14 +245,19 @@ class Outbox:
             await asyncio.sleep(self.scan_interval_s)
 
     async def scan(self) -> None:
+        """Wake the local devices with open commands; expire, count and purge (shared)."""
         pool = self._pool()
         if pool is None:
             return
         rows = await pool.fetch(
-            "SELECT DISTINCT device_id FROM commands WHERE status IN ('pending', 'sent')"
+            """SELECT DISTINCT c.device_id FROM commands c
+               JOIN device_sessions s ON s.device_id = c.device_id AND s.owner = $1
+               WHERE c.status IN ('pending', 'sent')""",
+            self.owner,
         )
         for row in rows:
             self.wake(row["device_id"])
+        await self.expire()
         counts = await pool.fetch(
             """SELECT status, count(*) AS n FROM commands
                WHERE status IN ('pending', 'sent') GROUP BY status"""
@@ -241,19 +269,48 @@ class Outbox:
             self.retention_s,
         )
 
+    async def expire(self) -> None:
+        """Commands of devices that no live process holds, past their expiry: dead."""
+        pool = self._pool()
+        if pool is None:
+            return
+        while True:
+            rows = await pool.fetch(
+                """WITH gone AS (
+                       SELECT c.command_id FROM commands c
+                       WHERE c.status IN ('pending', 'sent') AND c.expires_at < now()
+                         AND NOT EXISTS (
+                             SELECT 1 FROM device_sessions s
+                             JOIN cluster_processes p ON p.owner = s.owner
+                             WHERE s.device_id = c.device_id AND p.stopped_at IS NULL
+                               AND p.heartbeat_at > now() - make_interval(secs => $1))
+                       ORDER BY c.expires_at LIMIT 500
+                       FOR UPDATE OF c SKIP LOCKED)
+                   UPDATE commands c SET status = 'dead', dead_reason = 'offline',
+                                         finished_at = now()
+                   FROM gone WHERE c.command_id = gone.command_id
+                   RETURNING c.*""",
+                self.process_timeout_s,
+            )
+            for row in rows:
+                await self._finished(row, CommandStatus.DEAD, None, "offline")
+            if len(rows) < 500:
+                return
+
     # -- delivery, one worker per device with open commands --
 
     async def _worker(self, device_id: str) -> None:
         event = self._wake[device_id]
         try:
-            while not self._closing:
+            while not self._closing and not self.draining:
                 event.clear()
                 row = await self._next(device_id)
                 if row is None:
                     if event.is_set():  # woken while looking: a row may have just committed
                         continue
                     return
-                await self._deliver(row, event)
+                if not await self._deliver(row):
+                    return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -262,38 +319,41 @@ class Outbox:
             )
 
     async def _next(self, device_id: str) -> asyncpg.Record | None:
+        """Claim the device's next command, if this process holds the device."""
         pool = self._pool()
         if pool is None:
             return None
         row: asyncpg.Record | None = await pool.fetchrow(
-            """SELECT * FROM commands WHERE device_id = $1 AND status IN ('pending', 'sent')
-               ORDER BY (status = 'sent') DESC, priority, command_id LIMIT 1""",
+            """WITH next AS (
+                   SELECT command_id FROM commands
+                   WHERE device_id = $1 AND status IN ('pending', 'sent')
+                     AND EXISTS (SELECT 1 FROM device_sessions
+                                 WHERE device_id = $1 AND owner = $2)
+                   ORDER BY (status = 'sent') DESC, priority, command_id LIMIT 1
+                   FOR UPDATE SKIP LOCKED)
+               UPDATE commands c SET claimed_by = $2 FROM next
+               WHERE c.command_id = next.command_id RETURNING c.*""",
             device_id,
+            self.owner,
         )
         return row
 
-    async def _deliver(self, row: asyncpg.Record, event: asyncio.Event) -> None:
+    async def _deliver(self, row: asyncpg.Record) -> bool:
+        """Send one claimed command and wait for its reply; False: stop this worker."""
         device_id = row["device_id"]
         command_id = row["command_id"]
         codec = self.codecs.get(row["protocol"])
         if codec is None:
             await self._finish(row, CommandStatus.DEAD, None, f"no driver for {row['protocol']}")
-            return
+            return True
         link = self.link_of(device_id)
-        if link is None:
-            if datetime.now(UTC) >= row["expires_at"]:
-                await self._finish(row, CommandStatus.DEAD, None, "offline")
-                return
-            # wait for the device to come online (woken on reconnect) or for the expiry
-            wait = (row["expires_at"] - datetime.now(UTC)).total_seconds()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(max(wait, 0.05), self.scan_interval_s))
-            return
+        if link is None:  # gone since the claim; the directory catches up, a reconnect wakes
+            return False
         attempts = row["attempts"]
         if attempts >= 2:  # sent twice, unanswered: a crash interrupted the wait
             await self._finish(row, CommandStatus.DEAD, None, "no answer")
             self.on_timeout(device_id)
-            return
+            return True
         correlation = row["correlation"]
         if correlation is None:
             correlation = codec.new_correlation(device_id)
@@ -304,19 +364,23 @@ class Outbox:
             frame, key = codec.encode_command(device_id, row["name"], params, correlation)
         except Exception as exc:
             await self._finish(row, CommandStatus.DEAD, None, f"cannot encode: {exc}")
-            return
+            return True
         # spacing: at least spacing_s between two commands to one device
         since = time.monotonic() - self._last_sent.get(device_id, -1e9)
         if since < self.spacing_s:
             await asyncio.sleep(self.spacing_s - since)
         pool = self._pool()
         assert pool is not None
-        await pool.execute(
+        marked = await pool.execute(
             """UPDATE commands SET status = 'sent', correlation = $2, attempts = attempts + 1,
-                                   sent_at = now() WHERE command_id = $1""",
+                                   sent_at = now()
+               WHERE command_id = $1 AND claimed_by = $3 AND status IN ('pending', 'sent')""",
             command_id,
             correlation,
+            self.owner,
         )
+        if marked == "UPDATE 0":  # another process took the device (and the command) over
+            return False
         if attempts == 0 and self.on_sent is not None:
             await self.on_sent(command_id, row["order_no"], row["name"])
         if key is None:  # the protocol defines no reply: done once written
@@ -324,7 +388,7 @@ class Outbox:
                 self.write(link, frame, device_id, row["name"])
             self._last_sent[device_id] = time.monotonic()
             await self._finish(row, CommandStatus.ACKED, None, None)
-            return
+            return True
         waiting = _Open(
             command_id,
             device_id,
@@ -352,12 +416,13 @@ class Outbox:
                 if attempts + 1 >= 2:
                     await self._finish(row, CommandStatus.DEAD, None, "no answer")
                     self.on_timeout(device_id)
-                return  # the next round resends it (same correlation id)
+                return True  # the next round resends it (same correlation id)
         finally:
             self._open.pop(key, None)
         self.on_answered(device_id)
         status = CommandStatus.ACKED if outcome.success else CommandStatus.FAILED
         await self._finish(row, status, outcome, None)
+        return True
 
     async def _finish(
         self,
@@ -368,17 +433,34 @@ class Outbox:
     ) -> None:
         pool = self._pool()
         assert pool is not None
-        await pool.execute(
+        done = await pool.execute(
             """UPDATE commands SET status = $2, finished_at = now(), result_code = $3,
                       result_text = $4, dead_reason = $5, reply = $6
-               WHERE command_id = $1""",
+               WHERE command_id = $1 AND claimed_by = $7 AND status IN ('pending', 'sent')""",
             row["command_id"],
             status.value,
             None if outcome is None else outcome.result_code,
             None if outcome is None else outcome.result_text,
             dead_reason,
             None if outcome is None else json.dumps(outcome.reply),
+            self.owner,
         )
+        if done == "UPDATE 0":  # taken over by the device's new owner, which finishes it
+            log.info(
+                "command taken over by another process",
+                device_id=row["device_id"],
+                command_id=row["command_id"],
+            )
+            return
+        await self._finished(row, status, outcome, dead_reason)
+
+    async def _finished(
+        self,
+        row: asyncpg.Record,
+        status: CommandStatus,
+        outcome: Outcome | None,
+        dead_reason: str | None,
+    ) -> None:
         log.info(
             "command finished",
             device_id=row["device_id"],

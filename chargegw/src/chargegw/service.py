@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,7 @@ from chargeproto import (
 
 from . import billing
 from .audit import mask_frame, mask_iccid_hex, mask_text
+from .cluster import Cluster, ProcessStats
 from .config import Settings
 from .core import EventKind
 from .drivers.ap3000 import Ap3000Driver
@@ -36,17 +38,23 @@ from .outbox import Finished, Outbox
 from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
 from .store.partitions import maintain
-from .store.writer import BatchWriter
+from .store.writer import BatchWriter, FlapPolicy, SessionRow
 from .transport import CONTROL, DeviceLink, DeviceServer
 
 log = structlog.get_logger("chargegw")
 
 
 class Gateway:
-    """One gateway process: ``await start()``, then ``await stop()``."""
+    """One gateway process: ``await start()``, then ``await drain()`` or ``await stop()``.
 
-    def __init__(self, settings: Settings) -> None:
+    ``worker`` is the index of this process among the workers of its node
+    (``chargegw serve --workers N``); its id in the session directory is
+    ``node/worker/pid``.
+    """
+
+    def __init__(self, settings: Settings, *, worker: int = 0) -> None:
         self.settings = settings
+        self.worker = worker
         self.metrics = Metrics()
         self.pool: asyncpg.Pool | None = None
         self.dsn = settings.dsn
@@ -72,9 +80,29 @@ class Gateway:
             accept_rate=settings.accept_rate,
             idle_timeout_s=settings.idle_timeout_s,
             write_queue_limit=settings.write_queue_limit,
-            node=settings.node,
+            node=f"{settings.node}-{worker}" if settings.workers > 1 else settings.node,
+            frame_rate=settings.frame_rate_per_connection,
+            process_frame_rate=settings.frame_rate_per_process,
+            reuse_port=settings.workers > 1,
         )
         self.writer.on_overload = self.server.set_paused
+        self.writer.flap_policy = FlapPolicy(
+            settings.flap_window_s, settings.flap_max_connects, settings.flap_ban_s
+        )
+        self.writer.on_banned = self._banned
+        self.draining = False
+        self.cluster = Cluster(
+            lambda: self.pool,
+            lambda: self.dsn,
+            node=settings.node,
+            worker=worker,
+            heartbeat_s=settings.cluster_heartbeat_s,
+            process_timeout_s=settings.process_timeout_s,
+            stats=self._process_stats,
+            on_command=self._command_notified,
+            on_resync=self._resync,
+            shed=lambda count: self.server.shed(count, "rebalance", keep=self._busy),
+        )
         self.outbox = Outbox(
             lambda: self.pool,
             {"ap3000": Ap3000Commands(), "bkv": BkvCommands()},
@@ -89,8 +117,13 @@ class Gateway:
             on_answered=self.sessions.ack_ok,
             on_resend=lambda name: self.metrics.commands_resent_total.inc(),
             write=self._write_command,
+            owner=self.cluster.owner,
+            process_timeout_s=settings.process_timeout_s,
+            scan_interval_s=settings.outbox_scan_s,
         )
         self.sessions.on_online = self.outbox.wake
+        self.sessions.on_bound = self._bound
+        self.sessions.on_released = self._released
         self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self), "bkv": BkvDriver(self)}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: uvicorn.Server | None = None
@@ -117,15 +150,49 @@ class Gateway:
             await migrate(conn)
         await self._maintain_partitions()
         self.writer.start()
-        self.outbox.start()
         await self.server.start(self.settings.device_host, self.settings.device_port)
+        self.cluster.device_listen = f"{self.settings.device_host}:{self.server.port}"
+        self.cluster.http_listen = f"{self.settings.http_host}:{self.settings.http_port}"
+        await self.cluster.start()
+        self.outbox.start()
         self._spawn(self._sweeper(), "liveness-sweeper")
         self._spawn(self._maintenance(), "partition-maintenance")
         if http:
             await self._start_http()
 
+    async def drain(self, force: asyncio.Event | None = None) -> None:
+        """Leave gracefully (SIGTERM): stop accepting and claiming, close the device
+        connections at ``drain_rate`` per second so the piles reconnect elsewhere a few
+        at a time, letting commands in flight finish first (up to ``drain_timeout_s``),
+        then stop. Setting ``force`` cuts the drain short."""
+        settings = self.settings
+        self.draining = True
+        self.outbox.draining = True
+        await self.server.stop_listening()
+        with contextlib.suppress(Exception):
+            await self.cluster.beat()
+        log.info("draining", connections=len(self.server.links), rate=settings.drain_rate)
+        deadline = self.now() + settings.drain_timeout_s
+        step_s = 0.05
+        credit = 0.0
+        while self.server.links and self.now() < deadline:
+            if force is not None and force.is_set():
+                break
+            await asyncio.sleep(step_s)
+            credit += settings.drain_rate * step_s
+            count = int(credit)
+            if count:
+                credit -= self.server.shed(count, "drain", keep=self._busy)
+                credit = min(credit, settings.drain_rate)  # no saving up while waiting
+        log.info("drained", left=len(self.server.links))
+        await self.stop()
+
+    def _busy(self, link: DeviceLink) -> bool:
+        """A command to one of the link's devices waits for its reply."""
+        return any(self.outbox.busy(d) for d in self.sessions.device_ids(link))
+
     async def stop(self) -> None:
-        """Stop accepting, close devices, flush the writer, close the pool."""
+        """Stop accepting, close devices, flush the writer, leave the cluster, close the pool."""
         await self.server.stop_listening()
         self.server.close_all("shutdown")
         await asyncio.sleep(0)
@@ -136,8 +203,58 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.writer.close()
+        await self.cluster.stop()
         if self.pool is not None:
             await self.pool.close()
+
+    # -- the cluster --
+
+    def _process_stats(self) -> ProcessStats:
+        return ProcessStats(
+            connections=len(self.server.links),
+            devices=self.metrics_devices_online(),
+            max_connections=self.server.max_connections,
+            draining=self.draining,
+        )
+
+    def metrics_devices_online(self) -> int:
+        return sum(1 for s in self.sessions.devices.values() if s.online)
+
+    def _bound(self, device_id: str, link: Any) -> None:
+        """A device is on one of our connections: claim it in the session directory,
+        then deliver its commands (the claim must be committed for the outbox to
+        take them)."""
+        self.writer.put_session(
+            SessionRow(device_id, self.cluster.owner, link.id, link.remote, self.wall(), True)
+        )
+        self.writer.after_commit(lambda: self.outbox.wake(device_id))
+
+    def _released(self, device_id: str, link: Any) -> None:
+        self.writer.put_session(
+            SessionRow(device_id, self.cluster.owner, link.id, link.remote, self.wall(), False)
+        )
+
+    def _command_notified(self, device_id: str) -> None:
+        if not self.draining:
+            self.outbox.wake(device_id)
+
+    def _resync(self) -> None:
+        self.run(self.outbox.scan(), "outbox-resync")
+
+    def _banned(self, device_ids: list[str]) -> None:
+        """Devices just banned for flapping: tell every process, refuse them here now."""
+        self.metrics.devices_banned_total.inc(len(device_ids))
+        for device_id in device_ids:
+            log.warning(
+                "device banned for reconnecting too often",
+                device_id=device_id,
+                seconds=self.settings.flap_ban_s,
+            )
+            self.cluster.bans[device_id] = self.now() + self.settings.flap_ban_s
+            session = self.sessions.devices.get(device_id)
+            if session is not None and not session.link.closed:
+                session.link.close("banned")
+        self.run(self.cluster.announce_bans(device_ids), "announce-bans")
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -177,7 +294,8 @@ class Gateway:
             lifespan="off",
         )
         self._http = uvicorn.Server(config)
-        self._spawn(self._http.serve(), "http")
+        listener = _http_socket(host, self.settings.http_port, reuse_port=self.settings.workers > 1)
+        self._spawn(self._http.serve(sockets=[listener]), "http")
         while not self._http.started:
             await asyncio.sleep(0.02)
         log.info("http listener up", host=host, port=self.settings.http_port)
@@ -248,6 +366,8 @@ class Gateway:
         command = command_label(message)
         self.metrics.frames_total.labels(protocol=protocol, direction="in", command=command).inc()
         device_id = driver.device_of(message) if driver is not None else None
+        if self.cluster.bans and self._refused(link, message, device_id):
+            return
         self.writer.put_frame(
             wall,
             link.id,
@@ -265,6 +385,16 @@ class Gateway:
         except Exception:
             # a driver bug must not take the connection (or the server) down
             log.exception("driver failed on a frame", connection=link.id, command=command)
+
+    def _refused(self, link: DeviceLink, message: Any, device_id: str | None) -> bool:
+        """Close a connection that speaks for a banned device (nothing is answered)."""
+        names = (device_id, getattr(message, "gateway_id", None), getattr(message, "phy_id", None))
+        banned = next((n for n in names if n and self.cluster.banned(n)), None)
+        if banned is None:
+            return False
+        log.info("refusing a banned device", device_id=banned, connection=link.id)
+        link.close("banned")
+        return True
 
     def _stream_error(self, link: DeviceLink, event: StreamError, wall: datetime) -> None:
         kind = getattr(event.error, "kind", "decode")
@@ -509,12 +639,36 @@ class Gateway:
             write()
 
 
-async def run(settings: Settings, stop: asyncio.Event) -> None:
-    """Run a gateway until ``stop`` is set."""
-    gateway = Gateway(settings)
+def _http_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """The HTTP listening socket; with ``reuse_port`` every worker binds the same port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def run(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    worker: int = 0,
+    force: asyncio.Event | None = None,
+) -> None:
+    """Run a gateway until ``stop`` is set, then drain it (``force``: cut the drain short)."""
+    gateway = Gateway(settings, worker=worker)
     await gateway.start()
     try:
         await stop.wait()
+        await gateway.drain(force)
     finally:
         with contextlib.suppress(Exception):
             await gateway.stop()

@@ -38,7 +38,7 @@ class Link(Protocol):
     def close(self, reason: str) -> None: ...
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class DeviceSession:
     device_id: str
     protocol: str
@@ -75,6 +75,10 @@ class SessionRegistry:
         self.on_offline: Callable[[str, str], None] = lambda device_id, reason: None
         #: called when a device comes online (its waiting commands can go out)
         self.on_online: Callable[[str], None] = lambda device_id: None
+        #: called when a device is bound to a connection / released from it
+        #: (the session directory in the database follows these)
+        self.on_bound: Callable[[str, Link], None] = lambda device_id, link: None
+        self.on_released: Callable[[str, Link], None] = lambda device_id, link: None
 
     def device_ids(self, link: Link) -> set[str]:
         """The devices currently bound to ``link``."""
@@ -109,6 +113,8 @@ class SessionRegistry:
             self._attach(link, device_id)
         elif session.link is not link:
             self._rebind(session, link, wall)
+        elif device_id not in self._by_link.get(link.id, ()):  # bound again after a release
+            self._attach(link, device_id)
         session.gateway_id = gateway_id
         session.heartbeat_interval_s = heartbeat_interval_s
         session.last_seen = now
@@ -161,7 +167,10 @@ class SessionRegistry:
             del self._iccids[link.iccid]
         for device_id in self._by_link.pop(link.id, set()):
             session = self.devices.get(device_id)
-            if session is not None and session.link is link and session.online:
+            if session is None or session.link is not link:
+                continue
+            self.on_released(device_id, link)
+            if session.online:
                 self._set_offline(session, wall, reason)
 
     def sweep(self, now: float, wall: datetime) -> None:
@@ -177,6 +186,7 @@ class SessionRegistry:
 
     def _attach(self, link: Link, device_id: str) -> None:
         self._by_link.setdefault(link.id, set()).add(device_id)
+        self.on_bound(device_id, link)
 
     def _rebind(self, session: DeviceSession, link: Link, wall: datetime) -> None:
         old = session.link

@@ -5,6 +5,15 @@ handed to the handler synchronously (nothing awaits inside ``buffer_updated``).
 Writes go through a small per-connection queue ordered by priority (control before
 queries before replies) and bounded in bytes: when a peer does not read, its queue
 fills, and then reading from that peer is paused, so a slow reader cannot grow memory.
+
+Memory per connection is kept small for tens of thousands of piles: all connections of
+a process read into one shared buffer (the decoder copies what it keeps before the
+callback returns), and write queues exist only while a peer is not keeping up.
+
+Hygiene: new connections beyond ``accept_rate`` per second or ``max_connections`` are
+closed at once; a connection sending more than ``frame_rate`` frames per second (or the
+process more than ``process_frame_rate``) has its reads paused until it is back within
+budget, which pushes back through TCP instead of dropping anything.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import asyncio
 import collections
 import itertools
 import os
+import resource
 import time
 from typing import Any, Protocol
 
@@ -28,7 +38,28 @@ log = structlog.get_logger("chargegw.transport")
 CONTROL, QUERY, REPLY = 0, 1, 2
 
 _READ_BUFFER = 65536
+#: file descriptors kept free for the database pool, listeners, logs ...
+FD_RESERVE = 200
 _ids = itertools.count(1)
+
+
+def connection_limit(configured: int) -> tuple[int, int]:
+    """The effective connection limit and the open-file limit it was derived from.
+
+    The soft open-file limit is raised to the hard one; ``configured`` 0 means "as many
+    as that allows" (the limit minus ``FD_RESERVE``), and a larger configured value is
+    capped to it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard not in (soft, resource.RLIM_INFINITY):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    files = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    allowed = max(files - FD_RESERVE, 1)
+    return (allowed if configured <= 0 else min(configured, allowed)), files
 
 
 class Handler(Protocol):
@@ -44,6 +75,27 @@ class Handler(Protocol):
 class DeviceLink(asyncio.BufferedProtocol):
     """One device connection (a pile, a host, or a BKV gateway)."""
 
+    __slots__ = (
+        "_decoder",
+        "_queue",
+        "_queued",
+        "_reading_paused_by",
+        "_tokens",
+        "_tokens_at",
+        "_transport",
+        "_write_paused",
+        "close_reason",
+        "closed",
+        "driver_state",
+        "errors",
+        "iccid",
+        "id",
+        "last_rx",
+        "protocol",
+        "remote",
+        "server",
+    )
+
     def __init__(self, server: DeviceServer) -> None:
         self.server = server
         self.id = f"{server.node_prefix}{next(_ids)}"
@@ -57,13 +109,14 @@ class DeviceLink(asyncio.BufferedProtocol):
         self.errors = 0
         self.last_rx = time.monotonic()
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray(_READ_BUFFER)
-        self._view = memoryview(self._buffer)
         self._decoder = StreamDecoder(ap3000_max_frame=server.max_frame)
-        self._queue: list[collections.deque[bytes]] = [collections.deque() for _ in range(3)]
+        #: per-priority write queues, created when a peer first falls behind
+        self._queue: list[collections.deque[bytes]] | None = None
         self._queued = 0
         self._write_paused = False
-        self._reading_paused_by: set[str] = set()
+        self._reading_paused_by: set[str] | None = None
+        self._tokens = server.frame_burst
+        self._tokens_at = self.last_rx
 
     # -- asyncio callbacks --
 
@@ -80,15 +133,35 @@ class DeviceLink(asyncio.BufferedProtocol):
         self.server.handler.on_open(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+        return self.server.read_view
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.closed:
             return
-        self.last_rx = time.monotonic()
-        events = self._decoder.feed(self._view[:nbytes])
+        now = time.monotonic()
+        self.last_rx = now
+        events = self._decoder.feed(self.server.read_view[:nbytes])
         if events:
             self.server.handler.on_events(self, events)
+            self._charge(len(events), now)
+
+    def _charge(self, frames: int, now: float) -> None:
+        """Spend frame tokens; over budget, pause reading until the debt is repaid."""
+        server = self.server
+        wait = 0.0
+        if server.frame_rate > 0:
+            tokens = min(
+                server.frame_burst, self._tokens + (now - self._tokens_at) * server.frame_rate
+            )
+            self._tokens = tokens - frames
+            self._tokens_at = now
+            if self._tokens < 0:
+                wait = -self._tokens / server.frame_rate
+                server.metrics.frames_throttled_total.labels(scope="connection").inc()
+        wait = max(wait, server.charge_process(frames, now))
+        if wait > 0 and not self.closed:
+            self.pause_reading("frame rate")
+            asyncio.get_running_loop().call_later(wait, self.resume_reading, "frame rate")
 
     def eof_received(self) -> bool:
         return False
@@ -121,6 +194,8 @@ class DeviceLink(asyncio.BufferedProtocol):
         if not self._write_paused and not self._queued:
             self._transport.write(data)
             return
+        if self._queue is None:
+            self._queue = [collections.deque() for _ in range(3)]
         self._queue[priority].append(data)
         self._queued += len(data)
         if self._queued > self.server.write_queue_limit:
@@ -128,7 +203,7 @@ class DeviceLink(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         assert self._transport is not None
-        for queue in self._queue:
+        for queue in self._queue or ():
             while queue and not self._write_paused:
                 data = queue.popleft()
                 self._queued -= len(data)
@@ -139,10 +214,12 @@ class DeviceLink(asyncio.BufferedProtocol):
     def pause_reading(self, why: str) -> None:
         if not self._reading_paused_by and self._transport is not None and not self.closed:
             self._transport.pause_reading()
+        if self._reading_paused_by is None:
+            self._reading_paused_by = set()
         self._reading_paused_by.add(why)
 
     def resume_reading(self, why: str) -> None:
-        if why not in self._reading_paused_by:
+        if not self._reading_paused_by or why not in self._reading_paused_by:
             return
         self._reading_paused_by.discard(why)
         if not self._reading_paused_by and self._transport is not None and not self.closed:
@@ -172,11 +249,22 @@ class DeviceServer:
         idle_timeout_s: float,
         write_queue_limit: int,
         node: str = "",
+        frame_rate: float = 0.0,
+        process_frame_rate: float = 0.0,
+        reuse_port: bool = False,
     ) -> None:
         self.handler = handler
         self.metrics = metrics
         self.max_frame = max_frame
-        self.max_connections = max_connections
+        self.max_connections, self.open_files = connection_limit(max_connections)
+        self.frame_rate = frame_rate
+        #: a connection may send this many frames at once before it is throttled
+        self.frame_burst = max(frame_rate * 5, 20.0)
+        self.process_frame_rate = process_frame_rate
+        self._process_tokens = max(process_frame_rate, 1.0)
+        self._process_tokens_at = time.monotonic()
+        self.reuse_port = reuse_port
+        self.read_view = memoryview(bytearray(_READ_BUFFER))
         self.accept_rate = accept_rate
         self.idle_timeout_s = idle_timeout_s
         self.write_queue_limit = write_queue_limit
@@ -199,9 +287,38 @@ class DeviceServer:
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: DeviceLink(self), host, port, reuse_address=True, backlog=1024
+            lambda: DeviceLink(self),
+            host,
+            port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=4096,
         )
-        log.info("device listener up", host=host, port=self.port)
+        log.info(
+            "device listener up",
+            host=host,
+            port=self.port,
+            max_connections=self.max_connections,
+            open_file_limit=self.open_files,
+        )
+        if self.max_connections >= self.open_files - FD_RESERVE:
+            log.info(
+                f"open-file limit {self.open_files}: at most {self.max_connections} device "
+                "connections in this process (raise `ulimit -n` or add workers for more)"
+            )
+
+    def charge_process(self, frames: int, now: float) -> float:
+        """Spend process-wide frame tokens; the seconds to pause when over budget."""
+        rate = self.process_frame_rate
+        if rate <= 0:
+            return 0.0
+        tokens = min(rate, self._process_tokens + (now - self._process_tokens_at) * rate)
+        self._process_tokens = tokens - frames
+        self._process_tokens_at = now
+        if self._process_tokens >= 0:
+            return 0.0
+        self.metrics.frames_throttled_total.labels(scope="process").inc()
+        return min(-self._process_tokens / rate, 1.0)
 
     def admit(self, link: DeviceLink) -> str | None:
         """Register a new connection, or say why it is refused."""
@@ -250,3 +367,15 @@ class DeviceServer:
     def close_all(self, reason: str) -> None:
         for link in list(self.links.values()):
             link.close(reason)
+
+    def shed(self, count: int, reason: str, keep: Any = None) -> int:
+        """Close up to ``count`` connections (oldest first, skipping ``keep(link)``)."""
+        closed = 0
+        for link in list(self.links.values()):
+            if closed >= count:
+                break
+            if link.closed or (keep is not None and keep(link)):
+                continue
+            link.close(reason)
+            closed += 1
+        return closed

@@ -12,6 +12,11 @@ devices until the backlog drains, so nothing accepted is ever dropped.
 
 ``after_commit(callback)`` runs ``callback`` once every row put before it is
 committed: a settlement is acknowledged to its device only then.
+
+Session-directory rows (which process holds which device) go through the same batches;
+binding a device counts its (re)connections, and a device that reconnects more than
+``FlapPolicy.max_connects`` times in ``window_s`` is banned for ``ban_s`` in the same
+transaction (``on_banned`` hears of it after the commit).
 """
 
 from __future__ import annotations
@@ -82,6 +87,29 @@ PORT_COLUMNS = (
     "device_time",
 )
 EVENT_COLUMNS = ("device_id", "at", "kind", "reason", "detail")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlapPolicy:
+    """When reconnecting counts as flapping; ``max_connects`` 0 turns detection off."""
+
+    window_s: float = 300.0
+    max_connects: int = 10
+    ban_s: float = 600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRow:
+    """A device bound to (``owner`` set) or released from a process's connection."""
+
+    device_id: str
+    owner: str
+    connection_id: str
+    remote: str
+    at: datetime
+    bound: bool
+
+
 FRAME_COLUMNS = (
     "received_at",
     "connection_id",
@@ -151,11 +179,14 @@ class _Batch:
     ports: dict[tuple[str, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
     events: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     frames: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
+    #: per device, its latest bind/release; binds also kept in order for counting
+    sessions: dict[str, SessionRow] = dataclasses.field(default_factory=dict)
     callbacks: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     def rows(self) -> int:
         return (
-            len(self.gateways)
+            len(self.sessions)
+            + len(self.gateways)
             + len(self.devices)
             + len(self.ports)
             + len(self.events)
@@ -172,6 +203,7 @@ class _Batch:
             self.ports[key] = _merge(self.ports.get(key), row)
         self.events.extend(newer.events)
         self.frames.extend(newer.frames)
+        self.sessions.update(newer.sessions)
         self.callbacks.extend(newer.callbacks)
 
 
@@ -204,6 +236,9 @@ class BatchWriter:
         #: called with True when the backlog passes ``limit``, False when it drains
         self.on_overload: Callable[[bool], None] = lambda overloaded: None
         self.overloaded = False
+        self.flap_policy = FlapPolicy()
+        #: called after a commit with the devices that were just banned for flapping
+        self.on_banned: Callable[[list[str]], None] = lambda device_ids: None
 
     # -- putting rows (synchronous: called from protocol callbacks) --
 
@@ -248,6 +283,11 @@ class BatchWriter:
         self._pending.frames.append(
             (received_at, connection_id, device_id, direction, protocol, command, hex_text, error)
         )
+        self._added()
+
+    def put_session(self, row: SessionRow) -> None:
+        """Record a device bound to (or released from) a connection of this process."""
+        self._pending.sessions[row.device_id] = row
         self._added()
 
     def after_commit(self, callback: Callable[[], None]) -> None:
@@ -345,7 +385,7 @@ class BatchWriter:
             if pool is None:
                 raise ConnectionError("no database pool")
             async with pool.acquire(timeout=5) as conn, conn.transaction():
-                await _write_batch(conn, batch)
+                banned = await _write_batch(conn, batch, self.flap_policy)
         except TRANSIENT_DB_ERRORS as exc:
             self._metrics.db_write_failures_total.inc()
             if self.healthy:
@@ -371,6 +411,8 @@ class BatchWriter:
             self.last_error = str(exc)
             return False
         self._metrics.db_write_seconds.observe(time.perf_counter() - started)
+        if banned:
+            self.on_banned(banned)
         if not self.healthy:
             log.info("database writes recovered", rows=batch.rows())
         self.healthy = True
@@ -384,10 +426,13 @@ class BatchWriter:
         singles += [_Batch(ports={k: v}) for k, v in batch.ports.items()]
         singles += [_Batch(events=[row]) for row in batch.events]
         singles += [_Batch(frames=[row]) for row in batch.frames]
+        singles += [_Batch(sessions={k: v}) for k, v in batch.sessions.items()]
         for single in singles:
             try:
                 async with pool.acquire(timeout=5) as conn, conn.transaction():
-                    await _write_batch(conn, single)
+                    banned = await _write_batch(conn, single, self.flap_policy)
+                if banned:
+                    self.on_banned(banned)
             except TRANSIENT_DB_ERRORS:
                 return False  # the outage case after all: retry everything later
             except asyncpg.PostgresError as exc:
@@ -412,7 +457,79 @@ TRANSIENT_DB_ERRORS = (
 )
 
 
-async def _write_batch(conn: Connection, batch: _Batch) -> None:
+_BIND_SQL = """
+INSERT INTO device_sessions AS s (device_id, owner, connection_id, remote_addr, since,
+                                  window_start, connects)
+SELECT d, o, c, r, t, t, 1
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS u(d, o, c, r, t)
+ON CONFLICT (device_id) DO UPDATE SET
+    owner = EXCLUDED.owner,
+    connection_id = EXCLUDED.connection_id,
+    remote_addr = EXCLUDED.remote_addr,
+    since = EXCLUDED.since,
+    released_at = NULL,
+    connects = CASE WHEN s.window_start > EXCLUDED.since - make_interval(secs => $6)
+                    THEN s.connects + 1 ELSE 1 END,
+    window_start = CASE WHEN s.window_start > EXCLUDED.since - make_interval(secs => $6)
+                        THEN s.window_start ELSE EXCLUDED.since END
+WHERE s.since <= EXCLUDED.since
+RETURNING device_id, connects"""
+
+# only the connection that holds the device releases it (a newer one may have taken it)
+_RELEASE_SQL = """
+UPDATE device_sessions AS s SET owner = NULL, connection_id = NULL, released_at = u.t
+FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS u(d, o, c, t)
+WHERE s.device_id = u.d AND s.owner = u.o AND s.connection_id = u.c"""
+
+_BAN_SQL = """
+INSERT INTO device_bans (device_id, until, reason, connects)
+SELECT d, now() + make_interval(secs => $3), 'flapping', n
+FROM unnest($1::text[], $2::int[]) AS u(d, n)
+ON CONFLICT (device_id) DO UPDATE SET until = EXCLUDED.until, reason = EXCLUDED.reason,
+    connects = EXCLUDED.connects, created_at = now()"""
+
+
+async def _write_sessions(
+    conn: Connection, rows: list[SessionRow], policy: FlapPolicy
+) -> list[str]:
+    """Bind and release directory rows; returns the devices newly banned for flapping."""
+    binds = [r for r in rows if r.bound]
+    releases = [r for r in rows if not r.bound]
+    banned: list[str] = []
+    if binds:
+        counted = await conn.fetch(
+            _BIND_SQL,
+            [r.device_id for r in binds],
+            [r.owner for r in binds],
+            [r.connection_id for r in binds],
+            [r.remote for r in binds],
+            [r.at for r in binds],
+            policy.window_s,
+        )
+        if policy.max_connects > 0:
+            flapping = [(r["device_id"], r["connects"]) for r in counted]
+            flapping = [(d, n) for d, n in flapping if n > policy.max_connects]
+            if flapping:
+                await conn.execute(
+                    _BAN_SQL, [d for d, _ in flapping], [n for _, n in flapping], policy.ban_s
+                )
+                banned = [d for d, _ in flapping]
+    if releases:
+        await conn.execute(
+            _RELEASE_SQL,
+            [r.device_id for r in releases],
+            [r.owner for r in releases],
+            [r.connection_id for r in releases],
+            [r.at for r in releases],
+        )
+    return banned
+
+
+async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> list[str]:
+    """Write every row of ``batch``; returns the devices banned for flapping."""
+    banned: list[str] = []
+    if batch.sessions:
+        banned = await _write_sessions(conn, list(batch.sessions.values()), policy)
     if batch.gateways:
         await conn.executemany(
             _GATEWAY_SQL,
@@ -441,3 +558,4 @@ async def _write_batch(conn: Connection, batch: _Batch) -> None:
         await conn.copy_records_to_table(
             "frames", records=batch.frames, columns=list(FRAME_COLUMNS)
         )
+    return banned

@@ -1,0 +1,405 @@
+"""Membership of one gateway process in a platform of many processes on one PostgreSQL.
+
+Every process (a worker of ``chargegw serve --workers N``, on any node) has a row in
+``cluster_processes`` named by its *owner* id ``node/worker/pid`` and refreshes it every
+``heartbeat_s``. The session directory (``device_sessions``, written by the batch writer)
+says which owner holds each device's connection; only that owner may claim the device's
+commands (outbox.py).
+
+Each process also:
+
+- listens on PostgreSQL channels: ``chargegw_outbox`` (a command was committed for a
+  device: its owner wakes at once, no polling) and ``chargegw_ban`` (a device was banned
+  or unbanned). The listening connection reconnects after an outage, then resyncs, since
+  notifications sent while it was away are lost;
+- sweeps for dead processes (no heartbeat for ``process_timeout_s``): they are marked
+  stopped, their devices offline (``process_lost``) and their directory entries released,
+  so commands wait for the devices to reconnect elsewhere. Every process runs the sweep;
+  ``SKIP LOCKED`` lets exactly one of them act on each dead process;
+- sheds connections when a rebalance asks it to (``shed_remaining`` at ``shed_rate``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .store.writer import TRANSIENT_DB_ERRORS
+
+log = structlog.get_logger("chargegw.cluster")
+
+OUTBOX_CHANNEL = "chargegw_outbox"
+BAN_CHANNEL = "chargegw_ban"
+
+
+def owner_id(node: str, worker: int, pid: int | None = None) -> str:
+    """The id of a process in the session directory: ``node/worker/pid``."""
+    return f"{node}/{worker}/{os.getpid() if pid is None else pid}"
+
+
+@dataclasses.dataclass
+class ProcessStats:
+    """What a process reports in its heartbeat."""
+
+    connections: int
+    devices: int
+    max_connections: int
+    draining: bool
+
+
+class Cluster:
+    """This process's row, heartbeat, notification listener, and the shared sweeps."""
+
+    def __init__(
+        self,
+        pool: Callable[[], asyncpg.Pool | None],
+        dsn: Callable[[], str],
+        *,
+        node: str,
+        worker: int,
+        heartbeat_s: float = 5.0,
+        process_timeout_s: float = 20.0,
+        stats: Callable[[], ProcessStats],
+        on_command: Callable[[str], None],
+        on_resync: Callable[[], None],
+        shed: Callable[[int], int],
+        device_listen: str = "",
+        http_listen: str = "",
+    ) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self.node = node
+        self.worker = worker
+        self.owner = owner_id(node, worker)
+        self.heartbeat_s = heartbeat_s
+        self.process_timeout_s = process_timeout_s
+        self._stats = stats
+        self._on_command = on_command
+        self._on_resync = on_resync
+        self._shed = shed
+        self.device_listen = device_listen
+        self.http_listen = http_listen
+        #: device id -> monotonic time its ban ends
+        self.bans: dict[str, float] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._shedding: asyncio.Task[None] | None = None
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Register this process (the database must be reachable), then run the loops."""
+        pool = self._pool()
+        assert pool is not None
+        await self._register(self._stats())
+        await self._refresh_bans(pool)
+        self._spawn(self._listen(), "cluster-listener")
+        self._spawn(self._heartbeat(), "cluster-heartbeat")
+        log.info("joined the cluster", owner=self.owner)
+
+    async def stop(self) -> None:
+        """Leave: stop the loops, release what this process still holds, mark it stopped."""
+        tasks = [*self._tasks, *([self._shedding] if self._shedding else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close(timeout=2)
+        pool = self._pool()
+        if pool is None:
+            return
+        try:
+            async with pool.acquire(timeout=5) as conn, conn.transaction():
+                await conn.execute(
+                    """UPDATE device_sessions SET owner = NULL, connection_id = NULL,
+                                                  released_at = now()
+                       WHERE owner = $1""",
+                    self.owner,
+                )
+                await conn.execute(
+                    """UPDATE cluster_processes SET stopped_at = now(), connections = 0,
+                                                    devices = 0 WHERE owner = $1""",
+                    self.owner,
+                )
+        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+            log.warning("could not record the stop; other processes will time this one out")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- bans --
+
+    def banned(self, device_id: str) -> bool:
+        until = self.bans.get(device_id)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self.bans[device_id]
+            return False
+        return True
+
+    async def announce_bans(self, device_ids: list[str]) -> None:
+        """Tell every process (this one included) that these devices were banned."""
+        pool = self._pool()
+        if pool is None:
+            return
+        await pool.execute(
+            "SELECT pg_notify($1, d) FROM unnest($2::text[]) AS d", BAN_CHANNEL, device_ids
+        )
+
+    async def _refresh_bans(self, conn: Any) -> None:
+        rows = await conn.fetch(
+            """SELECT device_id, extract(epoch FROM until - now()) AS left_s
+               FROM device_bans WHERE until > now()"""
+        )
+        now = time.monotonic()
+        self.bans = {r["device_id"]: now + float(r["left_s"]) for r in rows}
+
+    # -- notifications --
+
+    def _notified(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
+        if channel == OUTBOX_CHANNEL:
+            self._on_command(str(payload))
+        elif channel == BAN_CHANNEL:
+            self._spawn(self._ban_changed(), "ban-refresh")
+
+    async def _ban_changed(self) -> None:
+        pool = self._pool()
+        if pool is not None:
+            with contextlib.suppress(*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+                await self._refresh_bans(pool)
+
+    async def _listen(self) -> None:
+        """Hold a LISTEN connection; after losing it, reconnect and resync."""
+        delay = 0.5
+        first = True
+        while True:
+            try:
+                conn = await asyncpg.connect(self._dsn(), timeout=5)
+            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("cannot open the notification connection, retrying", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.5
+            self._listener = conn
+            try:
+                await conn.add_listener(OUTBOX_CHANNEL, self._notified)
+                await conn.add_listener(BAN_CHANNEL, self._notified)
+                if not first:  # notifications sent while away are lost: look again
+                    log.info("notification connection back, resyncing")
+                    self._on_resync()
+                    await self._refresh_bans(conn)
+                first = False
+                while not conn.is_closed():
+                    await asyncio.sleep(1.0)
+                    # a cheap round trip notices a dead server sooner than TCP would
+                    await conn.execute("SELECT 1", timeout=5)
+            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("notification connection lost", error=str(exc))
+            finally:
+                self._listener = None
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=1)
+
+    # -- heartbeat, shedding, sweeping --
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self.beat()
+                await self.sweep()
+            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("cluster heartbeat failed, retrying", error=str(exc))
+
+    async def beat(self) -> None:
+        """Refresh this process's row; shed connections if a rebalance asks for it."""
+        pool = self._pool()
+        if pool is None:
+            return
+        stats = self._stats()
+        row = await pool.fetchrow(
+            """UPDATE cluster_processes SET heartbeat_at = now(), connections = $2,
+                      devices = $3, max_connections = $4, draining = $5, stopped_at = NULL
+               WHERE owner = $1 RETURNING shed_remaining, shed_rate""",
+            self.owner,
+            stats.connections,
+            stats.devices,
+            stats.max_connections,
+            stats.draining,
+        )
+        if row is None:  # its row was deleted while the database was away: register again
+            await self._register(stats)
+            return
+        remaining = int(row["shed_remaining"])
+        if remaining > 0 and self._shedding is None:
+            rate = float(row["shed_rate"]) or 10.0
+            self._shedding = asyncio.get_running_loop().create_task(
+                self._shed_at(remaining, rate), name="rebalance-shed"
+            )
+
+    async def _shed_at(self, count: int, rate: float) -> None:
+        """Close ``count`` connections, ``rate`` per second, then clear the request."""
+        closed = 0
+        credit = 0.0
+        try:
+            while closed < count:
+                await asyncio.sleep(0.1)
+                credit += rate * 0.1
+                step = min(count - closed, math.floor(credit))
+                if step <= 0:
+                    continue
+                credit -= step
+                done = self._shed(step)
+                closed += done
+                if done < step:  # nothing left to close
+                    break
+            log.info("shed connections for a rebalance", closed=closed, asked=count)
+            pool = self._pool()
+            if pool is not None:
+                await pool.execute(
+                    "UPDATE cluster_processes SET shed_remaining = 0 WHERE owner = $1",
+                    self.owner,
+                )
+        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+            log.warning("could not clear the rebalance request; it is retried")
+        finally:
+            self._shedding = None
+
+    async def _register(self, stats: ProcessStats) -> None:
+        pool = self._pool()
+        assert pool is not None
+        await pool.execute(
+            """INSERT INTO cluster_processes (owner, node, worker, pid, max_connections,
+                                              device_listen, http_listen, connections, devices)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               ON CONFLICT (owner) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL""",
+            self.owner,
+            self.node,
+            self.worker,
+            os.getpid(),
+            stats.max_connections,
+            self.device_listen,
+            self.http_listen,
+            stats.connections,
+            stats.devices,
+        )
+
+    async def sweep(self) -> None:
+        """Declare processes without a heartbeat dead and release what they held."""
+        pool = self._pool()
+        if pool is None:
+            return
+        async with pool.acquire(timeout=5) as conn, conn.transaction():
+            dead = await conn.fetch(
+                """UPDATE cluster_processes SET stopped_at = now(), connections = 0, devices = 0
+                   WHERE owner IN (
+                       SELECT owner FROM cluster_processes
+                       WHERE stopped_at IS NULL
+                         AND heartbeat_at < now() - make_interval(secs => $1)
+                       FOR UPDATE SKIP LOCKED)
+                   RETURNING owner""",
+                self.process_timeout_s,
+            )
+            owners = [r["owner"] for r in dead]
+            # a stopped process's entries (a clean stop releases its own; this catches
+            # the rest) and those of processes that died
+            lost = await conn.fetch(
+                """UPDATE device_sessions s SET owner = NULL, connection_id = NULL,
+                                               released_at = now()
+                   FROM cluster_processes p
+                   WHERE s.owner = p.owner AND p.stopped_at IS NOT NULL
+                   RETURNING s.device_id, p.owner""",
+            )
+            if lost:
+                devices = [r["device_id"] for r in lost]
+                await conn.execute(
+                    """UPDATE devices SET online = false, offline_reason = 'process_lost',
+                                          updated_at = now()
+                       WHERE device_id = ANY($1::text[]) AND online""",
+                    devices,
+                )
+                await conn.execute(
+                    """INSERT INTO device_events (device_id, at, kind, reason, detail)
+                       SELECT d, now(), 'offline', 'process_lost', jsonb_build_object('owner', o)
+                       FROM unnest($1::text[], $2::text[]) AS u(d, o)""",
+                    devices,
+                    [r["owner"] for r in lost],
+                )
+            await conn.execute(
+                "DELETE FROM cluster_processes WHERE stopped_at < now() - interval '1 day'"
+            )
+            await conn.execute("DELETE FROM device_bans WHERE until < now() - interval '1 day'")
+        for owner in owners:
+            log.warning("process lost (no heartbeat), its devices released", owner=owner)
+
+
+async def list_processes(conn: Any, *, include_stopped: bool = False) -> list[dict[str, Any]]:
+    """Processes of the platform with their load (``chargegw nodes``, the API)."""
+    rows = await conn.fetch(
+        """SELECT owner, node, worker, pid, started_at, heartbeat_at, connections, devices,
+                  max_connections, draining, stopped_at, shed_remaining, device_listen,
+                  http_listen, extract(epoch FROM now() - heartbeat_at) AS silent_s
+           FROM cluster_processes
+           WHERE $1 OR stopped_at IS NULL
+           ORDER BY node, worker, started_at""",
+        include_stopped,
+    )
+    out = []
+    for r in rows:
+        item = dict(r)
+        item["silent_s"] = round(float(item["silent_s"]), 1)
+        item["state"] = (
+            "stopped" if r["stopped_at"] is not None else "draining" if r["draining"] else "live"
+        )
+        out.append(item)
+    return out
+
+
+async def rebalance(conn: Any, *, rate: float, dry_run: bool = False) -> dict[str, Any]:
+    """Ask the busiest live processes to shed connections down to the mean.
+
+    Each process above the mean (rounded up) is asked to close its surplus at ``rate``
+    connections per second; the devices reconnect through the load balancer to whichever
+    process it picks. Returns the plan.
+    """
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """SELECT owner, connections FROM cluster_processes
+               WHERE stopped_at IS NULL AND NOT draining ORDER BY owner FOR UPDATE"""
+        )
+        total = sum(r["connections"] for r in rows)
+        target = math.ceil(total / len(rows)) if rows else 0
+        plan = {r["owner"]: max(r["connections"] - target, 0) for r in rows}
+        if not dry_run:
+            for owner, surplus in plan.items():
+                await conn.execute(
+                    """UPDATE cluster_processes SET shed_remaining = $2, shed_rate = $3
+                       WHERE owner = $1""",
+                    owner,
+                    surplus,
+                    rate,
+                )
+    return {
+        "processes": len(rows),
+        "connections": total,
+        "target_per_process": target,
+        "shed": {owner: n for owner, n in plan.items() if n},
+        "rate_per_process": rate,
+        "dry_run": dry_run,
+    }

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -47,11 +48,30 @@ def main(ctx: click.Context, config: str | None) -> None:
 @click.option("--http-port", type=int, help="Port of the HTTP API.")
 @click.option("--log-format", type=click.Choice(["console", "json"]))
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    help="Worker processes sharing the device and HTTP ports (default 1).",
+)
+@click.option("--node", help="This node's name in the cluster (default: the host name).")
 @click.pass_context
 def serve(ctx: click.Context, /, **flags: Any) -> None:
-    """Run the gateway: device listener, HTTP API, and the database (embedded if no DSN)."""
+    """Run the gateway: device listener, HTTP API, and the database (embedded if no DSN).
+
+    SIGTERM (or Ctrl-C) drains: no new connections, device connections closed gradually
+    so the piles reconnect to other workers or nodes, commands in flight finished. A
+    second signal stops at once.
+    """
     settings = _settings(ctx, **flags)
     configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        from .supervisor import Supervisor
+
+        try:
+            sys.exit(Supervisor(settings).run())
+        except Exception as exc:
+            click.echo(f"chargegw: {exc}", err=True)
+            sys.exit(1)
     from .service import run
 
     try:
@@ -63,10 +83,15 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
 
     async def main_task() -> None:
         stop = asyncio.Event()
+        force = asyncio.Event()
+
+        def signalled() -> None:
+            (force if stop.is_set() else stop).set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run(settings, stop)
+            loop.add_signal_handler(sig, signalled)
+        await run(settings, stop, force=force)
 
     try:
         asyncio.run(main_task())
@@ -220,3 +245,120 @@ def apikey_revoke(ctx: click.Context, /, key_id: int, **flags: Any) -> None:
     click.echo(
         f"revoked API key {key_id}; gateways stop accepting it within {DEFAULT_CACHE_TTL_S:g} s"
     )
+
+
+# ---------------------------------------------------------------- cluster
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command()
+@click.option("--all", "include_stopped", is_flag=True, help="Include stopped processes.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def nodes(ctx: click.Context, /, include_stopped: bool, as_json: bool, **flags: Any) -> None:
+    """List the gateway processes (nodes and their workers) with their connection counts."""
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    from .cluster import list_processes
+
+    procs = _with_database(
+        settings, lambda conn: list_processes(conn, include_stopped=include_stopped)
+    )
+    if as_json:
+        click.echo(json.dumps(procs, indent=2, default=str))
+        return
+    if not procs:
+        click.echo("no gateway process is running", err=True)
+        return
+    rows = [("NODE", "WORKER", "PID", "STATE", "CONNECTIONS", "DEVICES", "MAX", "SILENT_S")]
+    for p in procs:
+        rows.append(
+            (
+                p["node"],
+                str(p["worker"]),
+                str(p["pid"]),
+                p["state"],
+                str(p["connections"]),
+                str(p["devices"]),
+                str(p["max_connections"]),
+                f"{p['silent_s']:.1f}",
+            )
+        )
+    _table(rows)
+    live = [p for p in procs if p["state"] != "stopped"]
+    total = sum(p["connections"] for p in live)
+    click.echo(f"{len(live)} live process(es), {total} device connection(s)")
+
+
+@main.command()
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=20.0,
+    show_default=True,
+    help="Connections each busy process closes per second.",
+)
+@click.option("--dry-run", is_flag=True, help="Show the plan without asking anyone to shed.")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def rebalance(ctx: click.Context, /, rate: float, dry_run: bool, **flags: Any) -> None:
+    """Shed connections from the busiest processes (down to the mean), at a bounded rate.
+
+    Run it after a node joins: the shed piles reconnect through the load balancer.
+    """
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    from .cluster import rebalance as plan_rebalance
+
+    plan = _with_database(settings, lambda conn: plan_rebalance(conn, rate=rate, dry_run=dry_run))
+    click.echo(json.dumps(plan, indent=2))
+
+
+@main.group()
+def bans() -> None:
+    """Devices refused for reconnecting too often (flapping)."""
+
+
+@bans.command("list")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def bans_list(ctx: click.Context, /, **flags: Any) -> None:
+    """List the devices banned now."""
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    from .cluster import list_bans
+
+    found = _with_database(settings, list_bans)
+    if not found:
+        click.echo("no device is banned", err=True)
+        return
+    rows = [("DEVICE", "UNTIL", "REASON", "CONNECTS")]
+    for b in found:
+        rows.append((b["device_id"], b["until"], b["reason"], str(b["connects"] or "-")))
+    _table(rows)
+
+
+@bans.command("lift")
+@click.argument("device_id")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def bans_lift(ctx: click.Context, /, device_id: str, **flags: Any) -> None:
+    """Lift a device's ban now (every process hears of it at once)."""
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    from .cluster import lift_ban
+
+    if not _with_database(settings, lambda conn: lift_ban(conn, device_id)):
+        click.echo(f"chargegw: device {device_id} is not banned", err=True)
+        sys.exit(1)
+    click.echo(f"lifted the ban on {device_id}")

@@ -72,6 +72,7 @@ class Cluster:
         on_command: Callable[[str], None],
         on_resync: Callable[[], None],
         shed: Callable[[int], int],
+        superseded: Callable[[list[tuple[str, Any]]], None] = lambda bound: None,
         device_listen: str = "",
         http_listen: str = "",
     ) -> None:
@@ -86,6 +87,8 @@ class Cluster:
         self._on_command = on_command
         self._on_resync = on_resync
         self._shed = shed
+        self._superseded = superseded
+        self._checked_at: Any = None
         self.device_listen = device_listen
         self.http_listen = http_listen
         #: device id -> monotonic time its ban ends
@@ -131,8 +134,11 @@ class Cluster:
                                                     devices = 0 WHERE owner = $1""",
                     self.owner,
                 )
-        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
-            log.warning("could not record the stop; other processes will time this one out")
+        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+            log.warning(
+                "could not record the stop; other processes will time this one out",
+                error=repr(exc),
+            )
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -219,11 +225,13 @@ class Cluster:
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            try:
-                await self.beat()
-                await self.sweep()
-            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
-                log.warning("cluster heartbeat failed, retrying", error=str(exc))
+            for step in (self.beat, self.sweep):
+                try:
+                    await step()
+                except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                    log.warning(
+                        "cluster heartbeat failed, retrying", step=step.__name__, error=str(exc)
+                    )
 
     async def beat(self) -> None:
         """Refresh this process's row; shed connections if a rebalance asks for it."""
@@ -234,7 +242,7 @@ class Cluster:
         row = await pool.fetchrow(
             """UPDATE cluster_processes SET heartbeat_at = now(), connections = $2,
                       devices = $3, max_connections = $4, draining = $5, stopped_at = NULL
-               WHERE owner = $1 RETURNING shed_remaining, shed_rate""",
+               WHERE owner = $1 RETURNING shed_remaining, shed_rate, now() AS at""",
             self.owner,
             stats.connections,
             stats.devices,
@@ -244,12 +252,28 @@ class Cluster:
         if row is None:  # its row was deleted while the database was away: register again
             await self._register(stats)
             return
+        await self._reconcile(pool, row["at"])
         remaining = int(row["shed_remaining"])
         if remaining > 0 and self._shedding is None:
             rate = float(row["shed_rate"]) or 10.0
             self._shedding = asyncio.get_running_loop().create_task(
                 self._shed_at(remaining, rate), name="rebalance-shed"
             )
+
+    async def _reconcile(self, pool: asyncpg.Pool, now: Any) -> None:
+        """Devices another process bound since the last look: newest connection wins,
+        so this process lets go of them (the same rule as within one process)."""
+        since, self._checked_at = self._checked_at, now
+        if since is None:
+            return
+        rows = await pool.fetch(
+            """SELECT device_id, since FROM device_sessions
+               WHERE since > $1::timestamptz - interval '1 second' AND owner IS NOT NULL AND owner <> $2""",
+            since,
+            self.owner,
+        )
+        if rows:
+            self._superseded([(r["device_id"], r["since"]) for r in rows])
 
     async def _shed_at(self, count: int, rate: float) -> None:
         """Close ``count`` connections, ``rate`` per second, then clear the request."""
@@ -403,3 +427,36 @@ async def rebalance(conn: Any, *, rate: float, dry_run: bool = False) -> dict[st
         "rate_per_process": rate,
         "dry_run": dry_run,
     }
+
+
+async def list_bans(conn: Any) -> list[dict[str, Any]]:
+    """Devices banned now, soonest-ending first."""
+    rows = await conn.fetch(
+        """SELECT device_id, until, reason, connects, created_at FROM device_bans
+           WHERE until > now() ORDER BY until"""
+    )
+    return [
+        {
+            "device_id": r["device_id"],
+            "until": r["until"].isoformat(),
+            "reason": r["reason"],
+            "connects": r["connects"],
+            "since": r["created_at"].isoformat(),
+        }
+        for r in rows
+    ]
+
+
+async def lift_ban(conn: Any, device_id: str) -> bool:
+    """End a ban now and tell every process; False if the device was not banned."""
+    async with conn.transaction():
+        lifted = await conn.fetchval(
+            "DELETE FROM device_bans WHERE device_id = $1 AND until > now() RETURNING 1",
+            device_id,
+        )
+        # a lifted ban also forgets the reconnections that led to it
+        await conn.execute(
+            "UPDATE device_sessions SET connects = 0 WHERE device_id = $1", device_id
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", BAN_CHANNEL, device_id)
+    return lifted is not None

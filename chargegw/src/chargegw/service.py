@@ -91,6 +91,7 @@ class Gateway:
         )
         self.writer.on_banned = self._banned
         self.draining = False
+        self._stopped = False
         self.cluster = Cluster(
             lambda: self.pool,
             lambda: self.dsn,
@@ -102,6 +103,7 @@ class Gateway:
             on_command=self._command_notified,
             on_resync=self._resync,
             shed=lambda count: self.server.shed(count, "rebalance", keep=self._busy),
+            superseded=self._superseded,
         )
         self.outbox = Outbox(
             lambda: self.pool,
@@ -193,6 +195,9 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, close devices, flush the writer, leave the cluster, close the pool."""
+        if self._stopped:
+            return
+        self._stopped = True
         await self.server.stop_listening()
         self.server.close_all("shutdown")
         await asyncio.sleep(0)
@@ -234,6 +239,10 @@ class Gateway:
             SessionRow(device_id, self.cluster.owner, link.id, link.remote, self.wall(), False)
         )
 
+    def _superseded(self, bound: list[tuple[str, Any]]) -> None:
+        for device_id, since in bound:
+            self.sessions.superseded(device_id, since)
+
     def _command_notified(self, device_id: str) -> None:
         if not self.draining:
             self.outbox.wake(device_id)
@@ -265,6 +274,7 @@ class Gateway:
         from . import auth
         from .api import ApiState, create_app
         from .billing_api import make_billing_router
+        from .cluster_api import make_cluster_router
         from .commands_api import make_router
         from .params_api import make_params_router
 
@@ -283,7 +293,12 @@ class Gateway:
         )
         app = create_app(
             self.api_state,
-            routers=[make_router(self), make_billing_router(self), make_params_router(self)],
+            routers=[
+                make_router(self),
+                make_billing_router(self),
+                make_params_router(self),
+                make_cluster_router(self),
+            ],
         )
         config = uvicorn.Config(
             app,

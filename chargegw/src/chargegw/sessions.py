@@ -49,6 +49,8 @@ class DeviceSession:
     last_seen: float = 0.0
     last_heartbeat: float = 0.0
     ack_timeouts: int = 0
+    #: when the device was bound to ``link`` (server time)
+    bound_at: datetime | None = None
 
 
 class SessionRegistry:
@@ -110,10 +112,13 @@ class SessionRegistry:
         if session is None:
             session = DeviceSession(device_id, protocol, gateway_id, link, heartbeat_interval_s)
             self.devices[device_id] = session
+            session.bound_at = wall
             self._attach(link, device_id)
         elif session.link is not link:
+            session.bound_at = wall
             self._rebind(session, link, wall)
         elif device_id not in self._by_link.get(link.id, ()):  # bound again after a release
+            session.bound_at = wall
             self._attach(link, device_id)
         session.gateway_id = gateway_id
         session.heartbeat_interval_s = heartbeat_interval_s
@@ -156,6 +161,26 @@ class SessionRegistry:
         session = self.devices.get(device_id)
         if session is not None:
             session.ack_timeouts = 0
+
+    def superseded(self, device_id: str, since: datetime) -> None:
+        """Another process bound the device to a connection at ``since``: if that is newer
+        than ours, let the device go here.
+
+        No offline event: the device is online, elsewhere. A connection left without
+        devices is closed, as when the newer connection is in this process.
+        """
+        session = self.devices.get(device_id)
+        if session is None or (session.bound_at is not None and session.bound_at >= since):
+            return
+        del self.devices[device_id]
+        link = session.link
+        remaining = self._by_link.get(link.id, set())
+        remaining.discard(device_id)
+        if session.online:
+            self.metrics.devices_online.dec()
+        log.info("device moved to another process", device_id=device_id, old=link.id)
+        if not remaining and not link.closed:
+            link.close("superseded")
 
     def link_opened(self, link: Link) -> None:
         self._links[link.id] = link

@@ -1,0 +1,187 @@
+"""``chargegw serve --workers N``: one supervisor process and N gateway workers.
+
+The supervisor prepares what the workers share (the embedded PostgreSQL when no DSN is
+configured, the migrations, the port numbers when 0 asks for free ones), then starts
+the workers. Each worker is a full gateway: it binds the device port and the HTTP port
+with SO_REUSEPORT, so the kernel spreads new connections over the workers, and any
+worker answers any API call (commands reach the worker holding the device through the
+database, see outbox.py and cluster.py).
+
+A worker that dies is started again (with a growing pause if it keeps dying); its
+devices reconnect to the other workers meanwhile. SIGTERM or SIGINT to the supervisor
+drains every worker (service.Gateway.drain); a second signal stops them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import structlog
+
+from .config import Settings
+from .logs import configure_logging
+
+log = structlog.get_logger("chargegw.supervisor")
+
+#: a worker that ran at least this long before dying is restarted without delay
+_STABLE_S = 30.0
+
+
+def _reserve_port(host: str) -> tuple[socket.socket, int]:
+    """Bind (without listening) a SO_REUSEPORT socket on a free port the workers then share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock, int(sock.getsockname()[1])
+
+
+def worker_main(values: dict[str, Any], index: int) -> None:
+    """Entry point of one worker process (spawned, so it imports afresh)."""
+    settings = Settings(**values)
+    configure_logging(settings.log_format, settings.log_level)
+    structlog.contextvars.bind_contextvars(worker=index)
+    # the supervisor forwards SIGTERM; a terminal's Ctrl-C reaches the whole process
+    # group, and must not count as a second signal here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    from .service import run
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        force = asyncio.Event()
+
+        def signalled() -> None:
+            (force if stop.is_set() else stop).set()
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, signalled)
+        await run(settings, stop, worker=index, force=force)
+
+    asyncio.run(main())
+
+
+class Supervisor:
+    """Starts, watches and stops the worker processes of one node."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: dict[int, BaseProcess] = {}
+        self._started: dict[int, float] = {}
+        self._failures: dict[int, int] = {}
+        self._stopping = False
+        self._reserved: list[socket.socket] = []
+
+    def prepare(self) -> Settings:
+        """Database and ports for the workers; returns the settings they run with."""
+        settings = dataclasses.replace(self.settings)
+        from .store.database import connect_pool, migrate, start_embedded
+
+        if not settings.dsn:
+            log.info(
+                "no DSN configured, starting the embedded PostgreSQL",
+                data_dir=settings.data_dir,
+            )
+            settings.dsn = start_embedded(settings.data_dir)
+
+        async def migrated() -> None:
+            pool = await connect_pool(settings.dsn, min_size=1, max_size=1)
+            try:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+            finally:
+                await pool.close()
+
+        asyncio.run(migrated())
+        if settings.device_port == 0:
+            sock, settings.device_port = _reserve_port(settings.device_host)
+            self._reserved.append(sock)
+        if settings.http_port == 0:
+            sock, settings.http_port = _reserve_port(settings.http_host)
+            self._reserved.append(sock)
+        return settings
+
+    def run(self) -> int:
+        """Run the workers until a signal; returns the exit status."""
+        settings = self.prepare()
+        values = dataclasses.asdict(settings)
+        signal.signal(signal.SIGTERM, self._signalled)
+        signal.signal(signal.SIGINT, self._signalled)
+        for index in range(settings.workers):
+            self._start(index, values)
+        log.info(
+            "serving",
+            workers=settings.workers,
+            node=settings.node,
+            device_port=settings.device_port,
+            http_port=settings.http_port,
+        )
+        while not self._stopping:
+            time.sleep(0.2)
+            for index, process in list(self._workers.items()):
+                if process.is_alive() or self._stopping:
+                    continue
+                ran = time.monotonic() - self._started[index]
+                failures = 0 if ran >= _STABLE_S else self._failures.get(index, 0) + 1
+                self._failures[index] = failures
+                pause = min(2.0 ** (failures - 1), 30.0) if failures else 0.0
+                log.warning(
+                    "worker died, starting it again",
+                    worker=index,
+                    pid=process.pid,
+                    exit_code=process.exitcode,
+                    pause_s=pause,
+                )
+                del self._workers[index]
+                time.sleep(pause)
+                if not self._stopping:
+                    self._start(index, values)
+        return self._wait_for_workers(settings)
+
+    def _start(self, index: int, values: dict[str, Any]) -> None:
+        process = self._context.Process(
+            target=worker_main, args=(values, index), name=f"chargegw-worker-{index}"
+        )
+        process.start()
+        self._workers[index] = process
+        self._started[index] = time.monotonic()
+        log.info("worker started", worker=index, pid=process.pid)
+
+    def _signalled(self, signum: int, _frame: Any) -> None:
+        self._stopping = True
+        for process in self._workers.values():
+            if process.is_alive() and process.pid is not None:
+                # the first signal drains, a second one stops at once (worker_main)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+
+    def _wait_for_workers(self, settings: Settings) -> int:
+        deadline = time.monotonic() + settings.drain_timeout_s + 30.0
+        for process in self._workers.values():
+            process.join(max(deadline - time.monotonic(), 0.1))
+        status = 0
+        for index, process in self._workers.items():
+            if process.is_alive():
+                log.error("worker did not stop, killing it", worker=index, pid=process.pid)
+                process.kill()
+                process.join(5)
+                status = 1
+        for sock in self._reserved:
+            sock.close()
+        log.info("all workers stopped")
+        return status

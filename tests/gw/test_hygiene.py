@@ -1,0 +1,130 @@
+"""Connection hygiene at scale (issue 6): flapping bans, frame-rate limits, the
+connection limit derived from the open-file limit. Real TCP, real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from chargegw.api import ApiState, create_app
+from chargegw.cluster_api import make_cluster_router
+from chargegw.service import Gateway
+from chargegw.transport import FD_RESERVE, connection_limit
+from chargeproto import ap3000
+
+from .piles import RawPile
+
+PHY = "04000077"
+
+
+@pytest.fixture
+def gateway_settings() -> dict[str, float]:
+    return {
+        "flap_max_connects": 3,
+        "flap_window_s": 60.0,
+        "flap_ban_s": 60.0,
+        "frame_rate_per_connection": 10.0,
+    }
+
+
+@pytest.fixture
+async def cluster_api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    state = ApiState(
+        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
+    )
+    app = create_app(state, routers=[make_cluster_router(gateway)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        yield client
+
+
+async def _connect_and_register(gateway: Gateway) -> RawPile:
+    pile = await RawPile(PHY).connect(gateway.server.port)
+    await pile.register()
+    return pile
+
+
+async def _bans(api: httpx.AsyncClient) -> list[str]:
+    return [b["device_id"] for b in (await api.get("/api/v1/bans")).json()["items"]]
+
+
+async def test_a_device_that_reconnects_too_often_is_refused_for_a_while(
+    gateway: Gateway, cluster_api: httpx.AsyncClient
+) -> None:
+    for _ in range(3):  # within the limit: each connection is answered
+        pile = await _connect_and_register(gateway)
+        await pile.expect(ap3000.RegistrationReply)
+        await gateway.writer.drained()
+        await pile.close()
+    assert await _bans(cluster_api) == []
+
+    pile = await _connect_and_register(gateway)  # the fourth: banned, closed
+    assert await pile.closed_by_server(timeout=5)
+    assert await _bans(cluster_api) == [PHY]
+    ban = (await cluster_api.get("/api/v1/bans")).json()["items"][0]
+    assert ban["reason"] == "flapping" and ban["connects"] == 4
+
+    pile = await _connect_and_register(gateway)  # refused while banned: nothing answered
+    assert await pile.closed_by_server(timeout=5)
+    assert pile.received == []
+
+    lifted = await cluster_api.delete(f"/api/v1/bans/{PHY}")
+    assert lifted.status_code == 200
+    assert (await cluster_api.delete(f"/api/v1/bans/{PHY}")).status_code == 404
+    for _ in range(50):  # the notification reaches the process
+        if not gateway.cluster.banned(PHY):
+            break
+        await asyncio.sleep(0.05)
+    pile = await _connect_and_register(gateway)
+    await pile.expect(ap3000.RegistrationReply)
+    await pile.close()
+
+
+async def test_frames_over_the_rate_limit_are_slowed_down_not_dropped(gateway: Gateway) -> None:
+    pile = await RawPile(PHY).connect(gateway.server.port)
+    await pile.register()
+    await pile.expect(ap3000.RegistrationReply)
+    # 120 heartbeats at once: the burst allowance is 50 frames (10/s for 5 s)
+    frames = b"".join(
+        ap3000.encode(
+            ap3000.Heartbeat(
+                PHY,
+                100 + n,
+                voltage_v=220.0,
+                ports=(ap3000.PortState(0, 0), ap3000.PortState(1, 0)),
+                signal_strength=20,
+                temperature_c=25,
+            )
+        )
+        for n in range(120)
+    )
+    await pile.send_raw(frames)
+    answered = set()
+    for _ in range(120):
+        reply = await pile.expect(ap3000.HeartbeatReply, timeout=20)
+        answered.add(reply.msg_id)
+    assert answered == set(range(100, 220))  # every one answered
+    throttled = gateway.metrics.frames_throttled_total.labels(scope="connection")._value.get()
+    assert throttled >= 1
+    # the debt pauses reading from this connection: the next frame waits in TCP ...
+    (link,) = gateway.server.links.values()
+    assert "frame rate" in (link._reading_paused_by or set())
+    msg_id = await pile.heartbeat()
+    # ... and is answered once the connection is back within its budget
+    reply = await pile.expect(ap3000.HeartbeatReply, timeout=30)
+    assert reply.msg_id == msg_id
+    await pile.close()
+
+
+def test_the_connection_limit_follows_the_open_file_limit() -> None:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    allowed, files = connection_limit(0)
+    assert files == resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= soft
+    assert allowed == files - FD_RESERVE
+    assert connection_limit(100) == (100, files)
+    assert connection_limit(10**9) == (allowed, files)  # capped, with the reason logged

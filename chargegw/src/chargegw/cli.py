@@ -1,4 +1,5 @@
-"""The ``chargegw`` command: serve, migrate, config show, sim."""
+"""The ``chargegw`` command: serve, migrate, config, apikey, nodes, rebalance, bans, sim,
+loadtest."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import click
 
 from .config import ConfigError, Settings, load_settings
+from .loadtest.cli import loadtest
 from .logs import configure_logging
 from .sim.cli import sim_command
 
@@ -142,6 +144,7 @@ def config_show(ctx: click.Context) -> None:
 
 
 main.add_command(sim_command, "sim")
+main.add_command(loadtest, "loadtest")
 
 
 # ---------------------------------------------------------------- apikey

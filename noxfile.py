@@ -42,3 +42,40 @@ def bench(session: nox.Session) -> None:
             *session.posargs,
             external=True,
         )
+
+
+#: the bounded default of `nox -s load` (arguments after `--` replace it)
+LOAD_DEFAULT = (
+    "--start", "both",
+    "--piles", "2000",
+    "--bkv-share", "0.2",
+    "--accel", "60",
+    "--duration", "60",
+    "--ramp", "15",
+    "--storm-at", "45",
+    "--storm-window", "5",
+    "--latency-probes", "40",
+)  # fmt: skip
+
+
+@nox.session
+def load(session: nox.Session) -> None:
+    """Load test: baseline, then chargegw, same piles (docs/loadtest.md).
+
+    Writes loadtest-report.json and the load section of docs/benchmarks.md. PostgreSQL:
+    CHARGEGW_LOADTEST_DSN, else an embedded one. `nox -s load -- --piles 100000 ...`
+    replaces the default arguments.
+    """
+    args = session.posargs or LOAD_DEFAULT
+    session.run(
+        *UV_RUN,
+        "python",
+        "-m",
+        "chargegw.loadtest",
+        *args,
+        "--report",
+        "loadtest-report.json",
+        "--benchmarks",
+        "docs/benchmarks.md",
+        external=True,
+    )

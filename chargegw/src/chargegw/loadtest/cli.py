@@ -22,6 +22,14 @@ def _settings(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+def _command_line() -> list[str]:
+    """This invocation as a user would type it."""
+    program = Path(sys.argv[0]).name
+    if program == "__main__.py":
+        return ["python", "-m", "chargegw.loadtest", *sys.argv[1:]]
+    return [program, *sys.argv[1:]]
+
+
 def summary(report: dict[str, Any]) -> list[str]:
     """A few readable lines per run of a report."""
     lines: list[str] = []
@@ -52,7 +60,7 @@ def summary(report: dict[str, Any]) -> list[str]:
                 f"  storm: {storm['dropped']} dropped, {storm['back_online']} back, all back "
                 f"after {storm['all_back_after_s']} s"
             )
-        if latency:
+        if latency and latency["probes"]:
             total = latency["legs_ms"]["total"]
             lines.append(
                 f"  API latency to ack: p50 {total['p50']} ms, p99 {total['p99']} ms, "
@@ -130,7 +138,11 @@ def summary(report: dict[str, Any]) -> list[str]:
 )
 @click.option("--start", type=click.Choice(["chargegw", "baseline", "both"]))
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
-@click.option("--dsn", help="PostgreSQL DSN for a started chargegw (default: embedded).")
+@click.option(
+    "--dsn",
+    envvar="CHARGEGW_LOADTEST_DSN",
+    help="PostgreSQL DSN for a started chargegw (default: an embedded one in a temp dir).",
+)
 @click.option(
     "--set",
     "settings",
@@ -148,6 +160,11 @@ def summary(report: dict[str, Any]) -> list[str]:
 @click.option(
     "--report", default="loadtest-report.json", show_default=True, help="Where the JSON goes."
 )
+@click.option(
+    "--benchmarks",
+    metavar="PATH",
+    help="Also rewrite the load-test section of this markdown file (docs/benchmarks.md).",
+)
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def loadtest(source_addrs: str, settings: tuple[str, ...], **options: Any) -> None:
     """Drive simulated piles against a server and write a JSON report.
@@ -162,7 +179,7 @@ def loadtest(source_addrs: str, settings: tuple[str, ...], **options: Any) -> No
             server_pids=tuple(options.pop("server_pids")),
             **options,
         )
-        report = asyncio.run(run_loadtest(opts, argv=[Path(sys.argv[0]).name, *sys.argv[1:]]))
+        report = asyncio.run(run_loadtest(opts, argv=_command_line()))
     except LoadTestError as exc:
         raise click.ClickException(str(exc)) from None
     for line in summary(report):

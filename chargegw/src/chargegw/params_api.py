@@ -11,6 +11,7 @@ import asyncpg
 from fastapi import APIRouter, HTTPException
 
 from .audit import mask_text
+from .device_selector import SelectorError, parse_selector, select_devices
 from .params import (
     GROUPS,
     SECRET_FIELDS,
@@ -223,57 +224,10 @@ def _selector_error(message: str) -> HTTPException:
 
 async def _select(conn: asyncpg.pool.PoolConnectionProxy, selector: Any) -> list[str]:
     """The AP3000 device ids ``selector`` names; 422 unless it names at least one."""
-    if not isinstance(selector, dict) or len(selector.keys() & _SELECTOR_FORMS) != 1:
-        raise _selector_error(
-            'expected one of {"device_ids": [...]}, {"device_type": n, "firmware": "..."}'
-            ' or {"all": true}'
-        )
-    if "device_ids" in selector:
-        ids = selector["device_ids"]
-        if set(selector) != {"device_ids"} or not (
-            isinstance(ids, list) and ids and all(isinstance(i, str) and i for i in ids)
-        ):
-            raise _selector_error("device_ids must be a non-empty list of device ids")
-        ids = list(dict.fromkeys(ids))
-        rows = await conn.fetch(
-            "SELECT device_id, protocol FROM devices WHERE device_id = ANY($1::text[])", ids
-        )
-        protocols = {r["device_id"]: r["protocol"] for r in rows}
-        unknown = [i for i in ids if i not in protocols]
-        if unknown:
-            raise _selector_error(f"unknown devices: {', '.join(unknown)}")
-        other = [i for i in ids if protocols[i] != "ap3000"]
-        if other:
-            raise _selector_error(f"not AP3000 devices (not supported yet): {', '.join(other)}")
-        return ids
-    if "device_type" in selector:
-        device_type, firmware = selector["device_type"], selector.get("firmware")
-        if (
-            not set(selector) <= {"device_type", "firmware"}
-            or not isinstance(device_type, int)
-            or isinstance(device_type, bool)
-            or not (firmware is None or isinstance(firmware, str))
-        ):
-            raise _selector_error("device_type must be an integer, firmware a string")
-        rows = await conn.fetch(
-            """SELECT device_id FROM devices
-               WHERE protocol = 'ap3000' AND device_type = $1
-                 AND ($2::text IS NULL OR firmware = $2) ORDER BY device_id""",
-            device_type,
-            firmware,
-        )
-    else:
-        if selector != {"all": True}:
-            raise _selector_error('expected {"all": true}')
-        rows = await conn.fetch(
-            "SELECT device_id FROM devices WHERE protocol = 'ap3000' ORDER BY device_id"
-        )
-    if not rows:
-        raise _selector_error("no AP3000 device matches")
-    return [r["device_id"] for r in rows]
-
-
-_SELECTOR_FORMS = frozenset({"device_ids", "device_type", "all"})
+    try:
+        return await select_devices(conn, parse_selector(selector), "ap3000")
+    except SelectorError as exc:
+        raise _selector_error(str(exc)) from None
 
 
 async def _job(conn: asyncpg.pool.PoolConnectionProxy, job_id: int) -> dict[str, Any]:

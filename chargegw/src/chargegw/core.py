@@ -56,6 +56,12 @@ class EventKind(str, enum.Enum):
     #: a command gave up: no answer after its resend, or the device stayed offline
     COMMAND_DEAD = "command_dead"
     REPORT = "report"
+    #: a firmware upgrade began sending to the device (firmware.py)
+    UPGRADE_STARTED = "upgrade_started"
+    #: the device came back from its upgrade reporting the new version
+    UPGRADE_VERIFIED = "upgrade_verified"
+    #: an upgrade was refused before sending, gave up, or the version did not change
+    UPGRADE_FAILED = "upgrade_failed"
 
 
 def bkv_device_id(gateway_id: str, socket_no: int) -> str:

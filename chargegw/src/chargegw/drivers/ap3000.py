@@ -10,7 +10,7 @@ import structlog
 
 from chargeproto import ABSENT, Direction, Message, ap3000
 
-from .. import params
+from .. import firmware, params
 from ..audit import mask_text
 from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
 from ..orders import AP3000_STOP_REASONS
@@ -110,14 +110,19 @@ class Ap3000Driver:
                 now=ctx.now(),
                 wall=wall,
             )
-        if message.direction is Direction.UP and device_id is not None:
-            key = commands.reply_key(device_id, message.command, message.msg_id)
+        owner = device_id or message.phy_id  # a host answers for itself (host upgrades)
+        waiting = None
+        if message.direction is Direction.UP:
+            key = commands.reply_key(owner, message.command, message.msg_id)
             waiting = ctx.outbox.open_command(key)
             if waiting is not None:
                 ctx.outbox.on_reply(key, commands.outcome(message))
-            if type(message) in params.REPLIES:  # read-back verification (params.py)
+            if device_id is not None and type(message) in params.REPLIES:  # params.py
                 answered = None if waiting is None else waiting.command_id
                 ctx.run(params.on_reply(ctx.pool, device_id, message, answered), "params")
+        if type(message) in firmware.AP3000_MESSAGES:  # upgrade progress (firmware.py)
+            answered = None if waiting is None else waiting.command_id
+            firmware.on_ap3000(ctx, link, message, owner, answered)
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(link, message, device_id)

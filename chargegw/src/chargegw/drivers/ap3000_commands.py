@@ -40,6 +40,17 @@ _DEDICATED = {ap3000.ChargeControl, ap3000.ModifyChargeLimit, ap3000.QueryStatus
 _RESERVED = {ap3000.ReservedFD, ap3000.ReservedFE}
 #: commands after which the document shows no reply (0xE4): done once written
 NO_REPLY = {0xE4}
+#: upgrade job commands (firmware.py) -> packet class; params ``total_packets``,
+#: ``packet_index``, ``firmware`` (hex), and ``phy_id`` when the frame is for a host
+#: (queued under a device behind it, sent on the host's connection)
+FIRMWARE_COMMANDS: dict[str, type[ap3000.Ap3000Message]] = {
+    "firmware_0xe0": ap3000.SubDeviceFirmwarePacket,
+    "firmware_0xe1": ap3000.PowerBoardFirmwarePacket,
+    "firmware_0xe2": ap3000.HostSetFirmwarePacket,
+    "firmware_0xf8": ap3000.LegacyFirmwarePacket,
+    "firmware_0xf9": ap3000.HostLegacyFirmwarePacket,
+    "firmware_0xfa": ap3000.HostFirmwareUpgrade,  # without packet fields: the trigger
+}
 
 
 def snake(name: str) -> str:
@@ -81,6 +92,9 @@ def build(device_id: str, name: str, params: dict[str, Any], msg_id: int) -> ap3
         )
     if name == "query":
         return ap3000.QueryStatus(phy_id=device_id, msg_id=msg_id)
+    packet = FIRMWARE_COMMANDS.get(name)
+    if packet is not None:
+        return packet.from_fields({"phy_id": device_id, **params, "msg_id": msg_id})
     cls = GENERIC.get(name)
     if cls is None:
         raise EncodeError(f"unknown AP3000 command {name!r}", field="command")
@@ -131,4 +145,5 @@ class Ap3000Commands:
             return ap3000.encode(message), None
         if name == "query":
             return ap3000.encode(message), query_key(device_id)
-        return ap3000.encode(message), reply_key(device_id, message.command, correlation)
+        # a host's frame is answered by the host (its phy id), not by the device queued
+        return ap3000.encode(message), reply_key(message.phy_id, message.command, correlation)

@@ -20,7 +20,7 @@ import structlog
 
 from chargeproto import ABSENT, Message, bkv
 
-from .. import billing
+from .. import billing, firmware
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
 from ..orders import new_order_no
@@ -440,6 +440,7 @@ class BkvDriver:
             iccid=m.iccid or None,
             firmware=m.firmware_version or None,
         )
+        firmware.on_bkv_heartbeat(self.ctx, link, m)  # OTA verification (firmware.py)
 
     def _status_cluster(self, link: DeviceLink, m: bkv.StatusCluster) -> None:
         wall = self.ctx.wall()

@@ -84,6 +84,8 @@ class Ap3000Intervals:
     link_idle_s: float = 30.0
     #: reboot (0x87) until the pile reconnects
     boot_s: float = 5.0
+    #: after the last firmware packet: flashing and rebooting until it reconnects
+    upgrade_boot_s: float = 10.0
     #: an until-full charge reports full after this long
     full_after_s: float = 4 * 3600.0
 
@@ -146,6 +148,90 @@ class StoredSettlement:
     message: ap3000.Settlement
     next_send_at: float
     copies_sent: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class UpgradeFaults:
+    """Firmware-upgrade fault injection; each packet fault fires once, then clears."""
+
+    #: close the connection when packet k arrives (neither stored nor answered)
+    drop_at_packet: int | None = None
+    #: answer packet k with "checksum error" once (0xE0/0xE1/0xE2: result 2; the
+    #: legacy and host commands: 1, "error, resend")
+    checksum_error_at_packet: int | None = None
+    #: after acknowledging packet k, ask for firmware (piles 0x05, 0xFA hosts an up 0xFA
+    #: with packet 0, 0xF9 hosts 0x15): the server must start again from packet 1
+    request_restart_after_packet: int | None = None
+    #: reboot after the last packet but come back with the old version
+    keep_version: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class FirmwareTransfer:
+    """What a simulated device holds of an upgrade in progress (kept across reconnects,
+    as a device keeps received packets in flash)."""
+
+    command: int
+    total: int
+    expected: int = 1
+    data: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+#: 0xE0/0xE1/0xE2 results (ap3000.md 11.13)
+UPGRADE_OK: Final = 0
+UPGRADE_RESEND: Final = 1
+UPGRADE_CHECKSUM: Final = 2
+UPGRADE_WRONG_TYPE: Final = 3
+UPGRADE_NO_CHECK: Final = 4
+#: packet classes -> their reply classes; the E family carries a check packet
+_PACKET_REPLIES: Final[dict[type[ap3000.Ap3000Message], Any]] = {
+    ap3000.SubDeviceFirmwarePacket: ap3000.SubDeviceFirmwareReply,
+    ap3000.PowerBoardFirmwarePacket: ap3000.PowerBoardFirmwareReply,
+    ap3000.HostSetFirmwarePacket: ap3000.HostSetFirmwareReply,
+    ap3000.LegacyFirmwarePacket: ap3000.LegacyFirmwareReply,
+    ap3000.HostLegacyFirmwarePacket: ap3000.HostLegacyFirmwareReply,
+    ap3000.HostFirmwareUpgrade: ap3000.HostFirmwareReply,
+}
+_CHECKED: Final = frozenset({0xE0, 0xE1, 0xE2})
+
+
+def take_packet(
+    transfer: FirmwareTransfer | None,
+    command: int,
+    total: int,
+    index: int,
+    data: bytes,
+    *,
+    device_type: int,
+) -> tuple[FirmwareTransfer | None, int, int, ap3000.CheckPacket | None]:
+    """One firmware packet into a device's transfer (ap3000.md 9.22-10.6).
+
+    Returns the transfer, the reply's result and packet index, and the check packet when
+    the transfer is complete with one. Packets must come in order from 1; a repeat of an
+    accepted packet is acknowledged again. The check packet (0xE0/0xE1/0xE2) must carry
+    the device's type and the byte sum of what arrived (zero padding adds nothing).
+    """
+    if index == 1 or transfer is None or (transfer.command, transfer.total) != (command, total):
+        if index != 1:
+            return transfer, UPGRADE_RESEND, 1, None
+        transfer = FirmwareTransfer(command, total)
+    if index < transfer.expected:
+        return transfer, UPGRADE_OK, index, None
+    if index > transfer.expected:
+        return transfer, UPGRADE_RESEND, transfer.expected, None
+    check = None
+    if command in _CHECKED and index == total:
+        check = ap3000.parse_check_packet(data)
+        if check is None:
+            return transfer, UPGRADE_NO_CHECK, index, None
+        if check.device_type != device_type:
+            return transfer, UPGRADE_WRONG_TYPE, index, None
+        if sum(transfer.data) & 0xFFFFFFFF != check.image_checksum:
+            return transfer, UPGRADE_CHECKSUM, index, None
+    else:
+        transfer.data += data
+    transfer.expected += 1
+    return transfer, UPGRADE_OK, index, check
 
 
 def ap3000_phy_id(number: int, ports: int = 2) -> str:
@@ -268,6 +354,16 @@ class SimulatedAp3000Pile(SimulatedPile):
             "user_card_key": "159185191880",
             "new_card_key": "FFFFFFFFFFFF",
         }
+        #: firmware upgrades: the power board's version (0: none), faults, the transfer
+        #: in progress, the version reported after an upgrade without a check packet
+        #: (None: one more than before), and (command, new version) of each one done
+        self.power_board_version = 0
+        self.upgrade_faults = UpgradeFaults()
+        self.transfer: FirmwareTransfer | None = None
+        self.next_firmware_version: int | None = None
+        self.upgrades: list[tuple[int, int]] = []
+        #: asked for firmware: packets other than packet 1 go unanswered until it comes
+        self._restart_asked = False
         self._msg_id = 0
         self._registration_id: int | None = None
         self._time_id: int | None = None
@@ -316,7 +412,7 @@ class SimulatedAp3000Pile(SimulatedPile):
             virtual_id=0,
             device_type=self.device_type,
             work_mode=self.work_mode,
-            power_board_version=0,
+            power_board_version=self.power_board_version,
         )
 
     def heartbeat(self, msg_id: int) -> ap3000.Heartbeat:
@@ -658,7 +754,103 @@ class SimulatedAp3000Pile(SimulatedPile):
             self.settlements.clear()
             self._wake_settlements()
             return ap3000.ClearStorageReply(phy, mid, result=0)
+        if isinstance(
+            m,
+            ap3000.SubDeviceFirmwarePacket
+            | ap3000.PowerBoardFirmwarePacket
+            | ap3000.LegacyFirmwarePacket,
+        ):
+            return self._firmware_packet(m)
         return self._plausible_reply(m)
+
+    # --- firmware upgrades ---------------------------------------------------------------
+
+    def _firmware_packet(self, m: Any) -> ap3000.Ap3000Message | None:
+        """A 0xE0/0xE1/0xF8 packet for this pile."""
+        faults = self.upgrade_faults
+        index: int = m.packet_index
+        reply = _PACKET_REPLIES[type(m)]
+        fired, fault_reply = self._packet_fault(m, reply, index)
+        if fired:
+            return fault_reply
+        if self._restart_asked and index != 1:
+            return None
+        self._restart_asked = False
+        self.transfer, result, acked, check = take_packet(
+            self.transfer,
+            m.command,
+            m.total_packets,
+            index,
+            bytes.fromhex(m.firmware),
+            device_type=self.device_type,
+        )
+        if result == UPGRADE_OK and faults.request_restart_after_packet == index:
+            faults.request_restart_after_packet = None
+            self.transfer = None
+            self._restart_asked = True
+            self.spawn(self._send_later(self._upgrade_request))
+        elif result == UPGRADE_OK and index == m.total_packets:
+            self.transfer = None
+            version = check.firmware_version if check is not None else None
+            self.spawn(self._install(m.command, version))
+        answer: ap3000.Ap3000Message = reply(
+            self.phy_id, m.msg_id, result=result, packet_index=acked
+        )
+        return answer
+
+    def _packet_fault(
+        self, m: Any, reply: Any, index: int
+    ) -> tuple[bool, ap3000.Ap3000Message | None]:
+        """The drop and checksum-error faults for packet ``index``: whether one fired,
+        and its reply (none when the connection drops)."""
+        faults = self.upgrade_faults
+        if faults.drop_at_packet == index:
+            faults.drop_at_packet = None
+            self.end_connection(f"dropped at firmware packet {index} (fault)")
+            return True, None
+        if faults.checksum_error_at_packet == index:
+            faults.checksum_error_at_packet = None
+            code = UPGRADE_CHECKSUM if m.command in _CHECKED else UPGRADE_RESEND
+            return True, reply(m.phy_id, m.msg_id, result=code, packet_index=index)
+        return False, None
+
+    def _upgrade_request(self) -> ap3000.Ap3000Message:
+        return ap3000.UpgradeRequest(
+            self.phy_id,
+            self.next_msg_id(),
+            device_type=self.device_type,
+            firmware_version=self.firmware_version,
+            package_type=0,
+        )
+
+    async def _send_later(self, build: Any) -> None:
+        await asyncio.sleep(0)  # right after the reply that is being sent now
+        await self.send_message(build())
+
+    def new_version(self, current: int, check_version: int | None) -> int:
+        """The version an upgrade installs (the fault keeps the old one)."""
+        if self.upgrade_faults.keep_version:
+            return current
+        if check_version is not None:
+            return check_version
+        if self.next_firmware_version is not None:
+            return self.next_firmware_version
+        return current + 1
+
+    async def _install(self, command: int, check_version: int | None) -> None:
+        """Flash the image and reboot: the pile comes back with the new version."""
+        await asyncio.sleep(0.05)  # the last packet's answer goes out first
+        if command == 0xE1:
+            self.power_board_version = self.new_version(self.power_board_version, check_version)
+            installed = self.power_board_version
+        else:
+            self.firmware_version = self.new_version(self.firmware_version, check_version)
+            installed = self.firmware_version
+        self.upgrades.append((command, installed))
+        self.end_connection(
+            "rebooting after a firmware upgrade",
+            reconnect_after_s=self.timing.real(self.intervals.upgrade_boot_s),
+        )
 
     def _plausible_reply(self, m: ap3000.Ap3000Message) -> ap3000.Ap3000Message | None:
         """Result 0 (and echoed fields) for any other command the library knows."""
@@ -748,6 +940,152 @@ class SimulatedAp3000Pile(SimulatedPile):
             session.stop_when_full = m.rate_mode == 1
         session.changed.set()
         return 0
+
+
+class SimulatedAp3000Host(SimulatedAp3000Pile):
+    """An AP3000 host (main unit, id type 0x09) with one pile behind it, on one connection.
+
+    The pile part (``phy_id``) behaves as :class:`SimulatedAp3000Pile`; the host speaks for
+    itself with ``host_id``: a 0x11 heartbeat on every connection and every
+    ``host_heartbeat_s``, and the host upgrades (ap3000.md 10.4-10.6, 9.22): 0xFA (trigger,
+    then 200-byte packets), 0xF9 (256-byte packets, 0x15 to ask for them again) and 0xE2
+    (packets for the piles behind it, with a check packet; afterwards the pile runs the new
+    version and the host reports it in 0x35). After a 0xFA/0xF9 upgrade the host reboots
+    and comes back with the new version in its 0x11. ``upgrade_faults`` apply to the host's
+    transfers too.
+    """
+
+    def __init__(
+        self,
+        host_id: str,
+        phy_id: str,
+        *,
+        host_type: int = 0x03,
+        host_firmware_version: int = 501,
+        host_heartbeat_s: float = 1800.0,
+        **options: Any,
+    ) -> None:
+        super().__init__(phy_id, **options)
+        pid = ap3000.PhysicalId.parse(host_id)
+        if pid.type_code not in (0x09, 0x0A):
+            raise ValueError(f"a host id has type code 0x09 or 0x0A, not {host_id}")
+        self.host_id = pid.canonical
+        self.host_type = host_type
+        self.host_firmware_version = host_firmware_version
+        self.host_heartbeat_s = host_heartbeat_s
+        self.host_transfer: FirmwareTransfer | None = None
+        #: the host's version after a 0xFA/0xF9 upgrade (None: one more than before)
+        self.next_host_firmware_version: int | None = None
+
+    def host_heartbeat(self) -> ap3000.HostHeartbeat:
+        return ap3000.HostHeartbeat(
+            self.host_id,
+            self.next_msg_id(),
+            firmware_version=self.host_firmware_version,
+            rtc_type=0,
+            timestamp_unix=0,
+            signal_strength=self.signal_strength or 25,
+            modem_type=6,
+            iccid=self.iccid,
+            host_type=self.host_type,
+            frequency_mhz=0,
+        )
+
+    async def on_connected(self, tg: asyncio.TaskGroup) -> None:
+        await self.send_message(self.host_heartbeat())
+        await super().on_connected(tg)
+        tg.create_task(self._host_heartbeat_loop())
+
+    async def _host_heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timing.spread(self.host_heartbeat_s, self.rng))
+            await self.send_message(self.host_heartbeat())
+
+    async def _answer(self, m: ap3000.Ap3000Message) -> ap3000.Ap3000Message | None:
+        if m.phy_id != self.host_id:
+            return await super()._answer(m)
+        if isinstance(m, ap3000.HostFirmwareUpgrade) and m.firmware is ABSENT:
+            self.host_transfer = None  # upgrade mode: packet 1 comes next
+            return ap3000.HostFirmwareReply(self.host_id, m.msg_id, result=0, packet_index=0)
+        if isinstance(
+            m,
+            ap3000.HostFirmwareUpgrade
+            | ap3000.HostLegacyFirmwarePacket
+            | ap3000.HostSetFirmwarePacket,
+        ):
+            return self._host_packet(m)
+        reply_cls = ap3000.message_class(m.command, "up")
+        if reply_cls is not None and issubclass(reply_cls, ap3000.ResultReply):
+            return reply_cls(self.host_id, m.msg_id, result=0)
+        return None
+
+    def _host_packet(self, m: Any) -> ap3000.Ap3000Message | None:
+        reply = _PACKET_REPLIES[type(m)]
+        index: int = m.packet_index
+        fired, fault_reply = self._packet_fault(m, reply, index)
+        if fired:
+            return fault_reply
+        if self._restart_asked and index != 1:
+            return None
+        self._restart_asked = False
+        self.host_transfer, result, acked, check = take_packet(
+            self.host_transfer,
+            m.command,
+            m.total_packets,
+            index,
+            bytes.fromhex(m.firmware),
+            device_type=self.device_type,  # 0xE2 images are for the pile behind the host
+        )
+        faults = self.upgrade_faults
+        if result == UPGRADE_OK and faults.request_restart_after_packet == index:
+            faults.request_restart_after_packet = None
+            self.host_transfer = None
+            self._restart_asked = True
+            self.spawn(self._send_later(self._host_request))
+        elif result == UPGRADE_OK and index == m.total_packets:
+            self.host_transfer = None
+            version = None if check is None else check.firmware_version
+            self.spawn(self._install_host(m.command, version))
+        answer: ap3000.Ap3000Message = reply(
+            self.host_id, m.msg_id, result=result, packet_index=acked
+        )
+        return answer
+
+    def _host_request(self) -> ap3000.Ap3000Message:
+        """The host asks for firmware: an up 0xFA with packet 0 (0xF9 hosts: 0x15)."""
+        if self.host_type == 0x01:
+            return ap3000.HostFirmwareRequest(self.host_id, self.next_msg_id())
+        return ap3000.HostFirmwareReply(self.host_id, self.next_msg_id(), result=0, packet_index=0)
+
+    async def _install_host(self, command: int, check_version: int | None) -> None:
+        await asyncio.sleep(0.05)  # the last packet's answer goes out first
+        if command == 0xE2:  # the pile behind the host takes the image; the host stays up
+            self.firmware_version = self.new_version(self.firmware_version, check_version)
+            self.upgrades.append((command, self.firmware_version))
+            await self.send_message(self.registration(self.next_msg_id()))
+            entry = ap3000.SubDeviceVersion(
+                device_type=self.device_type,
+                reserved=0,
+                min_firmware_version=self.firmware_version,
+                phy_id=self.phy_id,
+            )
+            await self.send_message(
+                ap3000.SubDeviceVersions(self.host_id, self.next_msg_id(), entries=(entry,))
+            )
+            return
+        current = self.host_firmware_version
+        if self.upgrade_faults.keep_version:
+            installed = current
+        elif self.next_host_firmware_version is not None:
+            installed = self.next_host_firmware_version
+        else:
+            installed = current + 1
+        self.host_firmware_version = installed
+        self.upgrades.append((command, installed))
+        self.end_connection(
+            "host rebooting after a firmware upgrade",
+            reconnect_after_s=self.timing.real(self.intervals.upgrade_boot_s),
+        )
 
 
 def make_ap3000_piles(

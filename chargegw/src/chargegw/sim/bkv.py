@@ -103,6 +103,9 @@ class BkvIntervals:
     #: after this many unanswered resends (one interval later) the gateway closes the
     #: connection and sends the report again after reconnecting; None: resend forever
     end_report_resends: int | None = 3
+    #: 0x0007 OTA: downloading the file from the FTP server, then rebooting
+    ota_download_s: float = 30.0
+    ota_boot_s: float = 10.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -340,6 +343,12 @@ class SimulatedBkvGateway(SimulatedPile):
         self._heartbeats_unanswered = 0
         self._end_wakeup = asyncio.Event()
         self._status_changed: dict[int, asyncio.Event] = {n: asyncio.Event() for n in self.sockets}
+        #: 0x0007 OTA: the version text each file name installs (a file not listed, or
+        #: ``ota_keep_version``: the gateway comes back with its old version), and the
+        #: (ftp_ip, ftp_port, file_name) of every OTA received
+        self.ota_files: dict[str, str] = {}
+        self.ota_keep_version = False
+        self.ota_requests: list[tuple[str, int, str]] = []
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -788,6 +797,10 @@ class SimulatedBkvGateway(SimulatedPile):
             return [self._set_params(m)]
         if isinstance(m, bkv.QueryParams):
             return [self._query_params(m)]
+        if isinstance(m, bkv.OtaUpgrade):  # the answer is undocumented (bkv.md 14.7): none
+            self.ota_requests.append((m.ftp_ip, m.ftp_port, m.file_name))
+            self.spawn(self._ota(m.file_name))
+            return []
         gw = self.gateway_id
         if isinstance(m, bkv.NodeListRefresh):
             return [bkv.NodeListRefreshReply(gw, m.seq, result=1)]
@@ -804,6 +817,17 @@ class SimulatedBkvGateway(SimulatedPile):
             self.bkv_stats.wrong_end_acks += 1
             log.debug("gateway %s: ignored a 0x%02X-form end-report ACK", gw, m.sub_cmd)
         return None
+
+    async def _ota(self, file_name: str) -> None:
+        """Download the file (simulated), install it and reboot."""
+        await asyncio.sleep(self.timing.real(self.intervals.ota_download_s))
+        version = self.ota_files.get(file_name)
+        if version is not None and not self.ota_keep_version:
+            self.firmware = version
+        self.end_connection(
+            "rebooting after an OTA upgrade",
+            reconnect_after_s=self.timing.real(self.intervals.ota_boot_s),
+        )
 
     def _charge_control(self, m: bkv.ChargeControl) -> bkv.ChargeControlReply:
         def reply(result: int, business_no: int = 0) -> bkv.ChargeControlReply:

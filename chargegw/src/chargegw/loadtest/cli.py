@@ -72,7 +72,13 @@ def summary(report: dict[str, Any]) -> list[str]:
 
 
 @click.command("loadtest")
-@click.option("--piles", type=click.IntRange(1), default=1000, show_default=True)
+@click.option(
+    "--piles",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    help="Simulated devices (AP3000 piles and BKV gateways together).",
+)
 @click.option(
     "--bkv-share",
     type=click.FloatRange(0, 1),
@@ -98,7 +104,13 @@ def summary(report: dict[str, Any]) -> list[str]:
     show_default=True,
     help="Time acceleration: every protocol interval is divided by this.",
 )
-@click.option("--jitter", type=click.FloatRange(0, 0.99), default=0.1, show_default=True)
+@click.option(
+    "--jitter",
+    type=click.FloatRange(0, 0.99),
+    default=0.1,
+    show_default=True,
+    help="Intervals vary by plus or minus this fraction.",
+)
 @click.option(
     "--duration",
     "duration_s",
@@ -107,7 +119,14 @@ def summary(report: dict[str, Any]) -> list[str]:
     show_default=True,
     help="Length of the load against each server, seconds (a hard cap).",
 )
-@click.option("--ramp", "ramp_s", type=click.FloatRange(0), default=10.0, show_default=True)
+@click.option(
+    "--ramp",
+    "ramp_s",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="First connections spread over this many seconds.",
+)
 @click.option(
     "--settle",
     "settle_s",
@@ -118,7 +137,14 @@ def summary(report: dict[str, Any]) -> list[str]:
 )
 @click.option("--storm-at", "storm_at_s", type=float, help="Reconnect storm at this second.")
 @click.option("--storm-piles", type=click.IntRange(1), help="Piles dropped (default: all).")
-@click.option("--storm-window", "storm_window_s", type=float, default=10.0, show_default=True)
+@click.option(
+    "--storm-window",
+    "storm_window_s",
+    type=float,
+    default=10.0,
+    show_default=True,
+    help="Dropped piles reconnect within this many seconds.",
+)
 @click.option(
     "--latency-probes",
     type=click.IntRange(0),
@@ -137,11 +163,18 @@ def summary(report: dict[str, Any]) -> list[str]:
     help="Sample this process tree as the server (with --target).",
 )
 @click.option("--start", type=click.Choice(["chargegw", "baseline", "both"]))
-@click.option("--workers", type=click.IntRange(1), default=1, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Processes of the started server(s).",
+)
 @click.option(
     "--dsn",
     envvar="CHARGEGW_LOADTEST_DSN",
-    help="PostgreSQL DSN for a started chargegw (default: an embedded one in a temp dir).",
+    help="PostgreSQL of the started chargegw (default: an embedded one in a temp dir); "
+    "with --target, the running server's database, read for rows/s and command rows.",
 )
 @click.option(
     "--set",
@@ -150,13 +183,47 @@ def summary(report: dict[str, Any]) -> list[str]:
     metavar="NAME=VALUE",
     help="A chargegw setting for the started server (CHARGEGW_NAME), repeatable.",
 )
-@click.option("--ap3000-ports", type=click.IntRange(1, 16), default=2, show_default=True)
-@click.option("--bkv-sockets", type=click.IntRange(1, 250), default=2, show_default=True)
-@click.option("--ap3000-heartbeat-s", type=click.FloatRange(1), default=180.0, show_default=True)
-@click.option("--bkv-heartbeat-s", type=click.FloatRange(1), default=60.0, show_default=True)
-@click.option("--bkv-status-s", type=click.FloatRange(1), default=300.0, show_default=True)
-@click.option("--id-start", type=click.IntRange(0, 999_999), default=1, show_default=True)
-@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--ap3000-ports", type=click.IntRange(1, 16), default=2, show_default=True, help="Per pile."
+)
+@click.option(
+    "--bkv-sockets", type=click.IntRange(1, 250), default=2, show_default=True, help="Per gateway."
+)
+@click.option(
+    "--ap3000-heartbeat-s",
+    type=click.FloatRange(1),
+    default=180.0,
+    show_default=True,
+    help="In pile seconds (divided by --accel).",
+)
+@click.option(
+    "--bkv-heartbeat-s",
+    type=click.FloatRange(1),
+    default=60.0,
+    show_default=True,
+    help="In gateway seconds (divided by --accel).",
+)
+@click.option(
+    "--bkv-status-s",
+    type=click.FloatRange(1),
+    default=300.0,
+    show_default=True,
+    help="Status cluster interval per socket, gateway seconds.",
+)
+@click.option(
+    "--id-start",
+    type=click.IntRange(0, 999_999),
+    default=1,
+    show_default=True,
+    help="Number of the first device (AP3000 04000001..., BKV 82231214000001...).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Jitter, storm choice and probe targets.",
+)
 @click.option(
     "--report", default="loadtest-report.json", show_default=True, help="Where the JSON goes."
 )

@@ -68,6 +68,7 @@ from .device_selector import PROTOCOL_NAMES, Selector, SelectorError, select_dev
 from .drivers.base import send_reply
 from .outbox import Priority
 from .store.database import Connection
+from .store.writer import TRANSIENT_DB_ERRORS
 
 if TYPE_CHECKING:
     from .drivers.base import DriverContext
@@ -875,6 +876,8 @@ class UpgradeEngine:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
+            except TRANSIENT_DB_ERRORS as exc:
+                log.warning("firmware pass failed: database away, retrying", error=str(exc))
             except Exception:
                 log.exception("firmware pass failed, retrying")
             with contextlib.suppress(TimeoutError):
@@ -885,15 +888,20 @@ class UpgradeEngine:
         pool = self.ctx.pool
         if pool is None:
             return
+        # a job stays open while any of its targets is in progress: none open, no work
+        jobs = await pool.fetch(
+            "SELECT job_id FROM upgrade_jobs WHERE finished_at IS NULL ORDER BY job_id"
+        )
+        if not jobs:
+            self.watch = set()
+            return
         rows = await pool.fetch(
             "SELECT target_id FROM upgrade_targets WHERE state IN ('transferring', 'rebooting')"
         )
         self.watch = {r["target_id"] for r in rows}
         await self._recover(pool)
         await self._timeouts(pool)
-        for job in await pool.fetch(
-            "SELECT job_id FROM upgrade_jobs WHERE finished_at IS NULL ORDER BY job_id"
-        ):
+        for job in jobs:
             await self._start_ready(pool, job["job_id"])
 
     # -- packets --

@@ -268,7 +268,8 @@ class Cluster:
             return
         rows = await pool.fetch(
             """SELECT device_id, since FROM device_sessions
-               WHERE since > $1::timestamptz - interval '1 second' AND owner IS NOT NULL AND owner <> $2""",
+               WHERE since > $1::timestamptz - interval '1 second'
+                 AND owner IS NOT NULL AND owner <> $2""",
             since,
             self.owner,
         )

@@ -22,7 +22,7 @@ from chargeproto import (
     StreamError,
 )
 
-from . import billing, firmware
+from . import billing
 from .audit import mask_frame, mask_iccid_hex, mask_text
 from .cluster import Cluster, ProcessStats
 from .config import Settings
@@ -64,6 +64,7 @@ class Gateway:
             batch_rows=settings.batch_rows,
             interval_s=settings.batch_interval_s,
             limit=settings.buffer_limit,
+            refresh_s=settings.state_refresh_s,
         )
         self.sessions = SessionRegistry(
             self.writer,
@@ -276,7 +277,6 @@ class Gateway:
         from .billing_api import make_billing_router
         from .cluster_api import make_cluster_router
         from .commands_api import make_router
-        from .firmware_api import make_firmware_router
         from .params_api import make_params_router
 
         assert self.pool is not None
@@ -299,7 +299,6 @@ class Gateway:
                 make_billing_router(self),
                 make_params_router(self),
                 make_cluster_router(self),
-                make_firmware_router(self),
             ],
         )
         config = uvicorn.Config(
@@ -598,7 +597,6 @@ class Gateway:
         if done.outcome is not None:
             latency = (self.wall() - done.created_at).total_seconds()
             self.metrics.command_latency_seconds.labels(command=done.name).observe(latency)
-        await firmware.on_command_finished(self, done.command_id, done.name)
         if done.status == "dead":
             reason = done.dead_reason or "unknown"
             self.metrics.commands_dead_total.labels(reason=reason).inc()

@@ -13,6 +13,12 @@ devices until the backlog drains, so nothing accepted is ever dropped.
 ``after_commit(callback)`` runs ``callback`` once every row put before it is
 committed: a settlement is acknowledged to its device only then.
 
+State that did not change is not written again: a device, gateway or port row with the
+same values as the last one put for the same key (timestamps such as ``last_seen_at``
+aside) is skipped until ``refresh_s`` has passed, so a heartbeat that only says "still
+here, nothing new" costs its audit row, not an upsert per port. ``last_seen_at`` is then
+at most ``refresh_s`` old in the database (the in-memory session is exact).
+
 Session-directory rows (which process holds which device) go through the same batches;
 binding a device counts its (re)connections, and a device that reconnects more than
 ``FlapPolicy.max_connects`` times in ``window_s`` is banned for ``ban_s`` in the same
@@ -122,6 +128,25 @@ FRAME_COLUMNS = (
 )
 
 
+#: columns that only say "seen again": a row differing only in these is not new
+_FRESHNESS = frozenset({"last_seen_at", "last_heartbeat_at", "reported_at", "device_time"})
+#: remembered rows before the memory of unchanged state is reset
+_MAX_REMEMBERED = 500_000
+
+
+def _content(row: dict[str, Any]) -> int:
+    """A hash of a state row's values without its freshness columns."""
+    items = []
+    for key, value in row.items():
+        if key in _FRESHNESS or value is None:
+            continue
+        if isinstance(value, dict):
+            items.append((key, json.dumps(value, sort_keys=True, default=str)))
+        else:
+            items.append((key, value))
+    return hash(tuple(items))
+
+
 #: NOT NULL columns with a default: a partial row inserts the default, updates keep the value
 _DEFAULTS = {"online": "false", "attributes": "'{}'::jsonb"}
 
@@ -218,8 +243,12 @@ class BatchWriter:
         batch_rows: int = 500,
         interval_s: float = 0.1,
         limit: int = 100000,
+        refresh_s: float = 0.0,
     ) -> None:
         self._pool_factory = pool_factory
+        #: unchanged state is written again after this long (0: always written)
+        self.refresh_s = refresh_s
+        self._remembered: dict[int, tuple[int, float]] = {}
         self._metrics = metrics
         self.batch_rows = batch_rows
         self.interval_s = interval_s
@@ -244,19 +273,41 @@ class BatchWriter:
 
     def put_gateway(self, gateway_id: str, **values: Any) -> None:
         row = {"gateway_id": gateway_id, **values}
+        if self._unchanged("g", gateway_id, row):
+            return
         self._pending.gateways[gateway_id] = _merge(self._pending.gateways.get(gateway_id), row)
         self._added()
 
     def put_device(self, device_id: str, **values: Any) -> None:
         row = {"device_id": device_id, **values}
+        if self._unchanged("d", device_id, row):
+            return
         self._pending.devices[device_id] = _merge(self._pending.devices.get(device_id), row)
         self._added()
 
     def put_port(self, device_id: str, port: int, **values: Any) -> None:
         key = (device_id, port)
         row = {"device_id": device_id, "port": port, **values}
+        if self._unchanged("p", key, row):
+            return
         self._pending.ports[key] = _merge(self._pending.ports.get(key), row)
         self._added()
+
+    def _unchanged(self, table: str, key: Any, row: dict[str, Any]) -> bool:
+        """True if the same row (same columns and values, timestamps aside) was put for
+        ``key`` less than ``refresh_s`` ago; otherwise remember this one."""
+        if self.refresh_s <= 0:
+            return False
+        slot = hash((table, key, tuple(row)))
+        content = _content(row)
+        now = time.monotonic()
+        last = self._remembered.get(slot)
+        if last is not None and last[0] == content and now - last[1] < self.refresh_s:
+            return True
+        if len(self._remembered) >= _MAX_REMEMBERED:
+            self._remembered.clear()
+        self._remembered[slot] = (content, now)
+        return False
 
     def put_event(
         self,

@@ -103,6 +103,23 @@ class Settings:
     api_keys: str = ""
     #: node name in logs and the session directory
     node: str = dataclasses.field(default_factory=lambda: os.uname().nodename)
+    #: firmware upgrades (firmware.py): how often jobs are looked at (starts, stalls,
+    #: timeouts); replies drive the transfers themselves
+    firmware_tick_s: float = 1.0
+    #: a firmware packet is resent this often at most (no answer, "resend", "checksum
+    #: error"), then the device fails (ap3000.md 3: up to 3 times)
+    firmware_packet_resends: int = 3
+    #: restarts from packet 1 (asked for by the device, or after failed legacy
+    #: retransmissions) before the device fails
+    firmware_max_restarts: int = 3
+    #: after the last packet, how long to wait for the device to report its version
+    firmware_reboot_timeout_s: float = 600.0
+    #: BKV OTA: how long the gateway may take to download, reboot and report its version
+    firmware_ota_timeout_s: float = 1800.0
+    #: a device offline mid-transfer (or queued and offline) this long fails
+    firmware_offline_timeout_s: float = 3600.0
+    #: largest firmware image accepted for upload
+    firmware_max_bytes: int = 8 * 1024 * 1024
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked (for ``config show``)."""

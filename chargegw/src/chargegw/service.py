@@ -22,7 +22,7 @@ from chargeproto import (
     StreamError,
 )
 
-from . import billing
+from . import billing, firmware
 from .audit import mask_frame, mask_iccid_hex, mask_text
 from .cluster import Cluster, ProcessStats
 from .config import Settings
@@ -277,6 +277,7 @@ class Gateway:
         from .billing_api import make_billing_router
         from .cluster_api import make_cluster_router
         from .commands_api import make_router
+        from .firmware_api import make_firmware_router
         from .params_api import make_params_router
 
         assert self.pool is not None
@@ -299,6 +300,7 @@ class Gateway:
                 make_billing_router(self),
                 make_params_router(self),
                 make_cluster_router(self),
+                make_firmware_router(self),
             ],
         )
         config = uvicorn.Config(
@@ -597,6 +599,7 @@ class Gateway:
         if done.outcome is not None:
             latency = (self.wall() - done.created_at).total_seconds()
             self.metrics.command_latency_seconds.labels(command=done.name).observe(latency)
+        await firmware.on_command_finished(self, done.command_id, done.name)
         if done.status == "dead":
             reason = done.dead_reason or "unknown"
             self.metrics.commands_dead_total.labels(reason=reason).inc()

@@ -229,6 +229,8 @@ def validate_image(
         raise FirmwareError("protocol must be 'ap3000' or 'bkv'", "protocol")
     name = normalize_family(protocol, family)
     fam = FAMILIES[name]
+    if device_type == "":
+        raise FirmwareError("device_type is required", "device_type")
     try:
         type_code = int(device_type, 0) if isinstance(device_type, str) else int(device_type)
     except ValueError:
@@ -855,8 +857,9 @@ class UpgradeEngine:
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
-        #: targets in progress anywhere (refreshed every pass): a filter for reports
-        self.watch: set[str] = set()
+        #: targets in progress anywhere (refreshed every pass): a filter for reports;
+        #: None until the first pass, when every report is looked up
+        self.watch: set[str] | None = None
         self._packets: collections.OrderedDict[int, list[bytes]] = collections.OrderedDict()
         self._wakeup = asyncio.Event()
 
@@ -895,6 +898,8 @@ class UpgradeEngine:
         if not jobs:
             self.watch = set()
             return
+        if self.watch is None:
+            self.watch = set()
         rows = await pool.fetch(
             "SELECT target_id FROM upgrade_targets WHERE state IN ('transferring', 'rebooting')"
         )
@@ -1082,7 +1087,8 @@ class UpgradeEngine:
         fam = FAMILIES[t["family"]]
         started = {**dict(t), "via_device_id": check.via}
         await self._send(conn, started, 0 if fam.trigger or fam.protocol == "bkv" else 1, 0, wake)
-        self.watch.add(target_id)
+        if self.watch is not None:
+            self.watch.add(target_id)
         log.info("upgrade started", job_id=job_id, device_id=target_id, family=fam.name)
         return True
 
@@ -1522,7 +1528,7 @@ def on_ap3000(
     if isinstance(message, ap3000.HostFirmwareRequest):  # 0x15 always gets an answer
         ctx.run(_legacy_host_request(ctx, engine, link, message), "firmware-0x15")
         return
-    if owner not in engine.watch:
+    if engine.watch is not None and owner not in engine.watch:
         return
     if isinstance(message, ap3000.Registration):
         ctx.run(engine.version_report(owner, "pile", str(message.firmware_version), link.id), "fw")
@@ -1581,7 +1587,8 @@ async def _legacy_host_request(
 def on_bkv_heartbeat(ctx: DriverContext, link: DeviceLink, message: bkv.Heartbeat) -> None:
     """A BKV gateway's heartbeat carries its version: an OTA upgrade may be verified."""
     engine = engine_for(ctx)
-    if message.gateway_id in engine.watch and message.firmware_version:
+    watched = engine.watch is None or message.gateway_id in engine.watch
+    if watched and message.firmware_version:
         ctx.run(
             engine.version_report(
                 message.gateway_id, "bkv", message.firmware_version.strip(), link.id

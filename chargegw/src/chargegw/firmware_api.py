@@ -71,10 +71,8 @@ def make_firmware_router(gateway: Gateway) -> APIRouter:
             if not value:
                 raise _unprocessable(f"{name} is required", name)
         assert protocol is not None and family is not None and version is not None
-        if device_type is None:
-            if protocol != "bkv":
-                raise _unprocessable("device_type is required", "device_type")
-            device_type = "1"
+        if device_type is None:  # a BKV OTA's target: the gateway (the only one documented)
+            device_type = "1" if protocol == "bkv" else ""
         body = bytearray()
         async for chunk in request.stream():
             body += chunk

@@ -398,6 +398,14 @@ def _hex(code: int | None) -> str:
     return "unknown" if code is None else f"0x{code:02X}"
 
 
+def _id_type(phy_id: str) -> int | None:
+    """The type code of an AP3000 physical id (its first two hex digits)."""
+    try:
+        return int(phy_id[:2], 16)
+    except ValueError:
+        return None
+
+
 async def check_target(conn: Connection, image: Row, target_id: str, *, force: bool) -> Check:
     """Whether ``image`` may go to ``target_id`` now (the device type and family it
     reported, online, idle unless ``force``)."""
@@ -418,7 +426,7 @@ async def check_target(conn: Connection, image: Row, target_id: str, *, force: b
         )
     ]
     if fam.target == "host":
-        if int(target_id[:2], 16) not in HOST_ID_TYPES:
+        if _id_type(target_id) not in HOST_ID_TYPES:
             return Check(refused=f"{target_id} is not an AP3000 host (id type 0x09/0x0A)")
         refused = await _host_refusal(conn, image, fam, target_id)
         if refused is not None:
@@ -442,7 +450,7 @@ async def _check_pile(
         return Check(refused=f"{device_id} is not a known device")
     if device["protocol"] != "ap3000":
         return Check(refused=f"{device_id} is a {device['protocol']} device")
-    if int(device_id[:2], 16) in HOST_ID_TYPES:
+    if _id_type(device_id) in HOST_ID_TYPES:
         return Check(refused=f"{device_id} is a host: use a host image (0xFA, 0xF9, 0xE2)")
     reported = device["device_type"]
     if reported is None:

@@ -160,7 +160,8 @@ class UpgradeFaults:
     #: legacy and host commands: 1, "error, resend")
     checksum_error_at_packet: int | None = None
     #: after acknowledging packet k, ask for firmware (piles 0x05, 0xFA hosts an up 0xFA
-    #: with packet 0, 0xF9 hosts 0x15): the server must start again from packet 1
+    #: with packet 0, 0xF9 hosts 0x15) and leave other packets unanswered until packet 1
+    #: comes: the server must start again from packet 1
     request_restart_after_packet: int | None = None
     #: reboot after the last packet but come back with the old version
     keep_version: bool = False

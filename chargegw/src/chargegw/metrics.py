@@ -13,6 +13,8 @@ attributes directly::
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -75,10 +77,19 @@ class Metrics:
     #: rows held in memory while the database is slow or unreachable
     db_buffered_rows: Gauge
 
+    def frame(self, protocol: str, direction: str, command: str) -> None:
+        """Count one frame (the labelled child is looked up once per label set)."""
+        key = (protocol, direction, command)
+        child = self._frame_children.get(key)
+        if child is None:
+            child = self._frame_children[key] = self.frames_total.labels(*key)
+        child.inc()
+
     def __init__(
         self, namespace: str = "chargegw", registry: CollectorRegistry | None = None
     ) -> None:
         """Create the metrics in ``registry`` (a new, private one by default)."""
+        self._frame_children: dict[tuple[str, str, str], Any] = {}
         self.registry = registry if registry is not None else CollectorRegistry()
         ns = namespace
         reg = self.registry

@@ -200,6 +200,19 @@ class Outbox:
             )
             self._workers[device_id] = task
 
+    async def wake_waiting(self, device_ids: list[str]) -> None:
+        """Wake those of ``device_ids`` that have open commands."""
+        pool = self._pool()
+        if pool is None or not device_ids:
+            return
+        rows = await pool.fetch(
+            """SELECT DISTINCT device_id FROM commands
+               WHERE device_id = ANY($1::text[]) AND status IN ('pending', 'sent')""",
+            device_ids,
+        )
+        for row in rows:
+            self.wake(row["device_id"])
+
     # -- replies from the drivers --
 
     def on_reply(self, key: Any, outcome: Outcome) -> bool:

@@ -93,6 +93,7 @@ class Gateway:
         self.writer.on_banned = self._banned
         self.draining = False
         self._stopped = False
+        self._bound_since_commit: list[str] = []
         self.cluster = Cluster(
             lambda: self.pool,
             lambda: self.dsn,
@@ -158,6 +159,7 @@ class Gateway:
         self.cluster.http_listen = f"{self.settings.http_host}:{self.settings.http_port}"
         await self.cluster.start()
         self.outbox.start()
+        firmware.engine_for(self)  # resumes the upgrades a restart interrupted
         self._spawn(self._sweeper(), "liveness-sweeper")
         self._spawn(self._maintenance(), "partition-maintenance")
         if http:
@@ -233,7 +235,15 @@ class Gateway:
         self.writer.put_session(
             SessionRow(device_id, self.cluster.owner, link.id, link.remote, self.wall(), True)
         )
-        self.writer.after_commit(lambda: self.outbox.wake(device_id))
+        if not self._bound_since_commit:
+            self.writer.after_commit(self._look_for_waiting_commands)
+        self._bound_since_commit.append(device_id)
+
+    def _look_for_waiting_commands(self) -> None:
+        """After the directory rows of newly bound devices are committed: wake those with
+        commands waiting (one query per batch, not one per device, for reconnect storms)."""
+        bound, self._bound_since_commit = self._bound_since_commit, []
+        self.run(self.outbox.wake_waiting(bound), "wake-bound")
 
     def _released(self, device_id: str, link: Any) -> None:
         self.writer.put_session(
@@ -370,9 +380,7 @@ class Gateway:
                 )
                 log.info("ICCID", connection=link.id, iccid=mask_text(event.iccid))
             elif isinstance(event, KeepaliveReceived):
-                self.metrics.frames_total.labels(
-                    protocol=link.protocol or "ap3000", direction="in", command="link"
-                ).inc()
+                self.metrics.frame(link.protocol or "ap3000", "in", "link")
             elif isinstance(event, StreamError):
                 self._stream_error(link, event, wall)
 
@@ -382,7 +390,7 @@ class Gateway:
         link.protocol = protocol
         driver = self.drivers.get(protocol)
         command = command_label(message)
-        self.metrics.frames_total.labels(protocol=protocol, direction="in", command=command).inc()
+        self.metrics.frame(protocol, "in", command)
         device_id = driver.device_of(message) if driver is not None else None
         if self.cluster.bans and self._refused(link, message, device_id):
             return
@@ -639,9 +647,7 @@ class Gateway:
 
         def write() -> None:
             link.send(frame, priority)
-            self.metrics.frames_total.labels(
-                protocol=protocol, direction="out", command=command
-            ).inc()
+            self.metrics.frame(protocol, "out", command)
 
         self.writer.put_frame(
             self.wall(),

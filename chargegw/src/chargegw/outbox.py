@@ -330,6 +330,11 @@ class Outbox:
             log.exception(
                 "outbox worker failed; the periodic scan restarts it", device_id=device_id
             )
+        finally:
+            # forget an idle device (tens of thousands of them must not keep a task each)
+            if self._workers.get(device_id) is asyncio.current_task():
+                del self._workers[device_id]
+                self._wake.pop(device_id, None)
 
     async def _next(self, device_id: str) -> asyncpg.Record | None:
         """Claim the device's next command, if this process holds the device."""

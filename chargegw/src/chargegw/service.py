@@ -93,7 +93,7 @@ class Gateway:
         self.writer.on_banned = self._banned
         self.draining = False
         self._stopped = False
-        self._bound_since_commit: list[str] = []
+        self._bound_since_commit: dict[str, None] = {}
         self.cluster = Cluster(
             lambda: self.pool,
             lambda: self.dsn,
@@ -125,7 +125,7 @@ class Gateway:
             process_timeout_s=settings.process_timeout_s,
             scan_interval_s=settings.outbox_scan_s,
         )
-        self.sessions.on_online = self.outbox.wake
+        self.sessions.on_online = self._online
         self.sessions.on_bound = self._bound
         self.sessions.on_released = self._released
         self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self), "bkv": BkvDriver(self)}
@@ -237,13 +237,19 @@ class Gateway:
         )
         if not self._bound_since_commit:
             self.writer.after_commit(self._look_for_waiting_commands)
-        self._bound_since_commit.append(device_id)
+        self._bound_since_commit[device_id] = None
+
+    def _online(self, device_id: str) -> None:
+        """Online again on the connection it is bound to (a newly bound device is looked
+        at once its directory row is committed)."""
+        if device_id not in self._bound_since_commit:
+            self.run(self.outbox.wake_waiting([device_id]), "wake-online")
 
     def _look_for_waiting_commands(self) -> None:
         """After the directory rows of newly bound devices are committed: wake those with
         commands waiting (one query per batch, not one per device, for reconnect storms)."""
-        bound, self._bound_since_commit = self._bound_since_commit, []
-        self.run(self.outbox.wake_waiting(bound), "wake-bound")
+        bound, self._bound_since_commit = self._bound_since_commit, {}
+        self.run(self.outbox.wake_waiting(list(bound)), "wake-bound")
 
     def _released(self, device_id: str, link: Any) -> None:
         self.writer.put_session(

@@ -248,7 +248,7 @@ class BatchWriter:
         self._pool_factory = pool_factory
         #: unchanged state is written again after this long (0: always written)
         self.refresh_s = refresh_s
-        self._remembered: dict[int, tuple[int, float]] = {}
+        self._remembered: dict[int, int] = {}
         self._metrics = metrics
         self.batch_rows = batch_rows
         self.interval_s = interval_s
@@ -299,14 +299,15 @@ class BatchWriter:
         if self.refresh_s <= 0:
             return False
         slot = hash((table, key, tuple(row)))
-        content = _content(row)
-        now = time.monotonic()
-        last = self._remembered.get(slot)
-        if last is not None and last[0] == content and now - last[1] < self.refresh_s:
+        # one int per row: the content and the refresh period it was written in (each
+        # key with its own phase, so the rewrites of many devices do not coincide)
+        period = int(time.monotonic() / self.refresh_s + (slot % 997) / 997)
+        stamp = hash((_content(row), period))
+        if self._remembered.get(slot) == stamp:
             return True
         if len(self._remembered) >= _MAX_REMEMBERED:
             self._remembered.clear()
-        self._remembered[slot] = (content, now)
+        self._remembered[slot] = stamp
         return False
 
     def put_event(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import copy
 import dataclasses
 import enum
 import time
@@ -46,6 +47,8 @@ _SERVER_REPLIES: Final = (
 )
 _U16: Final = 0xFFFF
 MAX_STORED_SETTLEMENTS: Final = 64
+#: the QR content piles ship with (ap3000.md 9.14)
+DEFAULT_QR_DATA: Final = "http://ap3200.haokuaichong.cn/ap3200"
 
 # stop reasons (ap3000.md 11.2)
 STOP_FULL: Final = 0x01
@@ -355,6 +358,16 @@ class SimulatedAp3000Pile(SimulatedPile):
             "user_card_key": "159185191880",
             "new_card_key": "FFFFFFFFFFFF",
         }
+        #: 0x97 mute, 0x8F TC card mode and 0x8E QR code (no read-back in the protocol)
+        self.mute_mode = 0
+        self.tc_card_mode = 0
+        self.qr_code: dict[str, Any] = {"main_screen_type": 0, "qr_data": DEFAULT_QR_DATA}
+        #: parameter faults: a reboot (0x87, :meth:`reboot`) restores the factory
+        #: parameters; fields named here are acknowledged by the set commands but not
+        #: stored (``"work_mode"``, ``"mute_mode"`` ... for the single-value commands)
+        self.factory_reset_on_reboot = False
+        self.params_ignored: set[str] = set()
+        self._factory = copy.deepcopy(self._parameter_state())
         #: firmware upgrades: the power board's version (0: none), faults, the transfer
         #: in progress, the version reported after an upgrade without a check packet
         #: (None: one more than before), and (command, new version) of each one done
@@ -372,6 +385,39 @@ class SimulatedAp3000Pile(SimulatedPile):
         self._time_synced = asyncio.Event()
         self._heartbeats_unanswered = 0
         self._settlement_wakeup = asyncio.Event()
+
+    # --- parameters ----------------------------------------------------------------------
+
+    def _parameter_state(self) -> dict[str, Any]:
+        return {
+            "running_params_1": self.running_params_1,
+            "running_params_2": self.running_params_2,
+            "limits": self.limits,
+            "card_params": self.card_params,
+            "work_mode": self.work_mode,
+            "mute_mode": self.mute_mode,
+            "tc_card_mode": self.tc_card_mode,
+            "qr_code": self.qr_code,
+        }
+
+    def reset_params(self) -> None:
+        """Factory reset: every parameter back to the value it had at construction (the
+        heartbeat interval included)."""
+        for name, value in copy.deepcopy(self._factory).items():
+            setattr(self, name, value)
+        self.heartbeat_s = float(self.running_params_1["heartbeat_interval_s"])
+
+    def reboot(self, reason: str = "reboot") -> None:
+        """Power-cycle: the connection closes and the pile registers again after
+        ``intervals.boot_s`` (pile seconds), with factory parameters when
+        ``factory_reset_on_reboot`` is set. Charges and stored settlements survive."""
+        if self.factory_reset_on_reboot:
+            self.reset_params()
+        self.end_connection(reason, reconnect_after_s=self.timing.real(self.intervals.boot_s))
+
+    def _stored(self, old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+        """``new`` as stored: ignored fields (``params_ignored``) keep their old values."""
+        return {**new, **{k: old[k] for k in self.params_ignored if k in old}}
 
     # --- identity and helpers ------------------------------------------------------------
 
@@ -716,9 +762,7 @@ class SimulatedAp3000Pile(SimulatedPile):
             return None
         if isinstance(m, ap3000.Reboot):
             await self.send_message(ap3000.RebootReply(phy, mid, result=0))
-            self.end_connection(
-                "reboot (0x87)", reconnect_after_s=self.timing.real(self.intervals.boot_s)
-            )
+            self.reboot("reboot (0x87)")
             return None
         if isinstance(m, ap3000.Locate):
             self.locate_until = self._now() + m.locate_duration_s
@@ -726,20 +770,34 @@ class SimulatedAp3000Pile(SimulatedPile):
         if isinstance(m, ap3000.SetRunningParams1):
             if m.heartbeat_interval_s == 0:
                 return ap3000.SetRunningParams1Reply(phy, mid, result=1)
-            self.running_params_1 = _params(m)
-            self.heartbeat_s = float(m.heartbeat_interval_s)
+            self.running_params_1 = self._stored(self.running_params_1, _params(m))
+            self.heartbeat_s = float(self.running_params_1["heartbeat_interval_s"])
             return ap3000.SetRunningParams1Reply(phy, mid, result=0)
         if isinstance(m, ap3000.SetRunningParams2):
-            self.running_params_2 = _params(m)
+            self.running_params_2 = self._stored(self.running_params_2, _params(m))
             return ap3000.SetRunningParams2Reply(phy, mid, result=0)
         if isinstance(m, ap3000.SetLimits):
             if m.max_charge_duration_s == 0:
                 return ap3000.SetLimitsReply(phy, mid, result=1)
-            self.limits = {**self.limits, **_params(m)}
+            self.limits = self._stored(self.limits, {**self.limits, **_params(m)})
             return ap3000.SetLimitsReply(phy, mid, result=0)
         if isinstance(m, ap3000.SetCardParams):
-            self.card_params = _params(m)
+            self.card_params = self._stored(self.card_params, _params(m))
             return ap3000.SetCardParamsReply(phy, mid, result=0)
+        if isinstance(m, ap3000.SetRunningParams3):
+            if m.mute_mode not in (0, 1):
+                return ap3000.SetRunningParams3Reply(phy, mid, result=1)
+            if "mute_mode" not in self.params_ignored:
+                self.mute_mode = m.mute_mode
+            return ap3000.SetRunningParams3Reply(phy, mid, result=0)
+        if isinstance(m, ap3000.SetTcCardMode):
+            if "tc_card_mode" not in self.params_ignored:
+                self.tc_card_mode = m.tc_card_mode
+            return ap3000.SetTcCardModeReply(phy, mid, result=0)
+        if isinstance(m, ap3000.SetQrCode):
+            stored = {"main_screen_type": m.main_screen_type, "qr_data": m.qr_data}
+            self.qr_code = self._stored(self.qr_code, stored)
+            return ap3000.SetQrCodeReply(phy, mid, result=0)
         if isinstance(m, ap3000.ReadRunningParams1):
             return ap3000.RunningParams1(phy, mid, **self.running_params_1)
         if isinstance(m, ap3000.ReadRunningParams2):
@@ -749,7 +807,13 @@ class SimulatedAp3000Pile(SimulatedPile):
         if isinstance(m, ap3000.ReadCardParams):
             return ap3000.CardParams(phy, mid, **self.card_params)
         if isinstance(m, ap3000.SetWorkMode):
-            self.work_mode = m.work_mode
+            if m.work_mode not in (0, 1):  # "1 switching not supported"
+                return ap3000.SetWorkModeReply(phy, mid, result=1)
+            changed = m.work_mode != self.work_mode and "work_mode" not in self.params_ignored
+            if changed:
+                self.work_mode = m.work_mode
+                # 0x20 is sent again whenever a value it carries changes (ap3000.md 8.2)
+                self.spawn(self._send_later(lambda: self.registration(self.next_msg_id())))
             return ap3000.SetWorkModeReply(phy, mid, result=0)
         if isinstance(m, ap3000.ClearStorage):
             self.settlements.clear()

@@ -106,6 +106,8 @@ class BkvIntervals:
     #: 0x0007 OTA: downloading the file from the FTP server, then rebooting
     ota_download_s: float = 30.0
     ota_boot_s: float = 10.0
+    #: :meth:`SimulatedBkvGateway.reboot` until the gateway reconnects
+    boot_s: float = 10.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -209,6 +211,8 @@ class BkvSocket:
     voltage_v: float = 220.0
     params: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_PARAMS))
     last_business_no: int = 0
+    #: 0x0015/0x1B per jack: ``{"buzzer", "voice", "periods": [{"start", "end"}]}``
+    voice_windows: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def next_business_no(self) -> int:
         self.last_business_no = self.last_business_no % _U16 + 1
@@ -349,6 +353,11 @@ class SimulatedBkvGateway(SimulatedPile):
         self.ota_files: dict[str, str] = {}
         self.ota_keep_version = False
         self.ota_requests: list[tuple[str, int, str]] = []
+        #: parameter faults: :meth:`reboot` restores the factory parameters and clears
+        #: the voice windows; parameters named here (or ``"voice_window"``) are
+        #: acknowledged by 0x1011 (0x1B) but not stored
+        self.factory_reset_on_reboot = False
+        self.params_ignored: set[str] = set()
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -376,6 +385,22 @@ class SimulatedBkvGateway(SimulatedPile):
     def received_messages(self, cls: type[_B]) -> list[_B]:
         """Messages of one class received so far (those still in the bounded record)."""
         return [r.message for r in self.received() if isinstance(r.message, cls)]
+
+    def reset_params(self, socket: int | None = None) -> None:
+        """Factory reset of one socket (or all): the guide's parameter values, no voice
+        windows."""
+        for sock in self.sockets.values():
+            if socket is None or sock.number == socket:
+                sock.params = dict(DEFAULT_PARAMS)
+                sock.voice_windows.clear()
+
+    def reboot(self, reason: str = "reboot") -> None:
+        """Power-cycle: the connection closes and the gateway reconnects after
+        ``intervals.boot_s`` (gateway seconds), its sockets with factory parameters when
+        ``factory_reset_on_reboot`` is set."""
+        if self.factory_reset_on_reboot:
+            self.reset_params()
+        self.end_connection(reason, reconnect_after_s=self.timing.real(self.intervals.boot_s))
 
     def jack(self, socket: int, port: int) -> BkvJack:
         """The jack ``port`` (0 = A) of socket ``socket``; KeyError/IndexError if none."""
@@ -807,7 +832,7 @@ class SimulatedBkvGateway(SimulatedPile):
         if isinstance(m, bkv.NodeAdd):
             return [bkv.NodeAddReply(gw, m.seq, result=1)]
         if isinstance(m, bkv.VoiceWindow):
-            return [bkv.VoiceWindowReply(gw, m.seq, socket=m.socket, port=m.port, result=1)]
+            return [self._voice_window(m)]
         if (
             isinstance(m, bkv.UnknownSubCommand)
             and m.outer_command == 0x0015
@@ -937,9 +962,26 @@ class SimulatedBkvGateway(SimulatedPile):
             return bkv.SetParamsReply.create(self.gateway_id, m.seq, socket=socket, result=0)
         for name in DEFAULT_PARAMS:
             value = getattr(m, name)
-            if value is not ABSENT:
+            if value is not ABSENT and name not in self.params_ignored:
                 sock.params[name] = value
         return bkv.SetParamsReply.create(self.gateway_id, m.seq, socket=socket, result=1)
+
+    def _voice_window(self, m: bkv.VoiceWindow) -> bkv.VoiceWindowReply:
+        """Store the window of one jack (socket 254: of every socket's jack)."""
+        targets = list(self.sockets.values()) if m.socket == 254 else [self.sockets.get(m.socket)]
+        ok = None not in targets and m.port in (0, 1) and m.buzzer in (0, 1) and m.voice in (0, 1)
+        if ok and "voice_window" not in self.params_ignored:
+            window = {
+                "buzzer": m.buzzer,
+                "voice": m.voice,
+                "periods": [{"start": p.start, "end": p.end} for p in m.periods],
+            }
+            for sock in targets:
+                assert sock is not None
+                sock.voice_windows[m.port] = dict(window)
+        return bkv.VoiceWindowReply(
+            self.gateway_id, m.seq, socket=m.socket, port=m.port, result=1 if ok else 0
+        )
 
     def _query_params(self, m: bkv.QueryParams) -> bkv.ParamsReport:
         socket = m.socket if isinstance(m.socket, int) else 0

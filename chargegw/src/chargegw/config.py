@@ -120,6 +120,15 @@ class Settings:
     firmware_offline_timeout_s: float = 3600.0
     #: largest firmware image accepted for upload
     firmware_max_bytes: int = 8 * 1024 * 1024
+    #: device parameters (params.py): after a reconnect or a registration, desired
+    #: parameters are read back; values that drifted are set again (False: the group
+    #: shows ``mismatch``; the ``param_drift`` event is written either way)
+    params_reapply_on_drift: bool = True
+    #: how often each process looks at profile jobs (starts, finished jobs) and at
+    #: parameter commands that died
+    params_tick_s: float = 1.0
+    #: drift checks (read-backs after reconnects) queued per second per process, at most
+    params_drift_checks_per_s: float = 200.0
 
     def masked(self) -> dict[str, Any]:
         """The settings as a dict with secrets masked (for ``config show``)."""

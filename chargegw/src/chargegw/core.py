@@ -62,6 +62,15 @@ class EventKind(str, enum.Enum):
     UPGRADE_VERIFIED = "upgrade_verified"
     #: an upgrade was refused before sending, gave up, or the version did not change
     UPGRADE_FAILED = "upgrade_failed"
+    #: a parameter group was read back as desired (or, without a read-back, acknowledged)
+    PARAM_VERIFIED = "param_verified"
+    #: the read-back after setting a parameter group differs from the desired values
+    PARAM_MISMATCH = "param_mismatch"
+    #: the device refused a parameter group, or its set or read-back command died
+    PARAM_FAILED = "param_failed"
+    #: a device reports other values than were verified or desired (after a reconnect,
+    #: a registration or a read-back); re-applied when ``params_reapply_on_drift``
+    PARAM_DRIFT = "param_drift"
 
 
 def bkv_device_id(gateway_id: str, socket_no: int) -> str:

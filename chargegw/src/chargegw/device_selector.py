@@ -4,7 +4,8 @@ A selector names devices in one of three shapes:
 
 - ``{"device_ids": ["04000001", ...]}``: these (all must be known);
 - ``{"device_type": 39, "firmware": "312"}``: devices of this type code, ``firmware``
-  optional and compared with the version as stored (decimal for AP3000);
+  optional and compared with the version as stored (decimal for AP3000; BKV sockets
+  report no type code, so this form matches none of them);
 - ``{"all": true}``: every device of the protocol.
 
 :func:`parse_selector` checks the shape; :func:`select_devices` resolves it against the
@@ -80,7 +81,7 @@ async def select_devices(conn: Connection, selector: Selector, protocol: str) ->
             raise SelectorError(f"unknown devices: {', '.join(unknown)}")
         other = [i for i in ids if protocols[i] != protocol]
         if other:
-            raise SelectorError(f"not {name} devices (not supported yet): {', '.join(other)}")
+            raise SelectorError(f"not {name} devices: {', '.join(other)}")
         return ids
     if selector.device_type is not None:
         rows = await conn.fetch(

@@ -119,7 +119,7 @@ class Ap3000Driver:
                 ctx.outbox.on_reply(key, commands.outcome(message))
             if device_id is not None and type(message) in params.REPLIES:  # params.py
                 answered = None if waiting is None else waiting.command_id
-                ctx.run(params.on_reply(ctx.pool, device_id, message, answered), "params")
+                ctx.run(params.on_reply(ctx, device_id, message, answered), "params")
         if type(message) in firmware.AP3000_MESSAGES:  # upgrade progress (firmware.py)
             answered = None if waiting is None else waiting.command_id
             firmware.on_ap3000(ctx, link, message, owner, answered)
@@ -168,11 +168,13 @@ class Ap3000Driver:
             self.ctx, link, reply, ap3000.encode(reply), device_id, after_commit=after_commit
         )
 
-    def _query_answered(self, device_id: str, m: Message) -> None:
-        """0x81 has no reply of its own: the 0x20/0x21 it triggers acknowledge it."""
+    def _query_answered(self, device_id: str, m: Message) -> bool:
+        """0x81 has no reply of its own: the 0x20/0x21 it triggers acknowledge it.
+        True if ``m`` answered a query."""
         key = commands.query_key(device_id)
         if self.ctx.outbox.open_command(key) is not None:
-            self.ctx.outbox.on_reply(key, commands.outcome(m))
+            return self.ctx.outbox.on_reply(key, commands.outcome(m))
+        return False
 
     def _registration(
         self, link: DeviceLink, m: ap3000.Registration, device_id: str | None
@@ -180,7 +182,9 @@ class Ap3000Driver:
         self._reply(link, ap3000.RegistrationReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
-        self._query_answered(device_id, m)
+        query = self._query_answered(device_id, m)
+        # a (re)start reads desired parameters back; the work mode is reported (params.py)
+        params.on_registration(self.ctx, device_id, m.work_mode, query=query)
         wall = self.ctx.wall()
         attributes = {"virtual_id": m.virtual_id}
         if m.work_mode is not ABSENT:

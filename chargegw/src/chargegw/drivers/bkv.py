@@ -20,7 +20,7 @@ import structlog
 
 from chargeproto import ABSENT, Message, bkv
 
-from .. import billing, firmware
+from .. import billing, firmware, params
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
 from ..orders import new_order_no
@@ -136,8 +136,11 @@ class BkvDriver:
         device_id = self.device_of(message)
         if device_id is not None and not isinstance(message, bkv.StatusCluster):
             self._seen(link, message.gateway_id, device_id, wall, heartbeat=False)
+        answered = None
         if message.direction is bkv.Heartbeat.direction and message.seq:
-            self._command_reply(link, message)
+            answered = self._command_reply(link, message)
+        if device_id is not None and type(message) in params.REPLIES:  # params.py
+            self.ctx.run(params.on_reply(self.ctx, device_id, message, answered), "params")
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(link, message)
@@ -197,12 +200,13 @@ class BkvDriver:
 
     # -- commands and orders --
 
-    def _command_reply(self, link: DeviceLink, m: bkv.BkvMessage) -> None:
-        """A frame echoing a server seq: the answer to the command in flight, if any."""
+    def _command_reply(self, link: DeviceLink, m: bkv.BkvMessage) -> int | None:
+        """A frame echoing a server seq: the answer to the command in flight, if any
+        (its id is returned)."""
         key = commands.key_of(m)
         waiting = self.ctx.outbox.open_command(key)
         if waiting is None:
-            return
+            return None
         result = commands.outcome(m)
         if isinstance(m, bkv.ChargeControlReply) and result.success:
             port = m.port + 1
@@ -217,6 +221,7 @@ class BkvDriver:
                     "business-no",
                 )
         self.ctx.outbox.on_reply(key, result)
+        return waiting.command_id
 
     def _query_answered(self, device_id: str, m: Message) -> None:
         """A 0x1D query is answered by 0x1C or by a 0x1017 cluster about the socket."""
@@ -450,6 +455,7 @@ class BkvDriver:
                 continue
             device_id = bkv_device_id(m.gateway_id, number)
             self._seen(link, m.gateway_id, device_id, wall, heartbeat=True)
+            params.on_device_seen(self.ctx, link, device_id)  # drift check on reconnect
             ports = socket.ports if socket.ports is not ABSENT else ()
             firmware = _present(socket.firmware_version)
             self.ctx.writer.put_device(
@@ -517,6 +523,7 @@ class BkvDriver:
         )
         self._jacks_reported(link, device_id, m.ports)
         self._query_answered(device_id, m)
+        params.on_device_seen(self.ctx, link, device_id)
 
     def _event_report(self, link: DeviceLink, m: bkv.EventReport) -> None:
         socket = _present(m.socket)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +23,7 @@ PHY = "04000001"
 
 @pytest.fixture
 def gateway_settings() -> dict[str, Any]:
-    return {"ack_timeout_s": 1.0, "command_spacing_s": 0.05}
+    return {"ack_timeout_s": 1.0, "command_spacing_s": 0.05, "params_tick_s": 0.1}
 
 
 @pytest.fixture
@@ -53,11 +54,15 @@ async def _pile(gateway: Gateway) -> tuple[Simulator, SimulatedAp3000Pile]:
 
 
 async def _group(
-    client: httpx.AsyncClient, group: str, statuses: set[str], timeout: float = 10.0
+    client: httpx.AsyncClient,
+    group: str,
+    statuses: set[str],
+    timeout: float = 10.0,
+    device_id: str = PHY,
 ) -> dict[str, Any]:
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        response = await client.get(f"/api/v1/devices/{PHY}/params")
+        response = await client.get(f"/api/v1/devices/{device_id}/params")
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()["groups"].get(group, {})
         if body.get("status") in statuses:
@@ -75,6 +80,33 @@ RUNNING1 = {
     "float_time_s": 1800,
     "heartbeat_interval_s": 180,
 }
+
+
+async def events(gateway: Gateway, device_id: str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The parameter events of ``device_id`` (of one kind), oldest first."""
+    assert gateway.pool is not None
+    rows = await gateway.pool.fetch(
+        """SELECT kind, reason, detail FROM device_events
+           WHERE device_id = $1 AND kind LIKE 'param\\_%' AND ($2::text IS NULL OR kind = $2)
+           ORDER BY id""",
+        device_id,
+        kind,
+    )
+    return [{"kind": r["kind"], "reason": r["reason"], **json.loads(r["detail"])} for r in rows]
+
+
+async def wait_for_event(
+    gateway: Gateway, device_id: str, kind: str, count: int = 1, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """The events of ``kind`` once there are ``count`` of them."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        found = await events(gateway, device_id, kind)
+        if len(found) >= count:
+            return found
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{kind} x{count} never came: {await events(gateway, device_id)}")
+        await asyncio.sleep(0.05)
 
 
 async def test_apply_then_verify_by_read_back(gateway: Gateway, client: httpx.AsyncClient) -> None:
@@ -113,6 +145,14 @@ async def test_apply_then_verify_by_read_back(gateway: Gateway, client: httpx.As
         assert response.status_code == 202, response.text
         running1 = await _group(client, "running1", {"verified"})
         assert running1["reported"] == {**RUNNING1, "unplug_power_w": 1.2, "float_percent": 40}
+        # each verification is an event, ready for webhooks
+        verified = await wait_for_event(gateway, PHY, "param_verified", 3)
+        assert [(e["group"], e["status"]) for e in verified] == [
+            ("running1", "verified"),
+            ("limits", "verified"),
+            ("running1", "verified"),
+        ]
+        assert verified[0]["reported"]["unplug_power_w"] == 1.2
 
 
 async def test_out_of_range_is_422_naming_the_field_and_sends_nothing(
@@ -174,6 +214,25 @@ async def test_a_pile_holding_other_values_shows_mismatch_with_the_diff(
         }
         assert running1["reported"]["float_percent"] == 25
         assert running1["verified_at"]  # when it was last verified
+        # values changed behind the platform's back: drift (an operator's read-back is
+        # not a reconnect, so nothing is re-applied)
+        (drift,) = await wait_for_event(gateway, PHY, "param_drift")
+        assert drift["source"] == "read-back" and drift["reapplied"] is False
+        assert drift["diff"] == running1["diff"]
+        assert len(pile.received(0x83)) == 1
+
+        # a pile that does not take what it acknowledges: mismatch right after the set
+        pile.params_ignored = {"float_time_s"}
+        response = await client.put(
+            f"/api/v1/devices/{PHY}/params", json={"running1": {"float_time_s": 2400}}
+        )
+        assert response.status_code == 202, response.text
+        (mismatch,) = await wait_for_event(gateway, PHY, "param_mismatch")
+        # the whole group went out again (float_percent 30 included): only the field
+        # the pile ignored differs
+        assert mismatch["diff"] == {"float_time_s": {"desired": 2400, "reported": 1800}}
+        running1 = await _group(client, "running1", {"mismatch"})
+        assert running1["diff"] == {"float_time_s": {"desired": 2400, "reported": 1800}}
 
 
 async def test_a_refused_set_is_failed(gateway: Gateway, client: httpx.AsyncClient) -> None:
@@ -191,6 +250,10 @@ async def test_a_refused_set_is_failed(gateway: Gateway, client: httpx.AsyncClie
         await asyncio.sleep(0.5)
         body = (await client.get(f"/api/v1/devices/{PHY}/params")).json()["groups"]["running1"]
         assert body["status"] == "failed"
+        assert body["reported"]["heartbeat_interval_s"] == 180
+        (failed,) = await wait_for_event(gateway, PHY, "param_failed")
+        assert failed["group"] == "running1" and failed["refused"] is True
+        assert "set_running_params1" in failed["reason"]
 
 
 def test_compare_uses_the_wire_resolution() -> None:
@@ -205,3 +268,143 @@ def test_compare_uses_the_wire_resolution() -> None:
         )
         == {}
     )
+
+
+async def test_groups_without_read_back_are_acknowledged_and_work_mode_is_verified_by_0x20(
+    gateway: Gateway, client: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        response = await client.put(
+            f"/api/v1/devices/{PHY}/params",
+            json={
+                "mute": {"mute_mode": 1},
+                "card_mode": {"tc_card_mode": 3},
+                "qr_code": {"main_screen_type": 1, "qr_data": "https://example.com/p/04000001"},
+                "work_mode": {"work_mode": 1},
+            },
+        )
+        assert response.status_code == 202, response.text
+        accepted = response.json()["groups"]
+        assert all(g["read_command_id"] is None for g in accepted.values())
+        for group in ("mute", "card_mode", "qr_code"):
+            body = await _group(client, group, {"acknowledged"})
+            assert body["acknowledged_at"] and body["verified_at"] is None
+            assert body["reported"] is None
+        # the pile registers again when its work mode changes (ap3000.md 8.2): that 0x20
+        # reports it, so this one group is verified
+        work_mode = await _group(client, "work_mode", {"verified"})
+        assert work_mode["reported"] == {"work_mode": 1} and work_mode["verified_at"]
+        assert (pile.mute_mode, pile.tc_card_mode, pile.work_mode) == (1, 3, 1)
+        assert pile.qr_code == {"main_screen_type": 1, "qr_data": "https://example.com/p/04000001"}
+        sent = pile.received(0x8E)[0].message
+        assert isinstance(sent, ap3000.SetQrCode) and sent.reserved == "000000"
+        assert not pile.received(0x90)  # nothing was read back
+        acknowledged = await wait_for_event(gateway, PHY, "param_verified", 4)
+        statuses = {(e["group"], e["status"]) for e in acknowledged}
+        assert {("mute", "acknowledged"), ("card_mode", "acknowledged")} <= statuses
+        assert ("work_mode", "verified") in statuses
+
+
+async def test_out_of_range_for_groups_without_read_back_is_422(
+    gateway: Gateway, client: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        bad = [
+            ({"mute": {"mute_mode": 2}}, "mute", "mute_mode"),
+            ({"work_mode": {"work_mode": 3}}, "work_mode", "work_mode"),
+            ({"card_mode": {"tc_card_mode": 2}}, "card_mode", "tc_card_mode"),  # not defined
+            ({"card_mode": {"tc_card_mode": 7}}, "card_mode", "tc_card_mode"),
+            ({"qr_code": {"main_screen_type": 0, "qr_data": "x" * 72}}, "qr_code", "qr_data"),
+            ({"qr_code": {"main_screen_type": 2, "qr_data": "x"}}, "qr_code", "main_screen_type"),
+            ({"qr_code": {"main_screen_type": 0, "reserved": "FFFFFF"}}, "qr_code", "reserved"),
+            ({"running2": {"qr_light": 2}}, "running2", "qr_light"),
+            (
+                {"limits": {"max_charge_duration_s": 600, "overload_power_w": 3600.0}},
+                "limits",
+                "overload_power_w",
+            ),
+            ({"mute": {"mute_mode": True}}, "mute", "mute_mode"),
+        ]
+        for body, group, field in bad:
+            response = await client.put(f"/api/v1/devices/{PHY}/params", json=body)
+            assert response.status_code == 422, (body, response.text)
+            detail = response.json()["detail"]
+            assert (detail["group"], detail["field"]) == (group, field), detail
+        await asyncio.sleep(0.3)
+        assert gateway.pool is not None
+        assert await gateway.pool.fetchval("SELECT count(*) FROM commands") == 0
+        assert not any(pile.received(c) for c in (0x97, 0x8D, 0x8E, 0x8F, 0x84, 0x85))
+
+
+async def _wait(condition: Any, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition never met")
+        await asyncio.sleep(0.05)
+
+
+async def test_a_pile_reset_behind_the_platforms_back_is_reapplied_after_its_reboot(
+    gateway: Gateway, client: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        response = await client.put(
+            f"/api/v1/devices/{PHY}/params",
+            json={
+                "running1": RUNNING1,
+                "limits": {"max_charge_duration_s": 36000, "overload_power_w": 1500.0},
+                "work_mode": {"work_mode": 1},
+            },
+        )
+        assert response.status_code == 202, response.text
+        for group in ("running1", "limits", "work_mode"):
+            await _group(client, group, {"verified"})
+        sets = {c: len(pile.received(c)) for c in (0x83, 0x85, 0x8D)}
+        # the pile reboots with its factory parameters
+        pile.factory_reset_on_reboot = True
+        pile.reboot()
+        drift = await wait_for_event(gateway, PHY, "param_drift", 3)
+        assert {e["group"] for e in drift} == {"running1", "limits", "work_mode"}
+        assert all(e["reapplied"] and e["source"] == "reconnect" for e in drift)
+        by_group = {e["group"]: e for e in drift}
+        assert by_group["running1"]["diff"]["float_percent"] == {"desired": 30, "reported": 20}
+        assert by_group["work_mode"]["diff"] == {"work_mode": {"desired": 1, "reported": 0}}
+        # set again, and verified again by reading back
+        await _wait(lambda: pile.running_params_1["float_percent"] == 30 and pile.work_mode == 1)
+        await _wait(lambda: pile.limits["overload_power_w"] == 1500.0)
+        for group in ("running1", "limits", "work_mode"):
+            await _group(client, group, {"verified"})
+        assert {c: len(pile.received(c)) for c in (0x83, 0x85, 0x8D)} == {
+            c: n + 1 for c, n in sets.items()
+        }
+        # a reconnect without drift reads back and sets nothing
+        pile.factory_reset_on_reboot = False
+        reads = len(pile.received(0x90))
+        pile.drop_connection()
+        await _wait(lambda: len(pile.received(0x90)) > reads)
+        await asyncio.sleep(0.3)
+        assert len(pile.received(0x83)) == sets[0x83] + 1
+        assert len(await events(gateway, PHY, "param_drift")) == 3
+
+
+@pytest.mark.settings(params_reapply_on_drift=False)
+async def test_without_reapply_a_drifted_pile_shows_mismatch_and_the_event(
+    gateway: Gateway, client: httpx.AsyncClient
+) -> None:
+    sim, pile = await _pile(gateway)
+    async with sim:
+        response = await client.put(f"/api/v1/devices/{PHY}/params", json={"running1": RUNNING1})
+        assert response.status_code == 202, response.text
+        await _group(client, "running1", {"verified"})
+        pile.factory_reset_on_reboot = True
+        pile.reboot()
+        (drift,) = await wait_for_event(gateway, PHY, "param_drift")
+        assert drift["reapplied"] is False and drift["previous_status"] == "verified"
+        running1 = await _group(client, "running1", {"mismatch"})
+        assert running1["diff"]["float_percent"] == {"desired": 30, "reported": 20}
+        await asyncio.sleep(0.3)
+        assert len(pile.received(0x83)) == 1  # not set again
+        assert pile.running_params_1["float_percent"] == 20

@@ -811,6 +811,12 @@ async def _evaluate(
             await _record(conn, device_id, group, reported)
         return _Outcome()
     status = row["status"]
+    if status in IN_PROGRESS and row["set_status"] in ("failed", "dead"):
+        # the set was refused or died, and its answer is not processed yet: fail the
+        # group first (a read-back after a refused set says nothing about the set)
+        await fail_dead_commands(conn, [device_id])
+        await _record(conn, device_id, group, reported)
+        return _Outcome(job_id=row["job_id"])
     own = command_id is not None and command_id == row["read_command_id"]
     check = check or (command_id is not None and command_id == row["check_command_id"])
     # a group without a read-back is reported another way (the work mode by 0x20): that

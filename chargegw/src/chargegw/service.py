@@ -22,7 +22,7 @@ from chargeproto import (
     StreamError,
 )
 
-from . import billing, firmware
+from . import billing, firmware, params
 from .audit import mask_frame, mask_iccid_hex, mask_text
 from .cluster import Cluster, ProcessStats
 from .config import Settings
@@ -160,6 +160,7 @@ class Gateway:
         await self.cluster.start()
         self.outbox.start()
         firmware.engine_for(self)  # resumes the upgrades a restart interrupted
+        params.engine_for(self)  # and the parameter jobs
         self._spawn(self._sweeper(), "liveness-sweeper")
         self._spawn(self._maintenance(), "partition-maintenance")
         if http:

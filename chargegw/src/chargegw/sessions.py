@@ -51,6 +51,8 @@ class DeviceSession:
     ack_timeouts: int = 0
     #: when the device was bound to ``link`` (server time)
     bound_at: datetime | None = None
+    #: when "online on this connection" was last put to the writer (monotonic)
+    stamped: float = -1e18
 
 
 class SessionRegistry:
@@ -109,6 +111,17 @@ class SessionRegistry:
     ) -> DeviceSession:
         """A frame from ``device_id`` arrived on ``link``."""
         session = self.devices.get(device_id)
+        if (
+            session is not None
+            and session.online
+            and session.link is link
+            and now - session.stamped < self.writer.refresh_s
+            and session.gateway_id == gateway_id
+        ):  # seen again, nothing new: the in-memory times are enough until the refresh
+            session.last_seen = now
+            if heartbeat:
+                session.last_heartbeat = now
+            return session
         if session is None:
             session = DeviceSession(device_id, protocol, gateway_id, link, heartbeat_interval_s)
             self.devices[device_id] = session
@@ -127,6 +140,7 @@ class SessionRegistry:
             session.last_heartbeat = now
         if not session.online:
             self._set_online(session, wall, "frame received")
+        session.stamped = now
         self.writer.put_device(
             device_id,
             protocol=protocol,

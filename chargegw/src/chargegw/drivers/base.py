@@ -89,8 +89,14 @@ class DriverContext(Protocol):
         ...
 
 
+_LABELS: dict[type[Message], str] = {}
+
+
 def command_label(message: Message) -> str:
     """``0x21`` (AP3000), ``0x0000``, ``0x0015/0x07``, ``0x1000/0x1017`` (BKV)."""
+    cached = _LABELS.get(type(message))
+    if cached is not None:
+        return cached
     if isinstance(message, bkv.BkvMessage):
         key = bkv.message_key(message)
         label = f"0x{message.wire_command:04x}"
@@ -98,7 +104,10 @@ def command_label(message: Message) -> str:
             return label
         return f"{label}/0x{key:04x}" if message.wire_command == 0x1000 else f"{label}/0x{key:02x}"
     code = getattr(message, "unknown_command", None)
-    return f"0x{message.command if code is None else code:02x}"
+    if code is not None:
+        return f"0x{code:02x}"
+    label = _LABELS[type(message)] = f"0x{message.command:02x}"
+    return label
 
 
 def send_reply(

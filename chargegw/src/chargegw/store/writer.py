@@ -135,16 +135,13 @@ _MAX_REMEMBERED = 500_000
 
 
 def _content(row: dict[str, Any]) -> int:
-    """A hash of a state row's values without its freshness columns."""
-    items = []
-    for key, value in row.items():
-        if key in _FRESHNESS or value is None:
-            continue
-        if isinstance(value, dict):
-            items.append((key, json.dumps(value, sort_keys=True, default=str)))
-        else:
-            items.append((key, value))
-    return hash(tuple(items))
+    """A hash of a state row's values without its freshness columns (the column names
+    are part of the row's slot, see ``_unchanged``)."""
+    values = [v for k, v in row.items() if k not in _FRESHNESS]
+    try:
+        return hash(tuple(values))
+    except TypeError:  # a dict (attributes): rare rows, hashed through JSON
+        return hash(json.dumps(values, sort_keys=True, default=str))
 
 
 #: NOT NULL columns with a default: a partial row inserts the default, updates keep the value

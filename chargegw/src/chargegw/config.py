@@ -83,9 +83,9 @@ class Settings:
     #: batch writer: flush after this many rows or this many seconds
     batch_rows: int = 500
     batch_interval_s: float = 0.1
-    #: device, gateway and port state that did not change is written again only after
-    #: this long (last_seen_at in the database is at most this old); 0 = every time
-    state_refresh_s: float = 30.0
+    #: device, gateway and port state that did not change is upserted again only after
+    #: this long (its timestamps are updated on every frame, cheaply); 0 = every time
+    state_refresh_s: float = 300.0
     #: rows held while the database is unreachable before reads are paused
     buffer_limit: int = 100000
     #: audit frames kept for this many days (partitions dropped after)

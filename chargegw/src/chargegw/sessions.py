@@ -117,10 +117,11 @@ class SessionRegistry:
             and session.link is link
             and now - session.stamped < self.writer.refresh_s
             and session.gateway_id == gateway_id
-        ):  # seen again, nothing new: the in-memory times are enough until the refresh
+        ):  # seen again, nothing new: only its timestamps move in the database
             session.last_seen = now
             if heartbeat:
                 session.last_heartbeat = now
+            self.writer.touch_device(device_id, wall, wall if heartbeat else None)
             return session
         if session is None:
             session = DeviceSession(device_id, protocol, gateway_id, link, heartbeat_interval_s)

@@ -14,10 +14,11 @@ devices until the backlog drains, so nothing accepted is ever dropped.
 committed: a settlement is acknowledged to its device only then.
 
 State that did not change is not written again: a device, gateway or port row with the
-same values as the last one put for the same key (timestamps such as ``last_seen_at``
-aside) is skipped until ``refresh_s`` has passed, so a heartbeat that only says "still
-here, nothing new" costs its audit row, not an upsert per port. ``last_seen_at`` is then
-at most ``refresh_s`` old in the database (the in-memory session is exact).
+same values as the last one put for the same key is not upserted again until
+``refresh_s`` has passed. Only its timestamps (``last_seen_at``, ``last_heartbeat_at``,
+``reported_at``) move, and those are *touched*: one ``UPDATE ... FROM unnest(...)`` per
+table and batch, far cheaper than an upsert per row. A heartbeat that says "still here,
+nothing new" costs its audit rows and a touch.
 
 Session-directory rows (which process holds which device) go through the same batches;
 binding a device counts its (re)connections, and a device that reconnects more than
@@ -134,6 +135,15 @@ _FRESHNESS = frozenset({"last_seen_at", "last_heartbeat_at", "reported_at", "dev
 _MAX_REMEMBERED = 500_000
 
 
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    """The later of two optional times."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
 def _content(row: dict[str, Any]) -> int:
     """A hash of a state row's values without its freshness columns (the column names
     are part of the row's slot, see ``_unchanged``)."""
@@ -203,11 +213,18 @@ class _Batch:
     frames: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     #: per device, its latest bind/release; binds also kept in order for counting
     sessions: dict[str, SessionRow] = dataclasses.field(default_factory=dict)
+    #: timestamps only: key -> (last_seen_at, last_heartbeat_at) / reported_at
+    touched_devices: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    touched_gateways: dict[str, Any] = dataclasses.field(default_factory=dict)
+    touched_ports: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)
     callbacks: list[Callable[[], None]] = dataclasses.field(default_factory=list)
 
     def rows(self) -> int:
         return (
             len(self.sessions)
+            + len(self.touched_devices)
+            + len(self.touched_gateways)
+            + len(self.touched_ports)
             + len(self.gateways)
             + len(self.devices)
             + len(self.ports)
@@ -226,6 +243,11 @@ class _Batch:
         self.events.extend(newer.events)
         self.frames.extend(newer.frames)
         self.sessions.update(newer.sessions)
+        for did, (seen, beat) in newer.touched_devices.items():
+            old = self.touched_devices.get(did, (None, None))
+            self.touched_devices[did] = (_later(seen, old[0]), _later(beat, old[1]))
+        self.touched_gateways.update(newer.touched_gateways)
+        self.touched_ports.update(newer.touched_ports)
         self.callbacks.extend(newer.callbacks)
 
 
@@ -271,6 +293,10 @@ class BatchWriter:
     def put_gateway(self, gateway_id: str, **values: Any) -> None:
         row = {"gateway_id": gateway_id, **values}
         if self._unchanged("g", gateway_id, row):
+            seen = values.get("last_seen_at")
+            if seen is not None:
+                self._pending.touched_gateways[gateway_id] = seen
+                self._added()
             return
         self._pending.gateways[gateway_id] = _merge(self._pending.gateways.get(gateway_id), row)
         self._added()
@@ -278,6 +304,9 @@ class BatchWriter:
     def put_device(self, device_id: str, **values: Any) -> None:
         row = {"device_id": device_id, **values}
         if self._unchanged("d", device_id, row):
+            seen, beat = values.get("last_seen_at"), values.get("last_heartbeat_at")
+            if seen is not None or beat is not None:
+                self.touch_device(device_id, seen, beat)
             return
         self._pending.devices[device_id] = _merge(self._pending.devices.get(device_id), row)
         self._added()
@@ -286,8 +315,22 @@ class BatchWriter:
         key = (device_id, port)
         row = {"device_id": device_id, "port": port, **values}
         if self._unchanged("p", key, row):
+            reported = values.get("reported_at")
+            if reported is not None:
+                self._pending.touched_ports[key] = reported
+                self._added()
             return
         self._pending.ports[key] = _merge(self._pending.ports.get(key), row)
+        self._added()
+
+    def touch_device(self, device_id: str, seen: datetime | None, beat: datetime | None) -> None:
+        """Move only the device's ``last_seen_at``/``last_heartbeat_at`` forward."""
+        touched = self._pending.touched_devices
+        old = touched.get(device_id)
+        if old is not None:
+            seen = _later(seen, old[0])
+            beat = _later(beat, old[1])
+        touched[device_id] = (seen, beat)
         self._added()
 
     def _unchanged(self, table: str, key: Any, row: dict[str, Any]) -> bool:
@@ -476,6 +519,14 @@ class BatchWriter:
         singles += [_Batch(events=[row]) for row in batch.events]
         singles += [_Batch(frames=[row]) for row in batch.frames]
         singles += [_Batch(sessions={k: v}) for k, v in batch.sessions.items()]
+        if batch.touched_devices or batch.touched_gateways or batch.touched_ports:
+            singles.append(
+                _Batch(
+                    touched_devices=batch.touched_devices,
+                    touched_gateways=batch.touched_gateways,
+                    touched_ports=batch.touched_ports,
+                )
+            )
         for single in singles:
             try:
                 async with pool.acquire(timeout=5) as conn, conn.transaction():
@@ -574,6 +625,40 @@ async def _write_sessions(
     return banned
 
 
+async def _write_touches(conn: Connection, batch: _Batch) -> None:
+    """Timestamps only, one statement per table (never moving a timestamp back)."""
+    if batch.touched_devices:
+        ids = list(batch.touched_devices)
+        await conn.execute(
+            """UPDATE devices d SET
+                   last_seen_at = GREATEST(d.last_seen_at, v.seen),
+                   last_heartbeat_at = GREATEST(d.last_heartbeat_at, v.beat)
+               FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS v(id, seen, beat)
+               WHERE d.device_id = v.id""",
+            ids,
+            [batch.touched_devices[i][0] for i in ids],
+            [batch.touched_devices[i][1] for i in ids],
+        )
+    if batch.touched_gateways:
+        await conn.execute(
+            """UPDATE gateways g SET last_seen_at = GREATEST(g.last_seen_at, v.seen)
+               FROM unnest($1::text[], $2::timestamptz[]) AS v(id, seen)
+               WHERE g.gateway_id = v.id""",
+            list(batch.touched_gateways),
+            list(batch.touched_gateways.values()),
+        )
+    if batch.touched_ports:
+        keys = list(batch.touched_ports)
+        await conn.execute(
+            """UPDATE ports p SET reported_at = GREATEST(p.reported_at, v.at)
+               FROM unnest($1::text[], $2::int[], $3::timestamptz[]) AS v(id, port, at)
+               WHERE p.device_id = v.id AND p.port = v.port""",
+            [k[0] for k in keys],
+            [k[1] for k in keys],
+            list(batch.touched_ports.values()),
+        )
+
+
 async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> list[str]:
     """Write every row of ``batch``; returns the devices banned for flapping."""
     banned: list[str] = []
@@ -599,6 +684,7 @@ async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> l
         await conn.executemany(
             _PORT_SQL, [tuple(r.get(c) for c in PORT_COLUMNS) for r in batch.ports.values()]
         )
+    await _write_touches(conn, batch)
     if batch.events:
         await conn.copy_records_to_table(
             "device_events", records=batch.events, columns=list(EVENT_COLUMNS)

@@ -76,7 +76,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     load = None
     try:
         base = f"http://127.0.0.1:{http_port}"
-        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+        # no keep-alive: a connection held by the worker about to be killed would fail the
+        # next request; each request opens a new one, which reaches a live worker
+        no_reuse = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=base, timeout=10, limits=no_reuse) as client:
             for _ in range(300):
                 try:
                     if (await client.get("/readyz")).status_code == 200:
@@ -134,10 +137,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 ]
 
                 async def command(device_id: str) -> int:
-                    response = await client.post(
-                        f"/api/v1/devices/{device_id}/commands",
-                        json={"command": "locate", "params": {"locate_duration_s": 1}},
-                    )
+                    # right after the kill a new connection can still be queued on the
+                    # dying worker's socket and be reset: that request never ran, retry
+                    for attempt in range(5):
+                        try:
+                            response = await client.post(
+                                f"/api/v1/devices/{device_id}/commands",
+                                json={"command": "locate", "params": {"locate_duration_s": 1}},
+                            )
+                            break
+                        except httpx.TransportError:
+                            if attempt == 4:
+                                raise
+                            await asyncio.sleep(0.2)
                     response.raise_for_status()
                     return int(response.json()["command_id"])
 

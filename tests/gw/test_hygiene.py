@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from chargegw.api import ApiState, create_app
+from chargegw.cluster import rebalance
 from chargegw.cluster_api import make_cluster_router
 from chargegw.service import Gateway
 from chargegw.transport import FD_RESERVE, connection_limit
@@ -128,3 +129,48 @@ def test_the_connection_limit_follows_the_open_file_limit() -> None:
     assert allowed == files - FD_RESERVE
     assert connection_limit(100) == (100, files)
     assert connection_limit(10**9) == (allowed, files)  # capped, with the reason logged
+
+
+async def test_a_rebalance_sheds_connections_at_the_asked_rate(gateway: Gateway) -> None:
+    piles = []
+    for n in range(6):
+        pile = await RawPile(f"0400010{n}").connect(gateway.server.port, iccid=None)
+        await pile.register()
+        await pile.expect(ap3000.RegistrationReply)
+        piles.append(pile)
+    await gateway.writer.drained()
+    await gateway.cluster.beat()  # the row now says 6 connections
+    pool = gateway.pool
+    assert pool is not None
+    # a second, idle process joins: the mean is 3, so this one sheds 3
+    await pool.execute(
+        """INSERT INTO cluster_processes (owner, node, worker, pid, connections)
+           VALUES ('other/0/1', 'other', 0, 1, 0)"""
+    )
+    async with pool.acquire() as conn:
+        plan = await rebalance(conn, rate=20.0)
+    assert plan["target_per_process"] == 3
+    assert plan["shed"] == {gateway.cluster.owner: 3}
+    await gateway.cluster.beat()  # picks the request up and sheds in the background
+    closed = 0
+    for pile in piles:
+        if await pile.closed_by_server(timeout=0.5 if closed >= 3 else 5):
+            closed += 1
+    assert closed == 3
+    remaining = await pool.fetchval(
+        "SELECT shed_remaining FROM cluster_processes WHERE owner = $1", gateway.cluster.owner
+    )
+    assert remaining == 0
+    reasons = gateway.metrics.connections_closed_total.labels(reason="rebalance")._value.get()
+    assert reasons == 3
+    for pile in piles:
+        await pile.close()
+
+
+async def test_a_rebalance_needs_a_positive_rate(gateway: Gateway) -> None:
+    assert gateway.pool is not None
+    async with gateway.pool.acquire() as conn:
+        with pytest.raises(ValueError, match="rate"):
+            await rebalance(conn, rate=0)
+        plan = await rebalance(conn, rate=5, dry_run=True)
+    assert plan["dry_run"] and plan["processes"] == 1

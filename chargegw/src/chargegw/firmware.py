@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import ipaddress
@@ -67,8 +66,8 @@ from .core import EventKind
 from .device_selector import PROTOCOL_NAMES, Selector, SelectorError, select_devices
 from .drivers.base import send_reply
 from .outbox import Priority
+from .passes import run_passes
 from .store.database import Connection
-from .store.writer import TRANSIENT_DB_ERRORS
 
 if TYPE_CHECKING:
     from .drivers.base import DriverContext
@@ -881,18 +880,7 @@ class UpgradeEngine:
 
     async def run(self) -> None:
         """Passes every ``firmware_tick_s`` (sooner when kicked) until cancelled."""
-        while True:
-            self._wakeup.clear()
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except TRANSIENT_DB_ERRORS as exc:
-                log.warning("firmware pass failed: database away, retrying", error=str(exc))
-            except Exception:
-                log.exception("firmware pass failed, retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.settings.firmware_tick_s)
+        await run_passes(self.tick, self._wakeup, lambda: self.settings.firmware_tick_s, "firmware")
 
     async def tick(self) -> None:
         """One pass: watch list, stalled transfers, timeouts, starts, finished jobs."""

@@ -28,7 +28,6 @@ job row's lock (``FOR UPDATE SKIP LOCKED``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -48,8 +47,8 @@ from .audit import mask_text
 from .core import EventKind, split_device_id
 from .drivers import ap3000_commands, bkv_commands
 from .outbox import Priority
+from .passes import run_passes
 from .store.database import Connection
-from .store.writer import TRANSIENT_DB_ERRORS
 
 if TYPE_CHECKING:
     from .drivers.base import DriverContext
@@ -965,18 +964,9 @@ class ParamsEngine:
 
     async def run(self) -> None:
         """Passes every ``params_tick_s`` (sooner when kicked) until cancelled."""
-        while True:
-            self._wakeup.clear()
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except TRANSIENT_DB_ERRORS as exc:
-                log.warning("parameter pass failed: database away, retrying", error=str(exc))
-            except Exception:
-                log.exception("parameter pass failed, retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self.ctx.settings.params_tick_s)
+        await run_passes(
+            self.tick, self._wakeup, lambda: self.ctx.settings.params_tick_s, "parameter"
+        )
 
     async def tick(self) -> None:
         """One pass: dead commands, drift checks, job starts."""

@@ -276,11 +276,14 @@ class Outbox:
                WHERE status IN ('pending', 'sent') GROUP BY status"""
         )
         self.on_backlog({"pending": 0, "sent": 0, **{r["status"]: r["n"] for r in counts}})
-        await pool.execute(
-            """DELETE FROM commands WHERE status IN ('acked', 'failed', 'dead')
-               AND finished_at < now() - make_interval(secs => $1)""",
-            self.retention_s,
-        )
+        async with pool.acquire() as conn, conn.transaction():
+            # one process purges at a time (concurrent deletes of the same rows only wait)
+            if await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('chargegw.purge'))"):
+                await conn.execute(
+                    """DELETE FROM commands WHERE status IN ('acked', 'failed', 'dead')
+                       AND finished_at < now() - make_interval(secs => $1)""",
+                    self.retention_s,
+                )
 
     async def expire(self) -> None:
         """Commands of devices that no live process holds, past their expiry: dead."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import sys
 
 import asyncpg
 from click.testing import CliRunner, Result
@@ -84,3 +86,31 @@ async def test_bans_list_and_lift(db_dsn: str, db_pool: asyncpg.Pool) -> None:
     assert lifted.exit_code == 0 and "lifted" in lifted.output
     again = await _cli("bans", "lift", "04000077", "--dsn", db_dsn)
     assert again.exit_code == 1 and "not banned" in again.output
+
+
+async def test_serve_workers_refuses_a_port_held_by_another_program(db_dsn: str) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "chargegw",
+            "serve",
+            "--workers",
+            "2",
+            "--dsn",
+            db_dsn,
+            "--device-host",
+            "127.0.0.1",
+            "--device-port",
+            str(port),
+            "--http-port",
+            "0",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    assert f"the device port 127.0.0.1:{port} is not free" in output.decode()

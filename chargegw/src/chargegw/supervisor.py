@@ -46,6 +46,18 @@ def _reserve_port(host: str) -> tuple[socket.socket, int]:
     return sock, int(sock.getsockname()[1])
 
 
+def _check_port(what: str, host: str, port: int) -> None:
+    """Fail before starting workers that could not bind (a port held by another program)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"the {what} port {host}:{port} is not free: {exc.strerror}") from None
+
+
 def worker_main(values: dict[str, Any], index: int) -> None:
     """Entry point of one worker process (spawned, so it imports afresh)."""
     settings = Settings(**values)
@@ -111,9 +123,13 @@ class Supervisor:
         if settings.device_port == 0:
             sock, settings.device_port = _reserve_port(settings.device_host)
             self._reserved.append(sock)
+        else:
+            _check_port("device", settings.device_host, settings.device_port)
         if settings.http_port == 0:
             sock, settings.http_port = _reserve_port(settings.http_host)
             self._reserved.append(sock)
+        else:
+            _check_port("HTTP", settings.http_host, settings.http_port)
         return settings
 
     def run(self) -> int:

@@ -3,7 +3,15 @@ retention purge (one process at a time)."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from chargegw.outbox import Priority
 from chargegw.service import Gateway
+from chargeproto import ap3000
+
+from .piles import RawPile
 
 
 async def test_scan_expires_unheld_commands_and_purges_old_ones(gateway: Gateway) -> None:
@@ -43,3 +51,39 @@ async def test_scan_expires_unheld_commands_and_purges_old_ones(gateway: Gateway
         "SELECT count(*) FROM device_events WHERE kind = 'command_dead' AND reason = 'offline'"
     )
     assert dead == 1
+
+
+@pytest.mark.settings(ack_timeout_s=0.2, command_spacing_s=0.0)
+async def test_unanswered_frames_for_a_host_do_not_count_against_the_device(
+    gateway: Gateway,
+) -> None:
+    pile = await RawPile("04000009").connect(gateway.server.port, iccid=None)
+    await pile.register()
+    await pile.expect(ap3000.RegistrationReply)
+    await gateway.writer.drained()
+    pool = gateway.pool
+    assert pool is not None
+    host_frame = {"phy_id": "81000001"}  # addressed to the host the pile sits behind
+    async with pool.acquire() as conn, conn.transaction():
+        for params in (host_frame, {}):
+            await gateway.outbox.submit(
+                conn,
+                device_id="04000009",
+                protocol="ap3000",
+                name="locate",
+                params={**params, "locate_duration_s": 1},
+                priority=Priority.QUERY,
+                expires_s=60,
+            )
+    gateway.outbox.wake("04000009")
+    for _ in range(100):  # both go unanswered (sent twice each), then die
+        done = await pool.fetchval(
+            "SELECT count(*) FROM commands WHERE status = 'dead' AND dead_reason = 'no answer'"
+        )
+        if done == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert done == 2
+    # only the device's own command counts toward taking it offline
+    assert gateway.sessions.devices["04000009"].ack_timeouts == 1
+    await pile.close()

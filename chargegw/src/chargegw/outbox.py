@@ -370,17 +370,21 @@ class Outbox:
         link = self.link_of(device_id)
         if link is None:  # gone since the claim; the directory catches up, a reconnect wakes
             return False
+        params = row["params"]
+        if isinstance(params, str):
+            params = json.loads(params)
+        # a frame for the host the device sits behind (host upgrades) says nothing about
+        # whether the device itself answers
+        own = params.get("phy_id", device_id) == device_id
         attempts = row["attempts"]
         if attempts >= 2:  # sent twice, unanswered: a crash interrupted the wait
             await self._finish(row, CommandStatus.DEAD, None, "no answer")
-            self.on_timeout(device_id)
+            if own:
+                self.on_timeout(device_id)
             return True
         correlation = row["correlation"]
         if correlation is None:
             correlation = codec.new_correlation(device_id)
-        params = row["params"]
-        if isinstance(params, str):
-            params = json.loads(params)
         try:
             frame, key = codec.encode_command(device_id, row["name"], params, correlation)
         except Exception as exc:
@@ -436,7 +440,8 @@ class Outbox:
                     self.on_resend(row["name"])
                 if attempts + 1 >= 2:
                     await self._finish(row, CommandStatus.DEAD, None, "no answer")
-                    self.on_timeout(device_id)
+                    if own:
+                        self.on_timeout(device_id)
                 return True  # the next round resends it (same correlation id)
         finally:
             self._open.pop(key, None)

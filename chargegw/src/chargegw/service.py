@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -39,7 +38,7 @@ from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
 from .store.partitions import maintain
 from .store.writer import BatchWriter, FlapPolicy, SessionRow
-from .transport import CONTROL, DeviceLink, DeviceServer
+from .transport import CONTROL, DeviceLink, DeviceServer, bound_socket
 
 log = structlog.get_logger("chargegw")
 
@@ -329,7 +328,9 @@ class Gateway:
             lifespan="off",
         )
         self._http = uvicorn.Server(config)
-        listener = _http_socket(host, self.settings.http_port, reuse_port=self.settings.workers > 1)
+        listener = bound_socket(host, self.settings.http_port, reuse_port=self.settings.workers > 1)
+        listener.listen(2048)
+        listener.setblocking(False)
         self._spawn(self._http.serve(sockets=[listener]), "http")
         while not self._http.started:
             await asyncio.sleep(0.02)
@@ -669,23 +670,6 @@ class Gateway:
             self.writer.after_commit(write)
         else:
             write()
-
-
-def _http_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    """The HTTP listening socket; with ``reuse_port`` every worker binds the same port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 async def run(

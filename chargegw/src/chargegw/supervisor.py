@@ -29,6 +29,7 @@ import structlog
 
 from .config import Settings
 from .logs import configure_logging
+from .transport import bound_socket
 
 log = structlog.get_logger("chargegw.supervisor")
 
@@ -36,26 +37,12 @@ log = structlog.get_logger("chargegw.supervisor")
 _STABLE_S = 30.0
 
 
-def _reserve_port(host: str) -> tuple[socket.socket, int]:
-    """Bind (without listening) a SO_REUSEPORT socket on a free port the workers then share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, 0))
-    return sock, int(sock.getsockname()[1])
-
-
 def _check_port(what: str, host: str, port: int) -> None:
     """Fail before starting workers that could not bind (a port held by another program)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise OSError(f"the {what} port {host}:{port} is not free: {exc.strerror}") from None
+    try:
+        bound_socket(host, port, reuse_port=True).close()
+    except OSError as exc:
+        raise OSError(f"the {what} port {host}:{port} is not free: {exc.strerror}") from None
 
 
 def worker_main(values: dict[str, Any], index: int) -> None:
@@ -121,16 +108,20 @@ class Supervisor:
 
         asyncio.run(migrated())
         if settings.device_port == 0:
-            sock, settings.device_port = _reserve_port(settings.device_host)
-            self._reserved.append(sock)
+            settings.device_port = self._reserve(settings.device_host)
         else:
             _check_port("device", settings.device_host, settings.device_port)
         if settings.http_port == 0:
-            sock, settings.http_port = _reserve_port(settings.http_host)
-            self._reserved.append(sock)
+            settings.http_port = self._reserve(settings.http_host)
         else:
             _check_port("HTTP", settings.http_host, settings.http_port)
         return settings
+
+    def _reserve(self, host: str) -> int:
+        """A free port the workers then share: held (bound, not listening) until they stop."""
+        sock = bound_socket(host, 0, reuse_port=True)
+        self._reserved.append(sock)
+        return int(sock.getsockname()[1])
 
     def run(self) -> int:
         """Run the workers until a signal; returns the exit status."""

@@ -23,6 +23,7 @@ import collections
 import itertools
 import os
 import resource
+import socket
 import time
 from typing import Any, Protocol
 
@@ -41,6 +42,22 @@ _READ_BUFFER = 65536
 #: file descriptors kept free for the database pool, listeners, logs ...
 FD_RESERVE = 200
 _ids = itertools.count(1)
+
+
+def bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not listening yet). With ``reuse_port`` several
+    processes bind the same port and the kernel spreads new connections over them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def connection_limit(configured: int) -> tuple[int, int]:

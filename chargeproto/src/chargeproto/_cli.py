@@ -487,15 +487,14 @@ def encode_record(record: Any) -> bytes:
 
 
 #: BKV classes ``encode`` finds by name: the registered ones and those for raw frames
+_BKV_RAW: tuple[type[bkv.BkvMessage], ...] = (
+    bkv.NodeDelete,
+    bkv.TlvContainer,
+    bkv.UnknownSubCommand,
+    bkv.UnknownMessage,
+)
 _BKV_CLASSES: dict[str, type[bkv.BkvMessage]] = {
-    c.__name__: c
-    for c in (
-        *bkv.MESSAGE_CLASSES,
-        bkv.NodeDelete,
-        bkv.TlvContainer,
-        bkv.UnknownSubCommand,
-        bkv.UnknownMessage,
-    )
+    c.__name__: c for c in (*bkv.MESSAGE_CLASSES, *_BKV_RAW)
 }
 _BKV_COMMAND = re.compile(r"0x([0-9A-Fa-f]{1,4})(?:/0x([0-9A-Fa-f]{1,4}))?")
 

@@ -8,6 +8,7 @@ generates the struct-based codec from it. The TLV container 0x1000 is in ``_tlv`
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import struct
 from collections.abc import Callable, Mapping
@@ -44,7 +45,7 @@ TEXT = EscapedAscii()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class BkvMessage(Message):
+class BkvMessage(Message, metaclass=abc.ABCMeta):
     """Base of BKV messages: the frame's gateway id and sequence number come first.
 
     ``gateway_id`` is 14 uppercase hex digits (``"82231214002700"``); ``seq`` is the
@@ -70,9 +71,9 @@ class BkvMessage(Message):
         """Who sends the frame."""
         return self.direction
 
+    @abc.abstractmethod
     def payload(self) -> bytes:
         """The payload bytes (between the gateway id and the checksum)."""
-        raise NotImplementedError
 
     def to_bytes(self) -> bytes:
         """The complete frame; ``EncodeError`` names a field that does not fit."""

@@ -105,18 +105,15 @@ async def test_frames_over_the_rate_limit_are_slowed_down_not_dropped(gateway: G
         for n in range(120)
     )
     await pile.send_raw(frames)
-    answered = set()
-    for _ in range(120):
+    answered = []
+    for _ in range(120):  # 50 at once, the other 70 at 10/s from the connection's backlog
         reply = await pile.expect(ap3000.HeartbeatReply, timeout=20)
-        answered.add(reply.msg_id)
-    assert answered == set(range(100, 220))  # every one answered
+        answered.append(reply.msg_id)
+    assert answered == list(range(100, 220))  # every one answered, in order
     throttled = gateway.metrics.frames_throttled_total.labels(scope="connection")._value.get()
     assert throttled >= 1
-    # the debt pauses reading from this connection: the next frame waits in TCP ...
-    (link,) = gateway.server.links.values()
-    assert "frame rate" in (link._reading_paused_by or set())
+    # the backlog worked off, reading resumes: the next frame is answered
     msg_id = await pile.heartbeat()
-    # ... and is answered once the connection is back within its budget
     reply = await pile.expect(ap3000.HeartbeatReply, timeout=30)
     assert reply.msg_id == msg_id
     await pile.close()

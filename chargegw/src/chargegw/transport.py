@@ -11,9 +11,13 @@ a process read into one shared buffer (the decoder copies what it keeps before t
 callback returns), and write queues exist only while a peer is not keeping up.
 
 Hygiene: new connections beyond ``accept_rate`` per second or ``max_connections`` are
-closed at once; a connection sending more than ``frame_rate`` frames per second (or the
-process more than ``process_frame_rate``) has its reads paused until it is back within
-budget, which pushes back through TCP instead of dropping anything.
+closed at once. Frames are handed to the handler only as a token bucket per connection
+(``frame_rate``) and one per process (``process_frame_rate``) allow, whole frames only:
+what one read decodes beyond that waits in the connection's backlog, reading from it is
+paused (so at most one read's worth waits, the rest stays in TCP), and one timer per
+connection hands the backlog over as tokens refill. Nothing is dropped while the peer
+stays connected; once its transport is closing, the backlog is dropped and nothing more
+is handed over or written.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ log = structlog.get_logger("chargegw.transport")
 CONTROL, QUERY, REPLY = 0, 1, 2
 
 _READ_BUFFER = 65536
+#: the shortest wait between two hand-overs from a backlog: at high rates a tick hands
+#: over several frames rather than one timer callback per frame
+_MIN_TICK = 0.02
 #: file descriptors kept free for the database pool, listeners, logs ...
 FD_RESERVE = 200
 _ids = itertools.count(1)
@@ -93,10 +100,13 @@ class DeviceLink(asyncio.BufferedProtocol):
     """One device connection (a pile, a host, or a BKV gateway)."""
 
     __slots__ = (
+        "_backlog",
+        "_backlog_at",
         "_decoder",
         "_queue",
         "_queued",
         "_reading_paused_by",
+        "_timer",
         "_tokens",
         "_tokens_at",
         "_transport",
@@ -134,6 +144,12 @@ class DeviceLink(asyncio.BufferedProtocol):
         self._reading_paused_by: set[str] | None = None
         self._tokens = server.frame_burst
         self._tokens_at = self.last_rx
+        #: decoded events the frame budgets did not allow yet, from ``_backlog_at`` on;
+        #: None in the common case. Reading is paused while it exists.
+        self._backlog: list[Event] | None = None
+        self._backlog_at = 0
+        #: the one timer that hands the backlog over as tokens refill
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks --
 
@@ -157,36 +173,137 @@ class DeviceLink(asyncio.BufferedProtocol):
             return
         now = time.monotonic()
         self.last_rx = now
-        events = self._decoder.feed(self.server.read_view[:nbytes])
-        if events:
-            self.server.handler.on_events(self, events)
-            self._charge(len(events), now)
-
-    def _charge(self, frames: int, now: float) -> None:
-        """Spend frame tokens; over budget, pause reading until the debt is repaid."""
         server = self.server
-        wait = 0.0
-        if server.frame_rate > 0:
-            tokens = min(
-                server.frame_burst, self._tokens + (now - self._tokens_at) * server.frame_rate
-            )
-            self._tokens = tokens - frames
+        events = self._decoder.feed(server.read_view[:nbytes])
+        if not events:
+            return
+        if self._backlog is not None:
+            # reading is paused while a backlog exists; a read already under way joins it
+            self._backlog.extend(events)
+            return
+        granted = self._grant(len(events), now)
+        if granted == len(events):  # the common case: within budget, no copy
+            server.handler.on_events(self, events)
+        else:
+            self._defer(events, granted)
+
+    def _grant(self, wanted: int, now: float) -> int:
+        """Spend tokens for up to ``wanted`` frames; how many both budgets allow now.
+
+        Whole frames only, and tokens never go negative: the frames handed over in any
+        window of ``w`` seconds are at most ``burst + rate * w``, however large a read.
+        """
+        server = self.server
+        rate = server.frame_rate
+        tokens = 0.0
+        if rate > 0:
+            tokens = self._tokens + (now - self._tokens_at) * rate
+            tokens = min(tokens, server.frame_burst)
+            if tokens < wanted:
+                wanted = int(tokens) if tokens > 0 else 0
+        if server.process_frame_rate > 0:
+            wanted = server.grant_process(wanted, now)
+        if rate > 0:
+            self._tokens = tokens - wanted
             self._tokens_at = now
-            if self._tokens < 0:
-                wait = -self._tokens / server.frame_rate
-                server.metrics.frames_throttled_total.labels(scope="connection").inc()
-        wait = max(wait, server.charge_process(frames, now))
-        if wait > 0 and not self.closed:
-            self.pause_reading("frame rate")
-            asyncio.get_running_loop().call_later(wait, self.resume_reading, "frame rate")
+        return wanted
+
+    def _defer(self, events: list[Event], granted: int) -> None:
+        """Over budget: hand over the ``granted`` first events, keep the rest, pause
+        reading until they are worked off."""
+        server = self.server
+        # the connection's bucket limited this read if it has no whole token left
+        scope = "connection" if server.frame_rate > 0 and self._tokens < 1 else "process"
+        server.metrics.frames_throttled_total.labels(scope=scope).inc()
+        self._backlog = events
+        self._backlog_at = granted
+        server.backlogs += 1
+        self.pause_reading("frame rate")
+        if granted:
+            server.handler.on_events(self, events[:granted])
+        self._after_hand_over()
+
+    def _drain(self) -> None:
+        """The timer: hand over as much of the backlog as the budgets allow now."""
+        self._timer = None
+        backlog = self._backlog
+        if backlog is None:
+            return
+        if self._gone():
+            return
+        if len(self._reading_paused_by or ()) > 1:
+            # also paused for the write queue or the database: hold the backlog too
+            # (resume_reading re-arms), so those pauses bound what is handed over
+            return
+        now = time.monotonic()
+        start = self._backlog_at
+        granted = self._grant(len(backlog) - start, now)
+        if granted:
+            self._backlog_at = start + granted
+            self.last_rx = now  # frames still being worked off: not idle
+            self.server.handler.on_events(self, backlog[start : start + granted])
+        self._after_hand_over()
+
+    def _after_hand_over(self) -> None:
+        """Finish the backlog if it is worked off, else arm the timer for the next
+        hand-over; drop it if the connection went away meanwhile."""
+        backlog = self._backlog
+        if backlog is None or self._gone():
+            return
+        if self._backlog_at >= len(backlog):
+            self._backlog = None
+            self.server.backlogs -= 1
+            if self._timer is not None:  # armed by a resume_reading inside the handler
+                self._timer.cancel()
+                self._timer = None
+            self.resume_reading("frame rate")
+        else:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Arm the link's one timer for its next share of both budgets (never sooner
+        than ``_MIN_TICK``: a backlog costs a bounded number of callbacks, not a spin)."""
+        if self._timer is not None:
+            return
+        now = time.monotonic()
+        server = self.server
+        wait = server.process_wait(now)
+        rate = server.frame_rate
+        if rate > 0:
+            wait = max(wait, (1.0 - self._tokens - (now - self._tokens_at) * rate) / rate)
+        self._timer = asyncio.get_running_loop().call_later(max(wait, _MIN_TICK), self._drain)
+
+    def _gone(self) -> bool:
+        """True once the connection is closed or its transport is closing (a write
+        failed, the peer reset it); the first time, it is marked closed."""
+        if self.closed:
+            return True
+        transport = self._transport
+        if transport is None or not transport.is_closing():
+            return False
+        self._lost()
+        return True
+
+    def _lost(self) -> None:
+        """Closed or closing: ``closed`` tells the handler's per-event loop to stop, the
+        backlog is dropped and its timer cancelled."""
+        self.closed = True
+        if self._backlog is not None:
+            self._backlog = None
+            self.server.backlogs -= 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def eof_received(self) -> bool:
+        # returning False closes the transport: nothing more is handed over or written
+        self._lost()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None and self.close_reason == "peer closed":
             self.close_reason = "connection error"
-        self.closed = True
+        self._lost()
         if self.server.forget(self):
             self.server.handler.on_closed(self, self.close_reason)
 
@@ -205,11 +322,19 @@ class DeviceLink(asyncio.BufferedProtocol):
         return int(self._decoder.buffered)
 
     def send(self, data: bytes, priority: int = REPLY) -> None:
-        """Queue ``data`` for the peer; control frames overtake queued replies."""
-        if self.closed or self._transport is None:
+        """Queue ``data`` for the peer; control frames overtake queued replies.
+
+        Nothing is written once the transport is closing (a failed write, a reset):
+        the link is marked closed then, which also stops the handler's event loop.
+        """
+        transport = self._transport
+        if self.closed or transport is None:
+            return
+        if transport.is_closing():
+            self._lost()
             return
         if not self._write_paused and not self._queued:
-            self._transport.write(data)
+            transport.write(data)
             return
         if self._queue is None:
             self._queue = [collections.deque() for _ in range(3)]
@@ -220,11 +345,16 @@ class DeviceLink(asyncio.BufferedProtocol):
 
     def _flush(self) -> None:
         assert self._transport is not None
+        if self._gone():
+            return
         for queue in self._queue or ():
             while queue and not self._write_paused:
                 data = queue.popleft()
                 self._queued -= len(data)
                 self._transport.write(data)
+                if self._transport.is_closing():  # that write failed
+                    self._lost()
+                    return
         if self._queued <= self.server.write_queue_limit // 2:
             self.resume_reading("write queue full")
 
@@ -236,17 +366,22 @@ class DeviceLink(asyncio.BufferedProtocol):
         self._reading_paused_by.add(why)
 
     def resume_reading(self, why: str) -> None:
-        if not self._reading_paused_by or why not in self._reading_paused_by:
+        paused = self._reading_paused_by
+        if not paused or why not in paused:
             return
-        self._reading_paused_by.discard(why)
-        if not self._reading_paused_by and self._transport is not None and not self.closed:
+        paused.discard(why)
+        if paused:
+            if self._backlog is not None and len(paused) == 1:
+                self._arm()  # only "frame rate" is left: the backlog may move again
+            return
+        if self._transport is not None and not self.closed:
             self._transport.resume_reading()
 
     def close(self, reason: str) -> None:
         """Close the connection; ``reason`` is recorded and counted."""
         if self.closed:
             return
-        self.closed = True
+        self._lost()
         self.close_reason = reason
         if self._transport is not None:
             self._transport.close()
@@ -278,8 +413,12 @@ class DeviceServer:
         #: a connection may send this many frames at once before it is throttled
         self.frame_burst = max(frame_rate * 5, 20.0)
         self.process_frame_rate = process_frame_rate
-        self._process_tokens = max(process_frame_rate, 1.0)
+        #: the process may decode one second's worth at once (at least one frame)
+        self._process_burst = max(process_frame_rate, 1.0)
+        self._process_tokens = self._process_burst
         self._process_tokens_at = time.monotonic()
+        #: connections with a backlog waiting for tokens
+        self.backlogs = 0
         self.reuse_port = reuse_port
         self.read_view = memoryview(bytearray(_READ_BUFFER))
         self.accept_rate = accept_rate
@@ -324,18 +463,28 @@ class DeviceServer:
                 "connections in this process (raise `ulimit -n` or add workers for more)"
             )
 
-    def charge_process(self, frames: int, now: float) -> float:
-        """Spend process-wide frame tokens; the seconds to pause when over budget."""
+    def grant_process(self, wanted: int, now: float) -> int:
+        """Spend process-wide tokens for up to ``wanted`` frames (whole frames, never
+        into debt); how many are allowed now. Only called with a limit set."""
+        rate = self.process_frame_rate
+        tokens = self._process_tokens + (now - self._process_tokens_at) * rate
+        tokens = min(tokens, self._process_burst)
+        if tokens < wanted:
+            wanted = int(tokens) if tokens > 0 else 0
+        self._process_tokens = tokens - wanted
+        self._process_tokens_at = now
+        return wanted
+
+    def process_wait(self, now: float) -> float:
+        """Seconds a connection with a backlog waits for its next share of the process
+        budget (0 without a limit): until a whole frame is there, and at least its turn
+        among the ``backlogs`` connections sharing the budget, so that thousands of them
+        do not all wake every tick to find it spent."""
         rate = self.process_frame_rate
         if rate <= 0:
             return 0.0
-        tokens = min(rate, self._process_tokens + (now - self._process_tokens_at) * rate)
-        self._process_tokens = tokens - frames
-        self._process_tokens_at = now
-        if self._process_tokens >= 0:
-            return 0.0
-        self.metrics.frames_throttled_total.labels(scope="process").inc()
-        return min(-self._process_tokens / rate, 1.0)
+        tokens = self._process_tokens + (now - self._process_tokens_at) * rate
+        return max(0.0, (1.0 - tokens) / rate, self.backlogs / rate)
 
     def admit(self, link: DeviceLink) -> str | None:
         """Register a new connection, or say why it is refused."""

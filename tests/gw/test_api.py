@@ -19,6 +19,7 @@ from chargegw.metrics import Metrics
 
 UTC = dt.UTC
 T0 = dt.datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
+NO_POOL = {"detail": "database unavailable", "reason": "no database pool"}
 
 
 def _all_ready() -> dict[str, bool]:
@@ -122,7 +123,11 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient) -> None:
     assert (response.status_code, response.json()) == (200, {"status": "ok"})
     response = await client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"ready": True, "checks": {"database": True, "listener": True}}
+    assert response.json() == {
+        "ready": True,
+        "checks": {"database": True, "listener": True},
+        "reasons": {},
+    }
 
 
 async def test_readyz_not_ready_when_a_check_fails(db_pool: asyncpg.Pool) -> None:
@@ -132,7 +137,11 @@ async def test_readyz_not_ready_when_a_check_fails(db_pool: asyncpg.Pool) -> Non
     async with _client(state) as client:
         response = await client.get("/readyz")
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "checks": {"database": True, "listener": False}}
+    assert response.json() == {
+        "ready": False,
+        "checks": {"database": True, "listener": False},
+        "reasons": {},
+    }
 
 
 async def test_closed_pool_means_not_ready_and_503(db_dsn: str) -> None:
@@ -144,7 +153,8 @@ async def test_closed_pool_means_not_ready_and_503(db_dsn: str) -> None:
         health = await client.get("/healthz")
     assert ready.status_code == 503
     assert ready.json()["checks"] == {"database": False, "listener": True}
-    assert (devices.status_code, devices.json()) == (503, {"detail": "database unavailable"})
+    assert (devices.status_code, devices.json()["detail"]) == (503, "database unavailable")
+    assert devices.headers["Retry-After"] == "5"
     assert health.status_code == 200
 
 
@@ -157,7 +167,10 @@ async def test_unreachable_database_is_503() -> None:
             for url in ("/api/v1/gateways", "/api/v1/devices/04CEAA40/frames"):
                 response = await client.get(url)
                 assert response.status_code == 503
-                assert response.json() == {"detail": "database unavailable"}
+                assert response.json() == {
+                    "detail": "database unavailable",
+                    "reason": "cannot connect to the database",
+                }
             ready = await client.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["checks"]["database"] is False
@@ -177,14 +190,18 @@ async def test_unreachable_database_is_503() -> None:
 )
 async def test_no_pool_is_503(offline_client: httpx.AsyncClient, url: str) -> None:
     response = await offline_client.get(url)
-    assert (response.status_code, response.json()) == (503, {"detail": "database unavailable"})
+    assert (response.status_code, response.json()) == (503, NO_POOL)
 
 
 async def test_no_pool_is_alive_but_not_ready(offline_client: httpx.AsyncClient) -> None:
     assert (await offline_client.get("/healthz")).status_code == 200
     response = await offline_client.get("/readyz")
     assert response.status_code == 503
-    assert response.json() == {"ready": False, "checks": {"database": False, "listener": True}}
+    assert response.json() == {
+        "ready": False,
+        "checks": {"database": False, "listener": True},
+        "reasons": {"database": "no database pool"},
+    }
 
 
 async def test_metrics_endpoint() -> None:

@@ -19,6 +19,7 @@ from chargegw.metrics import Metrics
 
 CONFIGURED = "configured-key-0123456789abcdef"
 UNAUTHORIZED = {"detail": "missing or invalid API key"}
+NO_POOL = {"detail": "database unavailable", "reason": "no database pool"}
 DATA_URLS = [
     "/api/v1/gateways",
     "/api/v1/devices",
@@ -220,12 +221,12 @@ async def test_without_a_database(clock: Clock) -> None:
     async with _client(state) as client:
         # a configured key passes the check; the endpoint then needs the database
         response = await client.get("/api/v1/devices", headers=_bearer(CONFIGURED))
-        assert (response.status_code, response.json()) == (503, {"detail": "database unavailable"})
+        assert (response.status_code, response.json()) == (503, NO_POOL)
         assert (await client.get("/admin/ping", headers=_bearer(CONFIGURED))).status_code == 200
         # no key at all is still 401; an unknown key might be a stored one: 503
         assert (await client.get("/admin/ping")).status_code == 401
         response = await client.get("/admin/ping", headers=_bearer("cgw_unknown"))
-        assert (response.status_code, response.json()) == (503, {"detail": "database unavailable"})
+        assert (response.status_code, response.json()) == (503, NO_POOL)
 
 
 async def test_unreachable_database_during_a_lookup_is_503() -> None:
@@ -235,7 +236,7 @@ async def test_unreachable_database_during_a_lookup_is_503() -> None:
             response = await client.get("/admin/ping", headers=_bearer("cgw_unknown"))
             assert (response.status_code, response.json()) == (
                 503,
-                {"detail": "database unavailable"},
+                {"detail": "database unavailable", "reason": "cannot connect to the database"},
             )
             assert (await client.get("/admin/ping", headers=_bearer(CONFIGURED))).status_code == 200
     finally:

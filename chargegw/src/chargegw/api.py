@@ -13,8 +13,11 @@ Conventions shared by every list endpoint:
 - Bad query values are 422 in FastAPI's validation format
   (``{"detail": [{"loc": ["query", "limit"], "msg": ..., ...}]}``).
 - Timestamps are ISO 8601 in UTC with a zone; timestamps given without a zone are UTC.
-- While the database is unavailable the data endpoints answer 503
-  ``{"detail": "database unavailable"}``.
+- While the database is unavailable (``store.errors.is_unavailable``: no connection, a
+  database not accepting connections, a read-only standby on a write ...) every endpoint,
+  the routers passed to ``create_app`` included, answers 503 with ``Retry-After`` and
+  ``{"detail": "database unavailable", "reason": "..."}``; the log says so once per change
+  of state (:class:`DatabaseStatus`), not once per request.
 
 Authentication: every ``/api/v1`` endpoint, and every router passed to ``create_app``,
 requires ``Authorization: Bearer <key>`` (see :mod:`chargegw.auth`); without a valid key
@@ -34,6 +37,7 @@ import dataclasses
 import datetime as dt
 import enum
 import json
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any
 
@@ -44,12 +48,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chargegw import __version__, auth
 from chargegw.core import EventKind
 from chargegw.metrics import Metrics
+from chargegw.store import errors as store_errors
 
-__all__ = ["ApiState", "create_app", "mask_iccid"]
+__all__ = ["ApiState", "DatabaseStatus", "create_app", "mask_iccid"]
 
 log = structlog.get_logger("chargegw.api")
 
@@ -65,15 +72,64 @@ MAX_LIMIT = 1000
 MAX_FRAMES_WINDOW = dt.timedelta(days=31)
 DEFAULT_FRAMES_WINDOW = dt.timedelta(hours=24)
 
-#: errors that mean "the database cannot be reached now", not "the query is wrong"
-_DATABASE_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.InsufficientResourcesError,
-)
+#: seconds a client should wait before retrying a 503
+RETRY_AFTER_S = 5
+_RETRY_AFTER = {"Retry-After": str(RETRY_AFTER_S)}
+_NO_POOL = "no database pool"
+_READ_ONLY = "25006"
+
+
+class DatabaseStatus:
+    """Whether the API last found the database available, logged once per change.
+
+    An outage fails every request the same way, hundreds a second: only the change to
+    unavailable is logged (a warning with the reason, no traceback), and the change back
+    (an info line), not each request.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since = 0.0
+        #: why the database is unavailable; None while it is available
+        self.reason: str | None = None
+        #: the outage refuses writes only (reads keep working on a read-only database)
+        self.read_only = False
+        #: requests answered 503 since the outage began
+        self.failed_requests = 0
+
+    @property
+    def available(self) -> bool:
+        """False from the first request that found the database unavailable."""
+        return self.reason is None
+
+    def unavailable(self, reason: str, *, read_only: bool = False, path: str = "") -> None:
+        """A request (to ``path``) found the database unavailable for ``reason``."""
+        self.failed_requests += 1
+        if self.reason is None:
+            self._since = self._clock()
+            log.warning("database unavailable", reason=reason, path=path)
+        self.reason = reason
+        self.read_only = self.read_only or read_only
+
+    def succeeded(self, *, wrote: bool) -> None:
+        """A request was served by the database; ``wrote``: it wrote, or checked it could.
+
+        A read succeeds on a read-only database too, so it does not end such an outage.
+        """
+        if self.reason is None or (self.read_only and not wrote):
+            return
+        log.info(
+            "database available again",
+            unavailable_s=round(self._clock() - self._since, 1),
+            failed_requests=self.failed_requests,
+        )
+        self.reason = None
+        self.read_only = False
+        self.failed_requests = 0
+
+
+def _no_reasons() -> dict[str, str]:
+    return {}
 
 
 @dataclasses.dataclass
@@ -84,9 +140,14 @@ class ApiState:
     every request. ``readiness`` returns named checks such as
     ``{"database": True, "listener": True}``; the process is ready when all are true.
 
+    ``reasons`` returns why checks fail, by check name (``{"database": "read-only
+    database ..."}``); ``/readyz`` adds the reason of its own database check.
+
     ``api_keys`` are the configured keys (``CHARGEGW_API_KEYS``); keys stored in the
     database are accepted too, checked through ``key_cache``. ``auth_required`` false
     lets every request through without a key: only for a gateway listening on loopback.
+
+    ``database`` is what the API last found of the database, for logging its changes.
     """
 
     pool: asyncpg.Pool | None
@@ -95,10 +156,16 @@ class ApiState:
     api_keys: frozenset[str] = frozenset()
     auth_required: bool = True
     key_cache: auth.KeyCache = dataclasses.field(default_factory=auth.KeyCache)
+    reasons: Callable[[], dict[str, str]] = _no_reasons
+    database: DatabaseStatus = dataclasses.field(default_factory=DatabaseStatus)
 
 
 class DatabaseUnavailableError(Exception):
-    """No pool, or the database did not answer; served as 503."""
+    """No pool, or no way to reach the database; served as 503 with ``reason``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # ---------------------------------------------------------------- response models
@@ -124,6 +191,13 @@ class ErrorResponse(BaseModel):
     detail: str = Field(examples=["device 04CEAA40 not found"])
 
 
+class UnavailableResponse(BaseModel):
+    """The database is unavailable now; retry after ``Retry-After`` seconds."""
+
+    detail: str = Field(examples=["database unavailable"])
+    reason: str = Field(examples=["the database does not accept connections now"])
+
+
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
 
@@ -131,6 +205,11 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     checks: dict[str, bool] = Field(examples=[{"database": True, "listener": True}])
+    reasons: dict[str, str] = Field(
+        default_factory=dict,
+        description="why checks fail, by check name; empty when ready",
+        examples=[{"database": "the database does not accept connections now"}],
+    )
 
 
 class Gateway(BaseModel):
@@ -339,16 +418,13 @@ def _state(request: Request) -> ApiState:
 
 @contextlib.asynccontextmanager
 async def _connection(request: Request) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-    """A pooled connection; :class:`DatabaseUnavailableError` when there is none to be had."""
+    """A pooled connection; :class:`DatabaseUnavailableError` without a pool. Database
+    errors propagate to the handlers :func:`create_app` installs."""
     pool = _state(request).pool
     if pool is None:
-        raise DatabaseUnavailableError("no database pool")
-    try:
-        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-            yield conn
-    except _DATABASE_DOWN as exc:
-        log.warning("database unavailable", path=request.url.path, error=repr(exc))
-        raise DatabaseUnavailableError(str(exc)) from exc
+        raise DatabaseUnavailableError(_NO_POOL)
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        yield conn
 
 
 async def _require_device(conn: asyncpg.pool.PoolConnectionProxy, device_id: str) -> None:
@@ -383,14 +459,11 @@ async def require_api_key(
     if not state.auth_required:
         return
     presented = credentials.credentials if credentials is not None else None
-    try:
-        valid = await auth.verify(state.pool, state.api_keys, presented, cache=state.key_cache)
-    except _DATABASE_DOWN as exc:
-        log.warning("database unavailable for a key lookup", error=repr(exc))
-        raise DatabaseUnavailableError(str(exc)) from exc
+    # database errors of the lookup are 503 (or 500) through create_app's handlers
+    valid = await auth.verify(state.pool, state.api_keys, presented, cache=state.key_cache)
     if not valid and presented and state.pool is None:
         # a stored key cannot be told from a wrong one without the database
-        raise DatabaseUnavailableError("no database pool")
+        raise DatabaseUnavailableError(_NO_POOL)
     if not valid:
         raise HTTPException(
             401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
@@ -402,8 +475,18 @@ async def require_api_key(
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No such device"}
 }
+_RETRY_AFTER_HEADER = {
+    "Retry-After": {
+        "description": f"seconds to wait before retrying ({RETRY_AFTER_S})",
+        "schema": {"type": "integer"},
+    }
+}
 _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
-    503: {"model": ErrorResponse, "description": "The database is unavailable"}
+    503: {
+        "model": UnavailableResponse,
+        "description": "The database is unavailable",
+        "headers": _RETRY_AFTER_HEADER,
+    }
 }
 
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description=f"page size, at most {MAX_LIMIT}")]
@@ -425,23 +508,43 @@ async def healthz() -> Health:
     "/readyz",
     summary="Readiness: database reachable, device listener up",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "Not ready"}},
+    responses={
+        503: {"model": Readiness, "description": "Not ready", "headers": _RETRY_AFTER_HEADER}
+    },
 )
 async def readyz(request: Request) -> JSONResponse:
+    """Every check with, for those that fail, the reason when one is known."""
     state = _state(request)
     checks = dict(state.readiness())
-    database_ok = False
-    if state.pool is not None:
-        try:
-            async with asyncio.timeout(READY_DB_TIMEOUT_S):
-                async with state.pool.acquire() as conn:
-                    database_ok = await conn.fetchval("SELECT 1") == 1
-        except _DATABASE_DOWN as exc:
-            log.info("readiness: database check failed", error=repr(exc))
-    checks["database"] = checks.get("database", True) and database_ok
+    reasons = dict(state.reasons())
+    problem = await _database_problem(state.pool)
+    if problem is None:
+        state.database.succeeded(wrote=True)
+    else:
+        reasons["database"], read_only = problem
+        state.database.unavailable(reasons["database"], read_only=read_only, path="/readyz")
+    checks["database"] = checks.get("database", True) and problem is None
     ready = all(checks.values())
-    body = Readiness(ready=ready, checks=checks)
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    body = Readiness(ready=ready, checks=checks, reasons=reasons)
+    if ready:
+        return JSONResponse(body.model_dump())
+    return JSONResponse(body.model_dump(), status_code=503, headers=_RETRY_AFTER)
+
+
+async def _database_problem(pool: asyncpg.Pool | None) -> tuple[str, bool] | None:
+    """Why the database cannot take this process's writes now, and whether it is because
+    it is read-only; None when it can. Answers within ``READY_DB_TIMEOUT_S``."""
+    if pool is None:
+        return _NO_POOL, False
+    try:
+        async with asyncio.timeout(READY_DB_TIMEOUT_S):
+            async with pool.acquire() as conn:
+                read_only = await conn.fetchval("SELECT current_setting('transaction_read_only')")
+    except store_errors.DB_ERRORS as exc:
+        return store_errors.reason(exc), store_errors.sqlstate(exc) == _READ_ONLY
+    if read_only == "on":  # a standby, or default_transaction_read_only: reads alone pass
+        return store_errors.reason(asyncpg.exceptions.ReadOnlySQLTransactionError()), True
+    return None
 
 
 @health.get(
@@ -644,8 +747,59 @@ async def list_frames(
     return FramePage(items=items, next_cursor=next_cursor)
 
 
+def _unavailable(request: Request, reason: str, *, read_only: bool = False) -> JSONResponse:
+    """The 503 every database-unavailable request gets; notes the outage for the log."""
+    _state(request).database.unavailable(reason, read_only=read_only, path=request.url.path)
+    body = {"detail": "database unavailable", "reason": reason}
+    return JSONResponse(body, status_code=503, headers=_RETRY_AFTER)
+
+
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    return JSONResponse({"detail": "database unavailable"}, status_code=503)
+    assert isinstance(exc, DatabaseUnavailableError)
+    return _unavailable(request, exc.reason)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """503 for an error that means the database is unavailable; anything else (a defect,
+    a bad row) is raised on to FastAPI's 500, traceback and all."""
+    if not store_errors.is_unavailable(exc):
+        raise exc
+    read_only = store_errors.sqlstate(exc) == _READ_ONLY
+    return _unavailable(request, store_errors.reason(exc), read_only=read_only)
+
+
+async def _service_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """``HTTPException(503)`` raised by a router, with ``Retry-After``."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.detail == "database unavailable":  # the routers' answer when there is no pool
+        return _unavailable(request, _NO_POOL)
+    headers = {**_RETRY_AFTER, **(exc.headers or {})}
+    return JSONResponse({"detail": exc.detail}, status_code=503, headers=headers)
+
+
+class _DatabaseRecovery:
+    """Ends an outage at the first successful ``/api/v1`` answer: every endpoint there
+    reads or writes the database, so a 2xx means it served the request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/api/v1/"):
+            await self.app(scope, receive, send)
+            return
+        status: DatabaseStatus = scope["app"].state.chargegw.database
+        if status.available:
+            await self.app(scope, receive, send)
+            return
+        wrote = scope["method"] not in ("GET", "HEAD")
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start" and 200 <= message["status"] < 300:
+                status.succeeded(wrote=wrote)
+            await send(message)
+
+        await self.app(scope, receive, watch)
 
 
 _TAGS = [
@@ -659,6 +813,8 @@ def create_app(state: ApiState, routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The read API over ``state``, plus ``routers``, all behind the API-key check.
 
     Serve it with uvicorn on the host given by :func:`chargegw.auth.effective_http_host`.
+    Database unavailability anywhere (``store.errors.is_unavailable``) is a 503 with
+    ``Retry-After``, handled, so the server logs no traceback for it.
     """
     app = FastAPI(
         title="chargegw",
@@ -670,6 +826,15 @@ def create_app(state: ApiState, routers: Sequence[APIRouter] = ()) -> FastAPI:
     app.include_router(health)
     protected = [Security(require_api_key)]
     for router in (data, *routers):
-        app.include_router(router, dependencies=protected, responses=_UNAUTHORIZED)
+        app.include_router(
+            router, dependencies=protected, responses={**_UNAUTHORIZED, **_UNAVAILABLE}
+        )
     app.add_exception_handler(DatabaseUnavailableError, _database_unavailable)
+    # by class, not as the catch-all Exception handler: Starlette re-raises what that
+    # one handles, and uvicorn logs it with a traceback
+    for error in store_errors.DB_ERRORS:
+        if issubclass(error, Exception):
+            app.add_exception_handler(error, _database_error)
+    app.add_exception_handler(503, _service_unavailable)
+    app.add_middleware(_DatabaseRecovery)
     return app

@@ -17,6 +17,7 @@ listens for HTTP on 127.0.0.1 only (:func:`effective_http_host`).
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -222,13 +223,19 @@ async def verify(
         return False
     async with pool.acquire(timeout=LOOKUP_TIMEOUT_S) as conn:
         found = await conn.fetchval(
-            """UPDATE api_keys SET last_used_at = now()
-                WHERE key_hash = $1 AND revoked_at IS NULL RETURNING key_id""",
+            "SELECT key_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
             key_hash,
             timeout=LOOKUP_TIMEOUT_S,
         )
-    if found is None:
-        return False
+        if found is None:
+            return False
+        # best effort: a read-only database (a standby) still checks keys
+        with contextlib.suppress(asyncpg.ReadOnlySQLTransactionError):
+            await conn.execute(
+                "UPDATE api_keys SET last_used_at = now() WHERE key_id = $1",
+                found,
+                timeout=LOOKUP_TIMEOUT_S,
+            )
     cache.add(key_hash)
     return True
 

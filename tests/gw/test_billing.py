@@ -21,7 +21,7 @@ from chargegw import billing
 from chargegw.api import ApiState, create_app
 from chargegw.billing_api import make_billing_router
 from chargegw.commands_api import make_router
-from chargegw.orders import new_order_no, settle
+from chargegw.orders import SettlementReport, new_order_no, settle
 from chargegw.service import Gateway
 from chargeproto import ap3000
 
@@ -224,16 +224,20 @@ async def _day_of_orders(dsn: str, orders: list[tuple[Any, ...]]) -> None:
             )
             ended = midnight + timedelta(seconds=second)
             async with conn.transaction():
-                assert await settle(
-                    conn,
-                    order_no=order_no,
+                values = {"duration_s": duration, "energy_kwh": energy, "max_power_w": power}
+                report = SettlementReport(
+                    protocol="ap3000",
                     device_id=kind,
                     port=1,
-                    protocol="ap3000",
                     start_mode="online",
-                    values={"duration_s": duration, "energy_kwh": energy, "max_power_w": power},
-                    at=ended,
+                    order_ref=order_no,
+                    business_no=None,
+                    duration_s=duration,
+                    energy_kwh=energy,
+                    device_ended_at=None,
+                    values=lambda order, values=values: values,
                 )
+                assert (await settle(conn, report, at=ended)).applied
                 priced = await billing.price_order(conn, order_no)
                 assert priced is not None
                 assert await billing.price_order(conn, order_no) is None  # once

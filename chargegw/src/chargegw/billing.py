@@ -32,6 +32,9 @@ CARD_ID = re.compile(r"^([0-9A-F]{2}){1,32}$")
 #: a card needs at least this balance to start charging unless its plan says otherwise
 DEFAULT_MIN_START_CENT = 1
 _MAX_CENT = 100_000_000  # 1 000 000 CNY: a bound against typos, not a business rule
+#: a price per hour, kWh or tier: 1 000 CNY, far above any real tariff; it keeps a mistyped
+#: plan from pricing a session at millions (and within what a BKV tier carries, u16)
+MAX_PRICE_CENT = 65_535
 _MAX_TIERS = 5  # BKV 0x17/0x0B carry at most 5 power tiers
 _HHMM = re.compile(r"^([01][0-9]|2[0-3]):([0-5][0-9])$|^24:00$")
 
@@ -96,14 +99,21 @@ def energy_centi_kwh(energy_kwh: float | None) -> int:
 # -- plans --
 
 
-def _cent(params: Mapping[str, Any], key: str, field: str, *, required: bool = True) -> int:
+def _cent(
+    params: Mapping[str, Any],
+    key: str,
+    field: str,
+    *,
+    required: bool = True,
+    limit: int = MAX_PRICE_CENT,
+) -> int:
     value = params.get(key)
     if value is None and not required:
         return 0
     if isinstance(value, bool) or not isinstance(value, int):
         raise PlanError(f"{field} must be an integer number of cents", field)
-    if not 0 <= value <= _MAX_CENT:
-        raise PlanError(f"{field} must be between 0 and {_MAX_CENT}", field)
+    if not 0 <= value <= limit:
+        raise PlanError(f"{field} must be between 0 and {limit}", field)
     return value
 
 
@@ -146,7 +156,7 @@ def validate_plan(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
         raise PlanError(f"kind must be one of {', '.join(PLAN_KINDS)}", "kind")
     out: dict[str, Any] = {}
     if "min_start_cent" in params:
-        out["min_start_cent"] = _cent(params, "min_start_cent", "min_start_cent")
+        out["min_start_cent"] = _cent(params, "min_start_cent", "min_start_cent", limit=_MAX_CENT)
     allowed = {"min_start_cent"}
     if kind == "per_hour":
         out["cent_per_hour"] = _cent(params, "cent_per_hour", "cent_per_hour")
@@ -412,9 +422,28 @@ async def _locked_card(conn: Any, card_id: str) -> Any:
 async def top_up(
     conn: Any, card_id: str, amount_cent: int, reference: str | None
 ) -> dict[str, Any]:
-    """Add to a card's balance (blocked cards too: money in is never refused)."""
+    """Add to a card's balance (blocked cards too: money in is never refused).
+
+    A top-up with a ``reference`` is applied once per card: the same reference again
+    with the same amount changes nothing (the card is returned as it is, with
+    ``replayed`` true); with another amount it is refused (409)."""
     async with conn.transaction():
         card = await _locked_card(conn, card_id)
+        if reference is not None:
+            earlier = await conn.fetchval(
+                """SELECT amount_cent FROM card_transactions
+                   WHERE card_id = $1 AND kind = 'top_up' AND reference = $2 LIMIT 1""",
+                card_id,
+                reference,
+            )
+            if earlier is not None:
+                if earlier != amount_cent:
+                    raise CardError(
+                        f"reference {reference!r} was used for a top-up of {earlier} cent "
+                        f"on card {card_id}, not {amount_cent}",
+                        409,
+                    )
+                return {**dict(card), "replayed": True}
         balance = card["balance_cent"] + amount_cent
         row = await conn.fetchrow(
             """UPDATE cards SET balance_cent = $2, updated_at = now() WHERE card_id = $1
@@ -499,21 +528,32 @@ async def charge_card(conn: Any, card_id: str, order_no: str, amount_cent: int) 
 
 async def price_order(conn: Any, order_no: str) -> Priced | None:
     """Price a just-settled order and charge its card, inside the settlement's
-    transaction. Once per order: None when it was priced already or does not exist."""
+    transaction. Once per order: None when it was priced already or does not exist.
+
+    A device-initiated order is priced (and reported) on the day and tier of the device's
+    own end time when it reported a plausible one (:func:`billing_time`). Without a
+    maximum power in the settlement, the session's highest sampled power is used; the
+    order and the inputs say which (``max_power_source``)."""
     order = await conn.fetchrow("SELECT * FROM orders WHERE order_no = $1", order_no)
     if order is None:
         return None
     if await conn.fetchval("SELECT 1 FROM order_charges WHERE order_no = $1", order_no):
         return None
-    settled_at = order["ended_at"] or datetime.now(UTC)
+    settled_at, time_source = billing_time(order)
     duration = int(order["duration_s"] or 0)
     started = order["started_at"] or order["created_at"]
     if order["device_initiated"] or started is None:
         started = settled_at - timedelta(seconds=duration)
+    max_power, power_source = float(order["max_power_w"] or 0.0), "settlement"
+    if not max_power:
+        sampled = await conn.fetchval(
+            "SELECT max(power_w) FROM order_samples WHERE order_no = $1", order_no
+        )
+        max_power, power_source = (float(sampled), "samples") if sampled else (0.0, "none")
     usage = Usage(
         duration_s=duration,
         energy_kwh=float(order["energy_kwh"] or 0.0),
-        max_power_w=float(order["max_power_w"] or 0.0),
+        max_power_w=max_power,
         started_at=started,
     )
     plan = await device_plan(conn, order["device_id"])
@@ -534,6 +574,9 @@ async def price_order(conn: Any, order_no: str) -> Priced | None:
         name, kind, params = plan
         priced = price(kind, params, usage)
         priced.inputs["plan"] = name
+    priced.inputs["max_power_source"] = power_source
+    priced.inputs["billed_at"] = settled_at.isoformat()
+    priced.inputs["billed_at_source"] = time_source
     charged = shortfall = 0
     if order["card_id"]:
         charged, shortfall = await charge_card(conn, order["card_id"], order_no, priced.amount_cent)
@@ -552,10 +595,36 @@ async def price_order(conn: Any, order_no: str) -> Priced | None:
         settled_at,
     )
     await conn.execute(
-        "UPDATE orders SET amount_cent = $2 WHERE order_no = $1", order_no, priced.amount_cent
+        """UPDATE orders SET amount_cent = $2, max_power_source = $3,
+                  max_power_w = COALESCE(NULLIF(max_power_w, 0), $4)
+           WHERE order_no = $1""",
+        order_no,
+        priced.amount_cent,
+        power_source,
+        max_power or None,
     )
     log.info("order priced", order_no=order_no, plan=name, amount_cent=priced.amount_cent)
     return priced
+
+
+#: a device's end time is believed for billing within this distance of the server's
+DEVICE_TIME_BEFORE = timedelta(days=7)
+DEVICE_TIME_AFTER = timedelta(minutes=10)
+
+
+def billing_time(order: Mapping[str, Any]) -> tuple[datetime, str]:
+    """The moment an order is priced and reported at, and its source: the device's own
+    end time for a device-initiated order (``device``), when it is within a week before
+    and ten minutes after the server's; else the server's (``server``)."""
+    server = order["ended_at"] or datetime.now(UTC)
+    device = order["device_ended_at"]
+    if (
+        order["device_initiated"]
+        and device is not None
+        and server - DEVICE_TIME_BEFORE <= device <= server + DEVICE_TIME_AFTER
+    ):
+        return device, "device"
+    return server, "server"
 
 
 async def card_swipe(
@@ -670,8 +739,10 @@ TOTAL_COLUMNS = ("orders", "amount_cent", "card_charged_cent", "shortfall_cent")
 
 
 async def reconciliation(conn: Any, day: date) -> dict[str, Any]:
-    """Every order settled on ``day`` (UTC) with its amount and pricing inputs, and the
-    totals - computed from the rows themselves, so they add up to the cent."""
+    """Every order billed on ``day`` (UTC) with its amount and pricing inputs, and the
+    totals - computed from the rows themselves, so they add up to the cent. An order is
+    billed when it settled; a device-initiated one at the device's own end time
+    (:func:`billing_time`)."""
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     rows = await conn.fetch(
         """SELECT o.order_no, o.device_id, o.port, o.protocol, o.start_mode, o.card_id,
@@ -681,8 +752,10 @@ async def reconciliation(conn: Any, day: date) -> dict[str, Any]:
                   COALESCE(c.shortfall_cent, 0) AS shortfall_cent,
                   COALESCE(c.inputs, '{"reason": "not priced"}'::jsonb) AS inputs
            FROM orders o LEFT JOIN order_charges c ON c.order_no = o.order_no
-           WHERE o.status = 'settled' AND o.ended_at >= $1 AND o.ended_at < $2
-           ORDER BY o.ended_at, o.order_no""",
+           WHERE o.status = 'settled'
+             AND COALESCE(c.settled_at, o.ended_at) >= $1
+             AND COALESCE(c.settled_at, o.ended_at) < $2
+           ORDER BY COALESCE(c.settled_at, o.ended_at), o.order_no""",
         start,
         start + timedelta(days=1),
     )

@@ -13,9 +13,22 @@ Each process also:
   or unbanned). The listening connection reconnects after an outage, then resyncs, since
   notifications sent while it was away are lost;
 - sweeps for dead processes (no heartbeat for ``process_timeout_s``): they are marked
-  stopped, their devices offline (``process_lost``) and their directory entries released,
-  so commands wait for the devices to reconnect elsewhere. Every process runs the sweep;
-  ``SKIP LOCKED`` lets exactly one of them act on each dead process;
+  stopped, their devices and gateways offline (``process_lost``) and their directory
+  entries released, so commands wait for the devices to reconnect elsewhere. Every
+  process runs the sweep; ``SKIP LOCKED`` lets exactly one of them act on each dead
+  process. Liveness is judged in database time, and only by a process that has itself
+  been in contact with the database for ``process_timeout_s`` without a gap: after an
+  outage every heartbeat is old, and the first process back must not declare its peers
+  dead for the database's absence;
+- never loses the devices it holds because the database (or the process itself) was
+  slow: when its heartbeat finds it was declared stopped, or finds fewer directory
+  entries in its name than the connections it holds, it re-asserts ownership of every
+  held device (unless a newer connection of the device was bound elsewhere) and marks
+  them online again;
+- lets go of devices another process bound later (newest connection wins, by the
+  directory's database-time ``since``);
+- now and then (one process at a time) marks offline the devices and gateways that the
+  database shows online but no live process holds (left over by a crash or a restart);
 - sheds connections when a rebalance asks it to (``shed_remaining`` at ``shed_rate``).
 """
 
@@ -28,12 +41,14 @@ import math
 import os
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 import structlog
 
-from .store.writer import TRANSIENT_DB_ERRORS
+from .sessions import Held
+from .store.errors import DB_ERRORS, reason
 
 log = structlog.get_logger("chargegw.cluster")
 
@@ -73,6 +88,9 @@ class Cluster:
         on_resync: Callable[[], None],
         shed: Callable[[int], int],
         superseded: Callable[[list[tuple[str, Any]]], None] = lambda bound: None,
+        held: Callable[[], list[Held]] = list,
+        held_gateways: Callable[[], list[tuple[str, str]]] = list,
+        on_reasserted: Callable[[list[str]], None] = lambda device_ids: None,
         device_listen: str = "",
         http_listen: str = "",
     ) -> None:
@@ -88,7 +106,15 @@ class Cluster:
         self._on_resync = on_resync
         self._shed = shed
         self._superseded = superseded
-        self._checked_at: Any = None
+        self._held = held
+        self._held_gateways = held_gateways
+        self._on_reasserted = on_reasserted
+        self._checked_at: datetime | None = None
+        #: database time of this process's last heartbeat, and since when its heartbeats
+        #: have come without a gap (None: the last one failed)
+        self._last_contact: datetime | None = None
+        self._contact_since: datetime | None = None
+        self._last_online_check = -1e18
         self.device_listen = device_listen
         self.http_listen = http_listen
         #: device id -> monotonic time its ban ends
@@ -134,7 +160,7 @@ class Cluster:
                                                     devices = 0 WHERE owner = $1""",
                     self.owner,
                 )
-        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+        except DB_ERRORS as exc:
             log.warning(
                 "could not record the stop; other processes will time this one out",
                 error=repr(exc),
@@ -184,7 +210,7 @@ class Cluster:
     async def _ban_changed(self) -> None:
         pool = self._pool()
         if pool is not None:
-            with contextlib.suppress(*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+            with contextlib.suppress(*DB_ERRORS):
                 await self._refresh_bans(pool)
 
     async def _listen(self) -> None:
@@ -194,7 +220,7 @@ class Cluster:
         while True:
             try:
                 conn = await asyncpg.connect(self._dsn(), timeout=5)
-            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("cannot open the notification connection, retrying", error=str(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -213,7 +239,7 @@ class Cluster:
                     await asyncio.sleep(1.0)
                     # a cheap round trip notices a dead server sooner than TCP would
                     await conn.execute("SELECT 1", timeout=5)
-            except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+            except DB_ERRORS as exc:
                 log.warning("notification connection lost", error=str(exc))
             finally:
                 self._listener = None
@@ -228,21 +254,47 @@ class Cluster:
             for step in (self.beat, self.sweep):
                 try:
                     await step()
-                except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError) as exc:
+                except DB_ERRORS as exc:
+                    if step == self.beat:
+                        self._contact_since = None  # the next contact starts a new run
                     log.warning(
-                        "cluster heartbeat failed, retrying", step=step.__name__, error=str(exc)
+                        "cluster heartbeat failed, retrying", step=step.__name__, reason=reason(exc)
                     )
 
+    def _note_contact(self, at: datetime) -> None:
+        """A heartbeat reached the database at ``at`` (database time)."""
+        last = self._last_contact
+        gap = self.heartbeat_s * 2 + 5.0
+        if self._contact_since is None or last is None or (at - last).total_seconds() > gap:
+            self._contact_since = at
+        self._last_contact = at
+
+    def can_judge_liveness(self) -> bool:
+        """True once this process has reached the database without a gap for
+        ``process_timeout_s``: only then is an old heartbeat of another process evidence
+        that the other process is gone, not that the database was."""
+        since, last = self._contact_since, self._last_contact
+        if since is None or last is None:
+            return False
+        return (last - since).total_seconds() >= self.process_timeout_s
+
     async def beat(self) -> None:
-        """Refresh this process's row; shed connections if a rebalance asks for it."""
+        """Refresh this process's row; re-assert what it holds if it was declared stopped
+        or lost directory entries; let go of devices bound later elsewhere; shed
+        connections if a rebalance asks for it."""
         pool = self._pool()
         if pool is None:
             return
         stats = self._stats()
         row = await pool.fetchrow(
-            """UPDATE cluster_processes SET heartbeat_at = now(), connections = $2,
+            """WITH old AS (SELECT stopped_at FROM cluster_processes WHERE owner = $1
+                            FOR UPDATE)
+               UPDATE cluster_processes p SET heartbeat_at = now(), connections = $2,
                       devices = $3, max_connections = $4, draining = $5, stopped_at = NULL
-               WHERE owner = $1 RETURNING shed_remaining, shed_rate, now() AS at""",
+               FROM old WHERE p.owner = $1
+               RETURNING p.shed_remaining, p.shed_rate, now() AS at,
+                         old.stopped_at AS was_stopped,
+                         (SELECT count(*) FROM device_sessions s WHERE s.owner = $1) AS rows""",
             self.owner,
             stats.connections,
             stats.devices,
@@ -251,8 +303,17 @@ class Cluster:
         )
         if row is None:  # its row was deleted while the database was away: register again
             await self._register(stats)
+            at = await pool.fetchval("SELECT now()")
+            self._note_contact(at)
+            await self.reassert("this process was not registered")
             return
-        await self._reconcile(pool, row["at"])
+        at = row["at"]
+        self._note_contact(at)
+        await self._reconcile(pool, at)
+        if row["was_stopped"] is not None:
+            await self.reassert("another process declared this one stopped")
+        elif row["rows"] < sum(1 for _ in self._held()):
+            await self.reassert("directory entries of this process were released")
         remaining = int(row["shed_remaining"])
         if remaining > 0 and self._shedding is None:
             rate = float(row["shed_rate"]) or 10.0
@@ -260,7 +321,76 @@ class Cluster:
                 self._shed_at(remaining, rate), name="rebalance-shed"
             )
 
-    async def _reconcile(self, pool: asyncpg.Pool, now: Any) -> None:
+    async def reassert(self, why: str) -> list[str]:
+        """Claim again, in the directory, every device this process holds on an open
+        connection (unless a newer connection of it was bound elsewhere), mark those
+        online again, and the gateways of its connections; returns the devices taken."""
+        pool = self._pool()
+        held = self._held()
+        gateways = self._held_gateways()
+        if pool is None or not (held or gateways):
+            return []
+        async with pool.acquire(timeout=5) as conn, conn.transaction():
+            taken = await conn.fetch(
+                """UPDATE device_sessions s SET owner = $1, connection_id = u.c,
+                          since = u.t, released_at = NULL, lost_owner = NULL,
+                          updated_at = clock_timestamp()
+                   FROM unnest($2::text[], $3::text[], $4::timestamptz[]) AS u(d, c, t)
+                   WHERE s.device_id = u.d AND s.since <= u.t
+                     AND (s.owner IS NULL OR s.owner = $1 OR s.since < u.t)
+                     AND (s.owner IS DISTINCT FROM $1 OR s.connection_id IS DISTINCT FROM u.c)
+                   RETURNING s.device_id""",
+                self.owner,
+                [h.device_id for h in held],
+                [h.connection_id for h in held],
+                [h.since for h in held],
+            )
+            taken_ids = {r["device_id"] for r in taken}
+            online = [h for h in held if h.online and h.device_id in taken_ids]
+            revived = await conn.fetch(
+                """UPDATE devices d SET online = true, offline_reason = NULL,
+                          connection_id = u.c, updated_at = now()
+                   FROM unnest($1::text[], $2::text[]) AS u(d, c)
+                   WHERE d.device_id = u.d AND NOT d.online
+                   RETURNING d.device_id""",
+                [h.device_id for h in online],
+                [h.connection_id for h in online],
+            )
+            if revived:
+                await conn.execute(
+                    """INSERT INTO device_events (device_id, at, kind, reason, detail)
+                       SELECT d, now(), 'online', 'ownership_reasserted',
+                              jsonb_build_object('owner', $2::text)
+                       FROM unnest($1::text[]) AS d""",
+                    [r["device_id"] for r in revived],
+                    self.owner,
+                )
+            if gateways:
+                await conn.execute(
+                    """UPDATE gateways g SET online = true, owner = $1, connection_id = u.c,
+                              updated_at = now()
+                       FROM unnest($2::text[], $3::text[]) AS u(g, c)
+                       WHERE g.gateway_id = u.g
+                         AND (NOT g.online OR g.owner IS DISTINCT FROM $1)
+                         AND (g.owner IS NULL OR g.owner = $1 OR NOT EXISTS (
+                              SELECT 1 FROM cluster_processes p
+                              WHERE p.owner = g.owner AND p.stopped_at IS NULL))""",
+                    self.owner,
+                    [g for g, _ in gateways],
+                    [c for _, c in gateways],
+                )
+        devices = sorted(taken_ids)
+        if devices or revived:
+            log.warning(
+                "re-asserted ownership of held devices",
+                why=why,
+                devices=len(devices),
+                back_online=len(revived),
+            )
+        self._on_reasserted(devices)
+        return devices
+
+    async def _reconcile(self, pool: asyncpg.Pool, now: datetime) -> None:
         """Devices another process bound since the last look: newest connection wins,
         so this process lets go of them (the same rule as within one process)."""
         since, self._checked_at = self._checked_at, now
@@ -268,7 +398,7 @@ class Cluster:
             return
         rows = await pool.fetch(
             """SELECT device_id, since FROM device_sessions
-               WHERE since > $1::timestamptz - interval '1 second'
+               WHERE updated_at > $1::timestamptz - interval '2 seconds'
                  AND owner IS NOT NULL AND owner <> $2""",
             since,
             self.owner,
@@ -299,7 +429,7 @@ class Cluster:
                     "UPDATE cluster_processes SET shed_remaining = 0 WHERE owner = $1",
                     self.owner,
                 )
-        except (*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+        except DB_ERRORS:
             log.warning("could not clear the rebalance request; it is retried")
         finally:
             self._shedding = None
@@ -324,45 +454,48 @@ class Cluster:
         )
 
     async def sweep(self) -> None:
-        """Declare processes without a heartbeat dead and release what they held."""
+        """Declare processes without a heartbeat dead and release what they held.
+
+        Judged in database time, and only once this process has been in contact with the
+        database for ``process_timeout_s`` (:meth:`can_judge_liveness`)."""
         pool = self._pool()
-        if pool is None:
+        if pool is None or not self.can_judge_liveness():
             return
         async with pool.acquire(timeout=5) as conn, conn.transaction():
             dead = await conn.fetch(
                 """UPDATE cluster_processes SET stopped_at = now(), connections = 0, devices = 0
                    WHERE owner IN (
                        SELECT owner FROM cluster_processes
-                       WHERE stopped_at IS NULL
+                       WHERE stopped_at IS NULL AND owner <> $2
                          AND heartbeat_at < now() - make_interval(secs => $1)
                        FOR UPDATE SKIP LOCKED)
                    RETURNING owner""",
                 self.process_timeout_s,
+                self.owner,
             )
             owners = [r["owner"] for r in dead]
             # a stopped process's entries (a clean stop releases its own; this catches
             # the rest) and those of processes that died
             lost = await conn.fetch(
                 """UPDATE device_sessions s SET owner = NULL, connection_id = NULL,
-                                               released_at = now()
+                          lost_owner = s.owner, released_at = now(),
+                          updated_at = clock_timestamp()
                    FROM cluster_processes p
                    WHERE s.owner = p.owner AND p.stopped_at IS NOT NULL
                    RETURNING s.device_id, p.owner""",
             )
             if lost:
-                devices = [r["device_id"] for r in lost]
-                await conn.execute(
-                    """UPDATE devices SET online = false, offline_reason = 'process_lost',
-                                          updated_at = now()
-                       WHERE device_id = ANY($1::text[]) AND online""",
-                    devices,
-                )
-                await conn.execute(
-                    """INSERT INTO device_events (device_id, at, kind, reason, detail)
-                       SELECT d, now(), 'offline', 'process_lost', jsonb_build_object('owner', o)
-                       FROM unnest($1::text[], $2::text[]) AS u(d, o)""",
-                    devices,
+                await _mark_offline(
+                    conn,
+                    [r["device_id"] for r in lost],
+                    "process_lost",
                     [r["owner"] for r in lost],
+                )
+            if owners:
+                await conn.execute(
+                    """UPDATE gateways SET online = false, updated_at = now()
+                       WHERE owner = ANY($1::text[]) AND online""",
+                    owners,
                 )
             await conn.execute(
                 "DELETE FROM cluster_processes WHERE stopped_at < now() - interval '1 day'"
@@ -370,6 +503,77 @@ class Cluster:
             await conn.execute("DELETE FROM device_bans WHERE until < now() - interval '1 day'")
         for owner in owners:
             log.warning("process lost (no heartbeat), its devices released", owner=owner)
+        if time.monotonic() - self._last_online_check >= self.process_timeout_s:
+            self._last_online_check = time.monotonic()
+            await self.reconcile_online()
+
+    async def reconcile_online(self) -> tuple[int, int]:
+        """Mark offline the devices and gateways shown online that no live process holds
+        (a crash, a restart, a lost write left them so); one process at a time. Rows that
+        changed within ``process_timeout_s`` are left for the next round (a bind may be
+        on its way). Returns the numbers of devices and gateways marked offline."""
+        pool = self._pool()
+        if pool is None:
+            return 0, 0
+        async with pool.acquire(timeout=5) as conn, conn.transaction():
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtext('chargegw.online-reconcile'))"
+            ):
+                return 0, 0
+            stale = await conn.fetch(
+                """SELECT d.device_id FROM devices d
+                   WHERE d.online AND d.updated_at < now() - make_interval(secs => $1)
+                     AND NOT EXISTS (
+                         SELECT 1 FROM device_sessions s
+                         LEFT JOIN cluster_processes p ON p.owner = s.owner
+                         WHERE s.device_id = d.device_id
+                           AND ((s.owner IS NOT NULL AND p.stopped_at IS NULL)
+                                OR s.updated_at > now() - make_interval(secs => $1)))
+                   FOR UPDATE OF d SKIP LOCKED""",
+                self.process_timeout_s,
+            )
+            devices = [r["device_id"] for r in stale]
+            if devices:
+                await _mark_offline(conn, devices, "not_connected", [None] * len(devices))
+            gateways = await conn.fetch(
+                """UPDATE gateways g SET online = false, updated_at = now()
+                   WHERE g.online AND g.owner IS NOT NULL
+                     AND g.updated_at < now() - make_interval(secs => $1)
+                     AND NOT EXISTS (SELECT 1 FROM cluster_processes p
+                                     WHERE p.owner = g.owner AND p.stopped_at IS NULL)
+                   RETURNING g.gateway_id""",
+                self.process_timeout_s,
+            )
+        if devices or gateways:
+            log.warning(
+                "marked offline what no live process holds",
+                devices=len(devices),
+                gateways=len(gateways),
+            )
+        return len(devices), len(gateways)
+
+
+async def _mark_offline(conn: Any, devices: list[str], why: str, owners: list[str | None]) -> None:
+    """Devices offline with ``why``, each with an offline event (if it was online)."""
+    offline = await conn.fetch(
+        """UPDATE devices SET online = false, offline_reason = $2, updated_at = now()
+           WHERE device_id = ANY($1::text[]) AND online RETURNING device_id""",
+        devices,
+        why,
+    )
+    went = {r["device_id"] for r in offline}
+    pairs = [(d, o) for d, o in zip(devices, owners, strict=True) if d in went]
+    if pairs:
+        await conn.execute(
+            """INSERT INTO device_events (device_id, at, kind, reason, detail)
+               SELECT d, now(), 'offline', $3,
+                      CASE WHEN o IS NULL THEN '{}'::jsonb
+                           ELSE jsonb_build_object('owner', o) END
+               FROM unnest($1::text[], $2::text[]) AS u(d, o)""",
+            [d for d, _ in pairs],
+            [o for _, o in pairs],
+            why,
+        )
 
 
 async def list_processes(conn: Any, *, include_stopped: bool = False) -> list[dict[str, Any]]:

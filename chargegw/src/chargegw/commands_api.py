@@ -4,12 +4,13 @@ and follow orders and commands. Every command becomes an outbox row first."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import asyncpg
-from fastapi import APIRouter, Header, HTTPException, Path, Query
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request
 from pydantic import BaseModel, Field
 
 from chargeproto import EncodeError
@@ -17,7 +18,7 @@ from chargeproto import EncodeError
 from .api import decode_cursor, encode_cursor, utc
 from .core import split_device_id
 from .drivers import ap3000_commands, bkv_commands
-from .orders import OrderStatus, new_order_no, transition
+from .orders import OPEN_STATUSES, OrderStatus, new_order_no, transition
 from .outbox import Priority
 
 if TYPE_CHECKING:
@@ -107,6 +108,8 @@ def make_router(gateway: Gateway) -> APIRouter:
         name: str,
         params: dict[str, Any],
         order_no: str | None,
+        *,
+        after_command: int | None = None,
     ) -> int:
         try:
             if protocol == "bkv":
@@ -126,6 +129,7 @@ def make_router(gateway: Gateway) -> APIRouter:
             priority=_PRIORITIES.get(name, Priority.PARAMETER),
             expires_s=gateway.settings.command_expiry_s,
             order_no=order_no,
+            after_command=after_command,
         )
 
     @router.post(
@@ -135,11 +139,15 @@ def make_router(gateway: Gateway) -> APIRouter:
         summary="Start charging on a port",
     )
     async def start(
+        request: Request,
         device_id: str,
         port: Annotated[int, Path(ge=1, le=255)],
         body: StartRequest,
         idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
     ) -> Accepted:
+        """Open an order and queue its start. With an ``Idempotency-Key`` (scoped to the
+        API key that sends it), a repeat of the same request returns the first result and
+        starts nothing; the same key with another device, port or body is a 422."""
         row = await device(device_id)
         check_port(row, port)
         if body.mode == "time" and body.duration_min is None:
@@ -168,53 +176,64 @@ def make_router(gateway: Gateway) -> APIRouter:
                 "balance_cent": body.balance_cent or 0,
                 "order_id": order_no,
             }
+        fingerprint = {
+            "device_id": device_id,
+            "port": port,
+            "body": hashlib.sha256(
+                json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+            ).hexdigest(),
+        }
+        scope = _key_scope(request)
         async with pool().acquire() as conn, conn.transaction():
             if idempotency_key:
-                earlier = await conn.fetchrow(
-                    "SELECT order_no, command_id FROM idempotency_keys WHERE key = $1",
+                # taking the key first makes a concurrent repeat wait for this request
+                taken = await conn.fetchval(
+                    """INSERT INTO idempotency_keys (scope, key, request) VALUES ($1, $2, $3)
+                       ON CONFLICT DO NOTHING RETURNING 1""",
+                    scope,
                     idempotency_key,
+                    json.dumps(fingerprint),
                 )
-                if earlier is not None:
-                    status = await conn.fetchval(
-                        "SELECT status FROM orders WHERE order_no = $1", earlier["order_no"]
-                    )
-                    return Accepted(
-                        order_no=earlier["order_no"],
-                        command_id=earlier["command_id"],
-                        status=status,
-                    )
+                if taken is None:
+                    return await _repeated(conn, scope, idempotency_key, fingerprint)
             if await conn.fetchval("SELECT 1 FROM orders WHERE order_no = $1", order_no):
                 raise HTTPException(409, f"order {order_no} exists")
             busy = await conn.fetchval(
                 """SELECT order_no FROM orders WHERE device_id = $1 AND port = $2
-                   AND status IN ('pending', 'starting', 'charging', 'stopping')""",
+                   AND status = ANY($3::text[])""",
                 device_id,
                 port,
+                list(OPEN_STATUSES),
             )
             if busy:
                 raise HTTPException(409, f"port {port} has an open order {busy}")
-            await conn.execute(
-                """INSERT INTO orders (order_no, device_id, port, protocol, status, mode,
-                                       requested_duration_min, requested_energy_kwh,
-                                       balance_cent)
-                   VALUES ($1, $2, $3, $8, 'pending', $4, $5, $6, $7)""",
-                order_no,
-                device_id,
-                port,
-                body.mode,
-                body.duration_min,
-                body.energy_kwh,
-                body.balance_cent,
-                protocol,
-            )
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        """INSERT INTO orders (order_no, device_id, port, protocol, status,
+                                               mode, requested_duration_min,
+                                               requested_energy_kwh, balance_cent)
+                           VALUES ($1, $2, $3, $8, 'pending', $4, $5, $6, $7)""",
+                        order_no,
+                        device_id,
+                        port,
+                        body.mode,
+                        body.duration_min,
+                        body.energy_kwh,
+                        body.balance_cent,
+                        protocol,
+                    )
+            except asyncpg.UniqueViolationError:  # a concurrent start opened one first
+                raise HTTPException(409, f"port {port} has an open order") from None
             command_id = await enqueue(conn, device_id, protocol, "start", params, order_no)
             await conn.execute(
                 "UPDATE orders SET start_command_id = $2 WHERE order_no = $1", order_no, command_id
             )
             if idempotency_key:
                 await conn.execute(
-                    """INSERT INTO idempotency_keys (key, order_no, command_id)
-                       VALUES ($1, $2, $3)""",
+                    """UPDATE idempotency_keys SET order_no = $3, command_id = $4
+                       WHERE scope = $1 AND key = $2""",
+                    scope,
                     idempotency_key,
                     order_no,
                     command_id,
@@ -229,25 +248,57 @@ def make_router(gateway: Gateway) -> APIRouter:
         summary="Stop charging on a port",
     )
     async def stop(device_id: str, port: Annotated[int, Path(ge=1, le=255)]) -> Accepted:
+        """Stop the port's open order. A start not sent yet is cancelled instead (status
+        ``cancelled``); a stop for a start in flight goes after the start's answer; a stop
+        already queued for the order is returned again."""
         row = await device(device_id)
         async with pool().acquire() as conn, conn.transaction():
             order = await conn.fetchrow(
-                """SELECT order_no, status FROM orders WHERE device_id = $1 AND port = $2
-                   AND status IN ('pending', 'starting', 'charging', 'stopping')
+                """SELECT order_no, start_command_id FROM orders
+                   WHERE device_id = $1 AND port = $2 AND status = ANY($3::text[])
                    ORDER BY created_at DESC LIMIT 1""",
                 device_id,
                 port,
+                list(OPEN_STATUSES),
             )
             if order is None:
                 raise HTTPException(409, f"no running order on port {port}")
+            order_no = order["order_no"]
+            # lock order: the start command, then the order (as the outbox does)
+            start = await _lock_start(conn, order["start_command_id"])
+            status = await conn.fetchval(
+                "SELECT status FROM orders WHERE order_no = $1 FOR UPDATE", order_no
+            )
+            if status not in OPEN_STATUSES:
+                raise HTTPException(409, f"no running order on port {port}: {order_no} is {status}")
+            if start is not None and start["status"] == "pending" and start["attempts"] == 0:
+                await _cancel_start(conn, start["command_id"], "stopped before it was sent")
+                await transition(conn, order_no, "cancel")
+                return Accepted(
+                    order_no=order_no, command_id=start["command_id"], status="cancelled"
+                )
+            queued = await conn.fetchval(
+                """SELECT command_id FROM commands WHERE order_no = $1 AND name = 'stop'
+                   AND status IN ('pending', 'sent') ORDER BY command_id LIMIT 1""",
+                order_no,
+            )
+            if queued is not None:
+                return Accepted(order_no=order_no, command_id=queued, status="pending")
+            in_flight = start is not None and start["status"] in ("pending", "sent")
             params: dict[str, Any] = {"port": port - 1}
             if row["protocol"] == "ap3000":
-                params["order_id"] = order["order_no"]
+                params["order_id"] = order_no
             command_id = await enqueue(
-                conn, device_id, row["protocol"], "stop", params, order["order_no"]
+                conn,
+                device_id,
+                row["protocol"],
+                "stop",
+                params,
+                order_no,
+                after_command=start["command_id"] if in_flight and start else None,
             )
         gateway.outbox.wake(device_id)
-        return Accepted(order_no=order["order_no"], command_id=command_id, status="pending")
+        return Accepted(order_no=order_no, command_id=command_id, status="pending")
 
     @router.post(
         "/devices/{device_id}/ports/{port}/modify",
@@ -338,6 +389,10 @@ def make_router(gateway: Gateway) -> APIRouter:
         status: OrderStatus | None = None,
         since: dt.datetime | None = None,
         until: dt.datetime | None = None,
+        review: Annotated[
+            bool | None,
+            Query(description="only orders marked for review (unpriced, foreign order id)"),
+        ] = None,
         cursor: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> dict[str, Any]:
@@ -355,6 +410,7 @@ def make_router(gateway: Gateway) -> APIRouter:
                  AND ($3::timestamptz IS NULL OR created_at >= $3)
                  AND ($4::timestamptz IS NULL OR created_at < $4)
                  AND ($5::timestamptz IS NULL OR (created_at, order_no) < ($5, $6))
+                 AND ($8::bool IS NULL OR (review_reason IS NOT NULL) = $8)
                ORDER BY created_at DESC, order_no DESC LIMIT $7""",
             device_id,
             None if status is None else status.value,
@@ -363,6 +419,7 @@ def make_router(gateway: Gateway) -> APIRouter:
             None if after is None else after[0],
             None if after is None else after[1],
             limit + 1,
+            review,
         )
         page = rows[:limit]
         next_cursor = None
@@ -379,26 +436,89 @@ def make_router(gateway: Gateway) -> APIRouter:
         summary="Cancel an order whose start has not been sent yet",
     )
     async def cancel(order_no: str) -> Accepted:
+        order_no = order_no.upper()
         async with pool().acquire() as conn, conn.transaction():
-            order = await conn.fetchrow(
-                "SELECT status, start_command_id FROM orders WHERE order_no = $1 FOR UPDATE",
-                order_no.upper(),
+            command_id = await conn.fetchval(
+                "SELECT start_command_id FROM orders WHERE order_no = $1", order_no
             )
-            if order is None:
+            # lock order: the start command, then the order (as the outbox does)
+            start = await _lock_start(conn, command_id)
+            status = await conn.fetchval(
+                "SELECT status FROM orders WHERE order_no = $1 FOR UPDATE", order_no
+            )
+            if status is None:
                 raise HTTPException(404, f"order {order_no} not found")
             # only while the start is still a row: once sent, stop the session instead
-            claimed = await conn.fetchval(
-                """UPDATE commands SET status = 'dead', dead_reason = 'cancelled',
-                          finished_at = now()
-                   WHERE command_id = $1 AND status = 'pending' RETURNING command_id""",
-                order["start_command_id"],
-            )
-            if order["status"] != OrderStatus.PENDING.value or claimed is None:
-                raise HTTPException(409, f"order {order_no} is {order['status']}: stop it instead")
-            await transition(conn, order_no.upper(), "cancel")
-        return Accepted(order_no=order_no.upper(), command_id=claimed, status="cancelled")
+            if (
+                status != OrderStatus.PENDING.value
+                or start is None
+                or start["status"] != "pending"
+                or start["attempts"]
+            ):
+                raise HTTPException(409, f"order {order_no} is {status}: stop it instead")
+            await _cancel_start(conn, start["command_id"], "cancelled")
+            await transition(conn, order_no, "cancel")
+        return Accepted(order_no=order_no, command_id=start["command_id"], status="cancelled")
 
     return router
+
+
+def _key_scope(request: Request) -> str:
+    """Whose idempotency keys a request uses: a digest of its API key ('' without one)."""
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+
+
+async def _repeated(conn: Any, scope: str, key: str, fingerprint: dict[str, Any]) -> Accepted:
+    """The answer to a request whose ``Idempotency-Key`` was used before: the first
+    result, or 422 naming what differs."""
+    earlier = await conn.fetchrow(
+        """SELECT order_no, command_id, request FROM idempotency_keys
+           WHERE scope = $1 AND key = $2""",
+        scope,
+        key,
+    )
+    first = earlier["request"]
+    if isinstance(first, str):
+        first = json.loads(first)
+    if first is not None:
+        differ = [
+            name for name in ("device_id", "port", "body") if first.get(name) != fingerprint[name]
+        ]
+        if differ:
+            raise HTTPException(
+                422,
+                {
+                    "error": "the Idempotency-Key was used for a different request",
+                    "conflict": differ,
+                    "order_no": earlier["order_no"],
+                },
+            )
+    status = await conn.fetchval(
+        "SELECT status FROM orders WHERE order_no = $1", earlier["order_no"]
+    )
+    return Accepted(order_no=earlier["order_no"], command_id=earlier["command_id"], status=status)
+
+
+async def _lock_start(conn: Any, command_id: int | None) -> asyncpg.Record | None:
+    """The start command of an order, locked (None if it has none)."""
+    if command_id is None:
+        return None
+    row: asyncpg.Record | None = await conn.fetchrow(
+        "SELECT command_id, status, attempts FROM commands WHERE command_id = $1 FOR UPDATE",
+        command_id,
+    )
+    return row
+
+
+async def _cancel_start(conn: Any, command_id: int, why: str) -> None:
+    await conn.execute(
+        """UPDATE commands SET status = 'dead', dead_reason = $2, finished_at = now()
+           WHERE command_id = $1 AND status = 'pending'""",
+        command_id,
+        why,
+    )
 
 
 def _record(row: asyncpg.Record) -> dict[str, Any]:

@@ -158,10 +158,11 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
-        #: rows the database refused as invalid (logged with their content)
+        #: rows the database refused for their own values, kept in ``rejected_rows``
         self.db_rows_rejected_total = Counter(
             "db_rows_rejected_total",
-            "Rows the database refused as invalid; each is logged with its content",
+            "Rows the database refused for their values, set aside in rejected_rows",
+            ["table"],
             namespace=ns,
             registry=reg,
         )
@@ -209,6 +210,27 @@ class Metrics:
         self.settlements_committed_total = Counter(
             "settlements_committed_total",
             "Settlements (AP3000 0x03, BKV end reports) committed",
+            namespace=ns,
+            registry=reg,
+        )
+        #: settlements stored without a price (the error is on the order, for review)
+        self.settlements_unpriced_total = Counter(
+            "settlements_unpriced_total",
+            "Settlements stored and acknowledged without a price (pricing error)",
+            namespace=ns,
+            registry=reg,
+        )
+        #: orders marked for a person to look at (review_reason set)
+        self.orders_for_review_total = Counter(
+            "orders_for_review_total",
+            "Orders marked for review: unpriced, or naming another device's order",
+            namespace=ns,
+            registry=reg,
+        )
+        #: devices claimed again after the process was declared stopped or lost entries
+        self.devices_reasserted_total = Counter(
+            "devices_reasserted_total",
+            "Held devices re-claimed in the session directory after an outage or stall",
             namespace=ns,
             registry=reg,
         )

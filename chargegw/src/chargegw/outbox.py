@@ -1,22 +1,35 @@
 """Durable command delivery: a command is a row before it is a byte on a socket.
 
 Per device, commands go out one at a time, highest priority first (stop before start
-before queries before parameter changes), at least ``spacing_s`` apart. A command is
-marked ``sent`` (with its correlation id: the AP3000 msg id) in the database before
-its bytes are written. The driver correlates the device's reply; without one within
-``ack_timeout_s`` the command is sent once more with the same correlation id, then it
-is ``dead``. A command for an offline device waits until ``expires_at``, then it is
-``dead`` with reason ``offline``. On start, a cold-start scan picks up what a crash
-left ``pending`` or ``sent``; a periodic scan repeats it.
+before queries before parameter changes); on each TCP link (piles behind one AP3000
+host, sockets of one BKV gateway) at least ``spacing_s`` apart. A command that names
+``after_command`` waits for that command's outcome (a stop for a start in flight is sent
+after the start's answer, never before it; if the start was refused, the stop is dead).
+
+Sending: in one transaction the row is marked ``sent`` with its correlation id (the
+AP3000 msg id or BKV seq, never the previous command's id to the same target, across
+restarts: ``device_correlations``), the attempt is counted and the order moves
+(``on_sent_tx``); then the bytes are written. If the connection closed meanwhile, the
+attempt is taken back: an attempt counts only when its bytes were written. Without a
+reply within ``ack_timeout_s`` the command is sent once more with the same correlation
+id, then it is ``dead``. A command for an offline device waits until ``expires_at``
+(database time), then it is ``dead`` with reason ``offline``.
+
+Finishing: a reply is kept in memory the moment it arrives, then the row's final state
+and the order's transition (``on_finish_tx``) are written in one transaction, retried
+while the database is unavailable: an answered command is never declared dead or sent
+again because a write failed. What follows the commit (``on_result``: metrics, events,
+the firmware engine) cannot undo it.
 
 Several processes share the table. A command is claimed (``claimed_by``) only by the
 process that holds the device's connection according to the session directory
 (``device_sessions``), with ``FOR UPDATE SKIP LOCKED``; every later update of the row
-checks the claim, so a process that lost the device (it reconnected elsewhere) cannot
-finish or resend a command the new owner has taken over. Submitting a command notifies
-the ``chargegw_outbox`` channel inside the caller's transaction: at commit every process
-hears it and the owner delivers at once. Expiring commands of devices no live process
-holds is shared background work, claimed with ``SKIP LOCKED`` too.
+checks both the claim and the directory, so a process that lost the device (it
+reconnected elsewhere) cannot send, resend or finish a command the new owner takes over.
+Submitting a command notifies the ``chargegw_outbox`` channel inside the caller's
+transaction: at commit every process hears it and the owner delivers at once. Expiring
+commands of devices no live process holds is shared background work, claimed with
+``SKIP LOCKED`` too.
 """
 
 from __future__ import annotations
@@ -28,13 +41,18 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 import asyncpg
 import structlog
 
+from .store.errors import is_unavailable, reason
+
 log = structlog.get_logger("chargegw.outbox")
+
+#: a command is written at most this often (the first send and one resend)
+MAX_ATTEMPTS = 2
 
 
 class Priority(enum.IntEnum):
@@ -68,13 +86,18 @@ class Outcome:
 class CommandCodec(Protocol):
     """The protocol side of a command: bytes out, replies recognised."""
 
+    #: correlation ids run from 1 to this (AP3000 msg id: u16; BKV seq: kept in int4)
+    max_correlation: int
+
     def encode_command(
         self, device_id: str, name: str, params: dict[str, Any], correlation: int
     ) -> tuple[bytes, Any]:
         """The frame and the key its reply will carry."""
         ...
 
-    def new_correlation(self, device_id: str) -> int: ...
+    def correlation_scope(self, device_id: str, params: dict[str, Any]) -> str:
+        """Whose sequence of correlation ids a command uses (the peer that answers it)."""
+        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +108,7 @@ class Finished:
     device_id: str
     name: str
     order_no: str | None
-    status: str
+    status: CommandStatus
     outcome: Outcome | None
     dead_reason: str | None
     created_at: datetime
@@ -102,6 +125,23 @@ class _Open:
     reply: asyncio.Future[Outcome]
 
 
+@dataclasses.dataclass
+class _LinkSlot:
+    """Sending on one TCP link: one command at a time, ``spacing_s`` apart."""
+
+    lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    last_write: float = -1e18
+
+
+class _LostError(Exception):
+    """The row is no longer this process's to send or finish (claim or device lost)."""
+
+
+#: the process may update a claimed row only while it holds the row's device
+_OURS = """claimed_by = $2 AND EXISTS (SELECT 1 FROM device_sessions s
+                                    WHERE s.device_id = commands.device_id AND s.owner = $2)"""
+
+
 class Outbox:
     """The per-process delivery engine over the ``commands`` table."""
 
@@ -116,11 +156,12 @@ class Outbox:
         scan_interval_s: float = 5.0,
         retention_s: float = 7 * 86400,
         on_result: Callable[[Finished], Awaitable[None]] | None = None,
+        on_finish_tx: Callable[[Any, Finished], Awaitable[None]] | None = None,
+        on_sent_tx: Callable[[Any, int, str | None, str], Awaitable[None]] | None = None,
         on_backlog: Callable[[dict[str, int]], None] = lambda counts: None,
         on_timeout: Callable[[str], None] = lambda device_id: None,
         on_answered: Callable[[str], None] = lambda device_id: None,
         on_resend: Callable[[str], None] = lambda name: None,
-        on_sent: Callable[[int, str | None, str], Awaitable[None]] | None = None,
         write: Callable[[Any, bytes, str, str], None] | None = None,
         owner: str = "",
         process_timeout_s: float = 20.0,
@@ -133,11 +174,12 @@ class Outbox:
         self.scan_interval_s = scan_interval_s
         self.retention_s = retention_s
         self.on_result = on_result
+        self.on_finish_tx = on_finish_tx
+        self.on_sent_tx = on_sent_tx
         self.on_backlog = on_backlog
         self.on_timeout = on_timeout
         self.on_answered = on_answered
         self.on_resend = on_resend
-        self.on_sent = on_sent
         self.write = write
         #: this process's id in the session directory (cluster.py)
         self.owner = owner
@@ -147,7 +189,9 @@ class Outbox:
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._open: dict[Any, _Open] = {}
-        self._last_sent: dict[str, float] = {}
+        #: replies received and not yet written to the row (command id -> outcome)
+        self._answered: dict[int, Outcome] = {}
+        self._slots: dict[str, _LinkSlot] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
 
@@ -164,26 +208,29 @@ class Outbox:
         priority: Priority,
         expires_s: float,
         order_no: str | None = None,
+        after_command: int | None = None,
     ) -> int:
         """Insert a command row (inside the caller's transaction); returns its id.
 
-        Every process hears of it when the transaction commits (``chargegw_outbox``);
-        call :meth:`wake` after the commit too, so the local process does not wait for
-        the notification to come back.
+        ``after_command``: send it only once that command has an outcome. Every process
+        hears of it when the transaction commits (``chargegw_outbox``); call :meth:`wake`
+        after the commit too, so the local process does not wait for the notification.
         """
-        expires = datetime.now(UTC) + timedelta(seconds=expires_s)
         await conn.execute("SELECT pg_notify('chargegw_outbox', $1)", device_id)
         command_id: int = await conn.fetchval(
             """INSERT INTO commands (device_id, protocol, name, params, priority, status,
-                                     order_no, expires_at)
-               VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7) RETURNING command_id""",
+                                     order_no, expires_at, after_command)
+               VALUES ($1, $2, $3, $4, $5, 'pending', $6,
+                       now() + make_interval(secs => $7), $8)
+               RETURNING command_id""",
             device_id,
             protocol,
             name,
             json.dumps(params),
             int(priority),
             order_no,
-            expires,
+            float(expires_s),
+            after_command,
         )
         return command_id
 
@@ -220,6 +267,8 @@ class Outbox:
         waiting = self._open.get(key)
         if waiting is None or waiting.reply.done():
             return False
+        # kept before anything else: a worker that fails to write it finishes with it
+        self._answered[waiting.command_id] = outcome
         waiting.reply.set_result(outcome)
         return True
 
@@ -253,12 +302,15 @@ class Outbox:
         while True:
             try:
                 await self.scan()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-                log.warning("outbox scan failed, retrying")
+            except Exception as exc:
+                if not is_unavailable(exc):
+                    raise
+                log.warning("outbox scan failed, retrying", reason=reason(exc))
             await asyncio.sleep(self.scan_interval_s)
 
     async def scan(self) -> None:
         """Wake the local devices with open commands; expire, count and purge (shared)."""
+        self._prune_slots()
         pool = self._pool()
         if pool is None:
             return
@@ -286,47 +338,82 @@ class Outbox:
                 )
 
     async def expire(self) -> None:
-        """Commands of devices that no live process holds, past their expiry: dead."""
+        """Commands past their expiry whose device no live process holds: dead.
+
+        A device counts as held while a process the sweep has not declared stopped holds
+        its directory entry (the sweep alone judges liveness, see cluster.py), and for
+        ``process_timeout_s`` after the sweep took the entry from a process declared
+        stopped (a process coming back from an outage or a stall re-asserts its devices
+        in that time)."""
         pool = self._pool()
         if pool is None:
             return
         while True:
-            rows = await pool.fetch(
-                """WITH gone AS (
+            async with pool.acquire(timeout=5) as conn, conn.transaction():
+                rows = await self._expire_some(conn)
+            for row in rows:
+                await self._after_commit(_finished(row, CommandStatus.DEAD, None, "offline"))
+            if len(rows) < 500:
+                return
+
+    async def _expire_some(self, conn: Any) -> list[asyncpg.Record]:
+        """Up to 500 expired commands dead, with their consequences, in ``conn``'s
+        transaction."""
+        rows: list[asyncpg.Record] = await conn.fetch(
+            """WITH gone AS (
                        SELECT c.command_id FROM commands c
                        WHERE c.status IN ('pending', 'sent') AND c.expires_at < now()
                          AND NOT EXISTS (
                              SELECT 1 FROM device_sessions s
-                             JOIN cluster_processes p ON p.owner = s.owner
-                             WHERE s.device_id = c.device_id AND p.stopped_at IS NULL
-                               AND p.heartbeat_at > now() - make_interval(secs => $1))
+                             LEFT JOIN cluster_processes p ON p.owner = s.owner
+                             WHERE s.device_id = c.device_id
+                               AND ((s.owner IS NOT NULL AND p.stopped_at IS NULL)
+                                    OR (s.lost_owner IS NOT NULL
+                                        AND s.released_at > now() - make_interval(secs => $1))))
                        ORDER BY c.expires_at LIMIT 500
                        FOR UPDATE OF c SKIP LOCKED)
                    UPDATE commands c SET status = 'dead', dead_reason = 'offline',
                                          finished_at = now()
                    FROM gone WHERE c.command_id = gone.command_id
                    RETURNING c.*""",
-                self.process_timeout_s,
-            )
+            self.process_timeout_s,
+        )
+        if self.on_finish_tx is not None:
             for row in rows:
-                await self._finished(row, CommandStatus.DEAD, None, "offline")
-            if len(rows) < 500:
-                return
+                await self.on_finish_tx(conn, _finished(row, CommandStatus.DEAD, None, "offline"))
+        return rows
 
     # -- delivery, one worker per device with open commands --
 
     async def _worker(self, device_id: str) -> None:
         event = self._wake[device_id]
+        delay = 0.5
         try:
             while not self._closing and not self.draining:
                 event.clear()
-                row = await self._next(device_id)
-                if row is None:
-                    if event.is_set():  # woken while looking: a row may have just committed
-                        continue
-                    return
-                if not await self._deliver(row):
-                    return
+                try:
+                    row = await self._next(device_id)
+                    if row is None:
+                        if event.is_set():  # woken while looking: a row may have committed
+                            continue
+                        return
+                    if not await self._deliver(row):
+                        return
+                    delay = 0.5
+                except _LostError:
+                    # cancelled, or the device is another process's now (then the next
+                    # look finds nothing to claim and the new owner delivers)
+                    continue
+                except Exception as exc:
+                    if not is_unavailable(exc) or self.link_of(device_id) is None:
+                        raise
+                    log.warning(
+                        "outbox: database unavailable, retrying",
+                        device_id=device_id,
+                        reason=reason(exc),
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -340,17 +427,21 @@ class Outbox:
                 self._wake.pop(device_id, None)
 
     async def _next(self, device_id: str) -> asyncpg.Record | None:
-        """Claim the device's next command, if this process holds the device."""
+        """Claim the device's next command, if this process holds the device. A command
+        waiting for another command's outcome is not eligible until that outcome."""
         pool = self._pool()
         if pool is None:
             return None
         row: asyncpg.Record | None = await pool.fetchrow(
             """WITH next AS (
-                   SELECT command_id FROM commands
-                   WHERE device_id = $1 AND status IN ('pending', 'sent')
+                   SELECT command_id FROM commands c
+                   WHERE c.device_id = $1 AND c.status IN ('pending', 'sent')
                      AND EXISTS (SELECT 1 FROM device_sessions
                                  WHERE device_id = $1 AND owner = $2)
-                   ORDER BY (status = 'sent') DESC, priority, command_id LIMIT 1
+                     AND (c.after_command IS NULL OR NOT EXISTS (
+                          SELECT 1 FROM commands a WHERE a.command_id = c.after_command
+                            AND a.status IN ('pending', 'sent')))
+                   ORDER BY (c.status = 'sent') DESC, c.priority, c.command_id LIMIT 1
                    FOR UPDATE SKIP LOCKED)
                UPDATE commands c SET claimed_by = $2 FROM next
                WHERE c.command_id = next.command_id RETURNING c.*""",
@@ -363,6 +454,11 @@ class Outbox:
         """Send one claimed command and wait for its reply; False: stop this worker."""
         device_id = row["device_id"]
         command_id = row["command_id"]
+        answered = self._answered.get(command_id)
+        if answered is not None:  # answered before a write failed: finish with the answer
+            status = CommandStatus.ACKED if answered.success else CommandStatus.FAILED
+            await self._finish(row, status, answered, None)
+            return True
         codec = self.codecs.get(row["protocol"])
         if codec is None:
             await self._finish(row, CommandStatus.DEAD, None, f"no driver for {row['protocol']}")
@@ -377,78 +473,114 @@ class Outbox:
         # whether the device itself answers
         own = params.get("phy_id", device_id) == device_id
         attempts = row["attempts"]
-        if attempts >= 2:  # sent twice, unanswered: a crash interrupted the wait
+        if attempts >= MAX_ATTEMPTS:  # sent twice, unanswered: a crash interrupted the wait
             await self._finish(row, CommandStatus.DEAD, None, "no answer")
             if own:
                 self.on_timeout(device_id)
             return True
-        correlation = row["correlation"]
-        if correlation is None:
-            correlation = codec.new_correlation(device_id)
-        try:
-            frame, key = codec.encode_command(device_id, row["name"], params, correlation)
+        try:  # the correlation id only changes the id fields: check the rest first
+            codec.encode_command(device_id, row["name"], params, row["correlation"] or 1)
         except Exception as exc:
             await self._finish(row, CommandStatus.DEAD, None, f"cannot encode: {exc}")
             return True
-        # spacing: at least spacing_s between two commands to one device
-        since = time.monotonic() - self._last_sent.get(device_id, -1e9)
-        if since < self.spacing_s:
-            await asyncio.sleep(self.spacing_s - since)
-        pool = self._pool()
-        assert pool is not None
-        marked = await pool.execute(
-            """UPDATE commands SET status = 'sent', correlation = $2, attempts = attempts + 1,
-                                   sent_at = now()
-               WHERE command_id = $1 AND claimed_by = $3 AND status IN ('pending', 'sent')""",
-            command_id,
-            correlation,
-            self.owner,
-        )
-        if marked == "UPDATE 0":  # another process took the device (and the command) over
-            return False
-        if attempts == 0 and self.on_sent is not None:
-            await self.on_sent(command_id, row["order_no"], row["name"])
-        if key is None:  # the protocol defines no reply: done once written
+        waiting: _Open | None = None
+        slot = self._slots.setdefault(link.id, _LinkSlot())
+        async with slot.lock:
+            # spacing per link: piles behind one host, sockets of one gateway share it
+            wait = slot.last_write + self.spacing_s - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            correlation = await self._mark_sent(row, codec, params)
+            frame, key = codec.encode_command(device_id, row["name"], params, correlation)
+            if link.closed:  # no bytes written: the attempt does not count
+                await self._unmark(row)
+                return False
+            if key is not None:
+                waiting = _Open(
+                    command_id,
+                    device_id,
+                    row["name"],
+                    row["order_no"],
+                    asyncio.get_running_loop().create_future(),
+                )
+                self._open[key] = waiting
             if self.write is not None:
                 self.write(link, frame, device_id, row["name"])
-            self._last_sent[device_id] = time.monotonic()
+            slot.last_write = time.monotonic()
+        if waiting is None:  # the protocol defines no reply: done once written
             await self._finish(row, CommandStatus.ACKED, None, None)
             return True
-        waiting = _Open(
-            command_id,
-            device_id,
-            row["name"],
-            row["order_no"],
-            asyncio.get_running_loop().create_future(),
+        log.info(
+            "command sent",
+            device_id=device_id,
+            command_id=command_id,
+            command=row["name"],
+            attempt=attempts + 1,
         )
-        self._open[key] = waiting
         try:
-            if self.write is not None:
-                self.write(link, frame, device_id, row["name"])
-            self._last_sent[device_id] = time.monotonic()
-            log.info(
-                "command sent",
-                device_id=device_id,
-                command_id=command_id,
-                command=row["name"],
-                attempt=attempts + 1,
-            )
-            try:
-                outcome = await asyncio.wait_for(waiting.reply, self.ack_timeout_s)
-            except TimeoutError:
-                if attempts == 0:
-                    self.on_resend(row["name"])
-                if attempts + 1 >= 2:
-                    await self._finish(row, CommandStatus.DEAD, None, "no answer")
-                    if own:
-                        self.on_timeout(device_id)
-                return True  # the next round resends it (same correlation id)
+            outcome = await asyncio.wait_for(waiting.reply, self.ack_timeout_s)
+        except TimeoutError:
+            if attempts == 0:
+                self.on_resend(row["name"])
+            if attempts + 1 >= MAX_ATTEMPTS:
+                await self._finish(row, CommandStatus.DEAD, None, "no answer")
+                if own:
+                    self.on_timeout(device_id)
+            return True  # the next round resends it (same correlation id)
         finally:
             self._open.pop(key, None)
         self.on_answered(device_id)
         status = CommandStatus.ACKED if outcome.success else CommandStatus.FAILED
         await self._finish(row, status, outcome, None)
         return True
+
+    async def _mark_sent(self, row: asyncpg.Record, codec: CommandCodec, params: Any) -> int:
+        """Mark the row sent (an attempt counted, a correlation id chosen on the first
+        send) with the order's move, in one transaction; returns the correlation id.
+        Raises :class:`_LostError` if the row is not this process's to send any more."""
+        pool = self._pool()
+        assert pool is not None
+        async with pool.acquire(timeout=5) as conn, conn.transaction():
+            correlation = row["correlation"]
+            if correlation is None:
+                correlation = await conn.fetchval(
+                    """INSERT INTO device_correlations AS d (device_id, last) VALUES ($1, $2)
+                       ON CONFLICT (device_id) DO UPDATE SET last = d.last % $3 + 1
+                       RETURNING last""",
+                    codec.correlation_scope(row["device_id"], params),
+                    random.randrange(1, codec.max_correlation),
+                    codec.max_correlation,
+                )
+            marked = await conn.fetchval(
+                f"""UPDATE commands SET status = 'sent', correlation = $3,
+                           attempts = attempts + 1, sent_at = now()
+                    WHERE command_id = $1 AND status IN ('pending', 'sent') AND {_OURS}
+                    RETURNING attempts""",
+                row["command_id"],
+                self.owner,
+                correlation,
+            )
+            if marked is None:  # cancelled, or taken over by the device's new owner
+                raise _LostError
+            if marked == 1 and self.on_sent_tx is not None:
+                await self.on_sent_tx(conn, row["command_id"], row["order_no"], row["name"])
+        return int(correlation)
+
+    async def _unmark(self, row: asyncpg.Record) -> None:
+        """Take back an attempt whose bytes were never written (best effort: a failure
+        only costs one of the two attempts)."""
+        pool = self._pool()
+        assert pool is not None
+        try:
+            await pool.execute(
+                f"""UPDATE commands SET attempts = attempts - 1,
+                           status = CASE WHEN attempts = 1 THEN 'pending' ELSE status END
+                    WHERE command_id = $1 AND status = 'sent' AND {_OURS}""",
+                row["command_id"],
+                self.owner,
+            )
+        except Exception as exc:
+            log.warning("could not take back an unsent attempt", error=repr(exc))
 
     async def _finish(
         self,
@@ -457,58 +589,99 @@ class Outbox:
         outcome: Outcome | None,
         dead_reason: str | None,
     ) -> None:
-        pool = self._pool()
-        assert pool is not None
-        done = await pool.execute(
-            """UPDATE commands SET status = $2, finished_at = now(), result_code = $3,
-                      result_text = $4, dead_reason = $5, reply = $6
-               WHERE command_id = $1 AND claimed_by = $7 AND status IN ('pending', 'sent')""",
-            row["command_id"],
-            status.value,
-            None if outcome is None else outcome.result_code,
-            None if outcome is None else outcome.result_text,
-            dead_reason,
-            None if outcome is None else json.dumps(outcome.reply),
-            self.owner,
-        )
-        if done == "UPDATE 0":  # taken over by the device's new owner, which finishes it
+        """Write the command's final state and its consequences (``on_finish_tx``) in one
+        transaction, retrying while the database is unavailable and the row is still
+        this process's; then run ``on_result``."""
+        done = _finished(row, status, outcome, dead_reason)
+        delay = 0.5
+        while True:
+            try:
+                finished = await self._finish_tx(done, outcome)
+                break
+            except Exception as exc:
+                if self._closing or not is_unavailable(exc):
+                    raise
+                log.warning(
+                    "command outcome not written yet, retrying",
+                    command_id=done.command_id,
+                    reason=reason(exc),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._answered.pop(done.command_id, None)
+        if not finished:  # taken over by the device's new owner, which finishes it
             log.info(
                 "command taken over by another process",
-                device_id=row["device_id"],
-                command_id=row["command_id"],
+                device_id=done.device_id,
+                command_id=done.command_id,
             )
-            return
-        await self._finished(row, status, outcome, dead_reason)
+            raise _LostError
+        await self._after_commit(done)
 
-    async def _finished(
-        self,
-        row: asyncpg.Record,
-        status: CommandStatus,
-        outcome: Outcome | None,
-        dead_reason: str | None,
-    ) -> None:
+    async def _finish_tx(self, done: Finished, outcome: Outcome | None) -> bool:
+        pool = self._pool()
+        assert pool is not None
+        async with pool.acquire(timeout=5) as conn, conn.transaction():
+            finished = await conn.fetchval(
+                f"""UPDATE commands SET status = $3, finished_at = now(), result_code = $4,
+                           result_text = $5, dead_reason = $6, reply = $7
+                    WHERE command_id = $1 AND status IN ('pending', 'sent') AND {_OURS}
+                    RETURNING command_id""",
+                done.command_id,
+                self.owner,
+                done.status.value,
+                None if outcome is None else outcome.result_code,
+                None if outcome is None else outcome.result_text,
+                done.dead_reason,
+                None if outcome is None else json.dumps(outcome.reply, default=str),
+            )
+            if finished is None:
+                return False
+            if done.status is CommandStatus.FAILED:
+                # commands that wait for this one cannot go (a stop after a refused start)
+                await conn.execute(
+                    """UPDATE commands SET status = 'dead', dead_reason = 'after_failed',
+                              finished_at = now()
+                       WHERE after_command = $1 AND status = 'pending'""",
+                    done.command_id,
+                )
+            if self.on_finish_tx is not None:
+                await self.on_finish_tx(conn, done)
+        return True
+
+    async def _after_commit(self, done: Finished) -> None:
         log.info(
             "command finished",
-            device_id=row["device_id"],
-            command_id=row["command_id"],
-            status=status.value,
-            reason=dead_reason,
+            device_id=done.device_id,
+            command_id=done.command_id,
+            status=done.status.value,
+            reason=done.dead_reason,
         )
-        if self.on_result is not None:
-            await self.on_result(
-                Finished(
-                    command_id=row["command_id"],
-                    device_id=row["device_id"],
-                    name=row["name"],
-                    order_no=row["order_no"],
-                    status=status.value,
-                    outcome=outcome,
-                    dead_reason=dead_reason,
-                    created_at=row["created_at"],
-                )
-            )
+        if self.on_result is None:
+            return
+        try:
+            await self.on_result(done)
+        except Exception:  # committed: what follows cannot undo it
+            log.exception("command result hook failed", command_id=done.command_id)
+
+    def _prune_slots(self) -> None:
+        """Forget links with no command in the last spacing interval."""
+        idle_before = time.monotonic() - self.spacing_s
+        for link_id, slot in list(self._slots.items()):
+            if not slot.lock.locked() and slot.last_write < idle_before:
+                del self._slots[link_id]
 
 
-def random_start() -> int:
-    """A random 16-bit starting point for message ids (devices keep no shared counter)."""
-    return random.randrange(1, 0xFFFF)
+def _finished(
+    row: asyncpg.Record, status: CommandStatus, outcome: Outcome | None, dead_reason: str | None
+) -> Finished:
+    return Finished(
+        command_id=row["command_id"],
+        device_id=row["device_id"],
+        name=row["name"],
+        order_no=row["order_no"],
+        status=status,
+        outcome=outcome,
+        dead_reason=dead_reason,
+        created_at=row["created_at"],
+    )

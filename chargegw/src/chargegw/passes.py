@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from .store.writer import TRANSIENT_DB_ERRORS
+from .store.errors import is_unavailable, reason
 
 log = structlog.get_logger("chargegw.passes")
 
@@ -28,9 +28,12 @@ async def run_passes(
             await tick()
         except asyncio.CancelledError:
             raise
-        except TRANSIENT_DB_ERRORS as exc:
-            log.warning(f"{what} pass failed: database away, retrying", error=str(exc))
-        except Exception:
-            log.exception(f"{what} pass failed, retrying")
+        except Exception as exc:
+            if is_unavailable(exc):
+                log.warning(
+                    f"{what} pass failed: database unavailable, retrying", reason=reason(exc)
+                )
+            else:
+                log.exception(f"{what} pass failed, retrying")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wakeup.wait(), interval_s())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,11 +32,13 @@ from .drivers.base import command_label, retry_while_connected
 from .drivers.bkv import BkvDriver
 from .drivers.bkv_commands import BkvCommands
 from .metrics import Metrics
-from .orders import settle, transition
-from .outbox import Finished, Outbox
+from .orders import Settled, SettlementReport, reported_charging, settle, transition
+from .outbox import CommandStatus, Finished, Outbox
 from .sessions import SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
+from .store.errors import is_unavailable, reason
 from .store.partitions import maintain
+from .store.values import safe_json
 from .store.writer import BatchWriter, FlapPolicy, SessionRow
 from .transport import CONTROL, DeviceLink, DeviceServer, bound_socket
 
@@ -105,6 +107,9 @@ class Gateway:
             on_resync=self._resync,
             shed=lambda count: self.server.shed(count, "rebalance", keep=self._busy),
             superseded=self._superseded,
+            held=self.sessions.held,
+            held_gateways=self._held_gateways,
+            on_reasserted=self._reasserted,
         )
         self.outbox = Outbox(
             lambda: self.pool,
@@ -114,8 +119,9 @@ class Gateway:
             spacing_s=settings.command_spacing_s,
             retention_s=settings.command_retention_days * 86400,
             on_result=self._command_finished,
+            on_finish_tx=self._command_finished_tx,
+            on_sent_tx=self._command_sent_tx,
             on_backlog=self._outbox_backlog,
-            on_sent=self._command_sent,
             on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
             on_answered=self.sessions.ack_ok,
             on_resend=lambda name: self.metrics.commands_resent_total.inc(),
@@ -127,6 +133,8 @@ class Gateway:
         self.sessions.on_online = self._online
         self.sessions.on_bound = self._bound
         self.sessions.on_released = self._released
+        self.sessions.on_gone = self._gone
+        self.writer.on_sessions = self.sessions.bind_results
         self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self), "bkv": BkvDriver(self)}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: uvicorn.Server | None = None
@@ -138,6 +146,11 @@ class Gateway:
 
     def wall(self) -> datetime:
         return datetime.now(UTC)
+
+    @property
+    def owner(self) -> str:
+        """This process's id in the session directory (``node/worker/pid``)."""
+        return self.cluster.owner
 
     # -- lifecycle --
 
@@ -233,7 +246,7 @@ class Gateway:
         then deliver its commands (the claim must be committed for the outbox to
         take them)."""
         self.writer.put_session(
-            SessionRow(device_id, self.cluster.owner, link.id, link.remote, self.wall(), True)
+            SessionRow(device_id, self.owner, link.id, link.remote, time.monotonic(), True)
         )
         if not self._bound_since_commit:
             self.writer.after_commit(self._look_for_waiting_commands)
@@ -253,12 +266,34 @@ class Gateway:
 
     def _released(self, device_id: str, link: Any) -> None:
         self.writer.put_session(
-            SessionRow(device_id, self.cluster.owner, link.id, link.remote, self.wall(), False)
+            SessionRow(device_id, self.owner, link.id, link.remote, time.monotonic(), False)
         )
 
     def _superseded(self, bound: list[tuple[str, Any]]) -> None:
         for device_id, since in bound:
             self.sessions.superseded(device_id, since)
+
+    def _gone(self, device_id: str) -> None:
+        """The process no longer holds the device: drop what is kept per device."""
+        for driver in self.drivers.values():
+            driver.forget(device_id)
+
+    def _held_gateways(self) -> list[tuple[str, str]]:
+        """(gateway id, connection id) of every open connection whose gateway is known."""
+        return [
+            (str(link.driver_state["gateway"]), link.id)
+            for link in self.server.links.values()
+            if not link.closed and "gateway" in link.driver_state
+        ]
+
+    def _reasserted(self, device_ids: list[str]) -> None:
+        """Devices claimed again after an outage: their rows were written by SQL (the
+        writer's memory of them is stale), and their commands can go."""
+        for device_id in device_ids:
+            self.writer.forget("d", device_id)
+        self.metrics.devices_reasserted_total.inc(len(device_ids))
+        if device_ids:
+            self.run(self.outbox.wake_waiting(device_ids), "wake-reasserted")
 
     def _command_notified(self, device_id: str) -> None:
         if not self.draining:
@@ -306,6 +341,7 @@ class Gateway:
             pool=self.pool,
             metrics=self.metrics,
             readiness=self.readiness,
+            reasons=self.readiness_reasons,
             api_keys=keys,
             auth_required=required,
         )
@@ -341,6 +377,19 @@ class Gateway:
             "database": self.pool is not None and self.writer.healthy,
             "listener": self.server.listening,
         }
+
+    def readiness_reasons(self) -> dict[str, str]:
+        """Why the checks of :meth:`readiness` fail, by check."""
+        reasons: dict[str, str] = {}
+        if self.pool is None:
+            reasons["database"] = "no database pool"
+        elif not self.writer.healthy:
+            reasons["database"] = (
+                f"writes held ({self.writer.backlog} rows): {self.writer.last_error}"
+            )
+        if not self.server.listening:
+            reasons["listener"] = "the device listener is not accepting connections"
+        return reasons
 
     async def _maintain_partitions(self) -> None:
         assert self.pool is not None
@@ -456,7 +505,11 @@ class Gateway:
         gateway = link.driver_state.get("gateway")
         if gateway is not None:
             self.writer.put_gateway(
-                str(gateway), protocol=link.protocol or "ap3000", online=False, last_seen_at=wall
+                str(gateway),
+                protocol=link.protocol or "ap3000",
+                online=False,
+                connection_id=link.id,
+                last_seen_at=wall,
             )
         log.info("connection closed", connection=link.id, reason=reason)
 
@@ -477,80 +530,81 @@ class Gateway:
 
     async def settle_order(
         self,
+        report: SettlementReport,
         *,
-        protocol: str,
-        device_id: str,
-        port: int,
-        order_no: str,
-        start_mode: str,
-        values: dict[str, Any],
+        find_open: Callable[[Any], Awaitable[Any]] | None = None,
         detail: dict[str, Any],
         while_connected: DeviceLink | None = None,
-    ) -> bool:
-        """Commit a settlement; while the database is away, retry with backoff as long as
+    ) -> Settled:
+        """Commit a settlement (once: a resend changes nothing) with its price and event;
+        while the database is unavailable, retry with backoff as long as
         ``while_connected`` is open (the device resends later otherwise)."""
 
         def retrying(exc: Exception) -> None:
             log.warning(
                 "settlement not stored yet, retrying",
-                device_id=device_id,
-                order_no=order_no,
-                error=str(exc),
+                device_id=report.device_id,
+                port=report.port,
+                reason=reason(exc),
             )
 
         return await retry_while_connected(
-            lambda: self._settle_once(
-                protocol=protocol,
-                device_id=device_id,
-                port=port,
-                order_no=order_no,
-                start_mode=start_mode,
-                values=values,
-                detail=detail,
-            ),
+            lambda: self._settle_once(report, find_open, detail),
             while_connected,
             on_retry=retrying,
         )
 
     async def _settle_once(
         self,
-        *,
-        protocol: str,
-        device_id: str,
-        port: int,
-        order_no: str,
-        start_mode: str,
-        values: dict[str, Any],
+        report: SettlementReport,
+        find_open: Callable[[Any], Awaitable[Any]] | None,
         detail: dict[str, Any],
-    ) -> bool:
+    ) -> Settled:
         assert self.pool is not None
         wall = self.wall()
         async with self.pool.acquire(timeout=5) as conn, conn.transaction():
-            applied = await settle(
-                conn,
-                order_no=order_no,
-                device_id=device_id,
-                port=port,
-                protocol=protocol,
-                start_mode=start_mode,
-                values=values,
-                at=wall,
-            )
-            if applied:  # priced, and a card charged, in the settlement's transaction
-                await billing.price_order(conn, order_no)
+            settled = await settle(conn, report, at=wall, find_open=find_open)
+            unpriced = None
+            if settled.applied:  # priced, and a card charged, in the settlement's transaction
+                unpriced = await self._price(conn, settled.order_no)
             await conn.execute(
                 """INSERT INTO device_events (device_id, at, kind, reason, detail)
                    VALUES ($1, $2, 'settlement', $3, $4)""",
-                device_id,
+                report.device_id,
                 wall,
-                "applied" if applied else "duplicate",
-                json.dumps(detail),
+                "applied" if settled.applied else "duplicate",
+                safe_json({**detail, "order_no": settled.order_no}),
             )
-        if applied:
-            self.metrics.settlements_committed_total.inc()
-        else:
+        if not settled.applied:
             self.metrics.settlements_duplicate_total.inc()
-        return applied
+            return settled
+        self.metrics.settlements_committed_total.inc()
+        if unpriced is not None:
+            self.metrics.settlements_unpriced_total.inc()
+        if settled.review_reason is not None or unpriced is not None:
+            self.metrics.orders_for_review_total.inc()
+        return settled
+
+    async def _price(self, conn: Any, order_no: str) -> str | None:
+        """Price a settled order in a savepoint; a settlement that cannot be priced is
+        kept with the pricing error and marked for review. Returns that error, if any."""
+        try:
+            async with conn.transaction():
+                await billing.price_order(conn, order_no)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("settlement stored unpriced, for review", order_no=order_no, error=error)
+            await conn.execute(
+                """UPDATE orders SET pricing_error = $2,
+                          review_reason = COALESCE(review_reason, 'pricing_error')
+                   WHERE order_no = $1""",
+                order_no,
+                error,
+            )
+            return error
+        return None
 
     async def order_progress(
         self,
@@ -565,22 +619,15 @@ class Gateway:
         assert self.pool is not None
         wall = self.wall()
         async with self.pool.acquire() as conn, conn.transaction():
-            exists = await conn.fetchval("SELECT 1 FROM orders WHERE order_no = $1", order_no)
-            if not exists:
-                await conn.execute(
-                    """INSERT INTO orders (order_no, device_id, port, protocol, status,
-                                           start_mode, device_initiated, started_at)
-                       VALUES ($1, $2, $3, $4, 'charging', $5, true, $6)
-                       ON CONFLICT DO NOTHING""",
-                    order_no,
-                    device_id,
-                    port,
-                    protocol,
-                    start_mode,
-                    wall,
-                )
-            else:
-                await transition(conn, order_no, "reported_charging", failure_reason=None)
+            order_no = await reported_charging(
+                conn,
+                protocol=protocol,
+                device_id=device_id,
+                port=port,
+                order_ref=order_no,
+                start_mode=start_mode,
+                at=wall,
+            )
             await conn.execute(
                 """INSERT INTO order_samples (order_no, at, duration_s, energy_kwh, power_w,
                                               voltage_v, current_a)
@@ -599,24 +646,48 @@ class Gateway:
     def _write_command(self, link: Any, frame: bytes, device_id: str, name: str) -> None:
         self.send(link, frame, device_id=device_id, command=name, priority=CONTROL)
 
-    async def _command_sent(self, command_id: int, order_no: str | None, name: str) -> None:
-        if order_no is None or name not in ("start", "stop"):
-            return
-        assert self.pool is not None
-        async with self.pool.acquire() as conn, conn.transaction():
+    async def _command_sent_tx(
+        self, conn: Any, command_id: int, order_no: str | None, name: str
+    ) -> None:
+        """A start or stop is marked sent: its order moves in the same transaction."""
+        if order_no is not None and name in ("start", "stop"):
             await transition(conn, order_no, f"{name}_sent")
 
     def _outbox_backlog(self, counts: dict[str, int]) -> None:
         for status, count in counts.items():
             self.metrics.outbox_backlog.labels(status=status).set(count)
 
+    async def _command_finished_tx(self, conn: Any, done: Finished) -> None:
+        """A start's outcome moves its order in the command's own transaction (with the
+        business number a BKV socket named): committed together or not at all."""
+        if done.order_no is None or done.name != "start":
+            return
+        if done.status is CommandStatus.ACKED:
+            await transition(conn, done.order_no, "start_acked", started_at=self.wall())
+            business_no = (done.outcome.reply if done.outcome else {}).get("business_no")
+            if isinstance(business_no, int) and business_no:  # also if the order moved on
+                await conn.execute(
+                    """UPDATE orders SET business_no = $2
+                       WHERE order_no = $1 AND business_no IS NULL""",
+                    done.order_no,
+                    business_no,
+                )
+        else:
+            outcome = done.outcome
+            why = done.dead_reason or (outcome.result_text if outcome else None)
+            await transition(
+                conn, done.order_no, "start_failed", failure_reason=why or done.status.value
+            )
+
     async def _command_finished(self, done: Finished) -> None:
-        self.metrics.commands_finished_total.labels(command=done.name, status=done.status).inc()
+        """After a command's outcome is committed: metrics, events, the firmware engine."""
+        self.metrics.commands_finished_total.labels(
+            command=done.name, status=done.status.value
+        ).inc()
         if done.outcome is not None:
             latency = (self.wall() - done.created_at).total_seconds()
             self.metrics.command_latency_seconds.labels(command=done.name).observe(latency)
-        await firmware.on_command_finished(self, done.command_id, done.name)
-        if done.status == "dead":
+        if done.status is CommandStatus.DEAD:
             reason = done.dead_reason or "unknown"
             self.metrics.commands_dead_total.labels(reason=reason).inc()
             # webhook-ready: the device's event log says which command died and why
@@ -627,18 +698,7 @@ class Gateway:
                 reason,
                 {"command_id": done.command_id, "command": done.name, "order_no": done.order_no},
             )
-        if done.order_no is None or done.name != "start":
-            return
-        assert self.pool is not None
-        async with self.pool.acquire() as conn, conn.transaction():
-            if done.status == "acked":
-                await transition(conn, done.order_no, "start_acked", started_at=self.wall())
-            else:
-                outcome = done.outcome
-                why = done.dead_reason or (outcome.result_text if outcome else None)
-                await transition(
-                    conn, done.order_no, "start_failed", failure_reason=why or done.status
-                )
+        await firmware.on_command_finished(self, done.command_id, done.name)
 
     def send(
         self,

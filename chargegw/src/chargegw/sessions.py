@@ -9,11 +9,20 @@ Online/offline is decided from several signals: the connection closing, heartbea
 missing for ``missed_heartbeats`` intervals, and repeated command ACK timeouts.
 Every transition is written to the device event log with its reason and time.
 Time comes in as arguments (``now`` monotonic seconds, ``wall`` a datetime).
+
+Binding a device also writes its session-directory row (through the batch writer, in
+database time). The writer reports whether the bind took effect (:meth:`bind_results`):
+a bind that lost to a newer one elsewhere lets the device go here, and a taken bind
+remembers its database ``since``, against which binds of other processes are compared
+(:meth:`superseded`) and with which the process re-asserts what it holds after an outage
+(:meth:`held`). A device whose connection closed is forgotten (``on_gone``): memory does
+not grow with every device id ever seen.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Protocol
@@ -22,7 +31,7 @@ import structlog
 
 from .core import EventKind
 from .metrics import Metrics
-from .store.writer import BatchWriter
+from .store.writer import BatchWriter, BindResult
 
 log = structlog.get_logger("chargegw.sessions")
 
@@ -38,6 +47,16 @@ class Link(Protocol):
     def close(self, reason: str) -> None: ...
 
 
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """A device this process holds on an open connection, with its directory ``since``."""
+
+    device_id: str
+    connection_id: str
+    since: datetime
+    online: bool
+
+
 @dataclasses.dataclass(slots=True)
 class DeviceSession:
     device_id: str
@@ -49,8 +68,10 @@ class DeviceSession:
     last_seen: float = 0.0
     last_heartbeat: float = 0.0
     ack_timeouts: int = 0
-    #: when the device was bound to ``link`` (server time)
-    bound_at: datetime | None = None
+    #: when the device was bound to ``link`` (monotonic)
+    bound_mono: float = 0.0
+    #: the directory's ``since`` of that bind (database time); None until committed
+    db_since: datetime | None = None
     #: when "online on this connection" was last put to the writer (monotonic)
     stamped: float = -1e18
 
@@ -83,6 +104,9 @@ class SessionRegistry:
         #: (the session directory in the database follows these)
         self.on_bound: Callable[[str, Link], None] = lambda device_id, link: None
         self.on_released: Callable[[str, Link], None] = lambda device_id, link: None
+        #: called when the process lets go of a device entirely (its per-device state
+        #: elsewhere can be dropped)
+        self.on_gone: Callable[[str], None] = lambda device_id: None
 
     def device_ids(self, link: Link) -> set[str]:
         """The devices currently bound to ``link``."""
@@ -126,14 +150,11 @@ class SessionRegistry:
         if session is None:
             session = DeviceSession(device_id, protocol, gateway_id, link, heartbeat_interval_s)
             self.devices[device_id] = session
-            session.bound_at = wall
-            self._attach(link, device_id)
+            self._attach(link, session)
         elif session.link is not link:
-            session.bound_at = wall
             self._rebind(session, link, wall)
         elif device_id not in self._by_link.get(link.id, ()):  # bound again after a release
-            session.bound_at = wall
-            self._attach(link, device_id)
+            self._attach(link, session)
         session.gateway_id = gateway_id
         session.heartbeat_interval_s = heartbeat_interval_s
         session.last_seen = now
@@ -152,6 +173,26 @@ class SessionRegistry:
             last_heartbeat_at=wall if heartbeat else None,
         )
         return session
+
+    def bind_results(self, results: list[BindResult]) -> None:
+        """The directory rows of binds were written: remember the ``since`` of those that
+        took effect; let go of devices whose bind lost to a newer one elsewhere."""
+        for result in results:
+            session = self.devices.get(result.device_id)
+            if session is None or session.link.id != result.connection_id:
+                continue  # bound elsewhere since, or gone
+            if result.since is not None:
+                session.db_since = result.since
+            else:
+                self._let_go(session, "a newer connection of the device holds it")
+
+    def held(self) -> list[Held]:
+        """Every device this process holds on an open connection with a committed bind."""
+        return [
+            Held(device_id, s.link.id, s.db_since, s.online)
+            for device_id, s in self.devices.items()
+            if s.db_since is not None and not s.link.closed
+        ]
 
     def bind_iccid(self, link: Link, iccid: str) -> None:
         """A SIM announced itself; an older connection with the same SIM is stale."""
@@ -178,22 +219,28 @@ class SessionRegistry:
             session.ack_timeouts = 0
 
     def superseded(self, device_id: str, since: datetime) -> None:
-        """Another process bound the device to a connection at ``since``: if that is newer
-        than ours, let the device go here.
-
-        No offline event: the device is online, elsewhere. A connection left without
-        devices is closed, as when the newer connection is in this process.
+        """The directory shows the device held by another process since ``since``
+        (database time). If our bind is committed and not newer, the directory's choice
+        stands (the newest bind wins, ties to the row's holder): let the device go here.
+        A bind not committed yet is decided when it is written (:meth:`bind_results`).
         """
         session = self.devices.get(device_id)
-        if session is None or (session.bound_at is not None and session.bound_at >= since):
+        if session is None or session.db_since is None or session.db_since > since:
             return
+        self._let_go(session, "another process holds a newer connection")
+
+    def _let_go(self, session: DeviceSession, why: str) -> None:
+        """Forget a device that is online elsewhere: no offline event. A connection left
+        without devices is closed, as when the newer connection is in this process."""
+        device_id = session.device_id
         del self.devices[device_id]
         link = session.link
         remaining = self._by_link.get(link.id, set())
         remaining.discard(device_id)
         if session.online:
             self.metrics.devices_online.dec()
-        log.info("device moved to another process", device_id=device_id, old=link.id)
+        log.info("device moved to another connection", device_id=device_id, old=link.id, why=why)
+        self.on_gone(device_id)
         if not remaining and not link.closed:
             link.close("superseded")
 
@@ -201,7 +248,8 @@ class SessionRegistry:
         self._links[link.id] = link
 
     def link_closed(self, link: Link, reason: str, wall: datetime) -> None:
-        """The connection is gone: its devices go offline with the reason."""
+        """The connection is gone: its devices go offline with the reason, and are
+        forgotten (a device that comes back starts a new session)."""
         self._links.pop(link.id, None)
         if link.iccid and self._iccids.get(link.iccid) is link:
             del self._iccids[link.iccid]
@@ -212,6 +260,8 @@ class SessionRegistry:
             self.on_released(device_id, link)
             if session.online:
                 self._set_offline(session, wall, reason)
+            del self.devices[device_id]
+            self.on_gone(device_id)
 
     def sweep(self, now: float, wall: datetime) -> None:
         """Mark devices offline whose heartbeats stopped."""
@@ -224,16 +274,18 @@ class SessionRegistry:
 
     # -- transitions --
 
-    def _attach(self, link: Link, device_id: str) -> None:
-        self._by_link.setdefault(link.id, set()).add(device_id)
-        self.on_bound(device_id, link)
+    def _attach(self, link: Link, session: DeviceSession) -> None:
+        session.bound_mono = time.monotonic()
+        session.db_since = None
+        self._by_link.setdefault(link.id, set()).add(session.device_id)
+        self.on_bound(session.device_id, link)
 
     def _rebind(self, session: DeviceSession, link: Link, wall: datetime) -> None:
         old = session.link
         remaining = self._by_link.get(old.id, set())
         remaining.discard(session.device_id)
         session.link = link
-        self._attach(link, session.device_id)
+        self._attach(link, session)
         self.writer.put_event(
             session.device_id,
             wall,
@@ -268,7 +320,11 @@ class SessionRegistry:
         session.online = False
         self.metrics.devices_online.dec()
         self.writer.put_device(
-            session.device_id, protocol=session.protocol, online=False, offline_reason=reason
+            session.device_id,
+            protocol=session.protocol,
+            online=False,
+            offline_reason=reason,
+            connection_id=session.link.id,
         )
         self.writer.put_event(
             session.device_id,

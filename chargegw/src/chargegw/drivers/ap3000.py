@@ -13,7 +13,7 @@ from chargeproto import ABSENT, Direction, Message, ap3000
 from .. import firmware, params
 from ..audit import mask_text
 from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
-from ..orders import AP3000_STOP_REASONS
+from ..orders import AP3000_STOP_REASONS, SettlementReport
 from ..transport import DeviceLink
 from . import ap3000_commands as commands
 from .base import DriverContext, gateway_connected, look_up_card, record_swipe, send_reply
@@ -68,10 +68,6 @@ class Ap3000Driver:
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
-        #: devices that have sent 0x21: their 0x01 are never answered
-        self._modern: set[str] = set()
-        #: 0x01 heartbeats seen in a row per device without any 0x21
-        self._legacy_count: dict[str, int] = {}
         self._handlers: dict[type[Message], Callable[[DeviceLink, Any, str | None], None]] = {
             ap3000.Registration: self._registration,
             ap3000.Heartbeat: self._heartbeat,
@@ -87,6 +83,9 @@ class Ap3000Driver:
 
     def heartbeat_interval(self) -> float:
         return self.ctx.settings.ap3000_heartbeat_s
+
+    def forget(self, device_id: str) -> None:
+        """Nothing is kept per device outside its connection's ``driver_state``."""
 
     def device_of(self, message: Message) -> str | None:
         """The device a frame concerns (None for a host speaking for itself)."""
@@ -203,8 +202,9 @@ class Ap3000Driver:
         self.ctx.writer.put_event(device_id, wall, EventKind.REGISTERED.value, None, _detail(m))
 
     def _heartbeat(self, link: DeviceLink, m: ap3000.Heartbeat, device_id: str | None) -> None:
-        self._modern.add(m.phy_id)
-        self._legacy_count.pop(m.phy_id, None)
+        # per connection (piles behind a host share it): freed with the connection
+        link.driver_state.setdefault("modern", set()).add(m.phy_id)
+        link.driver_state.get("legacy_count", {}).pop(m.phy_id, None)
         self._reply(link, ap3000.HeartbeatReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
@@ -257,9 +257,9 @@ class Ap3000Driver:
         self, link: DeviceLink, m: ap3000.LegacyHeartbeat, device_id: str | None
     ) -> None:
         # answer 0x01 or 0x21, never both (ap3000.md 3): only devices without 0x21
-        if m.phy_id not in self._modern:
-            count = self._legacy_count.get(m.phy_id, 0) + 1
-            self._legacy_count[m.phy_id] = count
+        if m.phy_id not in link.driver_state.get("modern", ()):
+            counts = link.driver_state.setdefault("legacy_count", {})
+            count = counts[m.phy_id] = counts.get(m.phy_id, 0) + 1
             if count >= LEGACY_AFTER:
                 self._reply(
                     link, ap3000.LegacyHeartbeatReply(m.phy_id, m.msg_id, result=0), device_id
@@ -357,17 +357,22 @@ class Ap3000Driver:
         if m.timestamp_unix is not ABSENT:
             values["device_ended_at"] = datetime.fromtimestamp(m.timestamp_unix, UTC)
 
+        report = SettlementReport(
+            protocol=self.protocol,
+            device_id=owner,
+            port=m.port + 1,
+            start_mode=_START_MODES.get(m.start_mode, "device"),
+            order_ref=m.order_id,
+            business_no=None,
+            duration_s=m.duration_s,
+            energy_kwh=m.energy_kwh,
+            device_ended_at=values.get("device_ended_at"),
+            values=lambda order: values,
+        )
+
         async def settle_then_ack() -> None:
-            await self.ctx.settle_order(
-                protocol=self.protocol,
-                device_id=owner,
-                port=m.port + 1,
-                order_no=m.order_id,
-                start_mode=_START_MODES.get(m.start_mode, "device"),
-                values=values,
-                detail=_detail(m),
-                while_connected=link,
-            )
+            await self.ctx.settle_order(report, detail=_detail(m), while_connected=link)
+            # committed: acknowledged now (the pile deletes it then)
             self._reply(link, ap3000.SettlementReply(m.phy_id, m.msg_id, result=0), device_id)
 
         self.ctx.run(settle_then_ack(), "settlement")

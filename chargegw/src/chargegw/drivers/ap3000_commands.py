@@ -11,7 +11,7 @@ from typing import Any
 
 from chargeproto import EncodeError, Message, ap3000
 
-from ..outbox import Outcome, random_start
+from ..outbox import Outcome
 
 #: replies the server sends to device messages: not commands
 _SERVER_REPLIES = {
@@ -130,12 +130,12 @@ def outcome(message: Message) -> Outcome:
 class Ap3000Commands:
     """The outbox's view of AP3000: frames out, reply keys."""
 
-    def __init__(self) -> None:
-        self._next = random_start()
+    #: msg ids are u16; 0 is never used
+    max_correlation = 0xFFFF
 
-    def new_correlation(self, device_id: str) -> int:
-        self._next = self._next % 0xFFFF + 1
-        return self._next
+    def correlation_scope(self, device_id: str, params: dict[str, Any]) -> str:
+        """The pile (or the host a host frame goes to) whose msg ids must not repeat."""
+        return str(params.get("phy_id") or device_id)
 
     def encode_command(
         self, device_id: str, name: str, params: dict[str, Any], correlation: int

@@ -14,9 +14,11 @@ from chargeproto import Message, bkv
 from .. import billing
 from ..config import Settings
 from ..core import EventKind
+from ..orders import Settled, SettlementReport
 from ..outbox import Outbox
 from ..sessions import SessionRegistry
-from ..store.writer import TRANSIENT_DB_ERRORS, BatchWriter
+from ..store.errors import is_unavailable
+from ..store.writer import BatchWriter
 from ..transport import REPLY, DeviceLink
 
 _R = TypeVar("_R")
@@ -32,24 +34,26 @@ class DriverContext(Protocol):
     #: the database, for drivers that look orders up (None until the gateway started)
     pool: asyncpg.Pool | None
 
+    @property
+    def owner(self) -> str:
+        """This process's id in the session directory."""
+        ...
+
     def run(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``coro`` as a task the gateway owns (errors are logged, not lost)."""
         ...
 
     async def settle_order(
         self,
+        report: SettlementReport,
         *,
-        protocol: str,
-        device_id: str,
-        port: int,
-        order_no: str,
-        start_mode: str,
-        values: dict[str, Any],
+        find_open: Callable[[Any], Awaitable[Any]] | None = None,
         detail: dict[str, Any],
         while_connected: DeviceLink | None = None,
-    ) -> bool:
-        """Commit a settlement (once; False for a resend) and its event row, retrying
-        while the database is away and ``while_connected`` stays open."""
+    ) -> Settled:
+        """Commit a settlement (once: a resend changes nothing) with its price and event
+        row, retrying while the database is unavailable and ``while_connected`` stays
+        open. ``find_open(conn)`` finds the open order of a report without an order id."""
         ...
 
     async def order_progress(
@@ -140,6 +144,7 @@ def gateway_connected(
         protocol=protocol,
         online=True,
         connection_id=link.id,
+        owner=ctx.owner,
         node=ctx.settings.node,
         remote_addr=link.remote,
         connected_at=wall,
@@ -194,14 +199,15 @@ async def retry_while_connected(
     *,
     on_retry: Callable[[Exception], None] | None = None,
 ) -> _R:
-    """``attempt()``; while the database is away, retry with backoff (0.5 s doubling to
-    5 s) as long as ``link`` is open (the device resends later otherwise)."""
+    """``attempt()``; while the database is unavailable (``store.errors.is_unavailable``:
+    away, read-only, full ...), retry with backoff (0.5 s doubling to 5 s) as long as
+    ``link`` is open (the device resends later otherwise)."""
     delay = 0.5
     while True:
         try:
             return await attempt()
-        except TRANSIENT_DB_ERRORS as exc:
-            if link is None or link.closed:
+        except Exception as exc:
+            if not is_unavailable(exc) or link is None or link.closed:
                 raise
             if on_retry is not None:
                 on_retry(exc)

@@ -10,7 +10,6 @@ gateway's resends.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
@@ -23,7 +22,7 @@ from chargeproto import ABSENT, Message, bkv
 from .. import billing, firmware, params
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
-from ..orders import new_order_no
+from ..orders import SettlementReport
 from ..transport import DeviceLink
 from . import bkv_commands as commands
 from .base import (
@@ -213,13 +212,10 @@ class BkvDriver:
             if waiting.name == "stop":
                 self._stops_acked.add((waiting.device_id, port, m.business_no))
             elif waiting.name == "start" and waiting.order_no is not None:
-                # recorded before the outbox moves the order: a status or end report
-                # that follows at once already finds the order by its business number
+                # the outbox writes the business number with the start's outcome; until
+                # that commits, a status or end report that follows at once finds the
+                # order by this hint
                 self._started[(waiting.device_id, port)] = (waiting.order_no, m.business_no)
-                self.ctx.run(
-                    self._record_business_no(link, waiting.device_id, waiting.order_no, m),
-                    "business-no",
-                )
         self.ctx.outbox.on_reply(key, result)
         return waiting.command_id
 
@@ -231,6 +227,16 @@ class BkvDriver:
 
     def _lock(self, device_id: str) -> asyncio.Lock:
         return self._locks.setdefault(device_id, asyncio.Lock())
+
+    def forget(self, device_id: str) -> None:
+        """The process let go of the socket: drop what is kept for it (the database keeps
+        the orders; a lock still held stays until released)."""
+        for key in [k for k in self._started if k[0] == device_id]:
+            del self._started[key]
+        self._stops_acked = {k for k in self._stops_acked if k[0] != device_id}
+        lock = self._locks.get(device_id)
+        if lock is not None and not lock.locked():
+            del self._locks[device_id]
 
     async def _db(self, step: Callable[[Any], Awaitable[_R]], link: DeviceLink | None) -> _R:
         """Run ``step(conn)`` in a transaction; while the database is away, retry as long
@@ -244,60 +250,59 @@ class BkvDriver:
 
         return await retry_while_connected(attempt, link)
 
-    async def _record_business_no(
-        self, link: DeviceLink, device_id: str, order_no: str, m: bkv.ChargeControlReply
-    ) -> None:
-        async def update(conn: Any) -> None:
-            await conn.execute(
-                "UPDATE orders SET business_no = $2 WHERE order_no = $1", order_no, m.business_no
-            )
-
-        async with self._lock(device_id):
-            await self._db(update, link)
-        log.info("business number recorded", order_no=order_no, business_no=m.business_no)
-
     async def _find_order(
         self,
         conn: Any,
         device_id: str,
         port: int,
-        business_no: int,
+        business_no: int | None,
         *,
-        settlement: dict[str, Any] | None = None,
         stuck_starts: bool = True,
     ) -> Any:
-        """The order of the session (device, port, business number), or None.
+        """The open order of the session (device, port, business number), or None.
 
         The business number of an open order (or the one the start reply just named);
-        with ``settlement``, also the order that settlement was applied to (a resend);
-        with ``stuck_starts``, else the latest recent start that went unanswered
-        (``failed``, "no answer"), which may have started after all.
+        without a business number, the open order of the port whose start went out (a
+        port runs one session at a time); with ``stuck_starts``, else the latest recent
+        start that went unanswered (``failed``, "no answer") or whose answer is not
+        recorded yet (``starting`` without a business number), which may have started
+        after all. Settled orders are never returned: resends are recognised by
+        :func:`chargegw.orders.settle`.
         """
         columns = """o.order_no, o.status, o.mode, o.requested_duration_min,
                      o.requested_energy_kwh, o.started_at,
                      EXISTS (SELECT 1 FROM commands c WHERE c.order_no = o.order_no
                              AND c.name = 'stop' AND c.status = 'acked') AS stop_acked"""
+        if business_no is None:
+            row = await conn.fetchrow(
+                f"""SELECT {columns} FROM orders o
+                    WHERE o.device_id = $1 AND o.port = $2
+                      AND o.status IN ('starting', 'charging', 'stopping')
+                    ORDER BY o.created_at DESC LIMIT 1""",
+                device_id,
+                port,
+            )
+            return row
         hint = self._started.get((device_id, port))
         row = await conn.fetchrow(
             f"""SELECT {columns} FROM orders o
                 WHERE o.device_id = $1 AND o.port = $2
                   AND (o.business_no = $3 OR o.order_no = $4)
-                  AND (o.status = ANY($5::text[])
-                       OR (o.status = 'settled' AND o.settlement = $6::jsonb))
-                ORDER BY (o.status <> 'settled') DESC, o.created_at DESC LIMIT 1""",
+                  AND o.status = ANY($5::text[])
+                ORDER BY o.created_at DESC LIMIT 1""",
             device_id,
             port,
             business_no,
             hint[0] if hint is not None and hint[1] == business_no else None,
             list(_OPEN),
-            None if settlement is None else json.dumps(settlement),
         )
         if row is not None or not stuck_starts:
             return row
         row = await conn.fetchrow(
             f"""SELECT {columns} FROM orders o
                 WHERE o.device_id = $1 AND o.port = $2 AND o.business_no IS NULL
-                  AND o.status = 'failed' AND o.failure_reason = 'no answer'
+                  AND ((o.status = 'failed' AND o.failure_reason = 'no answer')
+                       OR o.status = 'starting')
                   AND o.created_at > $3
                 ORDER BY o.created_at DESC LIMIT 1""",
             device_id,
@@ -306,7 +311,7 @@ class BkvDriver:
         )
         if row is not None:
             log.info(
-                "unanswered start reconciled by the business number",
+                "start without a recorded answer reconciled by the business number",
                 order_no=row["order_no"],
                 business_no=business_no,
             )
@@ -555,40 +560,40 @@ class BkvDriver:
             return
         device_id = bkv_device_id(m.gateway_id, socket)
         business_no = _present(m.business_no)
+        business_no = business_no if isinstance(business_no, int) and business_no else None
         detail = _detail(m)
         card = isinstance(m, bkv.CardEndReport)
+        minutes, energy = _present(m.duration_min), _present(m.energy_kwh)
+        report = SettlementReport(
+            protocol=self.protocol,
+            device_id=device_id,
+            port=port + 1,
+            start_mode="card" if card else "device",
+            order_ref=None,
+            business_no=business_no,
+            duration_s=minutes * 60 if isinstance(minutes, int) else None,
+            energy_kwh=energy if isinstance(energy, int | float) else None,
+            device_ended_at=self._device_time(_present(getattr(m, "end_time", None))),
+            values=lambda order: self._settlement_values(m, detail, order, device_id, port + 1),
+        )
+
+        async def find_open(conn: Any) -> Any:
+            return await self._find_order(
+                conn, device_id, port + 1, business_no, stuck_starts=not card
+            )
 
         async def settle_then_ack() -> None:
             # the gateway resends until acknowledged: acknowledge only what is committed
             async with self._lock(device_id):
-                order = None
-                if isinstance(business_no, int):
-                    order = await self._db(
-                        lambda conn: self._find_order(
-                            conn,
-                            device_id,
-                            port + 1,
-                            business_no,
-                            settlement=detail,
-                            stuck_starts=not card,
-                        ),
-                        link,
-                    )
-                order_no = new_order_no() if order is None else str(order["order_no"])
                 await self.ctx.settle_order(
-                    protocol=self.protocol,
-                    device_id=device_id,
-                    port=port + 1,
-                    order_no=order_no,
-                    start_mode="card" if card else "device",
-                    values=self._settlement_values(m, detail, order, device_id, port + 1),
-                    detail=detail,
-                    while_connected=link,
+                    report, find_open=find_open, detail=detail, while_connected=link
                 )
-                if self._started.get((device_id, port + 1), ("", None))[1] == business_no:
-                    del self._started[(device_id, port + 1)]
-                self._stops_acked.discard((device_id, port + 1, business_no))
+            # committed: nothing after this may keep the ACK from going out
             self._reply(link, reply, device_id)
+            started = self._started.get((device_id, port + 1))
+            if started is not None and (business_no is None or started[1] == business_no):
+                self._started.pop((device_id, port + 1), None)
+            self._stops_acked.discard((device_id, port + 1, business_no or 0))
 
         self.ctx.run(settle_then_ack(), "settlement")
 

@@ -10,7 +10,6 @@ BKV success is ``result == 1`` (bkv.md 11.1).
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 from chargeproto import EncodeError, Message, bkv
@@ -232,13 +231,13 @@ MAX_SEQ = 0x7FFFFFFF
 class BkvCommands:
     """The outbox's view of BKV: frames out, reply keys."""
 
-    def __init__(self) -> None:
-        self._next = random.randrange(1, MAX_SEQ)
+    #: seq 0 marks frames a device sends on its own (bkv.md 3): never used
+    max_correlation = MAX_SEQ
 
-    def new_correlation(self, device_id: str) -> int:
-        # seq 0 marks frames a device sends on its own (bkv.md 3): never use it
-        self._next = self._next % MAX_SEQ + 1
-        return self._next
+    def correlation_scope(self, device_id: str, params: dict[str, Any]) -> str:
+        """The gateway: its sockets share the connection, and replies are matched by
+        (gateway, seq, command)."""
+        return _address(device_id)[0]
 
     def encode_command(
         self, device_id: str, name: str, params: dict[str, Any], correlation: int

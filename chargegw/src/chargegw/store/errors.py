@@ -119,8 +119,10 @@ def reason(exc: BaseException) -> str:
         return "the database does not accept connections now"
     if state is not None and state.startswith("57"):
         return f"the server is shutting down or cancelled the statement ({state})"
-    if state is not None and state.startswith("08") or isinstance(exc, OSError | ConnectionError):
-        return "cannot connect to the database"
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError):  # before OSError: TimeoutError is one
         return "the database did not answer in time"
+    if (state is not None and state.startswith("08")) or isinstance(exc, OSError | ConnectionError):
+        return "cannot connect to the database"
+    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+        return "the connection pool is closed"
     return describe(exc)

@@ -5,13 +5,18 @@ the writer without awaiting; a background task flushes every ``interval_s`` or a
 soon as ``batch_rows`` rows wait. Device, gateway and port state is coalesced by key
 (only the newest values matter), events and frames are appended.
 
-If PostgreSQL goes away, rows stay in memory and the flush is retried with backoff;
-``healthy`` turns False (readiness reports it). The buffer is bounded: above
-``limit`` rows ``overloaded`` turns True and the transport pauses reading from the
-devices until the backlog drains, so nothing accepted is ever dropped.
+If PostgreSQL goes away, or refuses every statement (a read-only standby after a
+failover, a full disk, missing permissions: see ``store/errors.py``), rows stay in memory
+and the flush is retried with backoff; ``healthy`` turns False and ``last_error`` says why
+(readiness reports it). The buffer is bounded: above ``limit`` rows ``overloaded`` turns
+True and the transport pauses reading from the devices until the backlog drains, so
+nothing accepted is ever dropped. Only a row whose own values the database refuses
+(SQLSTATE classes 22 and 23) is set aside: the batch is written row by row and each such
+row goes to the ``rejected_rows`` table with the error, counted in
+``db_rows_rejected_total``; the rows around it are written.
 
 ``after_commit(callback)`` runs ``callback`` once every row put before it is
-committed: a settlement is acknowledged to its device only then.
+committed (or set aside as rejected): a settlement is acknowledged to its device only then.
 
 State that did not change is not written again: a device, gateway or port row with the
 same values as the last one put for the same key is not upserted again until
@@ -20,10 +25,21 @@ same values as the last one put for the same key is not upserted again until
 table and batch, far cheaper than an upsert per row. A heartbeat that says "still here,
 nothing new" costs its audit rows and a touch.
 
-Session-directory rows (which process holds which device) go through the same batches;
-binding a device counts its (re)connections, and a device that reconnects more than
-``FlapPolicy.max_connects`` times in ``window_s`` is banned for ``ban_s`` in the same
-transaction (``on_banned`` hears of it after the commit).
+A state row is compared with the last row put for the same key (whatever its columns),
+so a row that undoes a change in between (offline, online, offline again) is written.
+An offline row names the connection that went away and only takes effect while the row
+still names that connection: a late offline from an old connection (here or in another
+process) cannot hide a newer one.
+
+Session-directory rows (which process holds which device) go through the same batches,
+stamped with *database* time: ``since`` is the server's ``now()`` minus the age of the
+bind on this process's monotonic clock, so nodes with skewed clocks still order their
+binds correctly, and a bind held during an outage keeps its true moment. The newest bind
+wins; ``on_sessions`` hears after the commit which binds took effect (with their
+``since``) and which lost to a newer one. Binding a device counts its (re)connections,
+and a device that reconnects more than ``FlapPolicy.max_connects`` times in ``window_s``
+is banned for ``ban_s`` in the same transaction (``on_banned`` hears of it after the
+commit).
 """
 
 from __future__ import annotations
@@ -40,13 +56,17 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..audit import mask_text
 from ..metrics import Metrics
 from .database import Connection
+from .errors import describe, is_row_error, is_unavailable, reason, sqlstate
+from .values import safe_json, safe_text
 
 log = structlog.get_logger("chargegw.writer")
 
 GATEWAY_COLUMNS = (
     "gateway_id",
+    "owner",
     "protocol",
     "iccid",
     "imei",
@@ -107,14 +127,25 @@ class FlapPolicy:
 
 @dataclasses.dataclass(frozen=True)
 class SessionRow:
-    """A device bound to (``owner`` set) or released from a process's connection."""
+    """A device bound to (``bound``) or released from a process's connection; ``mono`` is
+    when, on this process's monotonic clock (turned into database time when written)."""
 
     device_id: str
     owner: str
     connection_id: str
     remote: str
-    at: datetime
+    mono: float
     bound: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BindResult:
+    """What became of a bind: taken (``since`` set, database time) or lost to a newer
+    bind of the same device (``since`` None)."""
+
+    device_id: str
+    connection_id: str
+    since: datetime | None
 
 
 FRAME_COLUMNS = (
@@ -145,9 +176,8 @@ def _later(a: datetime | None, b: datetime | None) -> datetime | None:
 
 
 def _content(row: dict[str, Any]) -> int:
-    """A hash of a state row's values without its freshness columns (the column names
-    are part of the row's slot, see ``_unchanged``)."""
-    values = [v for k, v in row.items() if k not in _FRESHNESS]
+    """A hash of a state row's columns and values, without its freshness columns."""
+    values = [(k, v) for k, v in row.items() if k not in _FRESHNESS]
     try:
         return hash(tuple(values))
     except TypeError:  # a dict (attributes): rare rows, hashed through JSON
@@ -164,18 +194,41 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> s
     PostgreSQL checks NOT NULL on the proposed row before it resolves the conflict, so
     the inserted values fall back to the column defaults, while the update refers to
     the parameters themselves and keeps the stored value when one is NULL.
+
+    In tables with ``online``, an offline row (``online`` false) names the connection
+    that went away and changes nothing unless the stored row still names it (or none).
     """
     names = ", ".join(columns)
+    number = {column: f"${index}" for index, column in enumerate(columns, start=1)}
     values = []
     updates = []
-    for index, column in enumerate(columns, start=1):
-        param = f"${index}"
+    # an offline row from a connection that is no longer the device's (or gateway's)
+    stale = None
+    if "online" in columns:
+        conn = number["connection_id"]
+        stale = (
+            f"({number['online']} = false AND {conn} IS NOT NULL"
+            f" AND t.connection_id IS NOT NULL AND t.connection_id <> {conn})"
+        )
+    for column in columns:
+        param = number[column]
         default = _DEFAULTS.get(column)
         values.append(f"COALESCE({param}, {default})" if default else param)
         if column in key:
             continue
         if column == "attributes":
             updates.append(f"attributes = t.attributes || COALESCE({param}, '{{}}'::jsonb)")
+        elif column == "offline_reason" and stale:
+            updates.append(
+                f"offline_reason = CASE WHEN {stale} THEN t.offline_reason "
+                f"WHEN {number['online']} THEN NULL "
+                f"ELSE COALESCE({param}, t.offline_reason) END"
+            )
+        elif column in ("online", "connection_id", "owner") and stale:
+            updates.append(
+                f"{column} = CASE WHEN {stale} THEN t.{column} "
+                f"ELSE COALESCE({param}, t.{column}) END"
+            )
         else:
             updates.append(f"{column} = COALESCE({param}, t.{column})")
     stamp = ", updated_at = now()" if table in ("gateways", "devices") else ""
@@ -189,10 +242,21 @@ _GATEWAY_SQL = _upsert_sql("gateways", GATEWAY_COLUMNS, ("gateway_id",))
 _DEVICE_SQL = _upsert_sql("devices", DEVICE_COLUMNS, ("device_id",))
 _PORT_SQL = _upsert_sql("ports", PORT_COLUMNS, ("device_id", "port"))
 
+#: columns an offline row for an old connection must not change in a newer row
+_CONNECTION_STATE = ("online", "offline_reason", "connection_id", "owner")
+#: columns whose text comes from the device and may hold any byte
+_DEVICE_TEXT = ("iccid", "imei", "firmware")
+
 
 def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     if old is None:
         return dict(new)
+    if (
+        new.get("online") is False
+        and old.get("online") is True
+        and new.get("connection_id") not in (None, old.get("connection_id"))
+    ):  # the old connection went offline after the newer one came online
+        new = {k: v for k, v in new.items() if k not in _CONNECTION_STATE}
     merged = dict(old)
     for key, value in new.items():
         if value is None:
@@ -204,6 +268,15 @@ def _merge(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _storable(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with device-provided text made storable (see ``store/values.py``)."""
+    for column in _DEVICE_TEXT:
+        value = row.get(column)
+        if isinstance(value, str):
+            row[column] = safe_text(value)
+    return row
+
+
 @dataclasses.dataclass
 class _Batch:
     gateways: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
@@ -211,8 +284,9 @@ class _Batch:
     ports: dict[tuple[str, int], dict[str, Any]] = dataclasses.field(default_factory=dict)
     events: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
     frames: list[tuple[Any, ...]] = dataclasses.field(default_factory=list)
-    #: per device, its latest bind/release; binds also kept in order for counting
-    sessions: dict[str, SessionRow] = dataclasses.field(default_factory=dict)
+    #: directory rows: a device's latest bind (key: device id) and its releases (key:
+    #: device id and connection id); binds are written before releases
+    sessions: dict[Any, SessionRow] = dataclasses.field(default_factory=dict)
     #: timestamps only: key -> (last_seen_at, last_heartbeat_at) / reported_at
     touched_devices: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     touched_gateways: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -242,13 +316,24 @@ class _Batch:
             self.ports[key] = _merge(self.ports.get(key), row)
         self.events.extend(newer.events)
         self.frames.extend(newer.frames)
-        self.sessions.update(newer.sessions)
+        for session in newer.sessions.values():
+            _add_session(self.sessions, session)
         for did, (seen, beat) in newer.touched_devices.items():
             old = self.touched_devices.get(did, (None, None))
             self.touched_devices[did] = (_later(seen, old[0]), _later(beat, old[1]))
         self.touched_gateways.update(newer.touched_gateways)
         self.touched_ports.update(newer.touched_ports)
         self.callbacks.extend(newer.callbacks)
+
+
+def _add_session(sessions: dict[Any, SessionRow], row: SessionRow) -> None:
+    """Add a bind or release to a batch's directory rows (see ``_Batch.sessions``)."""
+    if row.bound:
+        # a bind after a release of the same connection: the release is over
+        sessions.pop((row.device_id, row.connection_id), None)
+        sessions[row.device_id] = row
+    else:
+        sessions[(row.device_id, row.connection_id)] = row
 
 
 class BatchWriter:
@@ -287,6 +372,8 @@ class BatchWriter:
         self.flap_policy = FlapPolicy()
         #: called after a commit with the devices that were just banned for flapping
         self.on_banned: Callable[[list[str]], None] = lambda device_ids: None
+        #: called after a commit with what became of the directory binds it wrote
+        self.on_sessions: Callable[[list[BindResult]], None] = lambda results: None
 
     # -- putting rows (synchronous: called from protocol callbacks) --
 
@@ -298,7 +385,8 @@ class BatchWriter:
                 self._pending.touched_gateways[gateway_id] = seen
                 self._added()
             return
-        self._pending.gateways[gateway_id] = _merge(self._pending.gateways.get(gateway_id), row)
+        pending = self._pending.gateways
+        pending[gateway_id] = _merge(pending.get(gateway_id), _storable(row))
         self._added()
 
     def put_device(self, device_id: str, **values: Any) -> None:
@@ -308,7 +396,8 @@ class BatchWriter:
             if seen is not None or beat is not None:
                 self.touch_device(device_id, seen, beat)
             return
-        self._pending.devices[device_id] = _merge(self._pending.devices.get(device_id), row)
+        pending = self._pending.devices
+        pending[device_id] = _merge(pending.get(device_id), _storable(row))
         self._added()
 
     def put_port(self, device_id: str, port: int, **values: Any) -> None:
@@ -334,11 +423,13 @@ class BatchWriter:
         self._added()
 
     def _unchanged(self, table: str, key: Any, row: dict[str, Any]) -> bool:
-        """True if the same row (same columns and values, timestamps aside) was put for
-        ``key`` less than ``refresh_s`` ago; otherwise remember this one."""
+        """True if the last row put for ``key`` had the same columns and values
+        (timestamps aside) and was put less than ``refresh_s`` ago; otherwise remember
+        this one. Compared with the last row of the key whatever its columns, so a row
+        that undoes a change in between is written again."""
         if self.refresh_s <= 0:
             return False
-        slot = hash((table, key, tuple(row)))
+        slot = hash((table, key))
         # one int per row: the content and the refresh period it was written in (each
         # key with its own phase, so the rewrites of many devices do not coincide)
         period = int(time.monotonic() / self.refresh_s + (slot % 997) / 997)
@@ -358,7 +449,7 @@ class BatchWriter:
         reason: str | None = None,
         detail: dict[str, Any] | None = None,
     ) -> None:
-        self._pending.events.append((device_id, at, kind, reason, json.dumps(detail or {})))
+        self._pending.events.append((device_id, at, kind, reason, safe_json(detail or {})))
         self._added()
 
     def put_frame(
@@ -379,8 +470,14 @@ class BatchWriter:
 
     def put_session(self, row: SessionRow) -> None:
         """Record a device bound to (or released from) a connection of this process."""
-        self._pending.sessions[row.device_id] = row
+        _add_session(self._pending.sessions, row)
         self._added()
+
+    def forget(self, table: str, key: Any) -> None:
+        """Forget the last row put for ``key`` (``"d"`` devices, ``"g"`` gateways, ``"p"``
+        ports): something else wrote that row, so the next put is written whatever it
+        holds."""
+        self._remembered.pop(hash((table, key)), None)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every row put so far is committed."""
@@ -437,8 +534,8 @@ class BatchWriter:
                 if self._closing:
                     return
                 continue
-            ok = await self._write(batch)
-            if ok:
+            retry = await self._write(batch)
+            if retry is None:
                 delay = 0.0
                 for callback in batch.callbacks:
                     try:
@@ -454,7 +551,7 @@ class BatchWriter:
                     if self._closing:
                         return
             else:
-                self._failed = batch
+                self._failed = retry
                 delay = min(max(delay * 2, 0.5), 5.0)
                 if self._closing and delay >= 5.0:
                     return
@@ -469,116 +566,183 @@ class BatchWriter:
         self._pending = _Batch()
         return batch
 
-    async def _write(self, batch: _Batch) -> bool:
-        """Write one batch in one transaction; False when it must be retried."""
+    def _holding(self, exc: BaseException, rows: int) -> None:
+        """The database takes no statement now: say so once, keep the rows."""
+        self._metrics.db_write_failures_total.inc()
+        why = reason(exc)
+        if self.healthy or self.last_error != why:
+            if is_unavailable(exc):
+                log.warning("database unavailable, holding rows", reason=why, rows=rows)
+            else:  # a defect or an unexpected refusal: never drop rows for it
+                log.error(
+                    "database refused a batch for no row's fault, holding rows",
+                    error=describe(exc),
+                    rows=rows,
+                    exc_info=exc,
+                )
+        self.healthy = False
+        self.last_error = why
+
+    async def _write(self, batch: _Batch) -> _Batch | None:
+        """Write one batch in one transaction; returns what must be retried (None: done)."""
         pool = self._pool_factory()
         started = time.perf_counter()
         try:
             if pool is None:
                 raise ConnectionError("no database pool")
             async with pool.acquire(timeout=5) as conn, conn.transaction():
-                banned = await _write_batch(conn, batch, self.flap_policy)
-        except TRANSIENT_DB_ERRORS as exc:
-            self._metrics.db_write_failures_total.inc()
-            if self.healthy:
-                log.warning(
-                    "database write failed, holding rows", error=str(exc), rows=batch.rows()
-                )
-            self.healthy = False
-            self.last_error = str(exc)
-            return False
-        except asyncpg.PostgresError as exc:
-            # not an outage: some row is invalid. Retrying the batch would block every
-            # later row, so write row by row and log (with content) what is refused.
-            self._metrics.db_write_failures_total.inc()
-            log.error("database refused a batch, writing rows one by one", error=str(exc))
-            assert pool is not None
-            return await self._write_isolated(pool, batch)
+                written = await _write_batch(conn, batch, self.flap_policy)
         except Exception as exc:
-            # anything else (a driver-internal state error ...): keep the rows, retry;
-            # the writer task itself must never die
+            if not is_row_error(exc) or pool is None:
+                self._holding(exc, batch.rows())
+                return batch
+            # one row's values are refused: retrying the batch would block every later
+            # row, so write row by row and set aside only the refused ones
             self._metrics.db_write_failures_total.inc()
-            log.exception("unexpected database write error, holding rows")
-            self.healthy = False
-            self.last_error = str(exc)
-            return False
+            log.warning(
+                "database refused a row of a batch, writing rows one by one",
+                error=describe(exc),
+            )
+            return await self._write_isolated(pool, batch)
         self._metrics.db_write_seconds.observe(time.perf_counter() - started)
-        if banned:
-            self.on_banned(banned)
+        self._written(written)
         if not self.healthy:
             log.info("database writes recovered", rows=batch.rows())
         self.healthy = True
         self.last_error = None
-        return True
+        return None
 
-    async def _write_isolated(self, pool: asyncpg.Pool, batch: _Batch) -> bool:
-        singles: list[_Batch] = []
-        singles += [_Batch(gateways={k: v}) for k, v in batch.gateways.items()]
-        singles += [_Batch(devices={k: v}) for k, v in batch.devices.items()]
-        singles += [_Batch(ports={k: v}) for k, v in batch.ports.items()]
-        singles += [_Batch(events=[row]) for row in batch.events]
-        singles += [_Batch(frames=[row]) for row in batch.frames]
-        singles += [_Batch(sessions={k: v}) for k, v in batch.sessions.items()]
-        if batch.touched_devices or batch.touched_gateways or batch.touched_ports:
-            singles.append(
-                _Batch(
-                    touched_devices=batch.touched_devices,
-                    touched_gateways=batch.touched_gateways,
-                    touched_ports=batch.touched_ports,
-                )
-            )
-        for single in singles:
+    def _written(self, written: _Written) -> None:
+        if written.banned:
+            self.on_banned(written.banned)
+        if written.binds:
+            self.on_sessions(written.binds)
+
+    async def _write_isolated(self, pool: asyncpg.Pool, batch: _Batch) -> _Batch | None:
+        """Write ``batch`` one row at a time; refused rows go to ``rejected_rows``.
+        Returns the rows not written yet (with the callbacks) if the database became
+        unavailable on the way."""
+        singles = _singles(batch)
+        for index, (table, key, single) in enumerate(singles):
             try:
                 async with pool.acquire(timeout=5) as conn, conn.transaction():
-                    banned = await _write_batch(conn, single, self.flap_policy)
-                if banned:
-                    self.on_banned(banned)
-            except TRANSIENT_DB_ERRORS:
-                return False  # the outage case after all: retry everything later
-            except asyncpg.PostgresError as exc:
-                self._metrics.db_rows_rejected_total.inc()
-                log.error("row refused by the database", error=str(exc), row=repr(single))
+                    written = await _write_batch(conn, single, self.flap_policy)
+            except Exception as exc:
+                if not is_row_error(exc) or not await self._reject(pool, table, key, single, exc):
+                    self._holding(exc, batch.rows())
+                    remaining = _Batch(callbacks=batch.callbacks)
+                    for _, _, rest in singles[index:]:
+                        remaining.absorb(rest)
+                    return remaining
+                continue
+            self._written(written)
+        return None
+
+    async def _reject(
+        self, pool: asyncpg.Pool, table: str, key: str, single: _Batch, exc: BaseException
+    ) -> bool:
+        """Store a refused row in ``rejected_rows``; False if that failed too."""
+        try:
+            await pool.execute(
+                """INSERT INTO rejected_rows (table_name, row_key, row_data, error, sqlstate)
+                   VALUES ($1, $2, $3::jsonb, $4, $5)""",
+                table,
+                safe_text(key),
+                safe_json(_row_data(single)),
+                safe_text(str(exc)),
+                sqlstate(exc),
+                timeout=5,
+            )
+        except Exception as failure:
+            log.warning("could not set a refused row aside", error=describe(failure))
+            return False
+        self._metrics.db_rows_rejected_total.labels(table=table).inc()
+        # the row's values may be personal data: the log names the table and key only
+        log.error(
+            "row refused by the database, kept in rejected_rows",
+            table=table,
+            key=mask_text(key),
+            error=describe(exc),
+        )
         return True
 
 
-#: errors that mean "the database is away": hold the rows and retry
-TRANSIENT_DB_ERRORS = (
-    OSError,
-    TimeoutError,
-    ConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.ObjectNotInPrerequisiteStateError,
-    asyncpg.OperatorInterventionError,
-    asyncpg.TooManyConnectionsError,
-    # a pooled connection whose server went away mid-protocol reports this
-    asyncpg.exceptions.InternalClientError,
-)
+@dataclasses.dataclass
+class _Written:
+    """What a committed batch reports back."""
+
+    banned: list[str] = dataclasses.field(default_factory=list)
+    binds: list[BindResult] = dataclasses.field(default_factory=list)
 
 
+def _singles(batch: _Batch) -> list[tuple[str, str, _Batch]]:
+    """``batch`` cut into one-row batches, each with its table and key."""
+    out: list[tuple[str, str, _Batch]] = []
+    out += [("gateways", k, _Batch(gateways={k: v})) for k, v in batch.gateways.items()]
+    out += [("devices", k, _Batch(devices={k: v})) for k, v in batch.devices.items()]
+    out += [("ports", f"{k[0]}/{k[1]}", _Batch(ports={k: v})) for k, v in batch.ports.items()]
+    out += [("device_events", str(row[0]), _Batch(events=[row])) for row in batch.events]
+    out += [("frames", str(row[1]), _Batch(frames=[row])) for row in batch.frames]
+    out += [
+        ("device_sessions", row.device_id, _Batch(sessions={k: row}))
+        for k, row in batch.sessions.items()
+    ]
+    if batch.touched_devices or batch.touched_gateways or batch.touched_ports:
+        touches = _Batch(
+            touched_devices=batch.touched_devices,
+            touched_gateways=batch.touched_gateways,
+            touched_ports=batch.touched_ports,
+        )
+        out.append(("touches", "", touches))
+    return out
+
+
+def _row_data(single: _Batch) -> Any:
+    """The content of a one-row batch, for ``rejected_rows``."""
+    for rows in (single.gateways, single.devices, single.ports):
+        if rows:
+            return next(iter(rows.values()))
+    if single.events:
+        return dict(zip(EVENT_COLUMNS, single.events[0], strict=True))
+    if single.frames:
+        return dict(zip(FRAME_COLUMNS, single.frames[0], strict=True))
+    if single.sessions:
+        return dataclasses.asdict(next(iter(single.sessions.values())))
+    return {
+        "touched_devices": len(single.touched_devices),
+        "touched_gateways": len(single.touched_gateways),
+        "touched_ports": len(single.touched_ports),
+    }
+
+
+# ``since`` and ``released_at`` are database time: now() minus the row's age on the
+# writing process's monotonic clock; the newest bind of a device wins
 _BIND_SQL = """
 INSERT INTO device_sessions AS s (device_id, owner, connection_id, remote_addr, since,
-                                  window_start, connects)
-SELECT d, o, c, r, t, t, 1
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) AS u(d, o, c, r, t)
+                                  window_start, connects, updated_at)
+SELECT d, o, c, r, now() - make_interval(secs => a), now() - make_interval(secs => a), 1,
+       clock_timestamp()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[]) AS u(d, o, c, r, a)
 ON CONFLICT (device_id) DO UPDATE SET
     owner = EXCLUDED.owner,
     connection_id = EXCLUDED.connection_id,
     remote_addr = EXCLUDED.remote_addr,
     since = EXCLUDED.since,
     released_at = NULL,
+    lost_owner = NULL,
+    updated_at = EXCLUDED.updated_at,
     connects = CASE WHEN s.window_start > EXCLUDED.since - make_interval(secs => $6)
                     THEN s.connects + 1 ELSE 1 END,
     window_start = CASE WHEN s.window_start > EXCLUDED.since - make_interval(secs => $6)
                         THEN s.window_start ELSE EXCLUDED.since END
 WHERE s.since <= EXCLUDED.since
-RETURNING device_id, connects"""
+RETURNING device_id, connection_id, connects, since"""
 
 # only the connection that holds the device releases it (a newer one may have taken it)
 _RELEASE_SQL = """
-UPDATE device_sessions AS s SET owner = NULL, connection_id = NULL, released_at = u.t
-FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[]) AS u(d, o, c, t)
+UPDATE device_sessions AS s SET owner = NULL, connection_id = NULL,
+       released_at = now() - make_interval(secs => u.a), updated_at = clock_timestamp()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS u(d, o, c, a)
 WHERE s.device_id = u.d AND s.owner = u.o AND s.connection_id = u.c"""
 
 _BAN_SQL = """
@@ -590,39 +754,43 @@ ON CONFLICT (device_id) DO UPDATE SET until = EXCLUDED.until, reason = EXCLUDED.
 
 
 async def _write_sessions(
-    conn: Connection, rows: list[SessionRow], policy: FlapPolicy
-) -> list[str]:
-    """Bind and release directory rows; returns the devices newly banned for flapping."""
+    conn: Connection, rows: list[SessionRow], policy: FlapPolicy, written: _Written
+) -> None:
+    """Bind and release directory rows; reports the binds' fate and flapping bans."""
     binds = [r for r in rows if r.bound]
     releases = [r for r in rows if not r.bound]
-    banned: list[str] = []
+    now = time.monotonic()
     if binds:
-        counted = await conn.fetch(
+        taken = await conn.fetch(
             _BIND_SQL,
             [r.device_id for r in binds],
             [r.owner for r in binds],
             [r.connection_id for r in binds],
             [r.remote for r in binds],
-            [r.at for r in binds],
+            [max(now - r.mono, 0.0) for r in binds],
             policy.window_s,
         )
+        since = {(r["device_id"], r["connection_id"]): r["since"] for r in taken}
+        written.binds = [
+            BindResult(r.device_id, r.connection_id, since.get((r.device_id, r.connection_id)))
+            for r in binds
+        ]
         if policy.max_connects > 0:
-            flapping = [(r["device_id"], r["connects"]) for r in counted]
+            flapping = [(r["device_id"], r["connects"]) for r in taken]
             flapping = [(d, n) for d, n in flapping if n > policy.max_connects]
             if flapping:
                 await conn.execute(
                     _BAN_SQL, [d for d, _ in flapping], [n for _, n in flapping], policy.ban_s
                 )
-                banned = [d for d, _ in flapping]
+                written.banned = [d for d, _ in flapping]
     if releases:
         await conn.execute(
             _RELEASE_SQL,
             [r.device_id for r in releases],
             [r.owner for r in releases],
             [r.connection_id for r in releases],
-            [r.at for r in releases],
+            [max(now - r.mono, 0.0) for r in releases],
         )
-    return banned
 
 
 async def _write_touches(conn: Connection, batch: _Batch) -> None:
@@ -659,11 +827,11 @@ async def _write_touches(conn: Connection, batch: _Batch) -> None:
         )
 
 
-async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> list[str]:
-    """Write every row of ``batch``; returns the devices banned for flapping."""
-    banned: list[str] = []
+async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> _Written:
+    """Write every row of ``batch``; returns what the directory rows came to."""
+    written = _Written()
     if batch.sessions:
-        banned = await _write_sessions(conn, list(batch.sessions.values()), policy)
+        await _write_sessions(conn, list(batch.sessions.values()), policy, written)
     if batch.gateways:
         await conn.executemany(
             _GATEWAY_SQL,
@@ -674,7 +842,7 @@ async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> l
             _DEVICE_SQL,
             [
                 tuple(
-                    json.dumps(r[c]) if c == "attributes" and r.get(c) else r.get(c)
+                    safe_json(r[c]) if c == "attributes" and r.get(c) else r.get(c)
                     for c in DEVICE_COLUMNS
                 )
                 for r in batch.devices.values()
@@ -693,4 +861,4 @@ async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> l
         await conn.copy_records_to_table(
             "frames", records=batch.frames, columns=list(FRAME_COLUMNS)
         )
-    return banned
+    return written

@@ -104,6 +104,35 @@ async def database_outage(pg_server_dsn: str, db_dsn: str) -> AsyncIterator[None
         await admin.close()
 
 
+async def _reconnect(admin: asyncpg.Connection, name: str, pool: asyncpg.Pool | None) -> None:
+    """End every session of database ``name``: the pool's next connections start anew."""
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = $1 AND pid <> pg_backend_pid()",
+        name,
+    )
+    if pool is not None:  # connections in the pool are replaced, not met half-terminated
+        await pool.expire_connections()
+
+
+@contextlib.asynccontextmanager
+async def read_only_database(
+    pg_server_dsn: str, db_dsn: str, pool: asyncpg.Pool | None = None
+) -> AsyncIterator[None]:
+    """The database of ``db_dsn`` takes reads but refuses writes (25006), like a standby
+    after a failover, for the duration of the block."""
+    name = database_name(db_dsn)
+    admin = await asyncpg.connect(pg_server_dsn)
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        await _reconnect(admin, name, pool)
+        yield
+    finally:
+        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+        await _reconnect(admin, name, pool)
+        await admin.close()
+
+
 def settings_for(dsn: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "dsn": dsn,

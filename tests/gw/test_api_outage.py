@@ -32,7 +32,7 @@ from chargegw.firmware_api import make_firmware_router
 from chargegw.metrics import Metrics
 from chargegw.params_api import make_params_router
 
-from .conftest import database_name, database_outage
+from .conftest import database_outage, read_only_database
 
 if TYPE_CHECKING:
     from chargegw.service import Gateway
@@ -262,35 +262,6 @@ async def test_readyz_success_ends_the_outage_too(
 
 
 # ---------------------------------------------------------------- read-only database
-
-
-async def _reconnect(admin: asyncpg.Connection, name: str, pool: asyncpg.Pool) -> None:
-    """End every session of database ``name``: the pool's next connections start anew."""
-    await admin.execute(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-        " WHERE datname = $1 AND pid <> pg_backend_pid()",
-        name,
-    )
-    # connections already in the pool are replaced rather than met half-terminated
-    await pool.expire_connections()
-
-
-@contextlib.asynccontextmanager
-async def read_only_database(
-    pg_server_dsn: str, db_dsn: str, pool: asyncpg.Pool
-) -> AsyncIterator[None]:
-    """The database of ``db_dsn`` takes reads but refuses writes (25006), like a standby
-    after a failover, for the duration of the block."""
-    name = database_name(db_dsn)
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-        await _reconnect(admin, name, pool)
-        yield
-    finally:
-        await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-        await _reconnect(admin, name, pool)
-        await admin.close()
 
 
 async def test_writes_to_a_read_only_database_are_503(

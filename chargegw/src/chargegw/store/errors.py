@@ -123,6 +123,8 @@ def reason(exc: BaseException) -> str:
         return "the database did not answer in time"
     if (state is not None and state.startswith("08")) or isinstance(exc, OSError | ConnectionError):
         return "cannot connect to the database"
-    if isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc):
+    if isinstance(exc, asyncpg.InterfaceError) and "pool is closed" in str(exc):
         return "the connection pool is closed"
+    if isinstance(exc, asyncpg.InterfaceError | asyncpg_base.InternalClientError):
+        return "the connection to the database was lost"
     return describe(exc)

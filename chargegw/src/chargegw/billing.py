@@ -23,6 +23,7 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+import asyncpg
 import structlog
 
 log = structlog.get_logger("chargegw.billing")
@@ -686,18 +687,25 @@ async def card_swipe(
         ):
             return SwipeResult(ACCOUNT_PORT_UNAVAILABLE, "port_busy", balance, rate_mode)
         order_no = new_order_no()
-        await conn.execute(
-            """INSERT INTO orders (order_no, device_id, port, protocol, status, start_mode,
-                                   mode, balance_cent, card_id, business_no)
-               VALUES ($1, $2, $3, $4, 'pending', 'card', 'full', $5, $6, $7)""",
-            order_no,
-            device_id,
-            port,
-            protocol,
-            min(balance, 0xFFFFFFFF),
-            card["card_id"],
-            business_no,
-        )
+        try:
+            async with conn.transaction():  # a savepoint: a concurrent start may win the port
+                await conn.execute(
+                    """INSERT INTO orders (order_no, device_id, port, protocol, status,
+                                           start_mode, mode, balance_cent, card_id, business_no)
+                       VALUES ($1, $2, $3, $4, 'pending', 'card', 'full', $5, $6, $7)""",
+                    order_no,
+                    device_id,
+                    port,
+                    protocol,
+                    min(balance, 0xFFFFFFFF),
+                    card["card_id"],
+                    business_no,
+                )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name != "orders_one_open_per_port":
+                raise
+            # an API start (or another swipe) opened an order on the port meanwhile
+            return SwipeResult(ACCOUNT_PORT_UNAVAILABLE, "port_busy", balance, rate_mode)
         command_id = await outbox.submit(
             conn,
             device_id=device_id,

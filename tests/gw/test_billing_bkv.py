@@ -243,3 +243,38 @@ async def test_balance_query_of_an_unknown_card_is_zero(gateway: Gateway) -> Non
         assert [e["reason"] for e in await _events(gateway)] == ["balance_query", "unregistered"]
     finally:
         await box.close()
+
+
+async def test_a_card_session_whose_confirmation_was_lost_is_still_charged_to_the_card(
+    gateway: Gateway,
+) -> None:
+    """The socket starts the card session but its 0x0F answers are lost (the 0x0B order
+    dies unanswered, the order fails); its end report names the swipe's business number:
+    the card order is settled and the card charged, no card-less order appears.
+
+    Found in review: the end report made a new device-initiated order and the card was
+    never charged."""
+    await _setup(gateway, "per_hour", {"cent_per_hour": 120}, balance=500)
+    box = await _box(gateway)
+    pool = gateway.pool
+    assert pool is not None
+    try:
+        await _send(box, _swipe())
+        await box.expect(bkv.CardOrder)
+        await box.expect(bkv.CardOrder, timeout=4)  # the resend, unanswered too
+        for _ in range(200):
+            status = await pool.fetchval("SELECT status FROM orders WHERE card_id = $1", CARD)
+            if status == "failed":
+                break
+            await asyncio.sleep(0.05)
+        assert status == "failed"
+        await _send(box, _end())
+        await box.expect(bkv.CardEndAck)
+        orders = await pool.fetch(
+            "SELECT status, card_id, amount_cent FROM orders WHERE device_id = $1", DEVICE
+        )
+        assert [(o["status"], o["card_id"]) for o in orders] == [("settled", CARD)]
+        balance = await pool.fetchval("SELECT balance_cent FROM cards WHERE card_id = $1", CARD)
+        assert balance == 500 - orders[0]["amount_cent"] and orders[0]["amount_cent"] > 0
+    finally:
+        await box.close()

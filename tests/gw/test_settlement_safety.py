@@ -871,3 +871,125 @@ async def test_api_start_and_card_swipe_on_one_port_at_once_open_one_order(
         assert card["balance_cent"] == 500
     finally:
         await pile.close()
+
+
+# -- identity without the usual identifiers (adversarial review of the fix) -----------
+
+
+async def _platform_session(
+    gateway: Gateway, api: httpx.AsyncClient, box: RawBkvGateway, business_no: int
+) -> str:
+    """An API start on socket 1 jack A that the socket answers with ``business_no``; the
+    order is ``charging`` when this returns."""
+    response = await api.post(
+        f"/api/v1/devices/{DEVICE}/ports/1/start", json={"mode": "time", "duration_min": 42}
+    )
+    assert response.status_code == 202, response.text
+    order_no: str = response.json()["order_no"]
+    control = await _answer(box, bkv.ChargeControl, "the start")
+    await box.send_raw(
+        bkv.encode(
+            bkv.ChargeControlReply(
+                GW, control.seq, result=1, socket=1, port=0, business_no=business_no
+            )
+        )
+    )
+
+    async def status() -> str:
+        return str((await api.get(f"/api/v1/orders/{order_no}")).json()["status"])
+
+    await _until(status, lambda s: s == "charging", what="the order charging")
+    return order_no
+
+
+@pytest.mark.parametrize("second_has_business_no", [True, False], ids=["0x0A", "no-0x0A"])
+async def test_a_later_session_with_the_same_values_is_not_taken_for_a_resend(
+    gateway: Gateway, api: httpx.AsyncClient, second_has_business_no: bool
+) -> None:
+    """Two real sessions on one port with the same duration and energy (a 42-minute timer)
+    are two settlements: the first ended without tag 0x0A; the second is a platform order
+    the socket numbered 9, whose end report (with or without its number) settles it.
+
+    A first version of the fix took the second report for a resend of the first: the
+    platform order stayed charging for ever and its money was lost."""
+    box = await _bkv_box(gateway)
+    try:
+        await box.send_raw(bkv.encode(_fee_end_report()))
+        await _answer(box, bkv.FeeModeEndAck, "the first session's end report")
+        order_no = await _platform_session(gateway, api, box, business_no=9)
+        second = _fee_end_report(business_no=9 if second_has_business_no else None)
+        await box.send_raw(bkv.encode(dataclasses.replace(second, temperature_c=35)))
+        await _answer(box, bkv.FeeModeEndAck, "the second session's end report")
+        order = (await api.get(f"/api/v1/orders/{order_no}")).json()
+        assert order["status"] == "settled" and order["duration_s"] == 42 * 60
+        assert await _settlement_events(gateway, DEVICE) == ["applied", "applied"]
+        assert await _open_orders(gateway, DEVICE, 1) == []
+    finally:
+        await box.close()
+
+
+async def test_a_resend_that_carries_an_optional_field_the_first_copy_lacked_is_a_resend(
+    gateway: Gateway,
+) -> None:
+    """A copy without the end time (tag 0x2E), then the same report with it: one order.
+    A field missing on either side is unknown, not different.
+
+    A first version of the fix compared the end time as a value: two settled orders."""
+    box = await RawBkvGateway().connect(gateway.server.port)
+    try:
+        await box.send_raw(bkv.encode(_fee_end_report()))
+        await _answer(box, bkv.FeeModeEndAck, "the first copy")
+        ended = _beijing(gateway.wall() - timedelta(minutes=1))
+        await box.send_raw(bkv.encode(_fee_end_report(business_no=44, end_time=ended)))
+        await _answer(box, bkv.FeeModeEndAck, "the copy with its end time and number")
+        assert len(await _orders(gateway, DEVICE)) == 1
+        assert await _settlement_events(gateway, DEVICE) == ["applied", "duplicate"]
+    finally:
+        await box.close()
+
+
+async def test_a_resend_without_identifiers_during_the_next_session_is_a_resend(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    """A report with no business number and no end time whose ACK was lost is resent
+    while a new platform session runs on the port: the resend changes nothing (it matches
+    the settled session exactly), and the new session is settled by its own report."""
+    box = await _bkv_box(gateway)
+    try:
+        await box.send_raw(bkv.encode(_fee_end_report(business_no=8)))
+        await _answer(box, bkv.FeeModeEndAck, "the first session's end report")
+        order_no = await _platform_session(gateway, api, box, business_no=9)
+        await box.send_raw(bkv.encode(_fee_end_report(business_no=8, temperature_c=40)))
+        await _answer(box, bkv.FeeModeEndAck, "the resend")
+        assert (await api.get(f"/api/v1/orders/{order_no}")).json()["status"] == "charging"
+        end = _fee_end_report(business_no=9, duration_min=5, energy_kwh=0.05)
+        await box.send_raw(bkv.encode(end))
+        await _answer(box, bkv.FeeModeEndAck, "the second session's end report")
+        assert (await api.get(f"/api/v1/orders/{order_no}")).json()["status"] == "settled"
+        assert await _settlement_events(gateway, DEVICE) == ["applied", "duplicate", "applied"]
+    finally:
+        await box.close()
+
+
+async def test_an_ap3000_order_id_reused_by_the_pile_is_a_new_session(gateway: Gateway) -> None:
+    """A pile that reuses an order id (offline ids made before its clock was set) with
+    other values: a second order (with the id in ``device_ref``), not a duplicate; a
+    resend of either changes nothing."""
+    pile = await _pile(gateway, PHY_A)
+    try:
+        order_id = "0123456789ABCDEF0123456789ABCDEF"
+        await _settle(pile, _settlement(pile, order_id, duration_s=600, energy_kwh=0.1))
+        await _settle(pile, _settlement(pile, order_id, duration_s=600, energy_kwh=0.1))
+        await _settle(pile, _settlement(pile, order_id, duration_s=1200, energy_kwh=0.3))
+        await _settle(pile, _settlement(pile, order_id, duration_s=1200, energy_kwh=0.3))
+        orders = await _orders(gateway, PHY_A)
+        assert sorted((o["duration_s"], o["status"]) for o in orders) == [
+            (600, "settled"),
+            (1200, "settled"),
+        ]
+        assert [o["device_ref"] for o in orders] == [order_id, order_id]
+        assert orders[0]["order_no"] == order_id != orders[1]["order_no"]
+        events = await _settlement_events(gateway, PHY_A)
+        assert events == ["applied", "duplicate", "applied", "duplicate"]
+    finally:
+        await pile.close()

@@ -22,7 +22,7 @@ import dataclasses
 import enum
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -114,6 +114,8 @@ _OPEN = frozenset(OrderStatus(status) for status in OPEN_STATUSES)
 #: device's own identifiers (business number, order id or end time) and without them
 DEDUPE_WINDOW = timedelta(days=30)
 DEDUPE_WINDOW_BY_VALUES = timedelta(days=1)
+#: a progress report this soon after its session's settlement is late, not a new session
+LATE_PROGRESS = timedelta(minutes=10)
 
 
 async def transition(conn: Any, order_no: str, event: str, **values: Any) -> OrderStatus | None:
@@ -173,10 +175,14 @@ class SettlementReport:
     """A device's end-of-session report, identified by what identifies the session.
 
     ``order_ref``: the order id the device reported (AP3000); ``business_no``: the
-    session number the socket allocated (BKV), None if the report lacks it. The session's
-    own values (``duration_s``, ``energy_kwh``, ``device_ended_at``) identify it when
-    nothing else does; live readings (temperature, signal) never do. ``values(order)``
-    gives the columns to store, from the order found (None: a new one).
+    session number the socket allocated (BKV), None if the report lacks it;
+    ``hint_order_no``: the order a start the socket just answered with that business
+    number belongs to (known before the answer is committed). The session's own values
+    (``duration_s``, ``energy_kwh``, ``device_ended_at``) identify it when nothing else
+    does; live readings (temperature, signal) never do. ``values(order)`` gives the
+    columns to store, from the order found (None: a new one). ``stuck_starts``: a start
+    left without an answer may be the session's order (not for card sessions, whose
+    orders carry their business number from the swipe).
     """
 
     protocol: str
@@ -189,6 +195,8 @@ class SettlementReport:
     energy_kwh: float | None
     device_ended_at: datetime | None
     values: Callable[[Any], dict[str, Any]]
+    hint_order_no: str | None = None
+    stuck_starts: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,45 +208,150 @@ class Settled:
     review_reason: str | None = None
 
 
-async def settle(
-    conn: Any,
-    report: SettlementReport,
-    *,
-    at: datetime,
-    find_open: Callable[[Any], Awaitable[Any]] | None = None,
-) -> Settled:
+#: an order as the settlement and progress paths look at it
+_ORDER_COLUMNS = """o.*, EXISTS (SELECT 1 FROM commands c WHERE c.order_no = o.order_no
+                                 AND c.name = 'stop' AND c.status = 'acked') AS stop_acked"""
+
+
+async def settle(conn: Any, report: SettlementReport, *, at: datetime) -> Settled:
     """Apply a settlement once, inside the caller's transaction.
 
-    The port is locked first (:func:`lock_port`), so resends arriving at two processes
-    at once are decided one after the other. A resend of a settled session changes
-    nothing (``applied`` False). Otherwise the session's order is the one the device
-    names (an order of *another* device is never touched: a new order is made and marked
-    for review), or the open order ``find_open(conn)`` finds, or a new device-initiated
-    order."""
+    The port is locked first (:func:`lock_port`), so resends arriving at two processes at
+    once are decided one after the other. A resend of a settled session changes nothing
+    (``applied`` False). Otherwise the session's order is, in this order: the open order
+    the device's id names (order id, or business number or the start it just answered);
+    a start that failed or got no answer although the session ran; for a report without a
+    business number, the port's open order whose start was acknowledged; else a new
+    device-initiated order. An order of *another* device is never touched: a new order
+    is made and marked for review."""
     await lock_port(conn, report.device_id, report.port)
+    if report.order_ref is not None:
+        return await _settle_by_ref(conn, report, at)
+    if report.business_no is not None:
+        order = await find_session_order(
+            conn,
+            report.device_id,
+            report.port,
+            report.business_no,
+            hint_order_no=report.hint_order_no,
+            stuck_starts=False,
+        )
+        if order is not None:
+            return await _apply(conn, report, order, at)
     earlier = await _settled_copy(conn, report, at)
     if earlier is not None:
         return Settled(False, earlier)
-    order = None
-    order_no: str | None = None
-    review: str | None = None
-    if report.order_ref is not None:
-        order = await conn.fetchrow(
-            """SELECT * FROM orders WHERE device_id = $1
-                 AND (order_no = $2 OR device_ref = $2) ORDER BY created_at DESC LIMIT 1""",
+    if report.business_no is not None:
+        order = await find_session_order(
+            conn,
             report.device_id,
-            report.order_ref,
+            report.port,
+            report.business_no,
+            stuck_starts=report.stuck_starts,
         )
-        if order is None:
-            owner = await conn.fetchval(
-                "SELECT device_id FROM orders WHERE order_no = $1", report.order_ref
-            )
-            if owner is None:
-                order_no = report.order_ref
-            else:  # the number is another device's order: never settle that one
-                review = f"order number {report.order_ref} belongs to device {owner}"
-    elif find_open is not None:
-        order = await find_open(conn)
+    else:  # a port runs one session at a time: the open order whose start was answered
+        order = await conn.fetchrow(
+            f"""SELECT {_ORDER_COLUMNS} FROM orders o
+                WHERE o.device_id = $1 AND o.port = $2 AND o.status IN ('charging', 'stopping')
+                ORDER BY o.created_at DESC LIMIT 1""",
+            report.device_id,
+            report.port,
+        )
+    return await _apply(conn, report, order, at)
+
+
+async def find_session_order(
+    conn: Any,
+    device_id: str,
+    port: int,
+    business_no: int,
+    *,
+    hint_order_no: str | None = None,
+    stuck_starts: bool = True,
+    window: timedelta = timedelta(days=1),
+) -> Any:
+    """The order of the session (device, port, business number) that is not settled, or
+    None: an open order with that business number (or ``hint_order_no``, the order whose
+    start the socket just answered with it); else a recent order that failed although it
+    carries that very business number (a card order whose confirmation was lost); with
+    ``stuck_starts``, else a recent order whose start was sent and never answered (no
+    business number recorded), which may have started after all."""
+    row = await conn.fetchrow(
+        f"""SELECT {_ORDER_COLUMNS} FROM orders o
+            WHERE o.device_id = $1 AND o.port = $2
+              AND (o.business_no = $3 OR o.order_no = $4)
+              AND o.status = ANY($5::text[])
+            ORDER BY o.created_at DESC LIMIT 1""",
+        device_id,
+        port,
+        business_no,
+        hint_order_no,
+        list(OPEN_STATUSES),
+    )
+    if row is not None:
+        return row
+    row = await conn.fetchrow(
+        f"""SELECT {_ORDER_COLUMNS} FROM orders o
+            WHERE o.device_id = $1 AND o.port = $2 AND o.status = 'failed'
+              AND o.created_at > now() - make_interval(secs => $4)
+              AND (o.business_no = $3
+                   OR ($5 AND o.business_no IS NULL AND EXISTS (
+                       SELECT 1 FROM commands c WHERE c.command_id = o.start_command_id
+                         AND c.status = 'dead' AND c.attempts > 0)))
+            ORDER BY (o.business_no IS NOT NULL) DESC, o.created_at DESC LIMIT 1""",
+        device_id,
+        port,
+        business_no,
+        window.total_seconds(),
+        stuck_starts,
+    )
+    if row is not None:
+        log.info(
+            "start without an answer reconciled by the business number",
+            order_no=row["order_no"],
+            business_no=business_no,
+        )
+    return row
+
+
+async def _settle_by_ref(conn: Any, report: SettlementReport, at: datetime) -> Settled:
+    """A report naming its order id (AP3000): that order of this device, unless it is
+    settled already with the same values (a resend) or with others (the device reused
+    the id: a new order)."""
+    ref = report.order_ref
+    assert ref is not None
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))", f"ref:{report.device_id}:{ref}"
+    )
+    rows = await conn.fetch(
+        f"""SELECT {_ORDER_COLUMNS} FROM orders o WHERE o.device_id = $1
+              AND (o.order_no = $2 OR o.device_ref = $2) ORDER BY o.created_at DESC""",
+        report.device_id,
+        ref,
+    )
+    for row in rows:
+        if row["status"] != OrderStatus.SETTLED.value:
+            return await _apply(conn, report, row, at)
+    for row in rows:
+        if _same_session(row, report):
+            return Settled(False, str(row["order_no"]))
+    owner = await conn.fetchval("SELECT device_id FROM orders WHERE order_no = $1", ref)
+    review = None
+    if owner is not None and owner != report.device_id:
+        review = f"order number {ref} belongs to device {owner}"
+    return await _apply(conn, report, None, at, order_no=None if owner else ref, review=review)
+
+
+async def _apply(
+    conn: Any,
+    report: SettlementReport,
+    order: Any,
+    at: datetime,
+    *,
+    order_no: str | None = None,
+    review: str | None = None,
+) -> Settled:
+    """Settle ``order`` (None: a new device-initiated one) with the report's values."""
     values = dict(report.values(order))
     if order is None:
         order_no = order_no or new_order_no()
@@ -261,39 +374,70 @@ async def settle(
         order_no = str(order["order_no"])
         if values.get("business_no") is None:
             values.pop("business_no", None)  # a report without it keeps the order's
-    await transition(conn, order_no, "settled", ended_at=at, **values)
+    if await transition(conn, order_no, "settled", ended_at=at, **values) is None:
+        return Settled(False, order_no)  # settled meanwhile (cannot happen under the lock)
     return Settled(True, order_no, review)
 
 
+def _known_equal(stored: Any, reported: Any) -> bool:
+    """Equal where both are known: a field missing on either side tells nothing."""
+    return stored is None or reported is None or stored == reported
+
+
+def _same_session(row: Any, report: SettlementReport) -> bool:
+    return (
+        _known_equal(row["duration_s"], report.duration_s)
+        and _known_equal(row["energy_kwh"], report.energy_kwh)
+        and _known_equal(row["device_ended_at"], report.device_ended_at)
+    )
+
+
 async def _settled_copy(conn: Any, report: SettlementReport, at: datetime) -> str | None:
-    """The settled order this report is a resend of, if any."""
-    if report.order_ref is not None:
-        found: str | None = await conn.fetchval(
-            """SELECT order_no FROM orders WHERE device_id = $1 AND status = 'settled'
-                 AND (order_no = $2 OR device_ref = $2) LIMIT 1""",
-            report.device_id,
-            report.order_ref,
-        )
-        return found
-    own_id = report.business_no is not None or report.device_ended_at is not None
-    window = DEDUPE_WINDOW if own_id else DEDUPE_WINDOW_BY_VALUES
-    found = await conn.fetchval(
-        """SELECT order_no FROM orders
+    """The settled order this report (without an order id) is a resend of, if any.
+
+    Fields missing on either side (an optional tag a copy lacked) are unknown, not
+    different. A match on the business number or the device's end time identifies the
+    session; a match on duration and energy alone only if that order is the port's
+    latest one, settled within a day (two real sessions that look alike on a port are
+    otherwise told apart by what happened between them)."""
+    rows = await conn.fetch(
+        """SELECT order_no, business_no, device_ended_at, ended_at, duration_s, energy_kwh
+           FROM orders
            WHERE device_id = $1 AND port = $2 AND status = 'settled' AND ended_at > $3
              AND ($4::int IS NULL OR business_no IS NULL OR business_no = $4)
-             AND duration_s IS NOT DISTINCT FROM $5
-             AND energy_kwh IS NOT DISTINCT FROM $6
-             AND ($7::timestamptz IS NULL OR device_ended_at = $7)
-           ORDER BY ended_at DESC LIMIT 1""",
+             AND ($5::int IS NULL OR duration_s IS NULL OR duration_s = $5)
+             AND ($6::float8 IS NULL OR energy_kwh IS NULL OR energy_kwh = $6)
+             AND ($7::timestamptz IS NULL OR device_ended_at IS NULL OR device_ended_at = $7)
+           ORDER BY ended_at DESC LIMIT 20""",
         report.device_id,
         report.port,
-        at - window,
+        at - DEDUPE_WINDOW,
         report.business_no,
         report.duration_s,
         report.energy_kwh,
         report.device_ended_at,
     )
-    return found
+    for row in rows:
+        by_number = report.business_no is not None and row["business_no"] == report.business_no
+        by_end = (
+            report.device_ended_at is not None and row["device_ended_at"] == report.device_ended_at
+        )
+        if by_number or by_end:
+            return str(row["order_no"])
+    if not rows:
+        return None
+    latest = rows[0]
+    if latest["ended_at"] < at - DEDUPE_WINDOW_BY_VALUES:
+        return None
+    newer = await conn.fetchval(
+        """SELECT 1 FROM orders WHERE device_id = $1 AND port = $2 AND order_no <> $3
+             AND (created_at > $4 OR (status = 'settled' AND ended_at > $4)) LIMIT 1""",
+        report.device_id,
+        report.port,
+        latest["order_no"],
+        latest["ended_at"],
+    )
+    return None if newer else str(latest["order_no"])
 
 
 async def reported_charging(
@@ -311,19 +455,25 @@ async def reported_charging(
     device-initiated order is made for it. Returns the order number. Inside the caller's
     transaction, the port locked (:func:`lock_port`)."""
     await lock_port(conn, device_id, port)
-    order = await conn.fetchrow(
-        """SELECT order_no FROM orders WHERE device_id = $1
-             AND (order_no = $2 OR device_ref = $2) ORDER BY created_at DESC LIMIT 1""",
+    rows = await conn.fetch(
+        """SELECT order_no, status, ended_at FROM orders WHERE device_id = $1
+             AND (order_no = $2 OR device_ref = $2) ORDER BY created_at DESC""",
         device_id,
         order_ref,
     )
-    if order is not None:
-        order_no = str(order["order_no"])
-        await transition(conn, order_no, "reported_charging", failure_reason=None)
-        return order_no
+    for row in rows:
+        settled = row["status"] == OrderStatus.SETTLED.value
+        # a late report of a session just settled belongs to it; a reference settled
+        # long ago that reports charging again is a new session (the device reused it)
+        if not settled or row["ended_at"] > at - LATE_PROGRESS:
+            order_no = str(row["order_no"])
+            await transition(conn, order_no, "reported_charging", failure_reason=None)
+            return order_no
     owner = await conn.fetchval("SELECT device_id FROM orders WHERE order_no = $1", order_ref)
     order_no = order_ref if owner is None else new_order_no()
-    review = None if owner is None else f"order number {order_ref} belongs to device {owner}"
+    review = None
+    if owner is not None and owner != device_id:
+        review = f"order number {order_ref} belongs to device {owner}"
     await conn.execute(
         """INSERT INTO orders (order_no, device_id, port, protocol, status, start_mode,
                                device_initiated, started_at, device_ref, review_reason)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -274,7 +273,9 @@ class Gateway:
             self.sessions.superseded(device_id, since)
 
     def _gone(self, device_id: str) -> None:
-        """The process no longer holds the device: drop what is kept per device."""
+        """The process no longer holds the device: drop what is kept per device (and the
+        writer's memory of its row: it may come back on another connection soon)."""
+        self.writer.forget("d", device_id)
         for driver in self.drivers.values():
             driver.forget(device_id)
 
@@ -532,7 +533,6 @@ class Gateway:
         self,
         report: SettlementReport,
         *,
-        find_open: Callable[[Any], Awaitable[Any]] | None = None,
         detail: dict[str, Any],
         while_connected: DeviceLink | None = None,
     ) -> Settled:
@@ -549,7 +549,7 @@ class Gateway:
             )
 
         return await retry_while_connected(
-            lambda: self._settle_once(report, find_open, detail),
+            lambda: self._settle_once(report, detail),
             while_connected,
             on_retry=retrying,
         )
@@ -557,13 +557,12 @@ class Gateway:
     async def _settle_once(
         self,
         report: SettlementReport,
-        find_open: Callable[[Any], Awaitable[Any]] | None,
         detail: dict[str, Any],
     ) -> Settled:
         assert self.pool is not None
         wall = self.wall()
         async with self.pool.acquire(timeout=5) as conn, conn.transaction():
-            settled = await settle(conn, report, at=wall, find_open=find_open)
+            settled = await settle(conn, report, at=wall)
             unpriced = None
             if settled.applied:  # priced, and a card charged, in the settlement's transaction
                 unpriced = await self._price(conn, settled.order_no)

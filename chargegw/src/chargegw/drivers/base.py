@@ -47,13 +47,12 @@ class DriverContext(Protocol):
         self,
         report: SettlementReport,
         *,
-        find_open: Callable[[Any], Awaitable[Any]] | None = None,
         detail: dict[str, Any],
         while_connected: DeviceLink | None = None,
     ) -> Settled:
         """Commit a settlement (once: a resend changes nothing) with its price and event
         row, retrying while the database is unavailable and ``while_connected`` stays
-        open. ``find_open(conn)`` finds the open order of a report without an order id."""
+        open."""
         ...
 
     async def order_progress(

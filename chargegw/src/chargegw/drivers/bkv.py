@@ -10,7 +10,8 @@ gateway's resends.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -22,7 +23,7 @@ from chargeproto import ABSENT, Message, bkv
 from .. import billing, firmware, params
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
-from ..orders import SettlementReport
+from ..orders import SettlementReport, find_session_order
 from ..transport import DeviceLink
 from . import bkv_commands as commands
 from .base import (
@@ -105,7 +106,7 @@ class BkvDriver:
         #: (device, API port, business number) of sessions a stop was acknowledged for
         self._stops_acked: set[tuple[str, int, int]] = set()
         #: order lookups, settlements and progress of one socket, one at a time
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._handlers: dict[type[Message], Callable[[DeviceLink, Any], None]] = {
             bkv.Heartbeat: self._heartbeat,
             bkv.StatusCluster: self._status_cluster,
@@ -225,18 +226,35 @@ class BkvDriver:
         if self.ctx.outbox.open_command(key) is not None:
             self.ctx.outbox.on_reply(key, commands.outcome(m))
 
-    def _lock(self, device_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(device_id, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _lock(self, device_id: str) -> AsyncIterator[None]:
+        """One socket's order lookups, settlements and progress, one at a time. The lock
+        exists only while someone holds or waits for it."""
+        lock, users = self._locks.get(device_id, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[device_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            _, users = self._locks[device_id]
+            if users <= 1:
+                del self._locks[device_id]
+            else:
+                self._locks[device_id] = (lock, users - 1)
+
+    def _hint(self, device_id: str, port: int, business_no: int) -> str | None:
+        """The order whose start this socket just answered with ``business_no``."""
+        started = self._started.get((device_id, port))
+        return started[0] if started is not None and started[1] == business_no else None
 
     def forget(self, device_id: str) -> None:
         """The process let go of the socket: drop what is kept for it (the database keeps
-        the orders; a lock still held stays until released)."""
+        the orders)."""
         for key in [k for k in self._started if k[0] == device_id]:
             del self._started[key]
         self._stops_acked = {k for k in self._stops_acked if k[0] != device_id}
-        lock = self._locks.get(device_id)
-        if lock is not None and not lock.locked():
-            del self._locks[device_id]
 
     async def _db(self, step: Callable[[Any], Awaitable[_R]], link: DeviceLink | None) -> _R:
         """Run ``step(conn)`` in a transaction; while the database is away, retry as long
@@ -249,73 +267,6 @@ class BkvDriver:
                 return await step(conn)
 
         return await retry_while_connected(attempt, link)
-
-    async def _find_order(
-        self,
-        conn: Any,
-        device_id: str,
-        port: int,
-        business_no: int | None,
-        *,
-        stuck_starts: bool = True,
-    ) -> Any:
-        """The open order of the session (device, port, business number), or None.
-
-        The business number of an open order (or the one the start reply just named);
-        without a business number, the open order of the port whose start went out (a
-        port runs one session at a time); with ``stuck_starts``, else the latest recent
-        start that went unanswered (``failed``, "no answer") or whose answer is not
-        recorded yet (``starting`` without a business number), which may have started
-        after all. Settled orders are never returned: resends are recognised by
-        :func:`chargegw.orders.settle`.
-        """
-        columns = """o.order_no, o.status, o.mode, o.requested_duration_min,
-                     o.requested_energy_kwh, o.started_at,
-                     EXISTS (SELECT 1 FROM commands c WHERE c.order_no = o.order_no
-                             AND c.name = 'stop' AND c.status = 'acked') AS stop_acked"""
-        if business_no is None:
-            row = await conn.fetchrow(
-                f"""SELECT {columns} FROM orders o
-                    WHERE o.device_id = $1 AND o.port = $2
-                      AND o.status IN ('starting', 'charging', 'stopping')
-                    ORDER BY o.created_at DESC LIMIT 1""",
-                device_id,
-                port,
-            )
-            return row
-        hint = self._started.get((device_id, port))
-        row = await conn.fetchrow(
-            f"""SELECT {columns} FROM orders o
-                WHERE o.device_id = $1 AND o.port = $2
-                  AND (o.business_no = $3 OR o.order_no = $4)
-                  AND o.status = ANY($5::text[])
-                ORDER BY o.created_at DESC LIMIT 1""",
-            device_id,
-            port,
-            business_no,
-            hint[0] if hint is not None and hint[1] == business_no else None,
-            list(_OPEN),
-        )
-        if row is not None or not stuck_starts:
-            return row
-        row = await conn.fetchrow(
-            f"""SELECT {columns} FROM orders o
-                WHERE o.device_id = $1 AND o.port = $2 AND o.business_no IS NULL
-                  AND ((o.status = 'failed' AND o.failure_reason = 'no answer')
-                       OR o.status = 'starting')
-                  AND o.created_at > $3
-                ORDER BY o.created_at DESC LIMIT 1""",
-            device_id,
-            port,
-            self.ctx.wall() - RECONCILE_WINDOW,
-        )
-        if row is not None:
-            log.info(
-                "start without a recorded answer reconciled by the business number",
-                order_no=row["order_no"],
-                business_no=business_no,
-            )
-        return row
 
     def _stop_reason(self, order: Any, device_id: str, port: int, m: Any) -> str:
         """The neutral stop reason BKV lets one derive honestly.
@@ -390,8 +341,15 @@ class BkvDriver:
         charged_s = sample.get("duration_s") or 0
 
         async def find(conn: Any) -> str | None:
-            order = await self._find_order(conn, device_id, port, business_no)
-            if order is None or order["status"] == "settled":
+            order = await find_session_order(
+                conn,
+                device_id,
+                port,
+                business_no,
+                hint_order_no=self._hint(device_id, port, business_no),
+                window=RECONCILE_WINDOW,
+            )
+            if order is None:
                 return None
             await conn.execute(
                 """UPDATE orders SET business_no = $2, started_at = COALESCE(started_at, $3)
@@ -575,25 +533,21 @@ class BkvDriver:
             energy_kwh=energy if isinstance(energy, int | float) else None,
             device_ended_at=self._device_time(_present(getattr(m, "end_time", None))),
             values=lambda order: self._settlement_values(m, detail, order, device_id, port + 1),
+            hint_order_no=None
+            if business_no is None
+            else self._hint(device_id, port + 1, business_no),
+            stuck_starts=not card,
         )
-
-        async def find_open(conn: Any) -> Any:
-            return await self._find_order(
-                conn, device_id, port + 1, business_no, stuck_starts=not card
-            )
 
         async def settle_then_ack() -> None:
             # the gateway resends until acknowledged: acknowledge only what is committed
             async with self._lock(device_id):
-                await self.ctx.settle_order(
-                    report, find_open=find_open, detail=detail, while_connected=link
-                )
+                await self.ctx.settle_order(report, detail=detail, while_connected=link)
             # committed: nothing after this may keep the ACK from going out
             self._reply(link, reply, device_id)
-            started = self._started.get((device_id, port + 1))
-            if started is not None and (business_no is None or started[1] == business_no):
+            if business_no is not None and self._hint(device_id, port + 1, business_no):
                 self._started.pop((device_id, port + 1), None)
-            self._stops_acked.discard((device_id, port + 1, business_no or 0))
+                self._stops_acked.discard((device_id, port + 1, business_no))
 
         self.ctx.run(settle_then_ack(), "settlement")
 

@@ -39,15 +39,26 @@ CREATE INDEX orders_settled_port ON orders (device_id, port, ended_at) WHERE sta
 CREATE INDEX orders_device_ref ON orders (device_id, device_ref) WHERE device_ref IS NOT NULL;
 
 -- One open order per port among the orders the platform starts (API, card swipes): two
--- concurrent starts cannot both open one. Older duplicates from before this rule end
--- failed (a settlement still settles them).
-UPDATE orders o SET status = 'failed', updated_at = now(),
-       failure_reason = 'superseded: another order was open on the port (migration 0011)'
- WHERE o.status IN ('pending', 'starting', 'charging', 'stopping') AND NOT o.device_initiated
-   AND EXISTS (SELECT 1 FROM orders n
-                WHERE n.device_id = o.device_id AND n.port = o.port AND NOT n.device_initiated
-                  AND n.status IN ('pending', 'starting', 'charging', 'stopping')
-                  AND (n.created_at, n.order_no) > (o.created_at, o.order_no));
+-- concurrent starts cannot both open one. Of duplicates from before this rule, the most
+-- advanced one stays open (charging or stopping before starting before pending, then the
+-- newest); the others end failed, marked for review, and their unsent commands die.
+CREATE TEMPORARY TABLE superseded_orders ON COMMIT DROP AS
+SELECT order_no FROM (
+    SELECT order_no, row_number() OVER (
+               PARTITION BY device_id, port
+               ORDER BY CASE status WHEN 'stopping' THEN 0 WHEN 'charging' THEN 0
+                                    WHEN 'starting' THEN 1 ELSE 2 END,
+                        created_at DESC, order_no DESC) AS rank
+      FROM orders
+     WHERE status IN ('pending', 'starting', 'charging', 'stopping') AND NOT device_initiated
+) ranked WHERE rank > 1;
+UPDATE commands SET status = 'dead', dead_reason = 'superseded (migration 0011)',
+       finished_at = now()
+ WHERE order_no IN (SELECT order_no FROM superseded_orders) AND status = 'pending';
+UPDATE orders SET status = 'failed', updated_at = now(),
+       failure_reason = 'superseded: another order was open on the port (migration 0011)',
+       review_reason = 'open at the same time as another order on the port (migration 0011)'
+ WHERE order_no IN (SELECT order_no FROM superseded_orders);
 CREATE UNIQUE INDEX orders_one_open_per_port ON orders (device_id, port)
     WHERE status IN ('pending', 'starting', 'charging', 'stopping') AND NOT device_initiated;
 

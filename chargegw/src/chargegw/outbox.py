@@ -23,9 +23,11 @@ the firmware engine) cannot undo it.
 
 Several processes share the table. A command is claimed (``claimed_by``) only by the
 process that holds the device's connection according to the session directory
-(``device_sessions``), with ``FOR UPDATE SKIP LOCKED``; every later update of the row
-checks both the claim and the directory, so a process that lost the device (it
-reconnected elsewhere) cannot send, resend or finish a command the new owner takes over.
+(``device_sessions``), with ``FOR UPDATE SKIP LOCKED``; sending, resending and giving
+up check both the claim and the directory, so a process that lost the device (it
+reconnected elsewhere) cannot send, resend or kill a command the new owner takes over
+(which claims the row first). Recording the device's answer, or taking back an unwritten
+attempt, checks the claim only: the device may have left since, the fact stands.
 Submitting a command notifies the ``chargegw_outbox`` channel inside the caller's
 transaction: at commit every process hears it and the owner delivers at once. Expiring
 commands of devices no live process holds is shared background work, claimed with
@@ -568,14 +570,18 @@ class Outbox:
 
     async def _unmark(self, row: asyncpg.Record) -> None:
         """Take back an attempt whose bytes were never written (best effort: a failure
-        only costs one of the two attempts)."""
+        only costs one of the two attempts).
+
+        Only the claim is checked, not the directory: the connection closed, so this
+        process has usually released the device already; a process that took the device
+        over claims the row before it sends, and then this update changes nothing."""
         pool = self._pool()
         assert pool is not None
         try:
             await pool.execute(
-                f"""UPDATE commands SET attempts = attempts - 1,
-                           status = CASE WHEN attempts = 1 THEN 'pending' ELSE status END
-                    WHERE command_id = $1 AND status = 'sent' AND {_OURS}""",
+                """UPDATE commands SET attempts = attempts - 1,
+                          status = CASE WHEN attempts = 1 THEN 'pending' ELSE status END
+                   WHERE command_id = $1 AND status = 'sent' AND claimed_by = $2""",
                 row["command_id"],
                 self.owner,
             )
@@ -596,7 +602,7 @@ class Outbox:
         delay = 0.5
         while True:
             try:
-                finished = await self._finish_tx(done, outcome)
+                followers = await self._finish_tx(done, outcome)
                 break
             except Exception as exc:
                 if self._closing or not is_unavailable(exc):
@@ -609,7 +615,7 @@ class Outbox:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._answered.pop(done.command_id, None)
-        if not finished:  # taken over by the device's new owner, which finishes it
+        if followers is None:  # taken over by the device's new owner, which finishes it
             log.info(
                 "command taken over by another process",
                 device_id=done.device_id,
@@ -617,15 +623,27 @@ class Outbox:
             )
             raise _LostError
         await self._after_commit(done)
+        for follower in followers:  # dead with it: metrics and events like any dead one
+            await self._after_commit(follower)
 
-    async def _finish_tx(self, done: Finished, outcome: Outcome | None) -> bool:
+    async def _finish_tx(self, done: Finished, outcome: Outcome | None) -> list[Finished] | None:
+        """The final state of ``done`` and its consequences, in one transaction. Returns
+        the commands that waited for it and die with it (``after_failed``), or None if
+        the row is no longer this process's."""
         pool = self._pool()
         assert pool is not None
+        followers: list[Finished] = []
+        # an answer (or a write the protocol expects no answer to) is a fact: it is
+        # recorded while the row is still this process's claim, even if the device left
+        # meanwhile (its connection may drop before the database comes back); a process
+        # that took the device over claims the row first. Giving up (dead) is a
+        # judgement: it needs the device too, as a new owner may still deliver it
+        ours = _OURS if done.status is CommandStatus.DEAD else "claimed_by = $2"
         async with pool.acquire(timeout=5) as conn, conn.transaction():
             finished = await conn.fetchval(
                 f"""UPDATE commands SET status = $3, finished_at = now(), result_code = $4,
                            result_text = $5, dead_reason = $6, reply = $7
-                    WHERE command_id = $1 AND status IN ('pending', 'sent') AND {_OURS}
+                    WHERE command_id = $1 AND status IN ('pending', 'sent') AND {ours}
                     RETURNING command_id""",
                 done.command_id,
                 self.owner,
@@ -636,18 +654,21 @@ class Outbox:
                 None if outcome is None else json.dumps(outcome.reply, default=str),
             )
             if finished is None:
-                return False
+                return None
             if done.status is CommandStatus.FAILED:
                 # commands that wait for this one cannot go (a stop after a refused start)
-                await conn.execute(
+                rows = await conn.fetch(
                     """UPDATE commands SET status = 'dead', dead_reason = 'after_failed',
                               finished_at = now()
-                       WHERE after_command = $1 AND status = 'pending'""",
+                       WHERE after_command = $1 AND status = 'pending' RETURNING *""",
                     done.command_id,
                 )
+                followers = [_finished(r, CommandStatus.DEAD, None, "after_failed") for r in rows]
             if self.on_finish_tx is not None:
                 await self.on_finish_tx(conn, done)
-        return True
+                for follower in followers:
+                    await self.on_finish_tx(conn, follower)
+        return followers
 
     async def _after_commit(self, done: Finished) -> None:
         log.info(

@@ -273,14 +273,7 @@ def make_router(gateway: Gateway) -> APIRouter:
                 raise HTTPException(409, f"no running order on port {port}: {order_no} is {status}")
             if start is not None and start["status"] == "pending" and start["attempts"] == 0:
                 await _cancel_start(conn, start["command_id"], "stopped before it was sent")
-                if await transition(conn, order_no, "cancel") is None:
-                    # already ``starting``: an attempt was marked sent, then taken back
-                    # (the connection closed before its bytes were written); the state
-                    # machine cancels only ``pending`` orders, and the order must not
-                    # stay open on the port for ever
-                    await transition(
-                        conn, order_no, "start_failed", failure_reason="stopped before it was sent"
-                    )
+                await transition(conn, order_no, "cancel")
                 return Accepted(
                     order_no=order_no, command_id=start["command_id"], status="cancelled"
                 )

@@ -7,6 +7,8 @@ States and the transitions the platform makes (anything else is refused)::
     starting|failed --device reports the order charging--> charging   (reconciled)
     any but settled --settlement--> settled
     pending --cancelled before sending--> cancelled
+    starting --start never written (taken back)--> pending; --cancelled--> cancelled
+    stopping --stop never written (taken back)--> charging
 
 A settlement is applied once: the device's resends of the same settlement change
 nothing, even when their live readings differ or they lack optional identifiers
@@ -55,6 +57,10 @@ TRANSITIONS: dict[tuple[OrderStatus, str], OrderStatus] = {
     (OrderStatus.CHARGING, "stop_sent"): OrderStatus.STOPPING,
     (OrderStatus.STARTING, "stop_sent"): OrderStatus.STOPPING,
     (OrderStatus.PENDING, "cancel"): OrderStatus.CANCELLED,
+    # a start (stop) marked sent whose bytes never went out: the connection closed first
+    (OrderStatus.STARTING, "start_unsent"): OrderStatus.PENDING,
+    (OrderStatus.STARTING, "cancel"): OrderStatus.CANCELLED,
+    (OrderStatus.STOPPING, "stop_unsent"): OrderStatus.CHARGING,
     **{
         (state, "settled"): OrderStatus.SETTLED
         for state in OrderStatus
@@ -116,6 +122,9 @@ DEDUPE_WINDOW = timedelta(days=30)
 DEDUPE_WINDOW_BY_VALUES = timedelta(days=1)
 #: a progress report this soon after its session's settlement is late, not a new session
 LATE_PROGRESS = timedelta(minutes=10)
+#: a start whose answer is unknown is a session's start if sent this close to its begin
+#: (durations come in whole minutes; the answer and the start take seconds)
+START_MATCH = timedelta(minutes=3)
 
 
 async def transition(conn: Any, order_no: str, event: str, **values: Any) -> OrderStatus | None:
@@ -242,12 +251,14 @@ async def settle(conn: Any, report: SettlementReport, *, at: datetime) -> Settle
     if earlier is not None:
         return Settled(False, earlier)
     if report.business_no is not None:
+        began = None if report.duration_s is None else at - timedelta(seconds=report.duration_s)
         order = await find_session_order(
             conn,
             report.device_id,
             report.port,
             report.business_no,
             stuck_starts=report.stuck_starts,
+            session_started_at=began,
         )
     else:  # a port runs one session at a time: the open order whose start was answered
         order = await conn.fetchrow(
@@ -268,14 +279,19 @@ async def find_session_order(
     *,
     hint_order_no: str | None = None,
     stuck_starts: bool = True,
+    session_started_at: datetime | None = None,
     window: timedelta = timedelta(days=1),
 ) -> Any:
     """The order of the session (device, port, business number) that is not settled, or
     None: an open order with that business number (or ``hint_order_no``, the order whose
     start the socket just answered with it); else a recent order that failed although it
     carries that very business number (a card order whose confirmation was lost); with
-    ``stuck_starts``, else a recent order whose start was sent and never answered (no
-    business number recorded), which may have started after all."""
+    ``stuck_starts``, else a recent order whose start was sent and whose answer is not
+    recorded (``starting``, or ``failed`` after no answer), which may have started after
+    all. Such a start is taken only if it was sent within ``START_MATCH`` of when the
+    session began (``session_started_at``, from its duration): a session the device
+    started on its own at another time is never billed to it. Without that time only a
+    start that failed for want of an answer is taken."""
     row = await conn.fetchrow(
         f"""SELECT {_ORDER_COLUMNS} FROM orders o
             WHERE o.device_id = $1 AND o.port = $2
@@ -292,18 +308,26 @@ async def find_session_order(
         return row
     row = await conn.fetchrow(
         f"""SELECT {_ORDER_COLUMNS} FROM orders o
-            WHERE o.device_id = $1 AND o.port = $2 AND o.status = 'failed'
+            WHERE o.device_id = $1 AND o.port = $2
               AND o.created_at > now() - make_interval(secs => $4)
-              AND (o.business_no = $3
+              AND ((o.status = 'failed' AND o.business_no = $3)
                    OR ($5 AND o.business_no IS NULL AND EXISTS (
                        SELECT 1 FROM commands c WHERE c.command_id = o.start_command_id
-                         AND c.status = 'dead' AND c.attempts > 0)))
+                         AND c.attempts > 0 AND c.sent_at IS NOT NULL
+                         AND ((o.status = 'failed' AND c.status = 'dead')
+                              OR (o.status = 'starting' AND c.status IN ('pending', 'sent')))
+                         AND CASE WHEN $6::timestamptz IS NULL THEN o.status = 'failed'
+                                  ELSE c.sent_at BETWEEN $6 - make_interval(secs => $7)
+                                                     AND $6 + make_interval(secs => $7)
+                             END)))
             ORDER BY (o.business_no IS NOT NULL) DESC, o.created_at DESC LIMIT 1""",
         device_id,
         port,
         business_no,
         window.total_seconds(),
         stuck_starts,
+        session_started_at,
+        START_MATCH.total_seconds(),
     )
     if row is not None:
         log.info(

@@ -50,6 +50,7 @@ import asyncpg
 import structlog
 
 from .store.errors import is_unavailable, reason
+from .store.values import safe_json
 
 log = structlog.get_logger("chargegw.outbox")
 
@@ -159,7 +160,7 @@ class Outbox:
         retention_s: float = 7 * 86400,
         on_result: Callable[[Finished], Awaitable[None]] | None = None,
         on_finish_tx: Callable[[Any, Finished], Awaitable[None]] | None = None,
-        on_sent_tx: Callable[[Any, int, str | None, str], Awaitable[None]] | None = None,
+        on_sent_tx: Callable[[Any, int, str | None, str, bool], Awaitable[None]] | None = None,
         on_backlog: Callable[[dict[str, int]], None] = lambda counts: None,
         on_timeout: Callable[[str], None] = lambda device_id: None,
         on_answered: Callable[[str], None] = lambda device_id: None,
@@ -369,7 +370,7 @@ class Outbox:
                              SELECT 1 FROM device_sessions s
                              LEFT JOIN cluster_processes p ON p.owner = s.owner
                              WHERE s.device_id = c.device_id
-                               AND ((s.owner IS NOT NULL AND p.stopped_at IS NULL)
+                               AND ((p.owner IS NOT NULL AND p.stopped_at IS NULL)
                                     OR (s.lost_owner IS NOT NULL
                                         AND s.released_at > now() - make_interval(secs => $1))))
                        ORDER BY c.expires_at LIMIT 500
@@ -565,7 +566,7 @@ class Outbox:
             if marked is None:  # cancelled, or taken over by the device's new owner
                 raise _LostError
             if marked == 1 and self.on_sent_tx is not None:
-                await self.on_sent_tx(conn, row["command_id"], row["order_no"], row["name"])
+                await self.on_sent_tx(conn, row["command_id"], row["order_no"], row["name"], True)
         return int(correlation)
 
     async def _unmark(self, row: asyncpg.Record) -> None:
@@ -578,13 +579,19 @@ class Outbox:
         pool = self._pool()
         assert pool is not None
         try:
-            await pool.execute(
-                """UPDATE commands SET attempts = attempts - 1,
-                          status = CASE WHEN attempts = 1 THEN 'pending' ELSE status END
-                   WHERE command_id = $1 AND status = 'sent' AND claimed_by = $2""",
-                row["command_id"],
-                self.owner,
-            )
+            async with pool.acquire(timeout=5) as conn, conn.transaction():
+                left = await conn.fetchval(
+                    """UPDATE commands SET attempts = attempts - 1,
+                              status = CASE WHEN attempts = 1 THEN 'pending' ELSE status END
+                       WHERE command_id = $1 AND status = 'sent' AND claimed_by = $2
+                       RETURNING attempts""",
+                    row["command_id"],
+                    self.owner,
+                )
+                if left == 0 and self.on_sent_tx is not None:  # the order moves back too
+                    await self.on_sent_tx(
+                        conn, row["command_id"], row["order_no"], row["name"], False
+                    )
         except Exception as exc:
             log.warning("could not take back an unsent attempt", error=repr(exc))
 
@@ -651,7 +658,7 @@ class Outbox:
                 None if outcome is None else outcome.result_code,
                 None if outcome is None else outcome.result_text,
                 done.dead_reason,
-                None if outcome is None else json.dumps(outcome.reply, default=str),
+                None if outcome is None else safe_json(outcome.reply),
             )
             if finished is None:
                 return None

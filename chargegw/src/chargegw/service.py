@@ -646,11 +646,12 @@ class Gateway:
         self.send(link, frame, device_id=device_id, command=name, priority=CONTROL)
 
     async def _command_sent_tx(
-        self, conn: Any, command_id: int, order_no: str | None, name: str
+        self, conn: Any, command_id: int, order_no: str | None, name: str, sent: bool
     ) -> None:
-        """A start or stop is marked sent: its order moves in the same transaction."""
+        """A start or stop is marked sent (or, its bytes never written, taken back): its
+        order moves in the same transaction."""
         if order_no is not None and name in ("start", "stop"):
-            await transition(conn, order_no, f"{name}_sent")
+            await transition(conn, order_no, f"{name}_{'sent' if sent else 'unsent'}")
 
     def _outbox_backlog(self, counts: dict[str, int]) -> None:
         for status, count in counts.items():

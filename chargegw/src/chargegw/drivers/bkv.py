@@ -339,6 +339,7 @@ class BkvDriver:
         ``failed`` without an answer is reconciled (``charging``)."""
         wall = self.ctx.wall()
         charged_s = sample.get("duration_s") or 0
+        began = None if sample.get("duration_s") is None else wall - timedelta(seconds=charged_s)
 
         async def find(conn: Any) -> str | None:
             order = await find_session_order(
@@ -347,6 +348,7 @@ class BkvDriver:
                 port,
                 business_no,
                 hint_order_no=self._hint(device_id, port, business_no),
+                session_started_at=began,
                 window=RECONCILE_WINDOW,
             )
             if order is None:

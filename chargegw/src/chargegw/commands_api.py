@@ -186,6 +186,18 @@ def make_router(gateway: Gateway) -> APIRouter:
         scope = _key_scope(request)
         async with pool().acquire() as conn, conn.transaction():
             if idempotency_key:
+                legacy = await conn.fetchrow(
+                    """SELECT order_no, command_id FROM idempotency_keys
+                       WHERE scope = '' AND key = $1 AND request IS NULL""",
+                    idempotency_key,
+                )
+                if legacy is not None:  # answered before keys were scoped (migration 0011)
+                    status = await conn.fetchval(
+                        "SELECT status FROM orders WHERE order_no = $1", legacy["order_no"]
+                    )
+                    return Accepted(
+                        order_no=legacy["order_no"], command_id=legacy["command_id"], status=status
+                    )
                 # taking the key first makes a concurrent repeat wait for this request
                 taken = await conn.fetchval(
                     """INSERT INTO idempotency_keys (scope, key, request) VALUES ($1, $2, $3)

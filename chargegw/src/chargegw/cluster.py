@@ -323,8 +323,9 @@ class Cluster:
 
     async def reassert(self, why: str) -> list[str]:
         """Claim again, in the directory, every device this process holds on an open
-        connection (unless a newer connection of it was bound elsewhere), mark those
-        online again, and the gateways of its connections; returns the devices taken."""
+        connection (unless a newer connection of it was bound elsewhere: those it lets
+        go), mark those online again, and the gateways of its connections; returns the
+        devices taken."""
         pool = self._pool()
         held = self._held()
         gateways = self._held_gateways()
@@ -346,6 +347,16 @@ class Cluster:
                 [h.since for h in held],
             )
             taken_ids = {r["device_id"] for r in taken}
+            # held here, but bound later by another process: a bind that :meth:`_reconcile`
+            # missed (committed long after its ``updated_at``, outside the scan window)
+            newer = await conn.fetch(
+                """SELECT s.device_id, s.since FROM device_sessions s
+                   JOIN unnest($2::text[], $3::timestamptz[]) AS u(d, t) ON s.device_id = u.d
+                   WHERE s.owner IS NOT NULL AND s.owner <> $1 AND s.since > u.t""",
+                self.owner,
+                [h.device_id for h in held],
+                [h.since for h in held],
+            )
             online = [h for h in held if h.online and h.device_id in taken_ids]
             revived = await conn.fetch(
                 """UPDATE devices d SET online = true, offline_reason = NULL,
@@ -379,6 +390,8 @@ class Cluster:
                     [g for g, _ in gateways],
                     [c for _, c in gateways],
                 )
+        if newer:  # newest connection wins: let go of them here
+            self._superseded([(r["device_id"], r["since"]) for r in newer])
         devices = sorted(taken_ids)
         if devices or revived:
             log.warning(

@@ -52,6 +52,11 @@ from .store.errors import DB_ERRORS, reason
 
 log = structlog.get_logger("chargegw.cluster")
 
+#: the heartbeat's statements give up after this long (a hung database must not hang it)
+HEARTBEAT_STATEMENT_S = 10.0
+#: every this many heartbeats, the directory's entries are compared exactly
+EXACT_CHECK_EVERY = 6
+
 OUTBOX_CHANNEL = "chargegw_outbox"
 BAN_CHANNEL = "chargegw_ban"
 
@@ -89,8 +94,9 @@ class Cluster:
         shed: Callable[[int], int],
         superseded: Callable[[list[tuple[str, Any]]], None] = lambda bound: None,
         held: Callable[[], list[Held]] = list,
+        knows: Callable[[str], bool] = lambda device_id: False,
         held_gateways: Callable[[], list[tuple[str, str]]] = list,
-        on_reasserted: Callable[[list[str]], None] = lambda device_ids: None,
+        on_reasserted: Callable[[list[Held]], None] = lambda held: None,
         device_listen: str = "",
         http_listen: str = "",
     ) -> None:
@@ -107,6 +113,7 @@ class Cluster:
         self._shed = shed
         self._superseded = superseded
         self._held = held
+        self._knows = knows
         self._held_gateways = held_gateways
         self._on_reasserted = on_reasserted
         self._checked_at: datetime | None = None
@@ -120,6 +127,10 @@ class Cluster:
         #: device id -> monotonic time its ban ends
         self.bans: dict[str, float] = {}
         self._listener: asyncpg.Connection | None = None
+        #: the heartbeat's own connections: a busy main pool (settlements, outbox workers
+        #: retrying after an outage) must not starve it into being declared dead
+        self._own: asyncpg.Pool | None = None
+        self._beats = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shedding: asyncio.Task[None] | None = None
 
@@ -129,6 +140,9 @@ class Cluster:
         """Register this process (the database must be reachable), then run the loops."""
         pool = self._pool()
         assert pool is not None
+        self._own = await asyncpg.create_pool(
+            self._dsn(), min_size=1, max_size=2, command_timeout=HEARTBEAT_STATEMENT_S
+        )
         await self._register(self._stats())
         await self._refresh_bans(pool)
         self._spawn(self._listen(), "cluster-listener")
@@ -144,6 +158,10 @@ class Cluster:
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.close(timeout=2)
+        if self._own is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._own.close(), 2)
+            self._own = None
         pool = self._pool()
         if pool is None:
             return
@@ -165,6 +183,10 @@ class Cluster:
                 "could not record the stop; other processes will time this one out",
                 error=repr(exc),
             )
+
+    def _db(self) -> asyncpg.Pool | None:
+        """The heartbeat's own pool once started, else the process's pool."""
+        return self._own or self._pool()
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -282,7 +304,7 @@ class Cluster:
         """Refresh this process's row; re-assert what it holds if it was declared stopped
         or lost directory entries; let go of devices bound later elsewhere; shed
         connections if a rebalance asks for it."""
-        pool = self._pool()
+        pool = self._db()
         if pool is None:
             return
         stats = self._stats()
@@ -310,10 +332,13 @@ class Cluster:
         at = row["at"]
         self._note_contact(at)
         await self._reconcile(pool, at)
+        self._beats += 1
         if row["was_stopped"] is not None:
             await self.reassert("another process declared this one stopped")
-        elif row["rows"] < sum(1 for _ in self._held()):
+        elif row["rows"] < len(self._held()):
             await self.reassert("directory entries of this process were released")
+        elif self._beats % EXACT_CHECK_EVERY == 0:
+            await self.check_entries()
         remaining = int(row["shed_remaining"])
         if remaining > 0 and self._shedding is None:
             rate = float(row["shed_rate"]) or 10.0
@@ -326,12 +351,14 @@ class Cluster:
         connection (unless a newer connection of it was bound elsewhere: those it lets
         go), mark those online again, and the gateways of its connections; returns the
         devices taken."""
-        pool = self._pool()
-        held = self._held()
-        gateways = self._held_gateways()
-        if pool is None or not (held or gateways):
+        pool = self._db()
+        if pool is None:
             return []
         async with pool.acquire(timeout=5) as conn, conn.transaction():
+            # what is held now (after the wait for a connection): a link that closes
+            # from here on is released by the writer after this transaction
+            held = self._held()
+            gateways = self._held_gateways()
             taken = await conn.fetch(
                 """UPDATE device_sessions s SET owner = $1, connection_id = u.c,
                           since = u.t, released_at = NULL, lost_owner = NULL,
@@ -400,8 +427,54 @@ class Cluster:
                 devices=len(devices),
                 back_online=len(revived),
             )
-        self._on_reasserted(devices)
+        self._on_reasserted([h for h in held if h.device_id in taken_ids])
         return devices
+
+    async def check_entries(self) -> None:
+        """Compare the directory's entries in this process's name with what it holds,
+        exactly: re-assert what is missing or names another connection; release entries
+        of devices this process does not know at all (a crash of a write, a race the
+        scans missed), and mark them offline if the device row still names that entry's
+        connection."""
+        pool = self._db()
+        if pool is None:
+            return
+        rows = await pool.fetch(
+            """SELECT device_id, connection_id, updated_at < now() - interval '5 seconds' AS old
+               FROM device_sessions WHERE owner = $1""",
+            self.owner,
+        )
+        entries = {r["device_id"]: r["connection_id"] for r in rows}
+        if any(entries.get(h.device_id) != h.connection_id for h in self._held()):
+            await self.reassert("directory entries differ from the connections held")
+        # a bind committed a moment ago may not be known to the session layer yet
+        stray = [r["device_id"] for r in rows if r["old"] and not self._knows(r["device_id"])]
+        if not stray:
+            return
+        async with pool.acquire(timeout=5) as conn, conn.transaction():
+            released = await conn.fetch(
+                """UPDATE device_sessions SET owner = NULL, connection_id = NULL,
+                          released_at = now(), updated_at = clock_timestamp()
+                   WHERE owner = $1 AND device_id = ANY($2::text[])
+                     AND updated_at < now() - interval '5 seconds'
+                   RETURNING device_id""",
+                self.owner,
+                stray,
+            )
+            gone = [r["device_id"] for r in released]
+            stale = await conn.fetch(
+                """SELECT d.device_id FROM devices d
+                   JOIN unnest($1::text[], $2::text[]) AS u(id, c)
+                     ON d.device_id = u.id AND d.connection_id = u.c""",
+                gone,
+                [entries[d] for d in gone],
+            )
+            if stale:
+                await _mark_offline(
+                    conn, [r["device_id"] for r in stale], "not_connected", [None] * len(stale)
+                )
+        if gone:
+            log.warning("released directory entries of devices not held", devices=len(gone))
 
     async def _reconcile(self, pool: asyncpg.Pool, now: datetime) -> None:
         """Devices another process bound since the last look: newest connection wins,
@@ -471,7 +544,7 @@ class Cluster:
 
         Judged in database time, and only once this process has been in contact with the
         database for ``process_timeout_s`` (:meth:`can_judge_liveness`)."""
-        pool = self._pool()
+        pool = self._db()
         if pool is None or not self.can_judge_liveness():
             return
         async with pool.acquire(timeout=5) as conn, conn.transaction():
@@ -525,7 +598,7 @@ class Cluster:
         (a crash, a restart, a lost write left them so); one process at a time. Rows that
         changed within ``process_timeout_s`` are left for the next round (a bind may be
         on its way). Returns the numbers of devices and gateways marked offline."""
-        pool = self._pool()
+        pool = self._db()
         if pool is None:
             return 0, 0
         async with pool.acquire(timeout=5) as conn, conn.transaction():
@@ -533,6 +606,18 @@ class Cluster:
                 "SELECT pg_try_advisory_xact_lock(hashtext('chargegw.online-reconcile'))"
             ):
                 return 0, 0
+            # entries naming a process that has no row at all (deleted, restored from a
+            # backup): nobody holds them
+            orphans = await conn.fetch(
+                """UPDATE device_sessions s SET owner = NULL, connection_id = NULL,
+                          lost_owner = s.owner, released_at = now(),
+                          updated_at = clock_timestamp()
+                   WHERE s.owner IS NOT NULL
+                     AND s.updated_at < now() - make_interval(secs => $1)
+                     AND NOT EXISTS (SELECT 1 FROM cluster_processes p WHERE p.owner = s.owner)
+                   RETURNING s.device_id""",
+                self.process_timeout_s,
+            )
             stale = await conn.fetch(
                 """SELECT d.device_id FROM devices d
                    WHERE d.online AND d.updated_at < now() - make_interval(secs => $1)
@@ -540,7 +625,7 @@ class Cluster:
                          SELECT 1 FROM device_sessions s
                          LEFT JOIN cluster_processes p ON p.owner = s.owner
                          WHERE s.device_id = d.device_id
-                           AND ((s.owner IS NOT NULL AND p.stopped_at IS NULL)
+                           AND ((p.owner IS NOT NULL AND p.stopped_at IS NULL)
                                 OR s.updated_at > now() - make_interval(secs => $1)))
                    FOR UPDATE OF d SKIP LOCKED""",
                 self.process_timeout_s,
@@ -548,20 +633,27 @@ class Cluster:
             devices = [r["device_id"] for r in stale]
             if devices:
                 await _mark_offline(conn, devices, "not_connected", [None] * len(devices))
+            # a gateway is held while a live process holds its connection (``owner``) or
+            # one of its devices (rows written before gateways had an owner)
             gateways = await conn.fetch(
                 """UPDATE gateways g SET online = false, updated_at = now()
-                   WHERE g.online AND g.owner IS NOT NULL
-                     AND g.updated_at < now() - make_interval(secs => $1)
+                   WHERE g.online AND g.updated_at < now() - make_interval(secs => $1)
                      AND NOT EXISTS (SELECT 1 FROM cluster_processes p
                                      WHERE p.owner = g.owner AND p.stopped_at IS NULL)
+                     AND NOT EXISTS (
+                         SELECT 1 FROM devices d
+                         JOIN device_sessions s ON s.device_id = d.device_id
+                         JOIN cluster_processes p ON p.owner = s.owner
+                         WHERE d.gateway_id = g.gateway_id AND p.stopped_at IS NULL)
                    RETURNING g.gateway_id""",
                 self.process_timeout_s,
             )
-        if devices or gateways:
+        if devices or gateways or orphans:
             log.warning(
                 "marked offline what no live process holds",
                 devices=len(devices),
                 gateways=len(gateways),
+                orphaned_entries=len(orphans),
             )
         return len(devices), len(gateways)
 

@@ -33,7 +33,7 @@ from .drivers.bkv_commands import BkvCommands
 from .metrics import Metrics
 from .orders import Settled, SettlementReport, reported_charging, settle, transition
 from .outbox import CommandStatus, Finished, Outbox
-from .sessions import SessionRegistry
+from .sessions import Held, SessionRegistry
 from .store.database import connect_pool, migrate, start_embedded
 from .store.errors import is_unavailable, reason
 from .store.partitions import maintain
@@ -107,6 +107,7 @@ class Gateway:
             shed=lambda count: self.server.shed(count, "rebalance", keep=self._busy),
             superseded=self._superseded,
             held=self.sessions.held,
+            knows=self.sessions.devices.__contains__,
             held_gateways=self._held_gateways,
             on_reasserted=self._reasserted,
         )
@@ -287,14 +288,30 @@ class Gateway:
             if not link.closed and "gateway" in link.driver_state
         ]
 
-    def _reasserted(self, device_ids: list[str]) -> None:
-        """Devices claimed again after an outage: their rows were written by SQL (the
-        writer's memory of them is stale), and their commands can go."""
-        for device_id in device_ids:
-            self.writer.forget("d", device_id)
-        self.metrics.devices_reasserted_total.inc(len(device_ids))
-        if device_ids:
-            self.run(self.outbox.wake_waiting(device_ids), "wake-reasserted")
+    def _reasserted(self, taken: list[Held]) -> None:
+        """Devices claimed again after an outage or a stall: their rows were written by
+        SQL (the writer's memory of them is stale), and their commands can go. One whose
+        connection closed meanwhile is released again (the release may have been
+        committed before the re-assertion)."""
+        for held in taken:
+            self.writer.forget("d", held.device_id)
+            link = self.sessions.link_of(held.device_id)
+            if link is None or link.id != held.connection_id:
+                self.writer.put_session(
+                    SessionRow(
+                        held.device_id, self.owner, held.connection_id, "", time.monotonic(), False
+                    )
+                )
+                self.writer.put_device(
+                    held.device_id,
+                    protocol=held.protocol,
+                    online=False,
+                    offline_reason="peer closed",
+                    connection_id=held.connection_id,
+                )
+        self.metrics.devices_reasserted_total.inc(len(taken))
+        if taken:
+            self.run(self.outbox.wake_waiting([h.device_id for h in taken]), "wake-reasserted")
 
     def _command_notified(self, device_id: str) -> None:
         if not self.draining:

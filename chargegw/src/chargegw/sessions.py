@@ -55,6 +55,7 @@ class Held:
     connection_id: str
     since: datetime
     online: bool
+    protocol: str
 
 
 @dataclasses.dataclass(slots=True)
@@ -189,7 +190,7 @@ class SessionRegistry:
     def held(self) -> list[Held]:
         """Every device this process holds on an open connection with a committed bind."""
         return [
-            Held(device_id, s.link.id, s.db_since, s.online)
+            Held(device_id, s.link.id, s.db_since, s.online, s.protocol)
             for device_id, s in self.devices.items()
             if s.db_since is not None and not s.link.closed
         ]

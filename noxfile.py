@@ -79,3 +79,25 @@ def load(session: nox.Session) -> None:
         "docs/benchmarks.md",
         external=True,
     )
+
+
+#: the default of `nox -s chaos` (arguments after `--` replace it): about 10 minutes
+CHAOS_DEFAULT = ("--duration", "540", "--piles", "500", "--seed", "1")
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Chaos run: chargegw serve --workers 3 under faults, then the invariants
+    (docs/chaos.md). Writes chaos-report.json; fails on any violation. PostgreSQL:
+    CHARGEGW_TEST_DSN, else an embedded one."""
+    args = session.posargs or CHAOS_DEFAULT
+    session.run(
+        *UV_RUN,
+        "python",
+        "-m",
+        "chargegw.chaos",
+        "--report",
+        "chaos-report.json",
+        *args,  # a --report here wins
+        external=True,
+    )

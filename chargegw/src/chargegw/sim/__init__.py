@@ -41,7 +41,15 @@ from .bkv import (
     bkv_iccid_for,
     make_bkv_gateways,
 )
-from .pile import Faults, Flow, FrameRecord, PileStats, SimulatedPile
+from .pile import (
+    ConnectionSpan,
+    Faults,
+    Flow,
+    FrameRecord,
+    LedgerEntry,
+    PileStats,
+    SimulatedPile,
+)
 from .runner import Simulator, SimulatorStats
 
 __all__ = [
@@ -52,9 +60,11 @@ __all__ = [
     "BkvSession",
     "BkvSocket",
     "ChargeSession",
+    "ConnectionSpan",
     "Faults",
     "Flow",
     "FrameRecord",
+    "LedgerEntry",
     "PendingEndReport",
     "PileStats",
     "PortStatus",

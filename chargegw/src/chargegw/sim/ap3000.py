@@ -15,13 +15,14 @@ import contextlib
 import copy
 import dataclasses
 import enum
+import hashlib
 import time
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar, Final
 
 from chargeproto import ABSENT, Message, ap3000
 
-from .pile import Faults, SimulatedPile, StreamDecoder
+from .pile import Faults, LedgerEntry, SimulatedPile, StreamDecoder
 
 #: id type code for a port count (ap3000.md section 4)
 TYPE_CODE_FOR_PORTS: Final = {1: 0x03, 2: 0x04, 10: 0x05, 12: 0x07, 16: 0x06}
@@ -57,6 +58,12 @@ STOP_TIME_REACHED: Final = 0x03
 STOP_ENERGY_REACHED: Final = 0x04
 STOP_UNPLUGGED: Final = 0x05
 STOP_BY_SERVER: Final = 0x07
+# start modes (ap3000.md 11.4)
+START_CARD: Final = 0
+START_ONLINE: Final = 1
+START_CODE: Final = 3
+#: the card field of a settlement that no card started
+NO_CARD: Final = "00000000"
 
 
 class PortStatus(enum.IntEnum):
@@ -91,6 +98,8 @@ class Ap3000Intervals:
     upgrade_boot_s: float = 10.0
     #: an until-full charge reports full after this long
     full_after_s: float = 4 * 3600.0
+    #: after a card swipe, a 0x82 start for its port within this long is a card start
+    swipe_window_s: float = 120.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -110,6 +119,14 @@ class ChargeSession:
     peak_power_w: float = 0.0
     stop_reason: int | None = None
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: "server" (0x82, also after a card swipe) or "device" (:meth:`start_local`)
+    started_by: str = "server"
+    #: start mode reported in 0x06 and 0x03 (ap3000.md 11.4)
+    start_mode: int = START_ONLINE
+    #: the card of a card start (0x02 then 0x82), reported in 0x03
+    card_id: str = NO_CARD
+    #: wall-clock start (Unix seconds), for the ledger
+    started_wall: float = dataclasses.field(default_factory=time.time)
 
     def energy_kwh(self, duration_s: float) -> float:
         return self.power_w * duration_s / 3_600_000.0
@@ -151,6 +168,10 @@ class StoredSettlement:
     message: ap3000.Settlement
     next_send_at: float
     copies_sent: int = 0
+    #: the session in the pile's ledger
+    entry: LedgerEntry | None = None
+    #: acknowledgements received (lost ones included)
+    acks_seen: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -378,6 +399,11 @@ class SimulatedAp3000Pile(SimulatedPile):
         self.upgrades: list[tuple[int, int]] = []
         #: asked for firmware: packets other than packet 1 go unanswered until it comes
         self._restart_asked = False
+        #: 0x02 card swipes: port -> card of a swipe waiting for its 0x82 start, and the
+        #: server's answers (``CardSwipeReply``) in order
+        self._swipes: dict[int, tuple[str, float]] = {}
+        self.swipe_replies: list[ap3000.CardSwipeReply] = []
+        self._local_orders = 0
         self._msg_id = 0
         self._registration_id: int | None = None
         self._time_id: int | None = None
@@ -527,7 +553,11 @@ class SimulatedAp3000Pile(SimulatedPile):
                 self.stats.unmatched_replies += 1
         elif isinstance(message, ap3000.SettlementReply):
             self._acknowledge_settlement(message)
-        # other server replies (card swipe, legacy) concern messages this pile never sends
+        elif isinstance(message, ap3000.CardSwipeReply):
+            self.swipe_replies.append(message)
+            if message.account_status != 0 and message.port in self._swipes:
+                del self._swipes[message.port]  # refused: no start follows
+        # other server replies (legacy) concern messages this pile never sends
 
     def on_disconnected(self) -> None:
         self._registered = asyncio.Event()
@@ -599,7 +629,8 @@ class SimulatedAp3000Pile(SimulatedPile):
                 self.intervals.settlement_resend_s, self.rng
             )
             stored.copies_sent += 1
-            await self.send_message(stored.message)
+            if await self.send_message(stored.message) and stored.entry is not None:
+                stored.entry.sent()
 
     def _wake_settlements(self) -> None:
         self._settlement_wakeup.set()
@@ -614,6 +645,21 @@ class SimulatedAp3000Pile(SimulatedPile):
             return
         if reply.result != 0:
             return  # not accepted: keep resending
+        stored.acks_seen += 1
+        entry = stored.entry
+        if self.chance(
+            self.faults.lose_acks,
+            "ack",
+            stored.message.order_id,
+            stored.message.msg_id,
+            stored.acks_seen,
+        ):
+            self.stats.acks_lost += 1
+            if entry is not None:
+                entry.acks_lost += 1
+            return  # the fault: as if the answer never arrived
+        if entry is not None:
+            entry.acknowledge()
         self.settlements.remove(stored)
         if self.settlements:
             head = self.settlements[0]
@@ -647,21 +693,122 @@ class SimulatedAp3000Pile(SimulatedPile):
             mode, target = "energy", limit / 100.0
         else:
             mode, target = "time", float(limit)
+        swipe = self._swipes.pop(port.index, None)
+        window = self.timing.real(self.intervals.swipe_window_s)
+        card = swipe[0] if swipe is not None and self._now() - swipe[1] <= window else None
+        self._begin(
+            port,
+            command.order_id,
+            mode,
+            target,
+            stop_when_full=command.force_full_stop == 1,
+            max_duration_s=float(max_duration),
+            started_by="server",
+            start_mode=START_ONLINE if card is None else START_CARD,
+            card_id=NO_CARD if card is None else card,
+        )
+
+    def _begin(
+        self,
+        port: SimPort,
+        order_id: str,
+        mode: str,
+        target: float,
+        *,
+        stop_when_full: bool,
+        max_duration_s: float,
+        started_by: str,
+        start_mode: int,
+        card_id: str = NO_CARD,
+    ) -> ChargeSession:
         power = self.charge_power_w * self.rng.uniform(0.9, 1.1)
         session = ChargeSession(
-            order_id=command.order_id,
+            order_id=order_id,
             port=port.index,
             started_at=self._now(),
             power_w=power,
             mode=mode,
             target=target,
-            stop_when_full=command.force_full_stop == 1,
-            max_duration_s=float(max_duration),
+            stop_when_full=stop_when_full,
+            max_duration_s=max_duration_s,
             peak_power_w=power,
+            started_by=started_by,
+            start_mode=start_mode,
+            card_id=card_id,
         )
         port.session = session
         port.status = PortStatus.CHARGING
         self.spawn(self._charge(port, session))
+        return session
+
+    def new_order_id(self) -> str:
+        """An order number made up by the pile (32 hex digits), fixed by the seed."""
+        self._local_orders += 1
+        key = f"{self.seed}:{self.phy_id}:order:{self._local_orders}".encode()
+        return hashlib.blake2b(key, digest_size=16).hexdigest().upper()
+
+    def start_local(
+        self,
+        port: int,
+        *,
+        duration_s: float | None = None,
+        energy_kwh: float | None = None,
+        start_mode: int = START_CODE,
+    ) -> ChargeSession | None:
+        """Start charging ``port`` (0-based) at the pile, without the server: a coin,
+        button or offline start. The pile makes up the order number; 0x06 power
+        heartbeats and the 0x03 settlement follow as for any charge. By time
+        (``duration_s`` pile seconds), by energy, or until full (neither). Returns None
+        when the port is busy, unplugged or does not exist."""
+        if not 0 <= port < len(self.ports):
+            return None
+        sim_port = self.ports[port]
+        if sim_port.session is not None or not sim_port.plugged:
+            return None
+        if duration_s is not None:
+            mode, target = "time", float(duration_s)
+        elif energy_kwh is not None:
+            mode, target = "energy", float(energy_kwh)
+        else:
+            mode, target = "full", 0.0
+        return self._begin(
+            sim_port,
+            self.new_order_id(),
+            mode,
+            target,
+            stop_when_full=False,
+            max_duration_s=float(self.limits["max_charge_duration_s"]),
+            started_by="device",
+            start_mode=start_mode,
+        )
+
+    async def swipe_card(self, port: int, card_id: str, *, card_type: int = 0) -> bool:
+        """A card is swiped for ``port`` (0-based; 0xFF asks for the balance only): the
+        pile sends 0x02. If the server accepts it, its 0x82 start for that port (within
+        ``intervals.swipe_window_s``) becomes a card start (start mode 0 and the card in
+        0x06/0x03). False if offline."""
+        card_id = card_id.upper()
+        if port != 0xFF:
+            self._swipes[port] = (card_id, self._now())
+        message = ap3000.CardSwipe(
+            self.phy_id,
+            self.next_msg_id(),
+            card_id=card_id,
+            card_type=card_type,
+            port=port,
+            balance_cent=0,
+            timestamp_unix=self.device_time(),
+        )
+        sent = await self.send_message(message)
+        if not sent:
+            self._swipes.pop(port, None)
+        return sent
+
+    def device_ids(self) -> list[str]:
+        return [self.phy_id]
+
+    def charging(self) -> set[tuple[str, int]]:
+        return {(self.phy_id, p.index + 1) for p in self.ports if p.session is not None}
 
     async def _charge(self, port: SimPort, session: ChargeSession) -> None:
         interval = self.intervals.power_heartbeat_s
@@ -695,7 +842,7 @@ class SimulatedAp3000Pile(SimulatedPile):
                 status=1,
                 duration_s=min(round(duration), _U16),
                 energy_kwh=min(round(session.energy_kwh(duration), 2), 655.35),
-                start_mode=1,
+                start_mode=session.start_mode,
                 power_w=round(power, 1),
                 max_power_w=round(max(power, session.power_w), 1),
                 min_power_w=round(min(power, session.power_w), 1),
@@ -724,19 +871,36 @@ class SimulatedAp3000Pile(SimulatedPile):
             max_power_w=round(session.peak_power_w, 1),
             energy_kwh=min(round(session.energy_kwh(duration), 2), 655.35),
             port=session.port,
-            start_mode=1,
-            card_id="00000000",
+            start_mode=session.start_mode,
+            card_id=session.card_id,
             stop_reason=reason,
             order_id=session.order_id,
             second_max_power_w=round(session.peak_power_w, 1),
             timestamp_unix=self.device_time(),
         )
+        entry = LedgerEntry(
+            protocol=self.protocol,
+            device_id=self.phy_id,
+            port=session.port + 1,
+            started_by=session.started_by,
+            energy_kwh=settlement.energy_kwh,
+            duration_s=settlement.duration_s,
+            started_at=session.started_wall,
+            ended_at=time.time(),
+            stop_reason=reason,
+            order_id=session.order_id,
+            card_id=None if session.card_id == NO_CARD else session.card_id,
+            report=settlement,
+        )
+        self.ledger.append(entry)
         send_at = self._now() + self.timing.real(self.intervals.settlement_delay_s)
         if self.settlements:
             send_at = max(send_at, self.settlements[-1].next_send_at)
-        self.settlements.append(StoredSettlement(settlement, send_at))
+        self.settlements.append(StoredSettlement(settlement, send_at, entry=entry))
         while len(self.settlements) > MAX_STORED_SETTLEMENTS:
-            self.settlements.popleft()  # the device's storage is finite
+            lost = self.settlements.popleft()  # the device's storage is finite
+            if lost.entry is not None:
+                lost.entry.dropped = True
         self._wake_settlements()
 
     # --- commands ------------------------------------------------------------------------
@@ -816,6 +980,9 @@ class SimulatedAp3000Pile(SimulatedPile):
                 self.spawn(self._send_later(lambda: self.registration(self.next_msg_id())))
             return ap3000.SetWorkModeReply(phy, mid, result=0)
         if isinstance(m, ap3000.ClearStorage):
+            for held in self.settlements:
+                if held.entry is not None:
+                    held.entry.dropped = True
             self.settlements.clear()
             self._wake_settlements()
             return ap3000.ClearStorageReply(phy, mid, result=0)

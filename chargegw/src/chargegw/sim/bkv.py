@@ -20,12 +20,13 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar, Final, TypeVar
 
 from chargeproto import ABSENT, Direction, EncodeError, Message, bkv
 
-from .pile import Faults, SimulatedPile, StreamDecoder
+from .pile import Faults, LedgerEntry, SimulatedPile, StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ class BkvSession:
     peak_power_w: float = 0.0
     stop_cause: str | None = None
     changed: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: "server" (a start command) or "device" (:meth:`SimulatedBkvGateway.start_local`)
+    started_by: str = "server"
+    #: wall-clock start (Unix seconds), for the ledger
+    started_wall: float = dataclasses.field(default_factory=time.time)
 
     def energy_at(self, pile_s: float) -> float:
         """kWh after ``pile_s`` gateway seconds."""
@@ -230,6 +235,10 @@ class PendingEndReport:
     copies_sent: int = 0
     copies_this_connection: int = 0
     last_sent_at: float = 0.0
+    #: the session in the gateway's ledger
+    entry: LedgerEntry | None = None
+    #: acknowledgements taken for this report (lost ones included)
+    acks_seen: int = 0
 
 
 @dataclasses.dataclass(slots=True)
@@ -619,11 +628,45 @@ class SimulatedBkvGateway(SimulatedPile):
         pending.next_send_at = now + self.timing.spread(
             self.intervals.end_report_resend_s, self.rng
         )
-        if await self.send_message(pending.message):
+        copy = self._copy_of(pending)
+        if await self.send_message(copy):
             pending.copies_sent += 1
             pending.copies_this_connection += 1
             pending.last_sent_at = now
             self.bkv_stats.end_reports_sent += 1
+            if pending.entry is not None:
+                pending.entry.sent()
+                pending.entry.copies_changed += copy is not pending.message
+
+    def _copy_of(
+        self, pending: PendingEndReport
+    ) -> bkv.EndReport | bkv.PowerTierEndReport | bkv.FeeModeEndReport:
+        """The report to send now: a resend may carry other live readings (the fault
+        ``resend_changed_readings``); the session values never change."""
+        message = pending.message
+        key = (pending.socket, pending.port, pending.entry and pending.entry.business_no)
+        copy = pending.copies_sent
+        if copy == 0 or not self.chance(
+            self.faults.resend_changed_readings, "readings", *key, copy
+        ):
+            return message
+        shift = 1 + int(self.roll("shift", *key, copy) * 5)  # 1..5
+        if isinstance(message, bkv.FeeModeEndReport):
+            fee_temperature = message.temperature_c
+            if isinstance(fee_temperature, int):
+                fee_temperature += shift if fee_temperature < 60 else -shift
+            # residual readings after the relay opened
+            return dataclasses.replace(
+                message,
+                temperature_c=fee_temperature,
+                power_w=round(0.1 * shift, 1),
+                current_a=round(0.001 * shift, 3),
+            )
+        temperature = message.temperature_c
+        temperature += shift if temperature < 60 else -shift
+        signal = message.signal_strength
+        signal = signal - shift if signal > 5 else signal + shift
+        return dataclasses.replace(message, temperature_c=temperature, signal_strength=signal)
 
     def _wake_end_reports(self) -> None:
         self._end_wakeup.set()
@@ -645,6 +688,18 @@ class SimulatedBkvGateway(SimulatedPile):
         if result != 1:
             return  # not accepted: keep resending
         acked = max(candidates, key=lambda p: p.last_sent_at)
+        acked.acks_seen += 1
+        entry = acked.entry
+        business_no = None if entry is None else entry.business_no
+        if self.chance(
+            self.faults.lose_acks, "ack", acked.socket, acked.port, business_no, acked.acks_seen
+        ):
+            self.stats.acks_lost += 1
+            if entry is not None:
+                entry.acks_lost += 1
+            return  # the fault: as if the answer never arrived
+        if entry is not None:
+            entry.acknowledge()
         self.end_reports.remove(acked)
         self.bkv_stats.end_reports_acked += 1
         self._wake_end_reports()
@@ -661,6 +716,55 @@ class SimulatedBkvGateway(SimulatedPile):
     def unplug(self, socket: int, port: int) -> None:
         """Unplug the charger of a jack; a running charge ends (no load)."""
         self.plug(socket, port, False)
+
+    def start_local(
+        self,
+        socket: int,
+        port: int,
+        *,
+        duration_min: int | None = None,
+        energy_kwh: float | None = None,
+        amount_cent: int | None = None,
+        fee_tiers: Sequence[bkv.FeeTier] | None = None,
+        service_fee_mode: int = 1,
+    ) -> BkvSession | None:
+        """Start charging a jack (``port`` 0 = A) at the socket, without the server: a
+        coin, button or offline start. The socket allocates a business number; status
+        clusters report the session and its end report follows as for any session. By
+        time (``duration_min``, 0x02 end report), by energy (0x02), or in fee mode for
+        ``amount_cent`` with ``fee_tiers`` (default: one tier, 100 + 50 fen per kWh; a
+        0x1004 end report). Returns None when the jack is busy, unplugged or unknown."""
+        free = self._free_jack(socket, port)
+        if free is None:
+            return None
+        if amount_cent is not None:
+            tiers = tuple(fee_tiers) if fee_tiers else (bkv.FeeTier("23:59", 100, 50),)
+            session = self._start(
+                *free,
+                "fee",
+                amount_cent=amount_cent,
+                fee_tiers=tiers,
+                service_fee_mode=service_fee_mode,
+            )
+        elif energy_kwh is not None:
+            session = self._start(
+                *free, "energy", energy_kwh=energy_kwh, duration_min=duration_min or 0
+            )
+        else:
+            session = self._start(*free, "time", duration_min=duration_min or MAX_ORDER_MINUTES)
+        session.started_by = "device"
+        return session
+
+    def device_ids(self) -> list[str]:
+        return [bkv.socket_id(self.gateway_id, n) for n in self.sockets]
+
+    def charging(self) -> set[tuple[str, int]]:
+        return {
+            (bkv.socket_id(self.gateway_id, sock.number), jack.port + 1)
+            for sock in self.sockets.values()
+            for jack in sock.jacks
+            if jack.session is not None
+        }
 
     def _free_jack(self, socket: int, port: int) -> tuple[BkvSocket, BkvJack] | None:
         sock = self.sockets.get(socket)
@@ -794,9 +898,34 @@ class SimulatedBkvGateway(SimulatedPile):
                 signal_strength=sock.signal_strength,
                 **head,
             )
-        self.end_reports.append(PendingEndReport(message, sock.number, jack.port, self._now()))
+        omitted = isinstance(message, bkv.FeeModeEndReport) and self.chance(
+            self.faults.omit_optional_tags, "omit", sock.number, jack.port, session.business_no
+        )
+        if omitted:
+            assert isinstance(message, bkv.FeeModeEndReport)
+            message = dataclasses.replace(message, business_no=ABSENT)
+        entry = LedgerEntry(
+            protocol=self.protocol,
+            device_id=bkv.socket_id(self.gateway_id, sock.number),
+            port=jack.port + 1,
+            started_by=session.started_by,
+            energy_kwh=energy,
+            duration_s=minutes * 60,
+            started_at=session.started_wall,
+            ended_at=time.time(),
+            stop_reason=cause,
+            business_no=session.business_no,
+            report=message,
+            tag_omitted=omitted,
+        )
+        self.ledger.append(entry)
+        self.end_reports.append(
+            PendingEndReport(message, sock.number, jack.port, self._now(), entry=entry)
+        )
         while len(self.end_reports) > MAX_PENDING_END_REPORTS:
-            self.end_reports.popleft()  # the gateway's storage is finite
+            lost = self.end_reports.popleft()  # the gateway's storage is finite
+            if lost.entry is not None:
+                lost.entry.dropped = True
         self._wake_end_reports()
         self.status_changed(sock.number)  # "a status report follows" (bkv.md 7.3)
 

@@ -15,8 +15,10 @@ import asyncio
 import collections
 import dataclasses
 import enum
+import hashlib
 import logging
 import random
+import time
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, ClassVar, Final, Protocol
 
@@ -32,6 +34,10 @@ MAX_ZOMBIES: Final = 4
 COMMAND_MEMORY: Final = 256
 #: connections shorter than this count as a failure for the reconnect backoff
 SHORT_SESSION_S: Final = 5.0
+#: how many connections a pile remembers in :attr:`SimulatedPile.connection_log`
+CONNECTION_MEMORY: Final = 1000
+#: how many ended sessions a pile keeps in :attr:`SimulatedPile.ledger` (the oldest go)
+LEDGER_LIMIT: Final = 100_000
 #: garbage bytes exclude the bytes that may start a frame (AP3000 ``DNY``, BKV ``fc``),
 #: an ICCID or ``link``, so that a server's resynchronisation is deterministic
 _GARBAGE_ALPHABET: Final = bytes(b for b in range(256) if b not in b"Dl8\xfc")
@@ -94,6 +100,88 @@ class Faults:
     garbage: int = 0
     #: after this long, open a new connection with the same ids, leaving the old one open
     half_open_after_s: float | None = None
+    #: probability that the pile ignores the server's acknowledgement of a settlement or
+    #: end report (AP3000 0x03 ``SettlementReply``, BKV ``CardEndAck``/``FeeModeEndAck``),
+    #: so that it resends the report later
+    lose_acks: float = 0.0
+    #: BKV: probability that a resend of an end report carries different live readings
+    #: (``temperature_c``, ``signal_strength``; 0x1004 also ``power_w``/``current_a``)
+    #: while the session values (socket, port, business number, duration, energy, end
+    #: time, fees) stay the same
+    resend_changed_readings: float = 0.0
+    #: BKV: probability that a 0x1000/0x1004 fee-mode end report leaves out its optional
+    #: tag 0x0A (``business_no`` ABSENT); decided once per report, every copy alike
+    omit_optional_tags: float = 0.0
+
+
+@dataclasses.dataclass(slots=True)
+class LedgerEntry:
+    """One charging session a pile ended, as it reported it, and whether the server
+    acknowledged the report.
+
+    ``device_id`` is the API's device id (AP3000: the physical id; BKV:
+    ``<gateway_id>-<socket>``), ``port`` is 1-based like the API. AP3000 sessions carry
+    ``order_id``, BKV sessions ``business_no``. ``started_by`` is ``server`` (a start
+    command, also after a card swipe: then ``card_id`` is set) or ``device`` (started at
+    the pile: coin, button, offline). ``energy_kwh`` and ``duration_s`` are the values of
+    the settlement or end report (BKV reports minutes: ``duration_s`` is minutes x 60).
+    Times are wall-clock Unix seconds. ``dropped`` says the pile lost the report
+    unacknowledged (its storage overflowed, or the server erased it with 0x88).
+    """
+
+    protocol: str
+    device_id: str
+    port: int
+    started_by: str
+    energy_kwh: float
+    duration_s: int
+    started_at: float
+    ended_at: float
+    stop_reason: int | str
+    order_id: str | None = None
+    business_no: int | None = None
+    card_id: str | None = None
+    #: the report as first built (resends may differ in live readings)
+    report: Message | None = None
+    #: BKV: the report left out its optional business-number tag
+    tag_omitted: bool = False
+    copies_sent: int = 0
+    #: BKV: copies sent with other live readings than the first (``resend_changed_readings``)
+    copies_changed: int = 0
+    first_sent_at: float | None = None
+    acked_at: float | None = None
+    acks_lost: int = 0
+    dropped: bool = False
+
+    @property
+    def acked(self) -> bool:
+        """Whether the server acknowledged the report (the pile deleted it)."""
+        return self.acked_at is not None
+
+    @property
+    def key(self) -> tuple[str, int, str | int | None]:
+        """What identifies the session: device, port, and order id or business number."""
+        return (self.device_id, self.port, self.order_id or self.business_no)
+
+    def sent(self) -> None:
+        """Count one copy of the report on the wire."""
+        self.copies_sent += 1
+        if self.first_sent_at is None:
+            self.first_sent_at = time.time()
+
+    def acknowledge(self) -> None:
+        """The server's acknowledgement was taken: the pile deletes the report."""
+        if self.acked_at is None:
+            self.acked_at = time.time()
+
+
+@dataclasses.dataclass(slots=True)
+class ConnectionSpan:
+    """One TCP connection of a pile: when it opened and when it ended (wall-clock Unix
+    seconds; ``closed`` None while it lasts)."""
+
+    opened: float
+    closed: float | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -109,6 +197,8 @@ class PileStats:
     decode_errors: int = 0
     commands_ignored: int = 0
     unmatched_replies: int = 0
+    #: acknowledgements of settlements / end reports ignored by the ``lose_acks`` fault
+    acks_lost: int = 0
 
 
 class _SessionEndError(Exception):
@@ -172,6 +262,15 @@ class SimulatedPile(abc.ABC):
         self.stats = PileStats()
         self.timing = Timing()
         self.rng = random.Random(pile_id)
+        #: what fault decisions (:meth:`roll`) and pile-made ids derive from; the
+        #: simulator sets it from its seed
+        self.seed = pile_id
+        #: every session this pile ended (:class:`LedgerEntry`), oldest first, bounded
+        self.ledger: collections.deque[LedgerEntry] = collections.deque(maxlen=LEDGER_LIMIT)
+        #: the pile's connections (:class:`ConnectionSpan`), oldest first, bounded
+        self.connection_log: collections.deque[ConnectionSpan] = collections.deque(
+            maxlen=CONNECTION_MEMORY
+        )
         self.command_queue_size = command_queue_size
         self.reconnect_min_s = 0.5
         self.reconnect_max_s = 30.0
@@ -221,12 +320,35 @@ class SimulatedPile(abc.ABC):
     def on_disconnected(self) -> None:  # noqa: B027 - optional hook
         """Called when a connection ended (the pile may reconnect)."""
 
+    @abc.abstractmethod
+    def device_ids(self) -> list[str]:
+        """The API device ids behind this pile (AP3000: itself; BKV: its sockets)."""
+
+    @abc.abstractmethod
+    def charging(self) -> set[tuple[str, int]]:
+        """``(device_id, port)`` (1-based) of every port charging now."""
+
     # --- state ---------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
         """Whether the pile has a usable connection now."""
         return self._conn is not None and self._conn.usable
+
+    def unacknowledged(self) -> list[LedgerEntry]:
+        """Ended sessions whose report the pile still holds (sent or not, unanswered)."""
+        return [e for e in self.ledger if not e.acked and not e.dropped]
+
+    def roll(self, *key: object) -> float:
+        """A number in [0, 1) fixed by the pile's seed and ``key``: the same event (e.g.
+        ``("ack", order_id, 2)``) gets the same fault decision in every run with the same
+        seed, however the scheduler interleaves the piles."""
+        digest = hashlib.blake2b(repr((self.seed, *key)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") / 2.0**64
+
+    def chance(self, probability: float, *key: object) -> bool:
+        """True with ``probability`` for the event ``key`` (see :meth:`roll`)."""
+        return probability > 0.0 and self.roll(*key) < probability
 
     @property
     def connection_count(self) -> int:
@@ -371,14 +493,20 @@ class SimulatedPile(abc.ABC):
         timing: Timing | None = None,
         rng: random.Random | None = None,
         start_delay_s: float = 0.0,
+        seed: str | None = None,
     ) -> None:
-        """Connect to ``host:port`` and stay connected (reconnecting) until cancelled."""
+        """Connect to ``host:port`` and stay connected (reconnecting) until cancelled.
+
+        ``seed`` fixes the fault decisions and the ids the pile makes up (default: the
+        pile id)."""
         if self._tg is not None:
             raise RuntimeError(f"pile {self.pile_id} is already running")
         if timing is not None:
             self.timing = timing
         if rng is not None:
             self.rng = rng
+        if seed is not None:
+            self.seed = seed
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -430,6 +558,8 @@ class SimulatedPile(abc.ABC):
         self.stats.connects += 1
         conn = Connection(self._connection_count, reader, writer)
         self._conn = conn
+        span = ConnectionSpan(time.time())
+        self.connection_log.append(span)
         queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=self.command_queue_size)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -451,6 +581,7 @@ class SimulatedPile(abc.ABC):
             conn.end(f"i/o error: {group.exceptions[0]}")
         finally:
             self._conn = None
+            span.closed = time.time()
             if conn.keep_open:
                 self._zombies.append(writer)
                 while len(self._zombies) > MAX_ZOMBIES:

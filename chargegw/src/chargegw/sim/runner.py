@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from types import TracebackType
 
 from ._timing import Timing
-from .pile import SimulatedPile
+from .pile import LedgerEntry, SimulatedPile
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,9 @@ class Simulator:
     ``accel`` divides every protocol interval of every pile; ``jitter`` spreads
     intervals by plus or minus that fraction, and start times over
     ``jitter * heartbeat`` (real seconds) so piles do not all connect at once.
-    ``seed`` makes the random choices (jitter, power, garbage) reproducible.
+    ``seed`` makes the random choices (jitter, power, garbage) reproducible, and fixes
+    each pile's fault decisions and the ids it makes up (``pile.seed``, see
+    :meth:`SimulatedPile.roll`).
     Use ``async with Simulator(...) as sim:`` or ``start()`` / ``stop()``.
     """
 
@@ -128,6 +130,8 @@ class Simulator:
         pile.reconnect_max_s = self.reconnect_max_s
         seed = f"{self.seed}:{pile.pile_id}" if self.seed is not None else None
         rng = random.Random(seed) if seed is not None else random.Random()
+        if seed is None:  # fault decisions as random as the rest
+            seed = f"{rng.getrandbits(64)}:{pile.pile_id}"
         spread = self.timing.jitter * self.timing.real(pile.heartbeat_s)
         delay = self._rng.uniform(0.0, spread)
         task = asyncio.create_task(
@@ -137,6 +141,7 @@ class Simulator:
                 timing=self.timing,
                 rng=rng,
                 start_delay_s=delay,
+                seed=seed,
             ),
             name=f"sim-pile-{pile.pile_id}",
         )
@@ -195,6 +200,18 @@ class Simulator:
             decode_errors=sum(p.stats.decode_errors for p in piles),
             by_protocol=tuple((p, n, c) for p, (n, c) in counts.items()),
         )
+
+    def ledger(self) -> list[LedgerEntry]:
+        """Every session every pile ended (:attr:`SimulatedPile.ledger`), pile by pile."""
+        return [entry for pile in self._piles.values() for entry in pile.ledger]
+
+    def unacknowledged(self) -> list[LedgerEntry]:
+        """Ended sessions whose report a pile still holds unacknowledged."""
+        return [entry for pile in self._piles.values() for entry in pile.unacknowledged()]
+
+    def charging(self) -> set[tuple[str, int]]:
+        """``(device_id, port)`` (1-based) of every port charging now, on every pile."""
+        return {key for pile in self._piles.values() for key in pile.charging()}
 
     async def wait_connected(self, count: int | None = None, *, timeout: float = 10.0) -> None:
         """Wait until ``count`` piles (default: all) are connected."""

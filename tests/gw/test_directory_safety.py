@@ -548,3 +548,39 @@ async def test_a_rebind_committed_late_elsewhere_is_still_noticed(db_dsn: str) -
             await locker.close()
             await old.close()
             await new.close()
+
+
+# -- review: a live process whose own pool is exhausted -------------------------------
+
+
+async def test_a_process_whose_pool_is_exhausted_is_not_declared_dead(db_dsn: str) -> None:
+    """Every connection of node a's pool is busy (settlement retries, outbox workers
+    after an outage) for longer than ``process_timeout_s``: its heartbeat still goes
+    out on its own connection, so node b does not declare it stopped and its device
+    keeps its directory entry and its online flag.
+
+    Found in review: the heartbeat shared the main pool and waited behind the busy
+    connections; the peer's sweep released a live process's devices."""
+    timing = {"cluster_heartbeat_s": 0.2, "process_timeout_s": 1.0}
+    async with running(db_dsn, node="a", **timing) as a, running(db_dsn, node="b", **timing) as b:
+        assert a.pool is not None and b.pool is not None
+        pile = await online_on(RawPile("04000201"), a.server.port)
+        owner = await until(lambda: directory_owner(b.pool, "04000201"), bool)  # type: ignore[arg-type]
+        await until(lambda: _async(b.cluster.can_judge_liveness()), bool)
+        held = [await a.pool.acquire() for _ in range(a.pool.get_max_size())]
+        try:
+            await asyncio.sleep(4 * timing["process_timeout_s"])
+            stopped = await b.pool.fetchval(
+                "SELECT stopped_at FROM cluster_processes WHERE owner = $1", owner
+            )
+            assert stopped is None, "the busy process was declared stopped"
+        finally:
+            for conn in held:
+                await a.pool.release(conn)
+        assert await directory_owner(b.pool, "04000201") == owner
+        assert await b.pool.fetchval("SELECT online FROM devices WHERE device_id = '04000201'")
+        await pile.close()
+
+
+async def _async(value: T) -> T:
+    return value

@@ -19,11 +19,11 @@ import asyncpg
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
 from chargegw.config import Settings
 from chargegw.service import Gateway
 from chargegw.store.database import migrate, start_embedded
+
+from .waiting import api_client
 
 
 @pytest.fixture(scope="session")
@@ -171,11 +171,5 @@ async def gateway(
 @pytest.fixture
 async def api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     """The device and command API of ``gateway``, in process, without authentication."""
-    state = ApiState(
-        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
-    )
-    app = create_app(state, routers=[make_router(gateway)])
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
+    async with api_client(gateway) as client:
         yield client

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -25,32 +25,17 @@ import asyncpg
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
 from chargegw.service import Gateway
 from chargeproto import ap3000
 
 from .conftest import settings_for
 from .piles import RawPile
+from .waiting import api_client, until
 
 READ = "read_running_params1"  # 0x90: the pile answers with its parameters, same msg id
 SKEW = timedelta(seconds=60)
 
 T = TypeVar("T")
-
-
-async def until(
-    probe: Callable[[], Awaitable[T]], check: Callable[[T], bool], timeout: float = 10.0
-) -> T:
-    """Poll ``await probe()`` until ``check(value)``; fail with the last value."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {value!r}")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -62,17 +47,6 @@ async def running(dsn: str, **overrides: Any) -> AsyncIterator[Gateway]:
         yield gw
     finally:
         await gw.stop()
-
-
-@contextlib.asynccontextmanager
-async def api_of(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    """The HTTP API of ``gw``, in process, without authentication."""
-    state = ApiState(pool=gw.pool, metrics=gw.metrics, readiness=gw.readiness, auth_required=False)
-    app = create_app(state, routers=[make_router(gw)])
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
-        yield client
 
 
 async def submit(client: httpx.AsyncClient, device_id: str) -> int:
@@ -162,7 +136,7 @@ async def test_a_newer_connection_on_a_node_whose_clock_is_behind_takes_the_devi
             await until(lambda: directory_owner(pool, phy), lambda o: o == gw_b.cluster.owner)
             # node a sees the newer bind and lets the device go: its stale socket closes
             assert await old.closed_by_server(timeout=5), "node a kept the superseded socket"
-            async with api_of(gw_b) as client:
+            async with api_client(gw_b) as client:
                 command_id = await submit(client, phy)
             sent = await new.expect(ap3000.ReadRunningParams1, timeout=5)
             await new.send(answer(new, sent.msg_id))
@@ -401,7 +375,7 @@ async def test_a_superseded_owner_cannot_send_a_command_it_claimed_the_new_owner
         locker = await asyncpg.connect(db_dsn)
         try:
             await until(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
-            async with api_of(gw_a) as client:
+            async with api_client(gw_a) as client:
                 first_id = await submit(client, phy)  # answered: a's spacing runs from here
                 first = await old.expect(ap3000.ReadRunningParams1, timeout=5)
                 await old.send(answer(old, first.msg_id))
@@ -475,7 +449,7 @@ async def test_a_command_in_flight_when_its_device_moves_is_finished_once_by_the
         new = RawPile(phy)
         try:
             await until(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
-            async with api_of(gw_a) as client:
+            async with api_client(gw_a) as client:
                 command_id = await submit(client, phy)
             first = await old.expect(ap3000.ReadRunningParams1, timeout=5)  # in flight on a
             await online_on(new, gw_b.server.port)

@@ -27,14 +27,12 @@ import asyncio
 import contextlib
 import itertools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
 from chargegw.service import Gateway
 from chargegw.sim import Faults, SimulatedAp3000Pile, Simulator
 from chargegw.sim.bkv import BkvIntervals, SimulatedBkvGateway
@@ -42,6 +40,8 @@ from chargeproto import MessageReceived, ap3000, bkv
 
 from .conftest import database_outage, settings_for
 from .piles import RawBkvGateway, RawPile
+from .waiting import api_client
+from .waiting import first as _poll
 
 ACCEL = 120.0
 PHY = "04000301"
@@ -58,19 +58,6 @@ def gateway_settings() -> dict[str, Any]:
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-async def _poll(check: Callable[[], Awaitable[_T | None]], what: str, timeout: float = 10.0) -> _T:
-    """The first truthy value of ``check()``, polled until ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def _until(
@@ -140,19 +127,6 @@ def _never_stop_before_start(controls: list[tuple[float, str, str]], order_no: s
         if kind == "start":
             started = True
         assert started, f"the pile got a stop before its start: {controls}"
-
-
-@contextlib.asynccontextmanager
-async def _api_of(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    """The command API of ``gateway`` in process (as the ``api`` fixture builds it)."""
-    state = ApiState(
-        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
-    )
-    app = create_app(state, routers=[make_router(gateway)])
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as client:
-        yield client
 
 
 # -- finding 4: a stop never overtakes its own start -----------------------------------
@@ -626,7 +600,7 @@ async def test_msg_ids_to_a_pile_never_repeat_the_previous_one_across_a_restart(
             gateway = Gateway(settings)
             await gateway.start(http=False)
             try:
-                async with _api_of(gateway) as api:
+                async with api_client(gateway) as api:
                     sim = Simulator(
                         "127.0.0.1", gateway.server.port, [pile], accel=ACCEL, jitter=0, seed=1
                     )
@@ -808,7 +782,7 @@ async def test_a_bkv_start_answered_during_an_outage_is_found_by_its_end_report_
     first = Gateway(settings)
     await first.start(http=False)
     try:
-        async with _api_of(first) as api:
+        async with api_client(first) as api:
             raw = await _RawBkvSockets().connect(first.server.port)
             await raw.send_raw(bkv.encode(_cluster(status_bits=0x80, business_no=0)))
             await _device_online(api, device_id, True)
@@ -838,7 +812,7 @@ async def test_a_bkv_start_answered_during_an_outage_is_found_by_its_end_report_
     second = Gateway(settings)
     await second.start(http=False)
     try:
-        async with _api_of(second) as api:
+        async with api_client(second) as api:
             raw = await _RawBkvSockets().connect(second.server.port)
             await raw.send_raw(
                 bkv.encode(_cluster(status_bits=0x90, business_no=business_no))

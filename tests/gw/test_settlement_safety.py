@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from chargeproto import ABSENT, Message, ap3000, bkv
 
 from .conftest import settings_for
 from .piles import RawBkvGateway, RawPile
+from .waiting import until as _until
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -79,25 +80,6 @@ async def api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-async def _until(
-    probe: Callable[[], Awaitable[T]],
-    check: Callable[[T], bool],
-    *,
-    timeout: float = 10.0,
-    what: str = "condition",
-) -> T:
-    """Poll ``await probe()`` until ``check(value)``; fail with the last value."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = await probe()
-        if check(value):
-            return value
-        if loop.time() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s: {value!r}")
-        await asyncio.sleep(0.05)
 
 
 def _pool(gateway: Gateway) -> asyncpg.Pool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,20 +27,9 @@ from chargeproto import ap3000, bkv
 
 from .conftest import read_only_database
 from .piles import RawBkvGateway, RawPile
+from .waiting import first
 
 GW = "82231214000042"
-
-
-async def _eventually(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 10.0) -> Any:
-    """Poll ``check`` until it returns something truthy."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"never: {what}")
-        await asyncio.sleep(0.05)
 
 
 def _order_confirm(pile: RawPile) -> ap3000.OrderConfirm:
@@ -80,19 +68,19 @@ async def test_a_read_only_database_holds_rows_and_acks_until_they_are_stored(
         late = await RawPile("04000102").connect(gateway.server.port, iccid=None)
         await late.heartbeat()
         await late.expect(ap3000.HeartbeatReply)  # plain replies do not wait for a commit
-        await _eventually(lambda: _async(not gateway.writer.healthy), "the writer holds the rows")
+        await first(lambda: _async(not gateway.writer.healthy), "the writer holds the rows")
         # nothing that waits for a commit is acknowledged while nothing can be committed
         with pytest.raises((AssertionError, TimeoutError)):
             await pile.expect(ap3000.OrderConfirmReply, timeout=1.5)
         with pytest.raises((AssertionError, TimeoutError)):
             await box.expect(bkv.FeeModeEndAck, timeout=0.5)
-        await _eventually(
+        await first(
             lambda: _async("read-only" in gateway.readiness_reasons().get("database", "")),
             "readiness names the read-only database",
         )
     await pile.expect(ap3000.OrderConfirmReply, timeout=15)
     await box.expect(bkv.FeeModeEndAck, timeout=15)
-    await _eventually(lambda: _async(gateway.writer.healthy), "the writer recovers")
+    await first(lambda: _async(gateway.writer.healthy), "the writer recovers")
     kinds = {
         (r["device_id"], r["reason"])
         for r in await gateway.pool.fetch("SELECT device_id, reason FROM device_events")
@@ -161,7 +149,7 @@ async def test_undecodable_device_text_is_stored_readably_and_logs_mask_the_icci
             )
         )
         await box.expect(bkv.HeartbeatReply)
-        row = await _eventually(
+        row = await first(
             lambda: gateway.pool.fetchrow(  # type: ignore[union-attr]
                 "SELECT iccid, firmware FROM gateways WHERE gateway_id = $1 AND iccid IS NOT NULL",
                 GW,
@@ -197,6 +185,6 @@ async def test_devices_that_leave_are_forgotten(gateway: Gateway) -> None:
         await box.send_raw(bkv.encode(bkv.StatusCluster.create(GW, 0, sockets=(status,))))
         await box.expect(bkv.StatusClusterAck)
     await box.close()
-    await _eventually(lambda: _async(not gateway.server.links), "every connection closed")
-    await _eventually(lambda: _async(not gateway.sessions.devices), "every device forgotten")
+    await first(lambda: _async(not gateway.server.links), "every connection closed")
+    await first(lambda: _async(not gateway.sessions.devices), "every device forgotten")
     assert gateway.metrics_devices_online() == 0

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from chargeproto import EncodeError
 
+from . import auth
 from .api import decode_cursor, encode_cursor, utc
 from .core import split_device_id
 from .drivers import ap3000_commands, bkv_commands
@@ -186,18 +187,12 @@ def make_router(gateway: Gateway) -> APIRouter:
         scope = _key_scope(request)
         async with pool().acquire() as conn, conn.transaction():
             if idempotency_key:
-                legacy = await conn.fetchrow(
-                    """SELECT order_no, command_id FROM idempotency_keys
+                if await conn.fetchval(
+                    """SELECT 1 FROM idempotency_keys
                        WHERE scope = '' AND key = $1 AND request IS NULL""",
                     idempotency_key,
-                )
-                if legacy is not None:  # answered before keys were scoped (migration 0011)
-                    status = await conn.fetchval(
-                        "SELECT status FROM orders WHERE order_no = $1", legacy["order_no"]
-                    )
-                    return Accepted(
-                        order_no=legacy["order_no"], command_id=legacy["command_id"], status=status
-                    )
+                ):  # answered before keys were scoped (migration 0011)
+                    return await _repeated(conn, "", idempotency_key, fingerprint)
                 # taking the key first makes a concurrent repeat wait for this request
                 taken = await conn.fetchval(
                     """INSERT INTO idempotency_keys (scope, key, request) VALUES ($1, $2, $3)
@@ -479,7 +474,7 @@ def _key_scope(request: Request) -> str:
     """Whose idempotency keys a request uses: a digest of its API key ('' without one)."""
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
+    return auth.hash_key(token) if token else ""
 
 
 async def _repeated(conn: Any, scope: str, key: str, fingerprint: dict[str, Any]) -> Accepted:

@@ -122,6 +122,8 @@ DEDUPE_WINDOW = timedelta(days=30)
 DEDUPE_WINDOW_BY_VALUES = timedelta(days=1)
 #: a progress report this soon after its session's settlement is late, not a new session
 LATE_PROGRESS = timedelta(minutes=10)
+#: a start that went unanswered may still have started: reconciled within this window
+RECONCILE_WINDOW = timedelta(days=1)
 #: a start whose answer is unknown is a session's start if sent this close to its begin
 #: (durations come in whole minutes; the answer and the start take seconds)
 START_MATCH = timedelta(minutes=3)
@@ -280,7 +282,7 @@ async def find_session_order(
     hint_order_no: str | None = None,
     stuck_starts: bool = True,
     session_started_at: datetime | None = None,
-    window: timedelta = timedelta(days=1),
+    window: timedelta = RECONCILE_WINDOW,
 ) -> Any:
     """The order of the session (device, port, business number) that is not settled, or
     None: an open order with that business number (or ``hint_order_no``, the order whose

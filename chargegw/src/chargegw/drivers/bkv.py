@@ -23,7 +23,7 @@ from chargeproto import ABSENT, Message, bkv
 from .. import billing, firmware, params
 from ..audit import mask_text
 from ..core import EventKind, PortStatus, bkv_device_id
-from ..orders import SettlementReport, find_session_order
+from ..orders import OPEN_STATUSES, SettlementReport, find_session_order
 from ..transport import DeviceLink
 from . import bkv_commands as commands
 from .base import (
@@ -44,10 +44,6 @@ _BEIJING = timezone(timedelta(hours=8), "UTC+08:00")
 
 #: end reports: a settlement, ACKed after commit
 _END_REPORTS = (bkv.EndReport, bkv.PowerTierEndReport, bkv.CardEndReport, bkv.FeeModeEndReport)
-#: orders an end report or a status report can belong to
-_OPEN = ("pending", "starting", "charging", "stopping")
-#: a start that went unanswered may still have started: reconciled within this window
-RECONCILE_WINDOW = timedelta(days=1)
 #: energy reported in 1 Wh steps: a limit counts as reached within this much
 _ENERGY_SLACK_KWH = 0.0015
 
@@ -349,7 +345,6 @@ class BkvDriver:
                 business_no,
                 hint_order_no=self._hint(device_id, port, business_no),
                 session_started_at=began,
-                window=RECONCILE_WINDOW,
             )
             if order is None:
                 return None
@@ -573,7 +568,7 @@ class BkvDriver:
                     device_id,
                     port,
                     m.business_no,
-                    list(_OPEN),
+                    list(OPEN_STATUSES),
                 )
                 if resent is not None:
                     # the same swipe again: its order is on its way, a refusal would

@@ -71,7 +71,7 @@ def load(session: nox.Session) -> None:
         *UV_RUN,
         "python",
         "-m",
-        "chargegw.loadtest",
+        "chargesim.loadtest",
         *args,
         "--report",
         "loadtest-report.json",
@@ -95,7 +95,7 @@ def chaos(session: nox.Session) -> None:
         *UV_RUN,
         "python",
         "-m",
-        "chargegw.chaos",
+        "chargesim.chaos",
         "--report",
         "chaos-report.json",
         *args,  # a --report here wins

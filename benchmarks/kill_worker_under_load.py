@@ -91,7 +91,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 [
                     sys.executable,
                     "-m",
-                    "chargegw.loadtest",
+                    "chargesim.loadtest",
                     "--piles",
                     str(args.piles),
                     "--target",

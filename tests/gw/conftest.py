@@ -19,8 +19,8 @@ import asyncpg
 import httpx
 import pytest
 
+from chargegw.app import Gateway
 from chargegw.config import Settings
-from chargegw.service import Gateway
 from chargegw.store.database import migrate, start_embedded
 
 from .waiting import api_client

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from chargegw.api import ApiState, create_app, mask_iccid
+from chargegw.api.app import ApiState, create_app, mask_iccid
 from chargegw.metrics import Metrics
 
 UTC = dt.UTC

@@ -23,19 +23,19 @@ import structlog
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
-from chargegw import api as api_module
-from chargegw.api import ApiState, create_app
-from chargegw.billing_api import make_billing_router
-from chargegw.cluster_api import make_cluster_router
-from chargegw.commands_api import make_router
-from chargegw.firmware_api import make_firmware_router
+from chargegw.api import app as api_module
+from chargegw.api.app import ApiState, create_app
+from chargegw.api.billing import make_billing_router
+from chargegw.api.cluster import make_cluster_router
+from chargegw.api.commands import make_router
+from chargegw.api.firmware import make_firmware_router
+from chargegw.api.params import make_params_router
 from chargegw.metrics import Metrics
-from chargegw.params_api import make_params_router
 
 from .conftest import database_outage, read_only_database
 
 if TYPE_CHECKING:
-    from chargegw.service import Gateway
+    from chargegw.app import Gateway
 
 DEVICE = "04CEAA40"
 CARD = "0A1B2C3D"
@@ -134,7 +134,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 def api_log(monkeypatch: pytest.MonkeyPatch) -> list[MutableMapping[str, Any]]:
-    """What ``chargegw.api`` logs during the test, as structlog event dicts.
+    """What ``chargegw.api.app`` logs during the test, as structlog event dicts.
 
     A logger of its own rather than ``capture_logs()``: with the CLI's logging set up
     earlier in the session, loggers are cached and would not see capture_logs' processors.
@@ -238,7 +238,7 @@ async def test_one_outage_logs_one_warning_and_one_recovery_without_traceback(
     errors = [
         r
         for r in caplog.records
-        if r.name.startswith(("uvicorn", "starlette", "fastapi", "chargegw.api"))
+        if r.name.startswith(("uvicorn", "starlette", "fastapi", "chargegw.api.app"))
         and (r.exc_info or r.levelno >= logging.ERROR)
     ]
     assert errors == []

@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner, Result
 from fastapi import APIRouter
 
-from chargegw import auth
-from chargegw.api import ApiState, create_app
+from chargegw.api.app import ApiState, create_app
 from chargegw.cli import main
+from chargegw.domain import auth
 from chargegw.metrics import Metrics
 
 CONFIGURED = "configured-key-0123456789abcdef"

@@ -17,12 +17,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chargegw import billing
-from chargegw.api import ApiState, create_app
-from chargegw.billing_api import make_billing_router
-from chargegw.commands_api import make_router
-from chargegw.orders import SettlementReport, new_order_no, settle
-from chargegw.service import Gateway
+from chargegw.api.app import ApiState, create_app
+from chargegw.api.billing import make_billing_router
+from chargegw.api.commands import make_router
+from chargegw.app import Gateway
+from chargegw.domain import billing
+from chargegw.domain.orders import SettlementReport, new_order_no, settle
 from chargeproto import ap3000
 
 from .piles import RawPile

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from chargegw import billing
-from chargegw.service import Gateway
+from chargegw.app import Gateway
+from chargegw.domain import billing
 from chargeproto import bkv
 
 from .piles import RawBkvGateway

@@ -14,11 +14,8 @@ from typing import Any
 
 import pytest
 
-from chargegw.chaos import ChaosOptions, run_chaos
-from chargegw.chaos.checks import DbState, SimSnapshot, check_all
-from chargegw.chaos.driver import ApiCall
-from chargegw.chaos.faults import plan
-from chargegw.sim import (
+from chargeproto import ABSENT, Message, ap3000, bkv
+from chargesim import (
     Ap3000Intervals,
     BkvIntervals,
     Faults,
@@ -28,7 +25,10 @@ from chargegw.sim import (
     Simulator,
     bkv_gateway_id,
 )
-from chargeproto import ABSENT, Message, ap3000, bkv
+from chargesim.chaos import ChaosOptions, run_chaos
+from chargesim.chaos.checks import DbState, SimSnapshot, check_all
+from chargesim.chaos.driver import ApiCall
+from chargesim.chaos.faults import plan
 
 from .test_sim_bkv import TinyServer
 

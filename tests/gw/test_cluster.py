@@ -20,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from chargegw.sim import Faults, SimulatedAp3000Pile, Simulator
+from chargesim import Faults, SimulatedAp3000Pile, Simulator
 
 from .test_serve_e2e import _free_port, _wait_http
 

@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from chargegw.sim import Simulator
+from chargesim import Simulator
 
 from .conftest import database_outage
 from .test_cluster import Node, all_online, command, piles, received_ids, statuses, until

@@ -15,7 +15,7 @@ import asyncpg
 import httpx
 import pytest
 
-from chargegw.sim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
+from chargesim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 
 from .conftest import database_outage
 from .test_serve_e2e import _free_port, _wait_http
@@ -181,7 +181,7 @@ async def test_killed_between_a_settlement_and_its_ack(
 async def test_bkv_killed_between_the_start_request_and_the_sockets_reply(
     server: Server,
 ) -> None:
-    from chargegw.sim.bkv import SimulatedBkvGateway
+    from chargesim.bkv import SimulatedBkvGateway
 
     gateway_id = "82231214000001"
     device = f"{gateway_id}-1"
@@ -210,7 +210,7 @@ async def test_bkv_killed_between_the_start_request_and_the_sockets_reply(
 async def test_bkv_killed_between_an_end_report_and_its_ack(
     server: Server, db_dsn: str, pg_server_dsn: str
 ) -> None:
-    from chargegw.sim.bkv import BkvIntervals, SimulatedBkvGateway
+    from chargesim.bkv import BkvIntervals, SimulatedBkvGateway
 
     gateway_id = "82231214000001"
     device = f"{gateway_id}-1"

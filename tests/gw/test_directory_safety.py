@@ -25,7 +25,7 @@ import asyncpg
 import httpx
 import pytest
 
-from chargegw.service import Gateway
+from chargegw.app import Gateway
 from chargeproto import ap3000
 
 from .conftest import settings_for

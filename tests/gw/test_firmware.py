@@ -10,11 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
-from chargegw.firmware_api import make_firmware_router
-from chargegw.service import Gateway
-from chargegw.sim import (
+from chargegw.api.app import ApiState, create_app
+from chargegw.api.commands import make_router
+from chargegw.api.firmware import make_firmware_router
+from chargegw.app import Gateway
+from chargeproto import ap3000
+from chargesim import (
     SimulatedAp3000Host,
     SimulatedAp3000Pile,
     SimulatedBkvGateway,
@@ -23,8 +24,7 @@ from chargegw.sim import (
     UpgradeFaults,
     make_ap3000_piles,
 )
-from chargegw.sim.ap3000 import PortStatus
-from chargeproto import ap3000
+from chargesim.ap3000 import PortStatus
 
 #: the simulated piles of type code 04 report device type 0x27 and version 312
 TYPE = 0x27

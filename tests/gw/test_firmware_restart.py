@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.sim import SimulatedAp3000Pile, Simulator
+from chargesim import SimulatedAp3000Pile, Simulator
 
 from .test_crash_recovery import Server, _online
 

@@ -15,7 +15,7 @@ import socket
 
 import pytest
 
-from chargegw.service import Gateway
+from chargegw.app import Gateway
 from chargeproto import MessageReceived, ap3000
 
 from .piles import RawPile

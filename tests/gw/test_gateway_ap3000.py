@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from chargegw.service import Gateway
+from chargegw.app import Gateway
 from chargeproto import ap3000
 
 from .conftest import database_outage

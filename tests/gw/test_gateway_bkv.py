@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.service import Gateway
+from chargegw.api.app import ApiState, create_app
+from chargegw.app import Gateway
 from chargeproto import bkv
 
 from .piles import RawBkvGateway

@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.cluster import rebalance
-from chargegw.cluster_api import make_cluster_router
-from chargegw.service import Gateway
-from chargegw.transport import FD_RESERVE, connection_limit
+from chargegw.api.app import ApiState, create_app
+from chargegw.api.cluster import make_cluster_router
+from chargegw.app import Gateway
+from chargegw.cluster.directory import rebalance
+from chargegw.net.transport import FD_RESERVE, connection_limit
 from chargeproto import ap3000
 
 from .piles import RawPile

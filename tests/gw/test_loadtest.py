@@ -14,17 +14,17 @@ from typing import Any
 
 import pytest
 
-from chargegw.loadtest import frames
-from chargegw.loadtest.baseline import BaselineLink, BaselineServer
-from chargegw.loadtest.runner import (
+from chargeproto import MessageReceived, StreamDecoder, ap3000, bkv
+from chargesim.loadtest import frames
+from chargesim.loadtest.baseline import BaselineLink, BaselineServer
+from chargesim.loadtest.runner import (
     LoadOptions,
     LoadTestError,
     parse_addrs,
     plan_generators,
     run_loadtest,
 )
-from chargegw.loadtest.stats import Histogram, percentiles
-from chargeproto import MessageReceived, StreamDecoder, ap3000, bkv
+from chargesim.loadtest.stats import Histogram, percentiles
 
 # --- templates ---------------------------------------------------------------------------
 

@@ -9,9 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.service import Gateway
-from chargegw.sim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
+from chargegw.app import Gateway
 from chargeproto import ap3000
+from chargesim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 
 from .piles import RawPile
 

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.service import Gateway
-from chargegw.sim import Faults, Simulator
-from chargegw.sim.bkv import BkvIntervals, SimulatedBkvGateway
+from chargegw.app import Gateway
 from chargeproto import bkv
+from chargesim import Faults, Simulator
+from chargesim.bkv import BkvIntervals, SimulatedBkvGateway
 
 from .piles import RawBkvGateway
 

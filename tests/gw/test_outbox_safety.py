@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from chargegw.service import Gateway
-from chargegw.sim import Faults, SimulatedAp3000Pile, Simulator
-from chargegw.sim.bkv import BkvIntervals, SimulatedBkvGateway
+from chargegw.app import Gateway
 from chargeproto import MessageReceived, ap3000, bkv
+from chargesim import Faults, SimulatedAp3000Pile, Simulator
+from chargesim.bkv import BkvIntervals, SimulatedBkvGateway
 
 from .conftest import database_outage, settings_for
 from .piles import RawBkvGateway, RawPile

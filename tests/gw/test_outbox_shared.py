@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from chargegw.outbox import Priority
-from chargegw.service import Gateway
+from chargegw.app import Gateway
+from chargegw.domain.outbox import Priority
 from chargeproto import ap3000
 
 from .piles import RawPile

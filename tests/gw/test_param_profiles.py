@@ -12,9 +12,9 @@ import asyncpg
 import httpx
 import pytest
 
-from chargegw import params
-from chargegw.service import Gateway
-from chargegw.sim import SimulatedAp3000Pile, SimulatedBkvGateway, SimulatedPile, Simulator
+from chargegw.app import Gateway
+from chargegw.domain import params
+from chargesim import SimulatedAp3000Pile, SimulatedBkvGateway, SimulatedPile, Simulator
 
 from .test_params import RUNNING1, client, gateway_settings
 

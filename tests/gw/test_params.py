@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
-from chargegw.params import GROUPS, compare
-from chargegw.params_api import make_params_router
-from chargegw.service import Gateway
-from chargegw.sim import SimulatedAp3000Pile, Simulator
+from chargegw.api.app import ApiState, create_app
+from chargegw.api.commands import make_router
+from chargegw.api.params import make_params_router
+from chargegw.app import Gateway
+from chargegw.domain.params import GROUPS, compare
 from chargeproto import ap3000
+from chargesim import SimulatedAp3000Pile, Simulator
 
 PHY = "04000001"
 

@@ -9,10 +9,10 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.service import Gateway
-from chargegw.sim import SimulatedBkvGateway, Simulator
-from chargegw.sim.bkv import DEFAULT_PARAMS
+from chargegw.app import Gateway
 from chargeproto import ABSENT, bkv
+from chargesim import SimulatedBkvGateway, Simulator
+from chargesim.bkv import DEFAULT_PARAMS
 
 from .test_params import _group, client, events, gateway_settings, wait_for_event
 

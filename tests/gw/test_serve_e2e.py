@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from chargegw.sim import Simulator, make_ap3000_piles, make_bkv_gateways
+from chargesim import Simulator, make_ap3000_piles, make_bkv_gateways
 
 
 def _free_port() -> int:

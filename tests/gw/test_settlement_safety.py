@@ -25,11 +25,11 @@ import asyncpg
 import httpx
 import pytest
 
-from chargegw.api import ApiState, create_app
-from chargegw.billing_api import make_billing_router
-from chargegw.commands_api import make_router
-from chargegw.orders import new_order_no
-from chargegw.service import Gateway
+from chargegw.api.app import ApiState, create_app
+from chargegw.api.billing import make_billing_router
+from chargegw.api.commands import make_router
+from chargegw.app import Gateway
+from chargegw.domain.orders import new_order_no
 from chargeproto import ABSENT, Message, ap3000, bkv
 
 from .conftest import settings_for

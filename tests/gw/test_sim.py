@@ -15,16 +15,6 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from click.testing import CliRunner
 
-from chargegw.sim import (
-    Ap3000Intervals,
-    Faults,
-    Flow,
-    PortStatus,
-    SimulatedAp3000Pile,
-    Simulator,
-    make_ap3000_piles,
-)
-from chargegw.sim.cli import sim_command
 from chargeproto import Event as StreamEvent
 from chargeproto import (
     GarbageError,
@@ -34,6 +24,16 @@ from chargeproto import (
     StreamError,
     ap3000,
 )
+from chargesim import (
+    Ap3000Intervals,
+    Faults,
+    Flow,
+    PortStatus,
+    SimulatedAp3000Pile,
+    Simulator,
+    make_ap3000_piles,
+)
+from chargesim.cli import sim_command
 
 ORDER = "20231105123000000000000000000001"
 OTHER_ORDER = "20231105123000000000000000000099"
@@ -590,7 +590,7 @@ def test_cli_rejects_a_bad_server_and_runs_for_a_duration() -> None:
 
 
 async def test_cli_runs_against_a_server_and_stops_on_sigint(server: TinyServer) -> None:
-    code = "from chargegw.sim.cli import sim_command; sim_command()"
+    code = "from chargesim.cli import sim_command; sim_command()"
     args = ["--server", f"127.0.0.1:{server.port}", "--ap3000", "3", "--accel", "60"]
     args += ["--heartbeat-s", "30", "--status-every-s", "0.3", "--seed", "1"]
     proc = await asyncio.create_subprocess_exec(

@@ -15,16 +15,6 @@ from typing import TypeVar
 import pytest
 from click.testing import CliRunner
 
-from chargegw.sim import (
-    BkvIntervals,
-    Faults,
-    SimulatedBkvGateway,
-    Simulator,
-    bkv_gateway_id,
-    make_ap3000_piles,
-    make_bkv_gateways,
-)
-from chargegw.sim.cli import sim_command
 from chargeproto import (
     ABSENT,
     Direction,
@@ -36,6 +26,16 @@ from chargeproto import (
     bkv,
 )
 from chargeproto import Event as StreamEvent
+from chargesim import (
+    BkvIntervals,
+    Faults,
+    SimulatedBkvGateway,
+    Simulator,
+    bkv_gateway_id,
+    make_ap3000_piles,
+    make_bkv_gateways,
+)
+from chargesim.cli import sim_command
 
 SERVER_TIME = "2024-08-23T10:17:29"
 _M = TypeVar("_M", bound=Message)

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from chargegw.metrics import Metrics
-from chargegw.sessions import SessionRegistry
+from chargegw.net.sessions import SessionRegistry
+from chargegw.net.transport import CONTROL, REPLY, DeviceLink, DeviceServer
 from chargegw.store.writer import BatchWriter
-from chargegw.transport import CONTROL, REPLY, DeviceLink, DeviceServer
 from chargeproto import Event, MessageReceived, ap3000
 
 

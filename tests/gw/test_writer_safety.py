@@ -20,8 +20,8 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from chargegw.app import Gateway
 from chargegw.metrics import Metrics
-from chargegw.service import Gateway
 from chargegw.store.writer import BatchWriter
 from chargeproto import ap3000, bkv
 

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 import httpx
 from fastapi import APIRouter
 
-from chargegw.api import ApiState, create_app
-from chargegw.commands_api import make_router
-from chargegw.service import Gateway
+from chargegw.api.app import ApiState, create_app
+from chargegw.api.commands import make_router
+from chargegw.app import Gateway
 
 T = TypeVar("T")
 

@@ -1,5 +1,5 @@
 """``python -m chargegw`` runs the command line."""
 
-from .cli import main
+from chargegw.cli import main
 
 main()

@@ -4,6 +4,7 @@ loadtest."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import signal
 import sys
@@ -12,10 +13,48 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, Settings, load_settings
-from .loadtest.cli import loadtest
-from .logs import configure_logging
-from .sim.cli import sim_command
+from chargegw.config import ConfigError, Settings, load_settings
+from chargegw.logs import configure_logging
+
+#: commands that live in the chargesim tools distribution: name -> (module, attribute)
+_TOOLS = {
+    "sim": ("chargesim.cli", "sim_command"),
+    "loadtest": ("chargesim.loadtest.cli", "loadtest"),
+}
+
+
+class _Main(click.Group):
+    """The ``chargegw`` group; ``sim`` and ``loadtest`` are loaded from chargesim on use,
+    so the gateway neither imports nor requires the tools."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_TOOLS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in _TOOLS:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = _TOOLS[cmd_name]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not exc.name.startswith("chargesim"):
+                raise
+            return _missing_tools(cmd_name)
+        command: click.Command = getattr(module, attribute)
+        return command
+
+
+def _missing_tools(name: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def missing(args: tuple[str, ...]) -> None:
+        """(needs the chargesim tools: pip install 'chargegw[tools]')"""
+        raise click.ClickException(
+            f"`chargegw {name}` needs the simulator tools, which are not installed: "
+            "pip install 'chargegw[tools]' (or pip install chargesim)"
+        )
+
+    return missing
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
@@ -25,7 +64,7 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
         raise click.UsageError(str(exc)) from None
 
 
-@click.group()
+@click.group(cls=_Main)
 @click.option(
     "--config",
     "config",
@@ -67,14 +106,14 @@ def serve(ctx: click.Context, /, **flags: Any) -> None:
     settings = _settings(ctx, **flags)
     configure_logging(settings.log_format, settings.log_level)
     if settings.workers > 1:
-        from .supervisor import Supervisor
+        from chargegw.supervisor import Supervisor
 
         try:
             sys.exit(Supervisor(settings).run())
         except Exception as exc:
             click.echo(f"chargegw: {exc}", err=True)
             sys.exit(1)
-    from .service import run
+    from chargegw.app import run
 
     try:
         import uvloop
@@ -110,8 +149,8 @@ def migrate(ctx: click.Context, /, **flags: Any) -> None:
     """Apply the database migrations and exit."""
     settings = _settings(ctx, **flags)
     configure_logging(settings.log_format, settings.log_level)
-    from .store.database import connect_pool, start_embedded
-    from .store.database import migrate as run_migrations
+    from chargegw.store.database import connect_pool, start_embedded
+    from chargegw.store.database import migrate as run_migrations
 
     async def go() -> list[str]:
         dsn = settings.dsn or await asyncio.to_thread(start_embedded, settings.data_dir)
@@ -143,17 +182,13 @@ def config_show(ctx: click.Context) -> None:
     click.echo(json.dumps(settings.masked(), indent=2))
 
 
-main.add_command(sim_command, "sim")
-main.add_command(loadtest, "loadtest")
-
-
 # ---------------------------------------------------------------- apikey
 
 
 def _with_database(settings: Settings, work: Any) -> Any:
     """Run ``await work(conn)`` on the migrated database of ``settings``; exit 1 on failure."""
-    from .store.database import connect_pool, start_embedded
-    from .store.database import migrate as run_migrations
+    from chargegw.store.database import connect_pool, start_embedded
+    from chargegw.store.database import migrate as run_migrations
 
     async def go() -> Any:
         dsn = settings.dsn or await asyncio.to_thread(start_embedded, settings.data_dir)
@@ -192,7 +227,7 @@ def apikey_create(ctx: click.Context, /, name: str, **flags: Any) -> None:
     """Create a key and print it; it is shown only this once."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, settings.log_level)
-    from .auth import create_key
+    from chargegw.domain.auth import create_key
 
     key_id, key = _with_database(settings, lambda conn: create_key(conn, name))
     click.echo(key)
@@ -211,7 +246,7 @@ def apikey_list(ctx: click.Context, /, **flags: Any) -> None:
     """List the stored keys (ids, names, dates; never the keys)."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, settings.log_level)
-    from .auth import list_keys
+    from chargegw.domain.auth import list_keys
 
     keys = _with_database(settings, list_keys)
     if not keys:
@@ -240,7 +275,7 @@ def apikey_revoke(ctx: click.Context, /, key_id: int, **flags: Any) -> None:
     """Revoke a key; gateways stop accepting it within a minute."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, settings.log_level)
-    from .auth import DEFAULT_CACHE_TTL_S, revoke_key
+    from chargegw.domain.auth import DEFAULT_CACHE_TTL_S, revoke_key
 
     if not _with_database(settings, lambda conn: revoke_key(conn, key_id)):
         click.echo(f"chargegw: no active API key {key_id}", err=True)
@@ -269,7 +304,7 @@ def nodes(ctx: click.Context, /, include_stopped: bool, as_json: bool, **flags: 
     """List the gateway processes (nodes and their workers) with their connection counts."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, "warning")
-    from .cluster import list_processes
+    from chargegw.cluster.directory import list_processes
 
     procs = _with_database(
         settings, lambda conn: list_processes(conn, include_stopped=include_stopped)
@@ -319,7 +354,7 @@ def rebalance(ctx: click.Context, /, rate: float, dry_run: bool, **flags: Any) -
     """
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, "warning")
-    from .cluster import rebalance as plan_rebalance
+    from chargegw.cluster.directory import rebalance as plan_rebalance
 
     plan = _with_database(settings, lambda conn: plan_rebalance(conn, rate=rate, dry_run=dry_run))
     click.echo(json.dumps(plan, indent=2))
@@ -338,7 +373,7 @@ def bans_list(ctx: click.Context, /, **flags: Any) -> None:
     """List the devices banned now."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, "warning")
-    from .cluster import list_bans
+    from chargegw.cluster.directory import list_bans
 
     found = _with_database(settings, list_bans)
     if not found:
@@ -359,7 +394,7 @@ def bans_lift(ctx: click.Context, /, device_id: str, **flags: Any) -> None:
     """Lift a device's ban now (every process hears of it at once)."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, "warning")
-    from .cluster import lift_ban
+    from chargegw.cluster.directory import lift_ban
 
     if not _with_database(settings, lambda conn: lift_ban(conn, device_id)):
         click.echo(f"chargegw: device {device_id} is not banned", err=True)

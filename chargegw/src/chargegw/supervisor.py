@@ -27,9 +27,9 @@ from typing import Any
 
 import structlog
 
-from .config import Settings
-from .logs import configure_logging
-from .transport import bound_socket
+from chargegw.config import Settings
+from chargegw.logs import configure_logging
+from chargegw.net.transport import bound_socket
 
 log = structlog.get_logger("chargegw.supervisor")
 
@@ -59,7 +59,7 @@ def worker_main(values: dict[str, Any], index: int) -> None:
         uvloop.install()
     except ImportError:
         pass
-    from .service import run
+    from chargegw.app import run
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -89,7 +89,7 @@ class Supervisor:
     def prepare(self) -> Settings:
         """Database and ports for the workers; returns the settings they run with."""
         settings = dataclasses.replace(self.settings)
-        from .store.database import connect_pool, migrate, start_embedded
+        from chargegw.store.database import connect_pool, migrate, start_embedded
 
         if not settings.dsn:
             log.info(

@@ -8,15 +8,20 @@ from typing import Any
 
 import structlog
 
+from chargegw.audit import mask_text
+from chargegw.core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
+from chargegw.domain import firmware, params
+from chargegw.domain.orders import AP3000_STOP_REASONS, SettlementReport
+from chargegw.drivers import ap3000_commands as commands
+from chargegw.drivers.base import (
+    DriverContext,
+    gateway_connected,
+    look_up_card,
+    record_swipe,
+    send_reply,
+)
+from chargegw.net.transport import DeviceLink
 from chargeproto import ABSENT, Direction, Message, ap3000
-
-from .. import firmware, params
-from ..audit import mask_text
-from ..core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
-from ..orders import AP3000_STOP_REASONS, SettlementReport
-from ..transport import DeviceLink
-from . import ap3000_commands as commands
-from .base import DriverContext, gateway_connected, look_up_card, record_swipe, send_reply
 
 log = structlog.get_logger("chargegw.ap3000")
 

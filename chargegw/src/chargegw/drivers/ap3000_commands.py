@@ -9,9 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from chargegw.domain.outbox import Outcome
 from chargeproto import EncodeError, Message, ap3000
-
-from ..outbox import Outcome
 
 #: replies the server sends to device messages: not commands
 _SERVER_REPLIES = {

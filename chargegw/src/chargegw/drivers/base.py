@@ -9,17 +9,16 @@ from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
+from chargegw.config import Settings
+from chargegw.core import EventKind
+from chargegw.domain import billing
+from chargegw.domain.orders import Settled, SettlementReport
+from chargegw.domain.outbox import Outbox
+from chargegw.net.sessions import SessionRegistry
+from chargegw.net.transport import REPLY, DeviceLink
+from chargegw.store.errors import is_unavailable
+from chargegw.store.writer import BatchWriter
 from chargeproto import Message, bkv
-
-from .. import billing
-from ..config import Settings
-from ..core import EventKind
-from ..orders import Settled, SettlementReport
-from ..outbox import Outbox
-from ..sessions import SessionRegistry
-from ..store.errors import is_unavailable
-from ..store.writer import BatchWriter
-from ..transport import REPLY, DeviceLink
 
 _R = TypeVar("_R")
 

@@ -18,15 +18,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import structlog
 
-from chargeproto import ABSENT, Message, bkv
-
-from .. import billing, firmware, params
-from ..audit import mask_text
-from ..core import EventKind, PortStatus, bkv_device_id
-from ..orders import OPEN_STATUSES, SettlementReport, find_session_order
-from ..transport import DeviceLink
-from . import bkv_commands as commands
-from .base import (
+from chargegw.audit import mask_text
+from chargegw.core import EventKind, PortStatus, bkv_device_id
+from chargegw.domain import billing, firmware, params
+from chargegw.domain.orders import OPEN_STATUSES, SettlementReport, find_session_order
+from chargegw.drivers import bkv_commands as commands
+from chargegw.drivers.base import (
     DriverContext,
     gateway_connected,
     look_up_card,
@@ -35,6 +32,8 @@ from .base import (
     retry_while_connected,
     send_reply,
 )
+from chargegw.net.transport import DeviceLink
+from chargeproto import ABSENT, Message, bkv
 
 log = structlog.get_logger("chargegw.bkv")
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from chargegw.core import split_device_id
+from chargegw.domain.outbox import Outcome
+from chargegw.drivers.ap3000_commands import snake
 from chargeproto import EncodeError, Message, bkv
-
-from ..core import split_device_id
-from ..outbox import Outcome
-from .ap3000_commands import snake
 
 #: 0x0015/0x07 ``charge_mode`` (its own coding, bkv.md 7.2 / 11.2)
 BY_TIME = 1

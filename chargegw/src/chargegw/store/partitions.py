@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, time, timedelta
 
 import structlog
 
-from .database import Connection
+from chargegw.store.database import Connection
 
 log = structlog.get_logger("chargegw.partitions")
 

@@ -56,11 +56,11 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ..audit import mask_text
-from ..metrics import Metrics
-from .database import Connection
-from .errors import describe, is_row_error, is_unavailable, reason, sqlstate
-from .values import safe_json, safe_text
+from chargegw.audit import mask_text
+from chargegw.metrics import Metrics
+from chargegw.store.database import Connection
+from chargegw.store.errors import describe, is_row_error, is_unavailable, reason, sqlstate
+from chargegw.store.values import safe_json, safe_text
 
 log = structlog.get_logger("chargegw.writer")
 

@@ -1,0 +1,766 @@
+"""The gateway service: composes store, writer, sessions, transport, drivers and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import structlog
+import uvicorn
+
+from chargegw.audit import mask_frame, mask_iccid_hex, mask_text
+from chargegw.cluster.directory import Cluster, ProcessStats
+from chargegw.config import Settings
+from chargegw.core import EventKind
+from chargegw.domain import billing, firmware, params
+from chargegw.domain.orders import Settled, SettlementReport, reported_charging, settle, transition
+from chargegw.domain.outbox import CommandStatus, Finished, Outbox
+from chargegw.drivers.ap3000 import Ap3000Driver
+from chargegw.drivers.ap3000_commands import Ap3000Commands
+from chargegw.drivers.base import command_label, retry_while_connected
+from chargegw.drivers.bkv import BkvDriver
+from chargegw.drivers.bkv_commands import BkvCommands
+from chargegw.metrics import Metrics
+from chargegw.net.sessions import Held, SessionRegistry
+from chargegw.net.transport import CONTROL, DeviceLink, DeviceServer, bound_socket
+from chargegw.store.database import connect_pool, migrate, start_embedded
+from chargegw.store.errors import is_unavailable, reason
+from chargegw.store.partitions import maintain
+from chargegw.store.values import safe_json
+from chargegw.store.writer import BatchWriter, FlapPolicy, SessionRow
+from chargeproto import (
+    Event,
+    IccidReceived,
+    KeepaliveReceived,
+    MessageReceived,
+    StreamError,
+)
+
+log = structlog.get_logger("chargegw")
+
+
+class Gateway:
+    """One gateway process: ``await start()``, then ``await drain()`` or ``await stop()``.
+
+    ``worker`` is the index of this process among the workers of its node
+    (``chargegw serve --workers N``); its id in the session directory is
+    ``node/worker/pid``.
+    """
+
+    def __init__(self, settings: Settings, *, worker: int = 0) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.metrics = Metrics()
+        self.pool: asyncpg.Pool | None = None
+        self.dsn = settings.dsn
+        self.writer = BatchWriter(
+            lambda: self.pool,
+            self.metrics,
+            batch_rows=settings.batch_rows,
+            interval_s=settings.batch_interval_s,
+            limit=settings.buffer_limit,
+            refresh_s=settings.state_refresh_s,
+        )
+        self.sessions = SessionRegistry(
+            self.writer,
+            self.metrics,
+            missed_heartbeats=settings.missed_heartbeats,
+            ack_timeouts_offline=settings.ack_timeouts_offline,
+            node=settings.node,
+        )
+        self.server = DeviceServer(
+            self,
+            self.metrics,
+            max_frame=settings.max_frame,
+            max_connections=settings.max_connections,
+            accept_rate=settings.accept_rate,
+            idle_timeout_s=settings.idle_timeout_s,
+            write_queue_limit=settings.write_queue_limit,
+            node=f"{settings.node}-{worker}" if settings.workers > 1 else settings.node,
+            frame_rate=settings.frame_rate_per_connection,
+            process_frame_rate=settings.frame_rate_per_process,
+            reuse_port=settings.workers > 1,
+        )
+        self.writer.on_overload = self.server.set_paused
+        self.writer.flap_policy = FlapPolicy(
+            settings.flap_window_s, settings.flap_max_connects, settings.flap_ban_s
+        )
+        self.writer.on_banned = self._banned
+        self.draining = False
+        self._stopped = False
+        self._bound_since_commit: dict[str, None] = {}
+        self.cluster = Cluster(
+            lambda: self.pool,
+            lambda: self.dsn,
+            node=settings.node,
+            worker=worker,
+            heartbeat_s=settings.cluster_heartbeat_s,
+            process_timeout_s=settings.process_timeout_s,
+            stats=self._process_stats,
+            on_command=self._command_notified,
+            on_resync=self._resync,
+            shed=lambda count: self.server.shed(count, "rebalance", keep=self._busy),
+            superseded=self._superseded,
+            held=self.sessions.held,
+            knows=self.sessions.devices.__contains__,
+            held_gateways=self._held_gateways,
+            on_reasserted=self._reasserted,
+        )
+        self.outbox = Outbox(
+            lambda: self.pool,
+            {"ap3000": Ap3000Commands(), "bkv": BkvCommands()},
+            self.sessions.link_of,
+            ack_timeout_s=settings.ack_timeout_s,
+            spacing_s=settings.command_spacing_s,
+            retention_s=settings.command_retention_days * 86400,
+            on_result=self._command_finished,
+            on_finish_tx=self._command_finished_tx,
+            on_sent_tx=self._command_sent_tx,
+            on_backlog=self._outbox_backlog,
+            on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
+            on_answered=self.sessions.ack_ok,
+            on_resend=lambda name: self.metrics.commands_resent_total.inc(),
+            write=self._write_command,
+            owner=self.cluster.owner,
+            process_timeout_s=settings.process_timeout_s,
+            scan_interval_s=settings.outbox_scan_s,
+        )
+        self.sessions.on_online = self._online
+        self.sessions.on_bound = self._bound
+        self.sessions.on_released = self._released
+        self.sessions.on_gone = self._gone
+        self.writer.on_sessions = self.sessions.bind_results
+        self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self), "bkv": BkvDriver(self)}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._http: uvicorn.Server | None = None
+
+    # -- clock (one place, so tests and drivers agree) --
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> datetime:
+        return datetime.now(UTC)
+
+    @property
+    def owner(self) -> str:
+        """This process's id in the session directory (``node/worker/pid``)."""
+        return self.cluster.owner
+
+    # -- lifecycle --
+
+    async def start(self, *, http: bool = True) -> None:
+        if not self.dsn:
+            log.info(
+                "no DSN configured, starting the embedded PostgreSQL",
+                data_dir=self.settings.data_dir,
+            )
+            self.dsn = await asyncio.to_thread(start_embedded, self.settings.data_dir)
+        self.pool = await connect_pool(self.dsn)
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+        await self._maintain_partitions()
+        self.writer.start()
+        await self.server.start(self.settings.device_host, self.settings.device_port)
+        self.cluster.device_listen = f"{self.settings.device_host}:{self.server.port}"
+        self.cluster.http_listen = f"{self.settings.http_host}:{self.settings.http_port}"
+        await self.cluster.start()
+        self.outbox.start()
+        firmware.engine_for(self)  # resumes the upgrades a restart interrupted
+        params.engine_for(self)  # and the parameter jobs
+        self._spawn(self._sweeper(), "liveness-sweeper")
+        self._spawn(self._maintenance(), "partition-maintenance")
+        if http:
+            await self._start_http()
+
+    async def drain(self, force: asyncio.Event | None = None) -> None:
+        """Leave gracefully (SIGTERM): stop accepting and claiming, close the device
+        connections at ``drain_rate`` per second so the piles reconnect elsewhere a few
+        at a time, letting commands in flight finish first (up to ``drain_timeout_s``),
+        then stop. Setting ``force`` cuts the drain short."""
+        settings = self.settings
+        self.draining = True
+        self.outbox.draining = True
+        await self.server.stop_listening()
+        with contextlib.suppress(Exception):
+            await self.cluster.beat()
+        log.info("draining", connections=len(self.server.links), rate=settings.drain_rate)
+        deadline = self.now() + settings.drain_timeout_s
+        step_s = 0.05
+        credit = 0.0
+        while self.server.links and self.now() < deadline:
+            if force is not None and force.is_set():
+                break
+            await asyncio.sleep(step_s)
+            credit += settings.drain_rate * step_s
+            count = int(credit)
+            if count:
+                credit -= self.server.shed(count, "drain", keep=self._busy)
+                credit = min(credit, settings.drain_rate)  # no saving up while waiting
+        log.info("drained", left=len(self.server.links))
+        await self.stop()
+
+    def _busy(self, link: DeviceLink) -> bool:
+        """A command to one of the link's devices waits for its reply."""
+        return any(self.outbox.busy(d) for d in self.sessions.device_ids(link))
+
+    async def stop(self) -> None:
+        """Stop accepting, close devices, flush the writer, leave the cluster, close the pool."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.server.stop_listening()
+        self.server.close_all("shutdown")
+        await asyncio.sleep(0)
+        if self._http is not None:
+            self._http.should_exit = True
+        await self.outbox.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.writer.close()
+        await self.cluster.stop()
+        if self.pool is not None:
+            await self.pool.close()
+
+    # -- the cluster --
+
+    def _process_stats(self) -> ProcessStats:
+        return ProcessStats(
+            connections=len(self.server.links),
+            devices=self.metrics_devices_online(),
+            max_connections=self.server.max_connections,
+            draining=self.draining,
+        )
+
+    def metrics_devices_online(self) -> int:
+        return sum(1 for s in self.sessions.devices.values() if s.online)
+
+    def _bound(self, device_id: str, link: Any) -> None:
+        """A device is on one of our connections: claim it in the session directory,
+        then deliver its commands (the claim must be committed for the outbox to
+        take them)."""
+        self.writer.put_session(
+            SessionRow(device_id, self.owner, link.id, link.remote, time.monotonic(), True)
+        )
+        if not self._bound_since_commit:
+            self.writer.after_commit(self._look_for_waiting_commands)
+        self._bound_since_commit[device_id] = None
+
+    def _online(self, device_id: str) -> None:
+        """Online again on the connection it is bound to (a newly bound device is looked
+        at once its directory row is committed)."""
+        if device_id not in self._bound_since_commit:
+            self.run(self.outbox.wake_waiting([device_id]), "wake-online")
+
+    def _look_for_waiting_commands(self) -> None:
+        """After the directory rows of newly bound devices are committed: wake those with
+        commands waiting (one query per batch, not one per device, for reconnect storms)."""
+        bound, self._bound_since_commit = self._bound_since_commit, {}
+        self.run(self.outbox.wake_waiting(list(bound)), "wake-bound")
+
+    def _released(self, device_id: str, link: Any) -> None:
+        self.writer.put_session(
+            SessionRow(device_id, self.owner, link.id, link.remote, time.monotonic(), False)
+        )
+
+    def _superseded(self, bound: list[tuple[str, Any]]) -> None:
+        for device_id, since in bound:
+            self.sessions.superseded(device_id, since)
+
+    def _gone(self, device_id: str) -> None:
+        """The process no longer holds the device: drop what is kept per device (and the
+        writer's memory of its row: it may come back on another connection soon)."""
+        self.writer.forget("d", device_id)
+        for driver in self.drivers.values():
+            driver.forget(device_id)
+
+    def _held_gateways(self) -> list[tuple[str, str]]:
+        """(gateway id, connection id) of every open connection whose gateway is known."""
+        return [
+            (str(link.driver_state["gateway"]), link.id)
+            for link in self.server.links.values()
+            if not link.closed and "gateway" in link.driver_state
+        ]
+
+    def _reasserted(self, taken: list[Held]) -> None:
+        """Devices claimed again after an outage or a stall: their rows were written by
+        SQL (the writer's memory of them is stale), and their commands can go. One whose
+        connection closed meanwhile is released again (the release may have been
+        committed before the re-assertion)."""
+        for held in taken:
+            self.writer.forget("d", held.device_id)
+            link = self.sessions.link_of(held.device_id)
+            if link is None or link.id != held.connection_id:
+                self.writer.put_session(
+                    SessionRow(
+                        held.device_id, self.owner, held.connection_id, "", time.monotonic(), False
+                    )
+                )
+                self.writer.put_device(
+                    held.device_id,
+                    protocol=held.protocol,
+                    online=False,
+                    offline_reason="peer closed",
+                    connection_id=held.connection_id,
+                )
+        self.metrics.devices_reasserted_total.inc(len(taken))
+        if taken:
+            self.run(self.outbox.wake_waiting([h.device_id for h in taken]), "wake-reasserted")
+
+    def _command_notified(self, device_id: str) -> None:
+        if not self.draining:
+            self.outbox.wake(device_id)
+
+    def _resync(self) -> None:
+        self.run(self.outbox.scan(), "outbox-resync")
+
+    def _banned(self, device_ids: list[str]) -> None:
+        """Devices just banned for flapping: tell every process, refuse them here now."""
+        self.metrics.devices_banned_total.inc(len(device_ids))
+        for device_id in device_ids:
+            log.warning(
+                "device banned for reconnecting too often",
+                device_id=device_id,
+                seconds=self.settings.flap_ban_s,
+            )
+            self.cluster.bans[device_id] = self.now() + self.settings.flap_ban_s
+            session = self.sessions.devices.get(device_id)
+            if session is not None and not session.link.closed:
+                session.link.close("banned")
+        self.run(self.cluster.announce_bans(device_ids), "announce-bans")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _start_http(self) -> None:
+        from chargegw.api.app import ApiState, create_app
+        from chargegw.api.billing import make_billing_router
+        from chargegw.api.cluster import make_cluster_router
+        from chargegw.api.commands import make_router
+        from chargegw.api.firmware import make_firmware_router
+        from chargegw.api.params import make_params_router
+        from chargegw.domain import auth
+
+        assert self.pool is not None
+        keys = auth.parse_keys(self.settings.api_keys)
+        required = await auth.auth_mode(keys, self.pool)
+        host, warning = auth.effective_http_host(self.settings.http_host, required)
+        if warning:
+            log.warning(warning)
+        self.api_state = ApiState(
+            pool=self.pool,
+            metrics=self.metrics,
+            readiness=self.readiness,
+            reasons=self.readiness_reasons,
+            api_keys=keys,
+            auth_required=required,
+        )
+        app = create_app(
+            self.api_state,
+            routers=[
+                make_router(self),
+                make_billing_router(self),
+                make_params_router(self),
+                make_cluster_router(self),
+                make_firmware_router(self),
+            ],
+        )
+        config = uvicorn.Config(
+            app,
+            host=host,
+            port=self.settings.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        self._http = uvicorn.Server(config)
+        listener = bound_socket(host, self.settings.http_port, reuse_port=self.settings.workers > 1)
+        listener.listen(2048)
+        listener.setblocking(False)
+        self._spawn(self._http.serve(sockets=[listener]), "http")
+        while not self._http.started:
+            await asyncio.sleep(0.02)
+        log.info("http listener up", host=host, port=self.settings.http_port)
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "database": self.pool is not None and self.writer.healthy,
+            "listener": self.server.listening,
+        }
+
+    def readiness_reasons(self) -> dict[str, str]:
+        """Why the checks of :meth:`readiness` fail, by check."""
+        reasons: dict[str, str] = {}
+        if self.pool is None:
+            reasons["database"] = "no database pool"
+        elif not self.writer.healthy:
+            reasons["database"] = (
+                f"writes held ({self.writer.backlog} rows): {self.writer.last_error}"
+            )
+        if not self.server.listening:
+            reasons["listener"] = "the device listener is not accepting connections"
+        return reasons
+
+    async def _maintain_partitions(self) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            await maintain(
+                conn,
+                today=self.wall().date(),
+                retention_days=self.settings.audit_retention_days,
+            )
+
+    async def _maintenance(self) -> None:
+        """Hourly: audit partitions ahead, expired ones dropped (retries while the DB is away)."""
+        while True:
+            await asyncio.sleep(3600)
+            try:
+                await self._maintain_partitions()
+            except Exception:
+                log.exception("audit partition maintenance failed, retrying in an hour")
+
+    async def _sweeper(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.liveness_check_s)
+            now = self.now()
+            self.sessions.sweep(now, self.wall())
+            self.server.sweep_idle(now)
+            self.metrics.batch_queue_depth.set(self.writer.backlog)
+
+    # -- transport handler --
+
+    def on_open(self, link: DeviceLink) -> None:
+        self.sessions.link_opened(link)
+        log.debug("connection opened", connection=link.id, remote=link.remote)
+
+    def on_events(self, link: DeviceLink, events: list[Event]) -> None:
+        wall = self.wall()
+        for event in events:
+            if link.closed:
+                return
+            if isinstance(event, MessageReceived):
+                self._message(link, event, wall)
+            elif isinstance(event, IccidReceived):
+                self.sessions.bind_iccid(link, event.iccid)
+                self.writer.put_frame(
+                    wall, link.id, None, "in", link.protocol, "iccid", mask_iccid_hex(event.raw)
+                )
+                log.info("ICCID", connection=link.id, iccid=mask_text(event.iccid))
+            elif isinstance(event, KeepaliveReceived):
+                self.metrics.frame(link.protocol or "ap3000", "in", "link")
+            elif isinstance(event, StreamError):
+                self._stream_error(link, event, wall)
+
+    def _message(self, link: DeviceLink, event: MessageReceived, wall: datetime) -> None:
+        message = event.message
+        protocol = event.protocol
+        link.protocol = protocol
+        driver = self.drivers.get(protocol)
+        command = command_label(message)
+        self.metrics.frame(protocol, "in", command)
+        device_id = driver.device_of(message) if driver is not None else None
+        if self.cluster.bans and self._refused(link, message, device_id):
+            return
+        self.writer.put_frame(
+            wall,
+            link.id,
+            device_id or getattr(message, "phy_id", None) or getattr(message, "gateway_id", None),
+            "in",
+            protocol,
+            command,
+            mask_frame(message, event.raw),
+        )
+        if driver is None:
+            log.warning("no driver for protocol", protocol=protocol, connection=link.id)
+            return
+        try:
+            driver.on_message(link, message)
+        except Exception:
+            # a driver bug must not take the connection (or the server) down
+            log.exception("driver failed on a frame", connection=link.id, command=command)
+
+    def _refused(self, link: DeviceLink, message: Any, device_id: str | None) -> bool:
+        """Close a connection that speaks for a banned device (nothing is answered)."""
+        names = (device_id, getattr(message, "gateway_id", None), getattr(message, "phy_id", None))
+        banned = next((n for n in names if n and self.cluster.banned(n)), None)
+        if banned is None:
+            return False
+        log.info("refusing a banned device", device_id=banned, connection=link.id)
+        link.close("banned")
+        return True
+
+    def _stream_error(self, link: DeviceLink, event: StreamError, wall: datetime) -> None:
+        kind = getattr(event.error, "kind", "decode")
+        self.metrics.decode_errors_total.labels(kind=kind).inc()
+        link.errors += 1
+        self.writer.put_frame(
+            wall,
+            link.id,
+            None,
+            "in",
+            link.protocol,
+            None,
+            event.raw.hex(),
+            f"{kind}: {event.error}",
+        )
+        if link.errors > self.settings.garbage_budget:
+            log.warning(
+                "closing connection: too many decode errors", connection=link.id, errors=link.errors
+            )
+            link.close("garbage")
+
+    def on_closed(self, link: DeviceLink, reason: str) -> None:
+        wall = self.wall()
+        self.sessions.link_closed(link, reason, wall)
+        gateway = link.driver_state.get("gateway")
+        if gateway is not None:
+            self.writer.put_gateway(
+                str(gateway),
+                protocol=link.protocol or "ap3000",
+                online=False,
+                connection_id=link.id,
+                last_seen_at=wall,
+            )
+        log.info("connection closed", connection=link.id, reason=reason)
+
+    # -- used by drivers --
+
+    def run(self, coro: Any, name: str) -> None:
+        """Run a driver's coroutine as an owned task; failures are logged."""
+
+        async def guarded() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("background step failed", step=name)
+
+        self._spawn(guarded(), name)
+
+    async def settle_order(
+        self,
+        report: SettlementReport,
+        *,
+        detail: dict[str, Any],
+        while_connected: DeviceLink | None = None,
+    ) -> Settled:
+        """Commit a settlement (once: a resend changes nothing) with its price and event;
+        while the database is unavailable, retry with backoff as long as
+        ``while_connected`` is open (the device resends later otherwise)."""
+
+        def retrying(exc: Exception) -> None:
+            log.warning(
+                "settlement not stored yet, retrying",
+                device_id=report.device_id,
+                port=report.port,
+                reason=reason(exc),
+            )
+
+        return await retry_while_connected(
+            lambda: self._settle_once(report, detail),
+            while_connected,
+            on_retry=retrying,
+        )
+
+    async def _settle_once(
+        self,
+        report: SettlementReport,
+        detail: dict[str, Any],
+    ) -> Settled:
+        assert self.pool is not None
+        wall = self.wall()
+        async with self.pool.acquire(timeout=5) as conn, conn.transaction():
+            settled = await settle(conn, report, at=wall)
+            unpriced = None
+            if settled.applied:  # priced, and a card charged, in the settlement's transaction
+                unpriced = await self._price(conn, settled.order_no)
+            await conn.execute(
+                """INSERT INTO device_events (device_id, at, kind, reason, detail)
+                   VALUES ($1, $2, 'settlement', $3, $4)""",
+                report.device_id,
+                wall,
+                "applied" if settled.applied else "duplicate",
+                safe_json({**detail, "order_no": settled.order_no}),
+            )
+        if not settled.applied:
+            self.metrics.settlements_duplicate_total.inc()
+            return settled
+        self.metrics.settlements_committed_total.inc()
+        if unpriced is not None:
+            self.metrics.settlements_unpriced_total.inc()
+        if settled.review_reason is not None or unpriced is not None:
+            self.metrics.orders_for_review_total.inc()
+        return settled
+
+    async def _price(self, conn: Any, order_no: str) -> str | None:
+        """Price a settled order in a savepoint; a settlement that cannot be priced is
+        kept with the pricing error and marked for review. Returns that error, if any."""
+        try:
+            async with conn.transaction():
+                await billing.price_order(conn, order_no)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            log.error("settlement stored unpriced, for review", order_no=order_no, error=error)
+            await conn.execute(
+                """UPDATE orders SET pricing_error = $2,
+                          review_reason = COALESCE(review_reason, 'pricing_error')
+                   WHERE order_no = $1""",
+                order_no,
+                error,
+            )
+            return error
+        return None
+
+    async def order_progress(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        port: int,
+        order_no: str,
+        start_mode: str,
+        sample: dict[str, Any],
+    ) -> None:
+        assert self.pool is not None
+        wall = self.wall()
+        async with self.pool.acquire() as conn, conn.transaction():
+            order_no = await reported_charging(
+                conn,
+                protocol=protocol,
+                device_id=device_id,
+                port=port,
+                order_ref=order_no,
+                start_mode=start_mode,
+                at=wall,
+            )
+            await conn.execute(
+                """INSERT INTO order_samples (order_no, at, duration_s, energy_kwh, power_w,
+                                              voltage_v, current_a)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                order_no,
+                wall,
+                sample.get("duration_s"),
+                sample.get("energy_kwh"),
+                sample.get("power_w"),
+                sample.get("voltage_v"),
+                sample.get("current_a"),
+            )
+
+    # -- outbox hooks --
+
+    def _write_command(self, link: Any, frame: bytes, device_id: str, name: str) -> None:
+        self.send(link, frame, device_id=device_id, command=name, priority=CONTROL)
+
+    async def _command_sent_tx(
+        self, conn: Any, command_id: int, order_no: str | None, name: str, sent: bool
+    ) -> None:
+        """A start or stop is marked sent (or, its bytes never written, taken back): its
+        order moves in the same transaction."""
+        if order_no is not None and name in ("start", "stop"):
+            await transition(conn, order_no, f"{name}_{'sent' if sent else 'unsent'}")
+
+    def _outbox_backlog(self, counts: dict[str, int]) -> None:
+        for status, count in counts.items():
+            self.metrics.outbox_backlog.labels(status=status).set(count)
+
+    async def _command_finished_tx(self, conn: Any, done: Finished) -> None:
+        """A start's outcome moves its order in the command's own transaction (with the
+        business number a BKV socket named): committed together or not at all."""
+        if done.order_no is None or done.name != "start":
+            return
+        if done.status is CommandStatus.ACKED:
+            await transition(conn, done.order_no, "start_acked", started_at=self.wall())
+            business_no = (done.outcome.reply if done.outcome else {}).get("business_no")
+            if isinstance(business_no, int) and business_no:  # also if the order moved on
+                await conn.execute(
+                    """UPDATE orders SET business_no = $2
+                       WHERE order_no = $1 AND business_no IS NULL""",
+                    done.order_no,
+                    business_no,
+                )
+        else:
+            outcome = done.outcome
+            why = done.dead_reason or (outcome.result_text if outcome else None)
+            await transition(
+                conn, done.order_no, "start_failed", failure_reason=why or done.status.value
+            )
+
+    async def _command_finished(self, done: Finished) -> None:
+        """After a command's outcome is committed: metrics, events, the firmware engine."""
+        self.metrics.commands_finished_total.labels(
+            command=done.name, status=done.status.value
+        ).inc()
+        if done.outcome is not None:
+            latency = (self.wall() - done.created_at).total_seconds()
+            self.metrics.command_latency_seconds.labels(command=done.name).observe(latency)
+        if done.status is CommandStatus.DEAD:
+            reason = done.dead_reason or "unknown"
+            self.metrics.commands_dead_total.labels(reason=reason).inc()
+            # webhook-ready: the device's event log says which command died and why
+            self.writer.put_event(
+                done.device_id,
+                self.wall(),
+                EventKind.COMMAND_DEAD.value,
+                reason,
+                {"command_id": done.command_id, "command": done.name, "order_no": done.order_no},
+            )
+        await firmware.on_command_finished(self, done.command_id, done.name)
+
+    def send(
+        self,
+        link: DeviceLink,
+        frame: bytes,
+        *,
+        device_id: str | None,
+        command: str,
+        priority: int,
+        message: Any = None,
+        after_commit: bool = False,
+    ) -> None:
+        protocol = link.protocol or "ap3000"
+
+        def write() -> None:
+            link.send(frame, priority)
+            self.metrics.frame(protocol, "out", command)
+
+        self.writer.put_frame(
+            self.wall(),
+            link.id,
+            device_id,
+            "out",
+            protocol,
+            command,
+            mask_frame(message, frame),
+        )
+        if after_commit:
+            self.writer.after_commit(write)
+        else:
+            write()
+
+
+async def run(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    worker: int = 0,
+    force: asyncio.Event | None = None,
+) -> None:
+    """Run a gateway until ``stop`` is set, then drain it (``force``: cut the drain short)."""
+    gateway = Gateway(settings, worker=worker)
+    await gateway.start()
+    try:
+        await stop.wait()
+        await gateway.drain(force)
+    finally:
+        with contextlib.suppress(Exception):
+            await gateway.stop()

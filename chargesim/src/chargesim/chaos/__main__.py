@@ -1,0 +1,3 @@
+from chargesim.chaos.cli import main
+
+main()

@@ -1,6 +1,6 @@
 """A simulated AP3000 pile: real DNY frames over TCP, built with chargeproto.
 
-Behaviour follows shared/protocols/ap3000.md (sections 1, 3, 8, 9): ICCID preamble,
+Behaviour follows docs/protocols/ap3000.md (sections 1, 3, 8, 9): ICCID preamble,
 0x20 registration until answered, 0x22 time until answered, 0x21 heartbeats, ``link``
 keepalives, 0x06 power heartbeats while charging, 0x03 settlements stored and resent
 until acknowledged (same msg id), and replies to the server's commands that echo their

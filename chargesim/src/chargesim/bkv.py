@@ -1,6 +1,6 @@
 """A simulated BKV gateway: real ``fc fe`` frames over TCP, built with chargeproto.
 
-Behaviour follows shared/protocols/bkv.md, including the field notes of section 15 on
+Behaviour follows docs/protocols/bkv.md, including the field notes of section 15 on
 what production gateways do: no ICCID preamble (the ICCID travels in the 0x0000
 heartbeat), heartbeat every minute, then the undocumented 0x1000/0x1013 container after
 every (re)connection, a 0x1000/0x1017 status cluster per socket every 5 min and on any

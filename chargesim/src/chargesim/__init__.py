@@ -52,6 +52,8 @@ from chargesim.pile import (
 )
 from chargesim.runner import Simulator, SimulatorStats
 
+__version__ = "0.1.0"
+
 __all__ = [
     "Ap3000Intervals",
     "BkvGatewayStats",

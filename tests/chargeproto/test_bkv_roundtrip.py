@@ -4,90 +4,32 @@ decode -> encode byte for byte."""
 
 from __future__ import annotations
 
-import dataclasses
-import struct
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from bkv_support import (
+    FIXED,
+    TLV,
+    fixed_message,
+    gateway_ids,
+    raw_item_lists,
+    tlv_container,
+    tlv_message,
+    u32,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import chargeproto
 from chargeproto import ABSENT, bkv
-from chargeproto._layout import WireField
-from chargeproto._units import HEX, IDENTITY, Ascii, Converter, Hex
-from chargeproto.bkv._tlv import Entries, Fixed, Group, TagSpec, UInt
 
 settings.register_profile("bkv", max_examples=100, deadline=None)
 settings.load_profile("bkv")
 
-gateway_ids = st.binary(min_size=7, max_size=7).map(lambda b: b.hex().upper())
-u32 = st.integers(0, 0xFFFFFFFF)
-
-FIXED = [c for c in bkv.MESSAGE_CLASSES if issubclass(c, bkv.FixedMessage)]
-TLV = [c for c in bkv.MESSAGE_CLASSES if issubclass(c, bkv.TlvMessage)]
-
-
-# --- fixed layouts, from the construct declarations -----------------------------------
-
-
-def _int_strategy(fmt: str, conv: Converter) -> st.SearchStrategy[Any]:
-    size = struct.calcsize(">" + fmt)
-    return st.integers(0, (1 << (8 * size)) - 1).map(conv.decode)
-
-
-def _bytes_strategy(size: int, conv: Converter) -> st.SearchStrategy[Any]:
-    if isinstance(conv, Ascii):
-        chars = st.characters(min_codepoint=1, max_codepoint=127)
-        return st.text(alphabet=chars, max_size=size)
-    if conv is IDENTITY or isinstance(conv, Hex):
-        conv = HEX
-    return st.binary(min_size=size, max_size=size).map(conv.decode)
-
-
-def _scalar(fmt: str, conv: Converter) -> st.SearchStrategy[Any]:
-    if fmt.endswith("s"):
-        return _bytes_strategy(int(fmt[:-1]), conv)
-    return _int_strategy(fmt, conv)
-
-
-def fixed_message(cls: type[bkv.FixedMessage]) -> st.SearchStrategy[bkv.FixedMessage]:
-    codec = cls.codec
-    values: dict[str, st.SearchStrategy[Any]] = {"gateway_id": gateway_ids, "seq": u32}
-    groups: dict[str, int] = {}
-    for wf in codec.fields:
-        typed = codec.typed_name(wf)
-        if typed is None:
-            continue
-        groups[typed] = wf.group
-        values[typed] = _wire_value(cls, wf, codec.converter(wf.name))
-    optional = sorted({g for g in groups.values() if g >= 0})
-
-    @st.composite
-    def build(draw: st.DrawFn) -> bkv.FixedMessage:
-        present = draw(st.integers(0, len(optional)))
-        kwargs = {}
-        for name, strategy in values.items():
-            group = groups.get(name, -1)
-            if group >= 0 and optional.index(group) >= present:
-                continue
-            kwargs[name] = draw(strategy)
-        return cls(**kwargs)
-
-    return build()
-
-
-def _wire_value(cls: Any, wf: WireField, conv: Converter) -> st.SearchStrategy[Any]:
-    if wf.kind == "fixed":
-        return _scalar(wf.fmt, conv)
-    if wf.kind == "array":
-        return st.lists(_int_strategy(wf.fmt, conv), max_size=6).map(tuple)
-    assert wf.kind == "records", wf
-    item = cls.codec.items[wf.name]
-    members = {}
-    for name, fmt in wf.record:
-        members[name] = _scalar(fmt, cls.codec.converter(f"{wf.name}[].{name}"))
-    return st.lists(st.builds(item, **members), max_size=5).map(tuple)
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "bkv.json"
+VECTORS = {v["name"]: v for v in json.loads(FIXTURES.read_text())}
 
 
 @pytest.mark.parametrize("cls", FIXED, ids=lambda c: c.__name__)
@@ -101,89 +43,6 @@ def test_fixed_message_round_trip(cls: type[bkv.FixedMessage], data: st.DataObje
     fields = decoded.to_fields()
     assert fields["length"] == len(frame) - 4
     assert fields["checksum"] == frame[-3]
-
-
-# --- TLV messages, from their tag declarations -------------------------------------------
-
-
-def _kind_value(kind: Any, depth: int) -> st.SearchStrategy[Any]:
-    if isinstance(kind, UInt):
-        return st.integers(0, (1 << (8 * kind.size)) - 1).map(kind.conv.decode)
-    if isinstance(kind, Fixed):
-        return st.binary(min_size=kind.size, max_size=kind.size).map(kind.conv.decode)
-    if isinstance(kind, Entries):
-        fields = [f.name for f in dataclasses.fields(kind.item)]
-        parts = struct.Struct(">" + kind.fmt)
-        raw = st.binary(min_size=parts.size, max_size=parts.size)
-
-        def entry(b: bytes) -> Any:
-            values = parts.unpack(b)
-            return kind.item(
-                **{n: c.decode(v) for n, c, v in zip(fields, kind.convs, values, strict=True)}
-            )
-
-        return st.lists(raw.map(entry), max_size=5).map(tuple)
-    assert isinstance(kind, Group)
-    return st.lists(record(kind.record, depth + 1), min_size=1, max_size=3).map(tuple)
-
-
-def _raw_items(tag_map: Any, max_items: int, max_value: int) -> st.SearchStrategy[Any]:
-    unknown = st.integers(0, 255).filter(lambda t: t not in tag_map)
-    plain = st.builds(
-        bkv.TlvItem,
-        tag=unknown,
-        value_hex=st.binary(max_size=max_value).map(lambda b: b.hex().upper()),
-    )
-    other_marker = st.builds(
-        bkv.TlvItem,
-        tag=st.integers(0, 255),
-        value_hex=st.binary(max_size=max_value).map(lambda b: b.hex().upper()),
-        marker=st.integers(0, 255).filter(lambda m: m != 1),
-    )
-    return st.lists(plain | other_marker, max_size=max_items).map(tuple)
-
-
-def _spec_values(specs: tuple[TagSpec, ...], depth: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for spec in specs:
-        if spec.name == "bkv_cmd" or "[" in spec.name:
-            continue
-        out[spec.name] = st.just(ABSENT) | _kind_value(spec.kind, depth)
-    return out
-
-
-def record(cls: Any, depth: int) -> st.SearchStrategy[Any]:
-    return st.builds(cls, **_spec_values(cls.TAGS, depth), raw_items=_raw_items(cls.TAG_MAP, 2, 6))
-
-
-event_ports = st.lists(
-    st.builds(
-        bkv.EventPort,
-        port=st.integers(0, 1),
-        event_reason=st.integers(0, 255),
-        event_state=st.just(ABSENT) | st.integers(0, 255),
-        leakage_current_raw=st.just(ABSENT) | st.integers(0, 0xFFFF),
-        over_temperature_c=st.just(ABSENT) | st.integers(0, 255),
-        status_bits=st.just(ABSENT) | st.integers(0, 255),
-    ),
-    min_size=1,
-    max_size=2,
-    unique_by=lambda p: p.port,
-).map(lambda ports: tuple(sorted(ports, key=lambda p: p.port)))
-
-
-def tlv_message(cls: type[bkv.TlvMessage]) -> st.SearchStrategy[bkv.TlvMessage]:
-    extra: dict[str, Any] = {}
-    if cls is bkv.EventReport:
-        extra["ports"] = st.just(ABSENT) | event_ports
-    return st.builds(
-        cls,
-        gateway_id=gateway_ids,
-        seq=u32,
-        **_spec_values(cls.TAGS, 0),
-        **extra,
-        raw_items=_raw_items(cls.TAG_MAP, 4, 20),
-    )
 
 
 @pytest.mark.parametrize("cls", TLV, ids=lambda c: c.__name__)
@@ -247,7 +106,7 @@ def test_any_tlv_container_survives_decode_encode(frame: bytes) -> None:
     gateway_id=gateway_ids,
     seq=u32,
     bkv_cmd=st.integers(0, 0xFFFF).filter(lambda c: c not in {c.key for c in TLV}),
-    raw=_raw_items({}, 10, 40),
+    raw=raw_item_lists(bkv.TlvContainer.TAG_MAP, 10, 40),
 )
 def test_generic_container_round_trip(gateway_id: str, seq: int, bkv_cmd: int, raw: Any) -> None:
     message = bkv.TlvContainer(
@@ -257,7 +116,9 @@ def test_generic_container_round_trip(gateway_id: str, seq: int, bkv_cmd: int, r
     assert decoded == message
 
 
-def test_gateway_0x1013_is_kept_as_a_generic_container() -> None:
+def test_gateway_0x1013_is_a_generic_container_with_its_global_tags_named() -> None:
+    """The 0x1013 real gateways send (bkv.md 15): socket 0x4A and port 0x08 mean what
+    they mean everywhere; 0x06 and 0x5A are unknown and stay raw, in order."""
     gw = "82231214002700"
     payload = (
         bytes.fromhex("04010110130a01020000000000000000090103")
@@ -268,10 +129,76 @@ def test_gateway_0x1013_is_kept_as_a_generic_container() -> None:
     message = bkv.decode(frame)
     assert isinstance(message, bkv.TlvContainer)
     assert message.bkv_cmd == 0x1013
-    assert [i.tag for i in message.raw_items] == [0x4A, 0x08, 0x06, 0x5A]
+    assert (message.socket, message.port) == (1, 0x7F)
+    assert [i.tag for i in message.raw_items] == [0x06, 0x5A]
     fields = message.to_fields()
-    assert fields["tag_08"] == "7F" and fields["tag_5a"] == "1234"
+    assert fields["socket"] == 1 and fields["port"] == 0x7F
+    assert fields["tag_06"] == "20240823101729" and fields["tag_5a"] == "1234"
+    assert "tag_4a" not in fields and "tag_08" not in fields
     assert bkv.encode(message) == frame
+
+
+def test_global_tags_in_an_unknown_command_keep_their_order() -> None:
+    """Unknown tags between and before known ones, and known ones out of the default
+    order: every item is kept where it was."""
+    gw = "82231214002700"
+    items = "04010110990401ee00ff0301087f03014a0104010b10000301ee0203010f01"
+    frame = bkv.build_frame("down", 0x1000, 7, gw, bytes.fromhex(items))
+    message = bkv.decode(frame)
+    assert isinstance(message, bkv.TlvContainer)
+    assert message.unknown_direction is chargeproto.Direction.DOWN
+    assert (message.port, message.socket, message.power_w, message.result) == (127, 1, 409.6, 1)
+    assert message.success is True
+    assert [i.tag for i in message.raw_items] == [0xEE, 0xEE]
+    assert message.tlv_order
+    assert bkv.encode(message) == frame
+    fields = message.to_fields()
+    assert fields["tag_ee"] == ["00FF", "02"] and fields["result_text"] == "ok"
+
+
+def test_a_global_tag_of_the_wrong_size_in_an_unknown_command_stays_raw() -> None:
+    gw = "82231214002700"
+    frame = bkv.build_frame("up", 0x1000, 0, gw, bytes.fromhex("040101109904014a0001"))
+    message = bkv.decode(frame)
+    assert isinstance(message, bkv.TlvContainer) and message.socket is ABSENT
+    fields = message.to_fields()
+    assert fields["tag_4a"] == "0001"
+    assert any("0x4A (socket)" in note for note in fields["field_notes"])
+    assert bkv.encode(message) == frame
+
+
+def test_status_cluster_under_an_unknown_command_id_is_still_read() -> None:
+    """A vector's 0x1017 items behind another command id: the socket groups are
+    global, so the cluster reads the same."""
+    vector = bytes.fromhex(VECTORS["bkv_0x1000_0x1017_status_cluster"]["hex"])
+    cluster = bkv.decode(vector)
+    assert isinstance(cluster, bkv.StatusCluster)
+    payload = bytearray(vector[18:-3])
+    payload[3:5] = (0x1099).to_bytes(2, "big")
+    frame = bkv.build_frame("up", 0x1000, 0, cluster.gateway_id, bytes(payload))
+    message = bkv.decode(frame)
+    assert isinstance(message, bkv.TlvContainer)
+    assert message.sockets == cluster.sockets
+    assert bkv.encode(message) == frame
+
+
+@given(message=tlv_container())
+def test_generic_container_with_global_tags_round_trip(message: bkv.TlvContainer) -> None:
+    frame = bkv.encode(message)
+    decoded = bkv.decode(frame)
+    assert decoded == message
+    assert bkv.encode(decoded) == frame
+
+
+def test_global_tags_mean_the_same_in_every_class() -> None:
+    """The generic container and every TLV class agree on each tag's name and layout."""
+    from chargeproto.bkv._tlv import GLOBAL_TAGS
+
+    dictionary = {spec.tag: spec for spec in GLOBAL_TAGS}
+    for cls in TLV:
+        for spec in cls.TAGS:
+            if spec.tag in dictionary:
+                assert spec == dictionary[spec.tag], (cls.__name__, spec)
 
 
 def test_known_tag_with_wrong_length_is_kept_raw_and_noted() -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from chargeproto import bkv
+import chargeproto
+from chargeproto import ap3000, bkv
 from chargeproto._cli import main
 
 HEARTBEAT = "444e5910003b37ab0401002198080200000905ee02"
@@ -20,8 +22,14 @@ SETTLEMENT = (
 
 
 def run(*args: str, stdin: str | None = None) -> tuple[int, str]:
+    """Exit status and standard output (warnings go to standard error)."""
+    code, out, _ = run_full(*args, stdin=stdin)
+    return code, out
+
+
+def run_full(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
     result = CliRunner().invoke(main, list(args), input=stdin)
-    return result.exit_code, result.output
+    return result.exit_code, result.stdout, result.stderr
 
 
 def test_decode_argument_prints_one_json_object_per_frame() -> None:
@@ -33,8 +41,13 @@ def test_decode_argument_prints_one_json_object_per_frame() -> None:
         "direction": "up",
         "command": "0x21",
         "name": "Heartbeat",
+        "length": 16,
         "phy_id": "04AB373B",
+        "phy_id_type": 4,
+        "phy_id_number": 11220795,
+        "phy_id_qr": "3b37ab04",
         "msg_id": 1,
+        "checksum": 0x02EE,
         "fields": {
             "voltage_v": 220.0,
             "ports": [
@@ -167,16 +180,20 @@ def test_bkv_decode_json_shape_names_the_command_and_lifts_gateway_and_seq() -> 
         "direction",
         "command",
         "name",
-        "gateway_id",
+        "length",
         "seq",
+        "gateway_id",
+        "checksum",
         "fields",
     ]
+    assert heartbeat["length"] == 46 and heartbeat["checksum"] == 0xCA
     assert heartbeat["protocol"] == "bkv"
     assert heartbeat["command"] == "0x0000" and heartbeat["name"] == "Heartbeat"
     assert heartbeat["gateway_id"] == "82200520004869" and heartbeat["seq"] == 0
     assert heartbeat["fields"]["iccid"] == "89860463112070319417"
     for record in (heartbeat, start, cluster):
-        assert not {"gateway_id", "seq", "command", "direction"} & set(record["fields"])
+        head = {"gateway_id", "seq", "command", "direction", "length", "checksum"}
+        assert not head & set(record["fields"])
     # the header says down: it wins over the default --direction up
     assert start["direction"] == "down"
     assert start["command"] == "0x0015/0x07" and start["name"] == "ChargeControl"
@@ -354,17 +371,8 @@ def test_bkv_decode_output_encodes_back_to_the_vector(name: str) -> None:
     assert code == 0
     code, hex_out = run("encode", out.strip())
     assert code == 0, hex_out
-    # the JSON form does not carry the TLV item order: compare the decodings, then bytes
-    assert bkv.decode(hex_out.strip()) == dataclasses.replace(
-        bkv.decode(vector["hex"]), **_no_order(vector["hex"])
-    )
-    if not _no_order(vector["hex"]):
-        assert hex_out.strip() == vector["hex"]
-
-
-def _no_order(hex_text: str) -> dict[str, object]:
-    message = bkv.decode(hex_text)
-    return {"tlv_order": ()} if getattr(message, "tlv_order", ()) else {}
+    # the record keeps a TLV item order other than the default (``tlv_order``)
+    assert hex_out.strip() == vector["hex"]
 
 
 def test_iccid_and_link_outside_a_stream_belong_to_no_protocol() -> None:
@@ -374,3 +382,157 @@ def test_iccid_and_link_outside_a_stream_belong_to_no_protocol() -> None:
         (None, "iccid"),
         (None, "link"),
     ]
+
+
+# --- AP3000 direction: frames do not say who sent them ----------------------------------
+
+
+def _ap3000(command: int, payload: str) -> str:
+    return ap3000.build_frame(0x04AB373B, 5, command, bytes.fromhex(payload)).hex()
+
+
+def test_server_frame_without_direction_is_decoded_as_down_with_a_warning() -> None:
+    code, out, err = run_full("decode", START)
+    record = json.loads(out)
+    assert code == 0
+    assert record["direction"] == "down" and record["name"] == "ChargeControl"
+    assert "trailing_hex" not in record["fields"]
+    assert "0x82 fits direction down (ChargeControl)" in err
+    assert "--direction" in err
+
+
+def test_device_frame_without_direction_decodes_up_silently() -> None:
+    code, out, err = run_full("decode", HEARTBEAT, SETTLEMENT)
+    assert code == 0 and err == ""
+    assert [json.loads(line)["direction"] for line in out.splitlines()] == ["up", "up"]
+
+
+def test_explicit_direction_is_obeyed_with_a_warning_when_the_other_fits() -> None:
+    code, out, err = run_full("decode", "--direction", "up", START)
+    assert code == 0
+    assert json.loads(out)["name"] == "ChargeControlReply"
+    assert "fits direction down (ChargeControl) better; decoded as up as asked" in err
+    code, out, err = run_full("decode", "--direction", "down", START)
+    assert code == 0 and err == ""
+
+
+def test_explicit_direction_that_does_not_fit_says_which_does() -> None:
+    reply = _ap3000(0x03, "00")  # a SettlementReply: too short for an up Settlement
+    code, out = run("decode", "--direction", "up", reply)
+    record = json.loads(out)
+    assert code == 1
+    assert record["kind"] == "truncated"
+    assert "it fits direction down (SettlementReply): try --direction down" in record["error"]
+
+
+def test_frame_that_fits_neither_direction_is_an_error() -> None:
+    empty = _ap3000(0x03, "")  # 0x03 needs 29 bytes up and 1 byte down
+    code, out = run("decode", empty)
+    record = json.loads(out)
+    assert code == 1
+    assert "fits neither direction" in record["error"]
+    assert "Settlement" in record["error"] and "SettlementReply" in record["error"]
+    truncated = _ap3000(0x06, "010203")  # 0x06 exists up only
+    code, out = run("decode", truncated)
+    assert code == 1 and json.loads(out)["kind"] == "truncated"
+
+
+def test_frame_that_fits_both_directions_is_decoded_up_with_a_warning() -> None:
+    code, out, err = run_full("decode", _ap3000(0x8D, "00"))
+    assert code == 0
+    assert json.loads(out)["name"] == "SetWorkModeReply"
+    assert "fits both directions" in err and "SetWorkMode" in err
+
+
+def test_command_without_layout_stays_unknown_and_up() -> None:
+    code, out, err = run_full("decode", _ap3000(0x99, "abcd"))
+    record = json.loads(out)
+    assert code == 0 and err == ""
+    assert record["name"] == "UnknownMessage" and record["direction"] == "up"
+    assert record["fields"] == {"payload_hex": "ABCD"}
+
+
+def test_stream_of_server_frames_decodes_each_in_its_direction() -> None:
+    ack = _ap3000(0x03, "00")
+    code, out, err = run_full("decode", "--stream", START + ack + HEARTBEAT)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0
+    assert [(r["name"], r["direction"]) for r in lines] == [
+        ("ChargeControl", "down"),
+        ("SettlementReply", "down"),
+        ("Heartbeat", "up"),
+    ]
+    assert err.count("warning:") == 2
+
+
+# --- the record API is what the command line prints ---------------------------------
+
+
+AP3000_VECTORS = [
+    v
+    for v in json.loads((ROOT / "fixtures" / "ap3000.json").read_text())
+    if v["valid"] and v["command"] not in ("iccid", "link")
+]
+
+
+@pytest.mark.parametrize("vector", AP3000_VECTORS, ids=lambda v: v["name"])
+def test_decode_prints_to_record_and_encode_reads_it_back(vector: dict[str, object]) -> None:
+    hex_text = str(vector["hex"])
+    code, out = run("decode", "--direction", str(vector["direction"]), hex_text)
+    assert code == 0
+    record = json.loads(out)
+    message = ap3000.decode(hex_text, str(vector["direction"]))
+    assert record == json.loads(json.dumps(chargeproto.to_record(message)))
+    # the vectors' frame-level names are the record's
+    expected = vector["fields"]
+    assert isinstance(expected, dict)
+    for key in ("length", "phy_id", "phy_id_type", "phy_id_number", "phy_id_qr", "checksum"):
+        if key in expected:
+            assert record[key] == expected[key], key
+    code, hex_out = run("encode", out.strip())
+    assert code == 0, hex_out
+    assert chargeproto.from_record(record) == message
+
+
+def test_bkv_record_keeps_a_non_default_item_order() -> None:
+    vector = BKV_VECTORS["bkv_0x1000_0x1007_fee_mode_start_corrected"]
+    code, out = run("decode", vector["hex"])
+    record = json.loads(out)
+    assert code == 0
+    assert record["fields"]["tag_f4"] == "02" and record["fields"]["tlv_order"]
+    assert run("encode", out.strip())[1].strip() == vector["hex"]
+
+
+def test_encode_error_names_the_field() -> None:
+    record = {"command": "0x87", "phy_id": "04AB373B", "phy_id_qr": "40aace04", "fields": {}}
+    code, out = run("encode", json.dumps(record))
+    assert code == 1
+    assert json.loads(out)["field"] == "phy_id_qr"
+
+
+def test_encode_accepts_the_sticker_form_of_the_physical_id() -> None:
+    record = {"command": "0x87", "phy_id_type": 4, "phy_id_number": 11220795, "msg_id": 9}
+    code, out = run("encode", json.dumps(record))
+    assert code == 0
+    message = ap3000.decode(out.strip(), "down")
+    assert isinstance(message, ap3000.Reboot) and message.phy_id == "04AB373B"
+
+
+def test_python_dash_m_runs_the_command_line() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "chargeproto", "decode", HEARTBEAT],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "Heartbeat"
+    version = subprocess.run(
+        [sys.executable, "-m", "chargeproto", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert chargeproto.__version__ in version.stdout

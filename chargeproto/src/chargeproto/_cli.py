@@ -1,17 +1,22 @@
 """The ``chargeproto`` command line: decode AP3000 and BKV frames to JSON or a table,
-encode JSON to frames."""
+encode JSON to frames.
+
+The JSON objects are the records of :func:`chargeproto.to_record`; ``encode`` reads
+them back with :func:`chargeproto.from_record`. Each protocol package is imported only
+when an input of that protocol shows up, so one decode loads one protocol.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, Final, TextIO
 
 import click
 
-from . import ap3000, bkv
 from ._base import Direction, Message, unknown_text
 from ._errors import (
     ChargeProtoError,
@@ -19,18 +24,24 @@ from ._errors import (
     EncodeError,
     HexSyntaxError,
     ProtocolDetectionError,
+    RecordError,
 )
-from ._events import Event, IccidReceived, KeepaliveReceived, MessageReceived
-from ._layout import Codec
-from ._stream import StreamDecoder
-from .bkv import _frame as bkv_frame
-from .bkv._tlv import parse_items
+from ._events import Event, IccidReceived, KeepaliveReceived, MessageReceived, StreamError
+from ._record import bkv_command_text, from_record, to_record
+
+if TYPE_CHECKING:
+    from ._layout import Codec
+    from .ap3000 import Ap3000Message
 
 _TLV = 0x1000
 _NODE_LIST = 0x0005
 _CONTROL = 0x0015
 _SEPARATORS = re.compile(r"[\s:,-]+")
 _ICCID = re.compile(r"^89[0-9A-Fa-f]{18}$")
+#: ``--direction auto``: AP3000 frames are decoded in the direction their layout fits
+AUTO: Final = "auto"
+
+__all__ = ["bkv_command_text", "encode_record", "main", "parse_hex"]
 
 
 def parse_hex(text: str) -> bytes:
@@ -59,71 +70,158 @@ def _inputs(hex_args: tuple[str, ...], file: TextIO | None) -> Iterator[str]:
             yield content
 
 
-def _message_record(message: Message, direction: str) -> dict[str, Any]:
-    if isinstance(message, bkv.BkvMessage):
-        return _bkv_record(message)
-    fields = message.to_fields()
-    record: dict[str, Any] = {"protocol": message.protocol, "direction": direction}
+def _warn(text: str) -> None:
+    click.echo(f"warning: {text}", err=True)
+
+
+# --- which direction an AP3000 frame fits --------------------------------------------
+
+#: how well a payload fits a direction's layout, best last
+_NO_FIT, _NO_LAYOUT, _EXTRA_BYTES, _EXACT = range(4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fit:
+    """An AP3000 frame decoded in one direction, and how well it fits there."""
+
+    direction: Direction
+    message: Ap3000Message | None
+    error: DecodeError | None
+    rank: int
+
+    def describe(self) -> str:
+        if self.message is None:
+            return f"{self.direction}: {self.error}"
+        return f"{self.direction}: {type(self.message).__name__}"
+
+
+def _fit(data: bytes, direction: Direction) -> _Fit:
+    from . import ap3000
+
+    try:
+        message = ap3000.decode(data, direction)
+    except DecodeError as exc:
+        return _Fit(direction, None, exc, _NO_FIT)
     if isinstance(message, ap3000.UnknownMessage):
-        record["command"] = f"0x{message.unknown_command:02x}"
-        fields.pop("unknown_command", None)
-        fields.pop("unknown_direction", None)
-    else:
-        record["command"] = f"0x{message.command:02x}"
-    record["name"] = type(message).__name__
-    for key in ("phy_id", "msg_id"):
-        if key in fields:
-            record[key] = fields.pop(key)
-    record["fields"] = fields
-    return record
+        return _Fit(direction, message, None, _NO_LAYOUT)
+    rank = _EXTRA_BYTES if message.trailing_hex else _EXACT
+    return _Fit(direction, message, None, rank)
 
 
-def bkv_command_text(message: bkv.BkvMessage) -> str:
-    """``"0x0000"``, ``"0x0015/0x07"`` (sub-command) or ``"0x1000/0x1017"`` (BKV command)."""
-    text = f"0x{message.wire_command:04x}"
-    key = bkv.message_key(message)
-    if key is None:
-        return text
-    return text + (f"/0x{key:04x}" if message.wire_command == _TLV else f"/0x{key:02x}")
+def decode_ap3000(data: bytes, direction: str) -> Ap3000Message:
+    """Decode an AP3000 frame for the command line; see ``--direction``.
+
+    ``up``/``down``: that direction, with a warning when the frame fits only the other
+    one, and a ``DecodeError`` that says which direction fits when it fits only that
+    one. ``auto``: the direction whose layout the frame fits best (whole payload, then
+    payload with bytes left over, then a command without a layout); a tie goes to
+    ``up``; a warning on stderr whenever the choice is ``down`` or the frame fits both.
+    Frame errors (header, length, checksum) do not depend on the direction.
+    """
+    from . import ap3000
+
+    ap3000.check_frame(data)
+    command = data[11]
+    up, down = _fit(data, Direction.UP), _fit(data, Direction.DOWN)
+    if direction != AUTO:
+        chosen, other = (up, down) if direction == "up" else (down, up)
+        if chosen.message is None:
+            assert chosen.error is not None
+            if other.rank >= _EXTRA_BYTES:
+                raise _retagged(
+                    chosen.error,
+                    f"0x{command:02x} does not fit direction {chosen.direction}"
+                    f" ({chosen.error}); it fits direction {other.direction}"
+                    f" ({type(other.message).__name__}): try --direction {other.direction}",
+                )
+            raise chosen.error
+        if other.rank == _EXACT and chosen.rank < _EXACT:
+            _warn(
+                f"AP3000 0x{command:02x} fits direction {other.direction}"
+                f" ({type(other.message).__name__}) better; decoded as {chosen.direction}"
+                " as asked"
+            )
+        return chosen.message
+    best = down if down.rank > up.rank else up
+    if best.rank <= _NO_LAYOUT and _NO_FIT in (up.rank, down.rank):
+        failed = up if up.rank == _NO_FIT else down
+        assert failed.error is not None
+        if up.rank == down.rank:  # a layout in both directions, and neither fits
+            raise _retagged(
+                failed.error,
+                f"0x{command:02x} fits neither direction ({up.describe()}; {down.describe()})",
+            )
+        raise failed.error
+    assert best.message is not None
+    other = up if best is down else down
+    if best is down:
+        how = "and not up" if other.rank <= _NO_LAYOUT else "better than up"
+        if best.rank == _EXTRA_BYTES:
+            extra = len(best.message.trailing_hex) // 2
+            how += f", with {extra} byte{'s' if extra > 1 else ''} left over"
+        _warn(
+            f"AP3000 0x{command:02x} fits direction down ({type(best.message).__name__})"
+            f" {how}: decoded as down, a server frame (--direction up or down to choose)"
+        )
+    elif other.rank == best.rank and best.rank >= _EXTRA_BYTES:
+        assert other.message is not None
+        _warn(
+            f"AP3000 0x{command:02x} fits both directions: decoded as up"
+            f" ({type(best.message).__name__}); pass --direction down for the server's"
+            f" {type(other.message).__name__}"
+        )
+    return best.message
 
 
-def _bkv_record(message: bkv.BkvMessage) -> dict[str, Any]:
-    fields = message.to_fields()
-    for key in ("command", "direction", "gateway_id", "seq"):
-        fields.pop(key, None)
-    return {
-        "protocol": "bkv",
-        "direction": message.wire_direction.value,
-        "command": bkv_command_text(message),
-        "name": type(message).__name__,
-        "gateway_id": message.gateway_id,
-        "seq": message.seq,
-        "fields": fields,
-    }
+def _retagged(error: DecodeError, text: str) -> DecodeError:
+    """The same kind of error with a message that explains the direction."""
+    out = type(error)(text, offset=error.offset, expected=error.expected, actual=error.actual)
+    out.__cause__ = error
+    return out
+
+
+# --- records -----------------------------------------------------------------------
 
 
 def _event_records(
     events: list[Event], direction: str, protocol: str | None = None
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[tuple[dict[str, Any], bytes | None]]:
     for event in events:
         if isinstance(event, MessageReceived):
-            yield _message_record(event.message, direction)
+            if event.protocol == "ap3000" and direction == AUTO:
+                yield _decode_frame(event.raw, direction)
+            else:
+                yield to_record(event.message, frame=event.raw), event.raw
         elif isinstance(event, IccidReceived):
-            yield {
-                "protocol": protocol,
-                "direction": direction,
-                "command": "iccid",
-                "fields": {"iccid": event.iccid},
-            }
+            record = _plain(protocol, direction, "iccid", {"iccid": event.iccid})
+            yield record, None
         elif isinstance(event, KeepaliveReceived):
-            yield {
-                "protocol": protocol,
-                "direction": direction,
-                "command": "link",
-                "fields": {"keepalive": True},
-            }
+            yield _plain(protocol, direction, "link", {"keepalive": True}), None
+        elif direction == AUTO and _whole_ap3000_frame(event):
+            yield _decode_frame(event.raw, direction)  # it may fit the other direction
         else:
-            yield _error_record(event.error, event.raw)
+            yield _error_record(event.error, event.raw), None
+
+
+def _whole_ap3000_frame(event: StreamError) -> bool:
+    """A checked AP3000 frame whose payload did not fit the stream's direction."""
+    from . import ap3000
+
+    if event.raw[:3] != ap3000.HEADER:
+        return False
+    try:
+        ap3000.check_frame(event.raw)
+    except DecodeError:
+        return False
+    return True
+
+
+def _plain(
+    protocol: str | None, direction: str, command: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """The record of an ICCID or a keepalive (the modem sends them: ``up`` in auto)."""
+    shown = "up" if direction == AUTO else direction
+    return {"protocol": protocol, "direction": shown, "command": command, "fields": fields}
 
 
 def _error_record(error: ChargeProtoError, raw: bytes | str) -> dict[str, Any]:
@@ -134,21 +232,16 @@ def _error_record(error: ChargeProtoError, raw: bytes | str) -> dict[str, Any]:
     return record
 
 
-def _decode_one(text: str, direction: str) -> tuple[list[dict[str, Any]], bytes | None]:
-    try:
-        data = parse_hex(text)
-    except HexSyntaxError as exc:
-        return [_error_record(exc, text)], None
-    if data == b"link":
-        return list(_event_records([KeepaliveReceived()], direction)), data
-    if _ICCID.match(data.decode("latin-1")):
-        return list(_event_records([IccidReceived(data.decode("ascii"), data)], direction)), data
+def _decode_frame(data: bytes, direction: str) -> tuple[dict[str, Any], bytes | None]:
+    """One frame of either protocol -> its record (or an error record)."""
     message: Message
     try:
-        if data[:2] in (bkv.HEADER_UP, bkv.HEADER_DOWN):
+        if data[:2] in (b"\xfc\xfe", b"\xfc\xff"):
+            from . import bkv
+
             message = bkv.decode(data)
         elif data[:3] == b"DNY":
-            message = ap3000.decode(data, direction)
+            message = decode_ap3000(data, direction)
         else:
             raise ProtocolDetectionError(
                 "starts with neither DNY (AP3000) nor fc fe / fc ff (BKV)",
@@ -156,8 +249,20 @@ def _decode_one(text: str, direction: str) -> tuple[list[dict[str, Any]], bytes 
                 actual=data[:3],
             )
     except DecodeError as exc:
-        return [_error_record(exc, data)], data
-    return [_message_record(message, direction)], data
+        return _error_record(exc, data), data
+    return to_record(message, frame=data), data
+
+
+def _decode_one(text: str, direction: str) -> list[tuple[dict[str, Any], bytes | None]]:
+    try:
+        data = parse_hex(text)
+    except HexSyntaxError as exc:
+        return [(_error_record(exc, text), None)]
+    if data == b"link":
+        return list(_event_records([KeepaliveReceived()], direction))
+    if _ICCID.match(data.decode("latin-1")):
+        return list(_event_records([IccidReceived(data.decode("ascii"), data)], direction))
+    return [_decode_frame(data, direction)]
 
 
 # --- the table format -------------------------------------------------------------------
@@ -229,12 +334,14 @@ def _span_rows(
 
 
 def _ap3000_rows(record: dict[str, Any], data: bytes) -> list[Row]:
+    from . import ap3000
+
     fields = record["fields"]
     rows: list[Row] = [
         (0, data[0:3], "header=DNY"),
-        (3, data[3:5], f"length={len(data) - 5}"),
-        (5, data[5:9], f"phy_id={record.get('phy_id')}"),
-        (9, data[9:11], f"msg_id={record.get('msg_id')}"),
+        (3, data[3:5], f"length={record['length']}"),
+        (5, data[5:9], f"phy_id={record['phy_id']}"),
+        (9, data[9:11], f"msg_id={record['msg_id']}"),
         (11, data[11:12], f"command={record['command']}"),
     ]
     cls = ap3000.message_class(data[11], record["direction"])
@@ -243,23 +350,25 @@ def _ap3000_rows(record: dict[str, Any], data: bytes) -> list[Row]:
         rows.append((12, data[12:end], f"payload_hex={fields.get('payload_hex', '')}"))
     else:
         rows += _span_rows(cls.codec, data, 12, end, fields)
-    rows.append((end, data[end:], f"checksum=0x{int.from_bytes(data[end:], 'little'):04X}"))
+    rows.append((end, data[end:], f"checksum=0x{record['checksum']:04X}"))
     return rows
 
 
 def _bkv_rows(record: dict[str, Any], data: bytes) -> list[Row]:
+    from . import bkv
+
     fields = record["fields"]
     command = int.from_bytes(data[4:6], "big")
     end = len(data) - 3
     rows: list[Row] = [
         (0, data[0:2], f"header={data[0:2].hex(' ')} ({record['direction']})"),
-        (2, data[2:4], f"length={fields.get('length', len(data) - 4)}"),
+        (2, data[2:4], f"length={record['length']}"),
         (4, data[4:6], f"command=0x{command:04X}"),
         (6, data[6:10], f"seq={record['seq']}"),
         (10, data[10:11], f"direction={record['direction']}"),
         (11, data[11:18], f"gateway_id={record['gateway_id']}"),
     ]
-    start = bkv_frame.PAYLOAD_OFFSET
+    start = 18  # the payload offset (bkv.md 2)
     cls = bkv.message_class(command, _key_of(record["command"]), record["direction"])
     if command == _TLV:
         tlv_cls: Any = cls if cls is not None else bkv.TlvContainer
@@ -275,7 +384,7 @@ def _bkv_rows(record: dict[str, Any], data: bytes) -> list[Row]:
         rows += _span_rows(cls.codec, data, start, end, fields)
     else:
         rows.append((start, data[start:end], f"payload_hex={fields.get('payload_hex', '')}"))
-    rows.append((end, data[end : end + 1], f"checksum=0x{data[end]:02X}"))
+    rows.append((end, data[end : end + 1], f"checksum=0x{record['checksum']:02X}"))
     rows.append((end + 1, data[end + 1 :], "tail=fc ee"))
     return rows
 
@@ -290,6 +399,8 @@ def _tlv_rows(
 ) -> list[Row]:
     """One row per TLV item (``L marker tag value``); groups are opened, their items
     indented by name (``sockets[0].ports[1].voltage_v``). Offsets are in the frame."""
+    from .bkv._tlv import parse_items
+
     rows: list[Row] = []
     counts: dict[str, int] = {}
     seen: set[str] = set()
@@ -352,6 +463,9 @@ def _dumps(record: dict[str, Any]) -> str:
     return text
 
 
+# --- commands ----------------------------------------------------------------------
+
+
 @click.group()
 @click.version_option(package_name="chargeproto")
 def main() -> None:
@@ -363,11 +477,13 @@ def main() -> None:
 @click.option("--file", "file", type=click.File("r"), help="Read hex frames, one per line.")
 @click.option(
     "--direction",
-    type=click.Choice(["up", "down"]),
-    default="up",
+    type=click.Choice(["auto", "up", "down"]),
+    default=AUTO,
     show_default=True,
-    help="Who sent AP3000 frames (they do not say): up = device, down = server."
-    " BKV frames carry their direction, which wins.",
+    help="Who sent AP3000 frames (they do not say): up = device, down = server, auto ="
+    " the direction whose layout the frame fits (a warning on stderr when that is down"
+    " or when both fit). A frame that fits neither is an error. BKV frames carry their"
+    " direction, which wins.",
 )
 @click.option(
     "--format",
@@ -393,37 +509,37 @@ def decode(
     """
     failed = False
     if stream:
-        items = _decode_stream("".join(_inputs(hex_frames, file)), direction)
-    else:
-        items = []
-        for line in _inputs(hex_frames, file):
-            records, frame = _decode_one(line, direction)
-            items.extend((r, frame) for r in records)
-    for record, raw in items:
-        failed |= "error" in record
-        if fmt == "json":
-            click.echo(_dumps(record))
-        else:
-            click.echo(_table(record, raw))
+        batches: Iterable[list[tuple[dict[str, Any], bytes | None]]] = [
+            _decode_stream("".join(_inputs(hex_frames, file)), direction)
+        ]
+    else:  # one input at a time: a warning on stderr comes right before its record
+        batches = (_decode_one(line, direction) for line in _inputs(hex_frames, file))
+    for batch in batches:
+        for record, raw in batch:
+            failed |= "error" in record
+            click.echo(_dumps(record) if fmt == "json" else _table(record, raw))
     if failed:
         sys.exit(1)
 
 
 def _decode_stream(text: str, direction: str) -> list[tuple[dict[str, Any], bytes | None]]:
     """One connection's bytes through :class:`chargeproto.StreamDecoder`."""
+    from ._stream import StreamDecoder
+    from .ap3000._frame import ABSOLUTE_MAX_FRAME as AP3000_MAX
+    from .bkv._frame import ABSOLUTE_MAX_FRAME as BKV_MAX
+
     try:
         data = parse_hex(text)
     except HexSyntaxError as exc:
         return [(_error_record(exc, text[:200]), None)]
     decoder = StreamDecoder(
-        direction, ap3000_max_frame=0xFFFF + 5, bkv_max_frame=bkv_frame.ABSOLUTE_MAX_FRAME
+        Direction.UP if direction == AUTO else direction,
+        ap3000_max_frame=AP3000_MAX,
+        bkv_max_frame=BKV_MAX,
     )
     events = decoder.feed(data)
-    items: list[tuple[dict[str, Any], bytes | None]] = []
-    for event in events:
-        raw = event.raw if isinstance(event, MessageReceived) else None
-        # ICCID and link may precede the first frame: they belong to the connection's protocol
-        items.extend((r, raw) for r in _event_records([event], direction, decoder.protocol))
+    # ICCID and link may precede the first frame: they belong to the connection's protocol
+    items = list(_event_records(events, direction, decoder.protocol))
     if decoder.buffered:
         rest = data[len(data) - decoder.buffered :]
         error = DecodeError(f"{len(rest)} bytes at the end of input form no whole frame")
@@ -438,9 +554,9 @@ def encode(json_messages: tuple[str, ...], file: TextIO | None) -> None:
     """Encode messages given as JSON (the shape `decode` prints) into hex frames.
 
     AP3000: "command" (or "name"), "direction" (default "down": a frame to send to a
-    pile), "phy_id", "msg_id" and "fields". BKV: "protocol": "bkv", "command"
-    ("0x0015/0x07", "0x1000/0x1007" ...) or "name", "direction" (default "down"),
-    "gateway_id", "seq" and "fields". Exit status 1 on any error.
+    pile), "phy_id", "msg_id" (default 0) and "fields". BKV: "protocol": "bkv",
+    "command" ("0x0015/0x07", "0x1000/0x1007" ...) or "name", "direction" (default
+    "down"), "gateway_id", "seq" (default 0) and "fields". Exit status 1 on any error.
     """
     failed = False
     for text in _inputs(json_messages, file):
@@ -448,7 +564,10 @@ def encode(json_messages: tuple[str, ...], file: TextIO | None) -> None:
             frame = encode_record(json.loads(text))
         except (ChargeProtoError, ValueError, TypeError) as exc:
             failed = True
-            click.echo(json.dumps({"error": str(exc), "input": text}))
+            out: dict[str, Any] = {"error": str(exc), "input": text}
+            if isinstance(exc, EncodeError) and exc.field is not None:
+                out["field"] = exc.field
+            click.echo(json.dumps(out))
             continue
         click.echo(frame.hex())
     if failed:
@@ -456,106 +575,40 @@ def encode(json_messages: tuple[str, ...], file: TextIO | None) -> None:
 
 
 def encode_record(record: Any) -> bytes:
-    """A frame from a JSON object of the shape ``chargeproto decode`` prints."""
+    """A frame from a JSON object of the shape ``chargeproto decode`` prints.
+
+    A hand-written record may leave out what :func:`chargeproto.from_record` requires
+    and the command line can default: ``protocol`` (AP3000), ``direction`` (down, when
+    the message is chosen by ``command``), ``msg_id``/``seq`` (0), and for a BKV
+    0x1000 command the header items ``bkv_seq`` and ``bkv_gateway_id`` (the frame's
+    ``seq`` and ``gateway_id``, as in the guide's examples).
+    """
     if not isinstance(record, dict):
-        raise EncodeError("expected a JSON object")
-    protocol = record.get("protocol", "ap3000")
-    if protocol == "bkv":
-        return encode_bkv_record(record)
-    if protocol != "ap3000":
-        raise EncodeError(f"unsupported protocol {protocol!r}")
-    direction = Direction(record.get("direction", "down"))
-    cls: type[ap3000.Ap3000Message] | None
-    if "name" in record:
-        cls = next((c for c in ap3000.MESSAGE_CLASSES if c.__name__ == record["name"]), None)
-        if cls is None:
-            raise EncodeError(f"no message named {record['name']!r}")
-    else:
-        command = record.get("command")
-        if not isinstance(command, str | int):
-            raise EncodeError('"command" (e.g. "0x82") or "name" is required')
-        code = int(command, 16) if isinstance(command, str) else command
-        cls = ap3000.message_class(code, direction)
-        if cls is None:
-            raise EncodeError(f"no {direction} message with command {command}")
-    fields = dict(record.get("fields") or {})
-    for key in ("phy_id", "msg_id"):
-        if key in record:
-            fields[key] = record[key]
-    fields.setdefault("msg_id", 0)
-    return ap3000.encode(cls.from_fields(fields))
+        raise RecordError("expected a JSON object")
+    prepared = dict(record)
+    prepared.setdefault("protocol", "ap3000")
+    if "name" not in prepared:
+        prepared.setdefault("direction", "down")
+    fields = prepared.get("fields") or {}
+    if prepared["protocol"] == "ap3000":
+        if "msg_id" not in prepared and isinstance(fields, dict) and "msg_id" not in fields:
+            prepared["msg_id"] = 0
+        from . import ap3000
 
+        message = from_record(prepared)
+        assert isinstance(message, ap3000.Ap3000Message)
+        return ap3000.encode(message)
+    if "seq" not in prepared and isinstance(fields, dict) and "seq" not in fields:
+        prepared["seq"] = 0
+    message = from_record(prepared)
+    from . import bkv
 
-#: BKV classes ``encode`` finds by name: the registered ones and those for raw frames
-_BKV_RAW: tuple[type[bkv.BkvMessage], ...] = (
-    bkv.NodeDelete,
-    bkv.TlvContainer,
-    bkv.UnknownSubCommand,
-    bkv.UnknownMessage,
-)
-_BKV_CLASSES: dict[str, type[bkv.BkvMessage]] = {
-    c.__name__: c for c in (*bkv.MESSAGE_CLASSES, *_BKV_RAW)
-}
-_BKV_COMMAND = re.compile(r"0x([0-9A-Fa-f]{1,4})(?:/0x([0-9A-Fa-f]{1,4}))?")
-
-
-def encode_bkv_record(record: dict[str, Any]) -> bytes:
-    """A BKV frame from ``{"protocol": "bkv", "command" or "name", "gateway_id", "seq",
-    "fields"}``; the message is built with the class's ``from_fields``."""
-    raw_fields = record.get("fields") or {}
-    if not isinstance(raw_fields, dict):
-        raise EncodeError('"fields" must be an object')
-    fields: dict[str, Any] = dict(raw_fields)
-    command: int | None = None
-    key: int | None = None
-    if "command" in record:
-        match = _BKV_COMMAND.fullmatch(str(record["command"]).strip())
-        if match is None:
-            raise EncodeError(
-                f"command {record['command']!r} is not like 0x0000, 0x0015/0x07, 0x1000/0x1017"
-            )
-        command = int(match.group(1), 16)
-        key = int(match.group(2), 16) if match.group(2) else None
-    cls: type[bkv.BkvMessage] | None
-    if "name" in record:
-        cls = _BKV_CLASSES.get(record["name"])
-        if cls is None:
-            raise EncodeError(f"no BKV message named {record['name']!r}")
-        if "direction" in record:
-            fields["direction"] = record["direction"]
-    elif command is None:
-        raise EncodeError('"command" (e.g. "0x0015/0x07") or "name" is required')
-    else:
-        direction = bkv_direction(record.get("direction", "down"))
-        cls = bkv.message_class(command, key, direction)
-        if cls is None:
-            if command == _TLV:
-                cls = bkv.TlvContainer
-            elif key is None:
-                cls = bkv.UnknownMessage
-            elif command in (_NODE_LIST, _CONTROL):
-                cls = bkv.UnknownSubCommand
-            else:
-                raise EncodeError(f"command 0x{command:04x} has no sub-command")
-        fields["direction"] = direction.value
-    if command is not None:
-        fields["command"] = command
-        if key is not None:
-            fields["bkv_cmd" if command == _TLV else "sub_cmd"] = key
-    for name in ("gateway_id", "seq"):
-        if name in record:
-            fields[name] = record[name]
-    fields.setdefault("seq", 0)
-    if issubclass(cls, bkv.TlvMessage):  # as TlvMessage.create(): header items from the frame
-        fields.setdefault("bkv_seq", fields["seq"])
-        if "gateway_id" in fields:
-            fields.setdefault("bkv_gateway_id", fields["gateway_id"])
-    return bkv.encode(cls.from_fields(fields))
-
-
-def bkv_direction(value: Any) -> Direction:
-    """``"up"``/``"down"`` as a :class:`Direction`; ``EncodeError`` otherwise."""
-    try:
-        return Direction(value)
-    except ValueError:
-        raise EncodeError(f"direction must be 'up' or 'down', got {value!r}") from None
+    assert isinstance(message, bkv.BkvMessage)
+    if isinstance(message, bkv.TlvMessage) and isinstance(fields, dict):
+        defaults: dict[str, Any] = {}
+        if "bkv_seq" not in fields:
+            defaults["bkv_seq"] = message.seq
+        if "bkv_gateway_id" not in fields and "gateway_id" in record:
+            defaults["bkv_gateway_id"] = message.gateway_id
+        message = dataclasses.replace(message, **defaults)
+    return bkv.encode(message)

@@ -117,3 +117,13 @@ class EncodeError(ChargeProtoError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class RecordError(EncodeError):
+    """A record (the JSON form of :func:`chargeproto.to_record`) that describes no
+    message: not an object, an unknown protocol, name or command, a missing or
+    mistyped frame-level field, fields that do not build the message.
+
+    ``field`` names the offending key: a top-level key (``"phy_id"``, ``"command"``)
+    or ``"fields.<name>"`` for a key inside ``fields``.
+    """

@@ -2,11 +2,13 @@
 
 A message class declares its payload once, as a ``construct.Struct`` of raw wire
 values with canonical names, plus a table of unit converters. This module reads that
-declaration at import time and generates two plain Python functions from it (the way
-``dataclasses`` generates ``__init__``): a decoder built on ``struct.unpack_from``
-and an encoder built on ``struct.pack``. The hot path therefore runs no construct
-code at all, while the construct declaration stays the single source of truth; the
-test suite checks the generated code against construct's own (compiled) parser.
+declaration and generates two plain Python functions from it (the way ``dataclasses``
+generates ``__init__``): a decoder built on ``struct.unpack_from`` and an encoder
+built on ``struct.pack``. Generation happens on the first use of a message class
+(:class:`LazyCodec`), so importing the library compiles nothing. The hot path
+therefore runs no construct code at all, while the construct declaration stays the
+single source of truth; the test suite checks the generated code against construct's
+own (compiled) parser.
 
 Supported declaration elements, in a top-level ``Struct``:
 
@@ -778,3 +780,74 @@ def compile_message(
     """Compile a message declaration; raises ``TypeError`` on an unsupported one."""
     codec = Codec(cls, wire, endian=endian, head=head, units=units or {}, items=items or {})
     return codec
+
+
+class LazyCodec:
+    """A class attribute that compiles its message's codec on first access.
+
+    Generating and compiling the decoder and encoder of every message at import made
+    ``import chargeproto`` cost most of a second; a program that decodes a few
+    commands compiles only those. The first access replaces this descriptor on the
+    declaring class with the :class:`Codec`, so every later ``cls.codec`` is a plain
+    class attribute lookup: the hot path pays nothing for the laziness. Compiling
+    the same codec twice (two threads racing) is harmless: both results are equal.
+    """
+
+    def __init__(
+        self,
+        cls: type[Message],
+        wire: cs.Struct,
+        *,
+        endian: str,
+        head: Sequence[str],
+        units: Mapping[str, Converter] | None = None,
+        items: Mapping[str, type[Item]] | None = None,
+    ) -> None:
+        self.cls = cls
+        self.wire = wire
+        self.endian = endian
+        self.head = tuple(head)
+        self.units = dict(units or {})
+        self.items = dict(items or {})
+
+    def compile(self) -> Codec:
+        """Compile the codec now and install it on the declaring class."""
+        codec = compile_message(
+            self.cls,
+            self.wire,
+            endian=self.endian,
+            head=self.head,
+            units=self.units,
+            items=self.items,
+        )
+        setattr(self.cls, "codec", codec)  # noqa: B010 - replaces this descriptor
+        return codec
+
+    def __get__(self, instance: object, owner: type | None = None) -> Codec:
+        return self.compile()
+
+
+def lazy_codec(
+    cls: type[Message],
+    wire: cs.Struct,
+    *,
+    endian: str,
+    head: Sequence[str],
+    units: Mapping[str, Converter] | None = None,
+    items: Mapping[str, type[Item]] | None = None,
+) -> None:
+    """Give ``cls`` a ``codec`` that is compiled from its declaration on first use.
+
+    What can be checked without generating code (every wire field feeds a message
+    field) is checked now, at import; the rest when the codec is compiled, which the
+    test suite does for every message class.
+    """
+    fields = flatten(wire, endian)
+    counts = {f.count for f in fields if isinstance(f.count, str)}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for wf in fields:
+        typed = wf.name.split("[]")[0]
+        if wf.name not in counts and typed not in names:
+            raise TypeError(f"{cls.__name__}: wire field {wf.name} has no field {typed}")
+    lazy = LazyCodec(cls, wire, endian=endian, head=head, units=units, items=items)
+    setattr(cls, "codec", lazy)  # noqa: B010 - the classes declare codec: ClassVar[Codec]

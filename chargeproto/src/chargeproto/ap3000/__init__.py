@@ -143,6 +143,7 @@ from ._order import (
     verification_code,
 )
 from ._phy_id import PhysicalId
+from ._replies import SERVER_REPLIES, is_server_reply, replies, reply_for
 from ._stream import Ap3000StreamDecoder
 
 MESSAGE_CLASSES = tuple(sorted(set(REGISTRY.values()), key=lambda c: (c.command, c.direction)))
@@ -155,6 +156,7 @@ __all__ = [
     "PACKET_SIZE",
     "PAYLOAD_OFFSET",
     "REGISTRY",
+    "SERVER_REPLIES",
     "AlarmPush",
     "Ap3000Message",
     "Ap3000StreamDecoder",
@@ -283,9 +285,12 @@ __all__ = [
     "decode_checked",
     "encode",
     "image_checksum",
+    "is_server_reply",
     "message_class",
     "parse_check_packet",
     "parse_order_id",
+    "replies",
+    "reply_for",
     "split_image",
     "verification_code",
     "verify_replies",

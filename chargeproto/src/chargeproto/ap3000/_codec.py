@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .._base import Direction
 from .._errors import DecodeError, EncodeError, PayloadError
+from .._hex import parse_hex
 from .._units import PHY_ID
 from ._frame import ABSOLUTE_MAX_FRAME, PAYLOAD_OFFSET, build_frame, check_frame
 from ._messages import REGISTRY, Ap3000Message, UnknownMessage
@@ -21,17 +22,21 @@ _TABLES: dict[object, dict[int, type[Ap3000Message]]] = {
 
 
 def decode(
-    data: bytes | bytearray | memoryview,
+    data: bytes | bytearray | memoryview | str,
     direction: Direction | str = Direction.UP,
     *,
     max_frame: int = ABSOLUTE_MAX_FRAME,
 ) -> Ap3000Message:
     """Decode one complete AP3000 frame into its typed message.
 
+    ``data`` is the frame, or hex text (spaces, ``:``, ``-`` and ``_`` between digits
+    are ignored; ``HexSyntaxError`` when it is not hex), as for ``bkv.decode``.
     AP3000 frames do not carry their direction: say who sent them (``"up"`` = the
     device, the default; ``"down"`` = the server). A command this library has no
     layout for decodes as :class:`UnknownMessage`. Raises only ``DecodeError``.
     """
+    if isinstance(data, str):
+        data = parse_hex(data)
     phy, msg_id, command = check_frame(data, max_frame)
     return decode_checked(data, phy, msg_id, command, direction)
 

@@ -15,7 +15,7 @@ import construct as cs
 from construct import Array, Bytes, GreedyBytes, Int8ul, Int16ul, Int32ul, Struct, this
 
 from .._base import ABSENT, Absent, Direction, Item, Message
-from .._layout import Codec, compile_message, optional_tail
+from .._layout import Codec, lazy_codec, optional_tail
 from .._units import CENTI, DECI, MILLI, PHY_ID, TEMP65, Ascii, Converter
 from . import _enums as E  # noqa: N812 - short name for the enumeration tables
 
@@ -46,7 +46,8 @@ class Ap3000Message(Message):
 
     @classmethod
     def item_types(cls) -> Mapping[str, type[Item]]:
-        return cls.codec.items
+        codec: Codec | None = getattr(cls, "codec", None)  # UnknownMessage has none
+        return codec.items if codec is not None else {}
 
 
 def message(
@@ -56,7 +57,8 @@ def message(
     units: Mapping[str, Converter] | None = None,
     items: Mapping[str, type[Item]] | None = None,
 ) -> Callable[[_M], _M]:
-    """Register a message class for ``(command, direction)`` and compile its codec."""
+    """Register a message class for ``(command, direction)``; its codec is compiled
+    from the declaration on first use (:class:`~chargeproto._layout.LazyCodec`)."""
 
     def register(cls: _M) -> _M:
         key = (command, direction)
@@ -66,9 +68,7 @@ def message(
         cls.direction = direction
         layout = cls.WIRE if wire is None else wire
         cls.WIRE = layout
-        cls.codec = compile_message(
-            cls, layout, endian="<", head=("phy_id", "msg_id"), units=units, items=items
-        )
+        lazy_codec(cls, layout, endian="<", head=("phy_id", "msg_id"), units=units, items=items)
         REGISTRY[key] = cls
         return cls
 

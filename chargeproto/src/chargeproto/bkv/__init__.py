@@ -72,6 +72,7 @@ from ._messages import (
     VoiceWindow,
     VoiceWindowReply,
 )
+from ._replies import SERVER_REPLIES, is_server_reply, replies, reply_for
 from ._stream import BkvStreamDecoder
 from ._tlv import (
     EventPort,
@@ -110,6 +111,7 @@ __all__ = [
     "HEADER_UP",
     "MESSAGE_CLASSES",
     "REGISTRY",
+    "SERVER_REPLIES",
     "TAIL",
     "BalanceQuery",
     "BalanceReply",
@@ -178,9 +180,12 @@ __all__ = [
     "decode",
     "decode_checked",
     "encode",
+    "is_server_reply",
     "load_reason_table",
     "message_class",
     "message_key",
+    "replies",
+    "reply_for",
     "socket_id",
     "status_bits_from_flags",
     "status_flags",

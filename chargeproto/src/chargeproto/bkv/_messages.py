@@ -19,7 +19,7 @@ from construct import Array, Bytes, GreedyRange, Int8ub, Int16ub, Int32ub, Struc
 
 from .._base import ABSENT, Absent, Direction, Item, Message, _fields_of, _from_fields
 from .._errors import EncodeError
-from .._layout import Codec, compile_message, optional_tail
+from .._layout import Codec, lazy_codec, optional_tail
 from .._units import BCD_TIME, BIN_TIME, DECI, HHMM, IPV4, MILLI, Converter, EscapedAscii
 from . import _enums as enums
 from ._frame import build_frame
@@ -188,7 +188,7 @@ class BkvItem(Item):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FixedMessage(BkvMessage):
-    """A message whose payload has a fixed layout (``WIRE``), compiled at import."""
+    """A message whose payload has a fixed layout (``WIRE``), compiled on first use."""
 
     WIRE: ClassVar[cs.Struct] = Struct()
     codec: ClassVar[Codec]
@@ -233,7 +233,8 @@ def message(
     items: Mapping[str, type[Item]] | None = None,
     register: bool = True,
 ) -> Callable[[_M], _M]:
-    """Declare a fixed-layout message: compile its codec and register it for decoding."""
+    """Declare a fixed-layout message and register it for decoding; its codec is
+    compiled from the declaration on first use."""
 
     def declare(cls: _M) -> _M:
         cls.command = command
@@ -241,9 +242,7 @@ def message(
         cls.key = key
         layout = cls.WIRE if wire is None else wire  # type: ignore[attr-defined]
         cls.WIRE = layout  # type: ignore[attr-defined]
-        cls.codec = compile_message(  # type: ignore[attr-defined]
-            cls, layout, endian=">", head=("gateway_id", "seq"), units=units, items=items
-        )
+        lazy_codec(cls, layout, endian=">", head=("gateway_id", "seq"), units=units, items=items)
         if register:
             registry_key = (command, key, direction)
             if registry_key in REGISTRY:

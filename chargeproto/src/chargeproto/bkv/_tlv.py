@@ -13,9 +13,9 @@ carry a nested item sequence. Each message class lists the tags it knows
   ``encode(decode(frame)) == frame`` for every container. It is empty for a message
   in default order, which keeps ``decode(encode(m)) == m``.
 
-Unknown BKV command ids decode as a generic :class:`TlvContainer` (every item raw
-except the three header items), e.g. the undocumented 0x1013 real gateways send after
-connecting (bkv.md 15).
+Unknown BKV command ids decode as a generic :class:`TlvContainer` (the header items
+and the tags with a global meaning named, every other item raw, the order kept), e.g.
+the undocumented 0x1013 real gateways send after connecting (bkv.md 15).
 """
 
 from __future__ import annotations
@@ -308,11 +308,23 @@ class _Record:
         """``tag_xx`` names back to :class:`TlvItem` raw items (marker 0x01), in the
         order given; ``field_notes`` and ``tlv_markers`` are dropped. The item order of
         the original frame is not part of the fields: encoding writes the default order
-        unless ``tlv_order`` is given."""
+        unless ``tlv_order`` is given.
+
+        ``raw_items`` given as objects (``{"tag": 0x44, "value_hex": "01", "marker":
+        2}``, what :func:`exact_fields` adds) are the raw items, and the ``tag_xx``
+        keys, a view of the same items, are then not added again."""
         fields.pop("field_notes", None)
         fields.pop("tlv_markers", None)
-        raw = list(fields.pop("raw_items", ()))
-        for key in [k for k in fields if _TAG_KEY.fullmatch(k)]:
+        given = list(fields.pop("raw_items", ()))
+        tag_keys = [k for k in fields if _TAG_KEY.fullmatch(k)]
+        if given and all(isinstance(entry, Mapping) for entry in given):
+            raw = [_raw_item_of(entry) for entry in given]
+            for key in tag_keys:
+                del fields[key]
+            tag_keys = []
+        else:
+            raw = given
+        for key in tag_keys:
             value = fields.pop(key)
             for entry in value if isinstance(value, list) else [value]:
                 if not isinstance(entry, str):
@@ -321,7 +333,7 @@ class _Record:
         if raw:
             fields["raw_items"] = tuple(raw)
         if "tlv_order" in fields:
-            fields["tlv_order"] = tuple(tuple(pair) for pair in fields["tlv_order"])
+            fields["tlv_order"] = _order_of(fields["tlv_order"])
         return fields
 
     def field_notes(self) -> list[str]:
@@ -345,6 +357,40 @@ class _Record:
 
 
 _TAG_KEY = re.compile(r"tag_[0-9a-f]{2}")
+
+
+def _raw_item_of(entry: Mapping[str, Any]) -> TlvItem:
+    """A raw item from its object form; ``EncodeError`` (``raw_items``) if malformed."""
+    tag, value, marker = entry.get("tag"), entry.get("value_hex"), entry.get("marker", 1)
+    if (
+        isinstance(tag, int)
+        and isinstance(marker, int)
+        and isinstance(value, str)
+        and not isinstance(tag, bool)
+        and not isinstance(marker, bool)
+        and set(entry) <= {"tag", "value_hex", "marker"}
+    ):
+        return TlvItem(tag, value.upper(), marker)
+    raise EncodeError(
+        f"raw_items: expected {{tag, value_hex, marker}}, got {dict(entry)!r}",
+        field="raw_items",
+    )
+
+
+def _order_of(value: Any) -> tuple[tuple[int, int], ...]:
+    """``tlv_order`` from its list form; ``EncodeError`` unless ``[[tag, count], ...]``."""
+    out = []
+    for pair in value if isinstance(value, list | tuple) else [value]:
+        if (
+            not isinstance(pair, list | tuple)
+            or len(pair) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+        ):
+            raise EncodeError(
+                f"tlv_order: expected [tag, count] pairs, got {value!r}", field="tlv_order"
+            )
+        out.append((pair[0], pair[1]))
+    return tuple(out)
 
 
 def _fits(kind: Kind, value: bytes) -> bool:
@@ -382,6 +428,35 @@ def tlv_fields(record: Any) -> dict[str, Any]:
     if notes:
         out["field_notes"] = notes
     return out
+
+
+def exact_fields(record: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    """Add to ``fields`` (``record.to_fields()``) what they leave out of ``record``.
+
+    ``to_fields`` is for reading: ``tag_xx`` keys group a repeated tag and show no
+    marker, and the item order is not part of them. For a lossless form (the records
+    of :func:`chargeproto.to_record`) this adds ``tlv_order`` when the items came in
+    another order than the default, and ``raw_items`` as objects when the ``tag_xx``
+    keys cannot give the raw items back (a marker other than 0x01, a repeated tag
+    around another raw tag); then in every group item. ``from_fields`` reads both.
+    """
+    if record.tlv_order:
+        fields["tlv_order"] = [list(pair) for pair in record.tlv_order]
+    raw = record.raw_items
+    first: dict[int, int] = {}
+    for index, item in enumerate(raw):
+        first.setdefault(item.tag, index)
+    view = sorted(range(len(raw)), key=lambda i: (first[raw[i].tag], i))
+    if view != list(range(len(raw))) or any(item.marker != 1 for item in raw):
+        fields["raw_items"] = [
+            {"tag": item.tag, "value_hex": item.value_hex, "marker": item.marker} for item in raw
+        ]
+    for spec in record.TAGS:
+        value = getattr(record, spec.name, ABSENT)
+        if spec.kind.is_group and isinstance(value, tuple):
+            for item, item_fields in zip(value, fields.get(spec.name, ()), strict=True):
+                exact_fields(item, item_fields)
+    return fields
 
 
 def decode_record(cls: type[_R], items: Sequence[RawItem], head: Mapping[str, Any]) -> _R:
@@ -1178,14 +1253,120 @@ class EventReportAck(_ResultFlag, TlvMessage):
 
 # --- unknown command ids ----------------------------------------------------------------
 
+#: the tags whose meaning the guide gives once for every command (bkv.md 9.3), in the
+#: order a generic container writes them: socket and port first (as in every
+#: socket-level example), then by tag. Left out: the header items, the jack group 0x5B
+#: (it lives inside 0x94) and the per-jack pairs of the event report (0x4C/0x4D,
+#: 0x50-0x53, 0x55-0x58), which name a jack by their tag rather than by a port field.
+GLOBAL_TAGS: tuple[TagSpec, ...] = (
+    _SOCKET_TAG,
+    _PORT_TAG,
+    _u(0x07, "temperature_c"),
+    _u(0x09, "status_bits"),
+    _u(0x0A, "business_no", 2),
+    _u(0x0B, "power_w", 2, DECI),
+    _u(0x0C, "current_a", 2, MILLI),
+    _u(0x0D, "energy_kwh", 2, MILLI),
+    _u(0x0E, "duration_min", 2),
+    _RESULT_TAG,
+    _PARAM_TAGS["overcurrent_limit_a"],
+    _PARAM_TAGS["power_limit_w"],
+    _u(0x12, "charge_mode"),
+    _u(0x13, "switch"),
+    _PARAM_TAGS["full_charge_delay_s"],
+    _PARAM_TAGS["no_load_delay_s"],
+    _PARAM_TAGS["full_charge_power_w"],
+    _PARAM_TAGS["no_load_power_w"],
+    _PARAM_TAGS["high_temperature_c"],
+    TagSpec(0x2E, "end_time", Fixed(7, BCD_TIME)),
+    _u(0x2F, "end_reason"),
+    _u(0x3E, "firmware_version", 2),
+    _u(0x47, "control_type"),
+    _u(0x4B, "socket_event_state"),
+    _u(0x4E, "overvoltage_v", 2, DECI),
+    _u(0x4F, "undervoltage_v", 2, DECI),
+    _u(0x54, "socket_event_reason"),
+    _PARAM_TAGS["max_charge_duration_min"],
+    _PARAM_TAGS["trickle_threshold_pct"],
+    _PARAM_TAGS["key_base_amount_cent"],
+    _u(0x80, "service_fee_mode"),
+    _FEE_TIERS,
+    _TIER_USAGE,
+    _u(0x85, "electricity_fee_cent", 2),
+    _u(0x86, "service_fee_cent", 2),
+    _u(0x88, "amount_cent", 2),
+    _u(0x89, "tier_count"),
+    _PARAM_TAGS["anti_pulse_time_raw"],
+    TagSpec(SOCKET_GROUP, "sockets", Group(SocketStatus)),
+    _u(0x95, "voltage_v", 2, DECI),
+    _u(0x96, "signal_strength"),
+)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class TlvContainer(_TlvBase):
-    """A 0x1000 container whose BKV command id (or direction) has no class: every item
-    but the three header items is kept raw, in order."""
+class TlvContainer(_ResultFlag, _TlvBase):
+    """A 0x1000 container whose BKV command id (or direction) has no class, such as
+    the 0x1013 real gateways send after connecting (bkv.md 15).
+
+    The tags with one meaning in every command (:data:`GLOBAL_TAGS`: ``socket``,
+    ``port``, ``result``, the readings, the parameters ...) are decoded into their
+    named fields; every other item is kept raw (``tag_xx``), and the item order is
+    kept (``tlv_order``), so the frame re-encodes byte for byte.
+    """
+
+    TEXTS: ClassVar[Mapping[str, Mapping[int, str]]] = {
+        "result": enums.RESULT,
+        "switch": enums.SWITCH,
+        "charge_mode": enums.CHARGE_MODE,
+        "service_fee_mode": enums.SERVICE_FEE_MODE,
+        "end_reason": enums.END_REASONS.as_dict(),
+        "socket_event_reason": enums.EVENT_REASONS.as_dict(),
+    }
 
     bkv_cmd: int | Absent = ABSENT
     unknown_direction: Direction = Direction.UP
+    _: dataclasses.KW_ONLY
+    socket: int | Absent = ABSENT
+    port: int | Absent = ABSENT
+    temperature_c: int | Absent = ABSENT
+    status_bits: int | Absent = ABSENT
+    business_no: int | Absent = ABSENT
+    power_w: float | Absent = ABSENT
+    current_a: float | Absent = ABSENT
+    energy_kwh: float | Absent = ABSENT
+    duration_min: int | Absent = ABSENT
+    result: int | Absent = ABSENT
+    overcurrent_limit_a: float | Absent = ABSENT
+    power_limit_w: float | Absent = ABSENT
+    charge_mode: int | Absent = ABSENT
+    switch: int | Absent = ABSENT
+    full_charge_delay_s: int | Absent = ABSENT
+    no_load_delay_s: int | Absent = ABSENT
+    full_charge_power_w: float | Absent = ABSENT
+    no_load_power_w: float | Absent = ABSENT
+    high_temperature_c: int | Absent = ABSENT
+    end_time: str | Absent = ABSENT
+    end_reason: int | Absent = ABSENT
+    firmware_version: int | Absent = ABSENT
+    control_type: int | Absent = ABSENT
+    socket_event_state: int | Absent = ABSENT
+    overvoltage_v: float | Absent = ABSENT
+    undervoltage_v: float | Absent = ABSENT
+    socket_event_reason: int | Absent = ABSENT
+    max_charge_duration_min: int | Absent = ABSENT
+    trickle_threshold_pct: int | Absent = ABSENT
+    key_base_amount_cent: int | Absent = ABSENT
+    service_fee_mode: int | Absent = ABSENT
+    fee_tiers: tuple[FeeTier, ...] | Absent = ABSENT
+    tier_usage: tuple[TierUsage, ...] | Absent = ABSENT
+    electricity_fee_cent: int | Absent = ABSENT
+    service_fee_cent: int | Absent = ABSENT
+    amount_cent: int | Absent = ABSENT
+    tier_count: int | Absent = ABSENT
+    anti_pulse_time_raw: int | Absent = ABSENT
+    sockets: tuple[SocketStatus, ...] | Absent = ABSENT
+    voltage_v: float | Absent = ABSENT
+    signal_strength: int | Absent = ABSENT
 
     @property
     def wire_direction(self) -> Direction:
@@ -1205,7 +1386,7 @@ class TlvContainer(_TlvBase):
 
 TlvContainer.command = TLV
 TlvContainer.direction = Direction.UP
-_compile_tags(TlvContainer, HEADER_TAGS)
+_compile_tags(TlvContainer, HEADER_TAGS + GLOBAL_TAGS)
 
 
 def first_bkv_cmd(items: Sequence[RawItem]) -> int | None:

@@ -40,6 +40,16 @@ def test_chargegw_wheel_has_license_and_docs_assets(chargegw_wheel: zipfile.ZipF
     names = chargegw_wheel.namelist()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert any(n.startswith("chargegw/store/migrations/") for n in names)
+    # /docs and /redoc are served from the package, not from a CDN
+    for asset in (
+        "swagger-ui/swagger-ui-bundle.js",
+        "swagger-ui/swagger-ui.css",
+        "swagger-ui/favicon-32x32.png",
+        "swagger-ui/LICENSE",
+        "redoc/redoc.standalone.js",
+        "redoc/LICENSE",
+    ):
+        assert f"chargegw/api/static/{asset}" in names, asset
 
 
 def test_chargegw_wheel_carries_no_tools(chargegw_wheel: zipfile.ZipFile) -> None:

@@ -19,7 +19,15 @@ from chargegw.metrics import Metrics
 
 UTC = dt.UTC
 T0 = dt.datetime(2024, 5, 1, 8, 0, tzinfo=UTC)
-NO_POOL = {"detail": "database unavailable", "reason": "no database pool"}
+NO_POOL = {
+    "error": {
+        "code": "database_unavailable",
+        "message": "database unavailable",
+        "field": None,
+        "details": [],
+        "reason": "no database pool",
+    }
+}
 
 
 def _all_ready() -> dict[str, bool]:
@@ -153,7 +161,8 @@ async def test_closed_pool_means_not_ready_and_503(db_dsn: str) -> None:
         health = await client.get("/healthz")
     assert ready.status_code == 503
     assert ready.json()["checks"] == {"database": False, "listener": True}
-    assert (devices.status_code, devices.json()["detail"]) == (503, "database unavailable")
+    assert devices.status_code == 503
+    assert devices.json()["error"]["code"] == "database_unavailable"
     assert devices.headers["Retry-After"] == "5"
     assert health.status_code == 200
 
@@ -167,10 +176,9 @@ async def test_unreachable_database_is_503() -> None:
             for url in ("/api/v1/gateways", "/api/v1/devices/04CEAA40/frames"):
                 response = await client.get(url)
                 assert response.status_code == 503
-                assert response.json() == {
-                    "detail": "database unavailable",
-                    "reason": "cannot connect to the database",
-                }
+                error = response.json()["error"]
+                assert error["code"] == "database_unavailable"
+                assert error["reason"] == "cannot connect to the database"
             ready = await client.get("/readyz")
             assert ready.status_code == 503
             assert ready.json()["checks"]["database"] is False
@@ -444,7 +452,14 @@ async def test_device_detail_with_ports(client: httpx.AsyncClient, db_pool: asyn
 async def test_unknown_device_is_404(client: httpx.AsyncClient, suffix: str) -> None:
     response = await client.get(f"/api/v1/devices/04CEAA40{suffix}")
     assert response.status_code == 404
-    assert response.json() == {"detail": "device 04CEAA40 not found"}
+    assert response.json() == {
+        "error": {
+            "code": "not_found",
+            "message": "device 04CEAA40 not found",
+            "field": None,
+            "details": [],
+        }
+    }
 
 
 # ---------------------------------------------------------------- events and frames
@@ -524,12 +539,12 @@ async def test_frames_window_longer_than_31_days_is_422(client: httpx.AsyncClien
         url, params={"since": "2024-01-01T00:00:00Z", "until": "2024-02-02T00:00:00Z"}
     )
     assert response.status_code == 422
-    assert "31 days" in response.json()["detail"][0]["msg"]
+    assert "31 days" in response.json()["error"]["details"][0]["message"]
     response = await client.get(
         url, params={"since": "2024-01-02T00:00:00Z", "until": "2024-01-01T00:00:00Z"}
     )
     assert response.status_code == 422
-    assert response.json()["detail"][0]["loc"] == ["query", "since"]
+    assert response.json()["error"]["field"] == "since"
 
 
 # ---------------------------------------------------------------- validation
@@ -555,8 +570,8 @@ async def test_bad_query_values_are_422(
 ) -> None:
     response = await offline_client.get(url)
     assert response.status_code == 422
-    (error,) = response.json()["detail"]
-    assert error["loc"] == ["query", field]
+    (error,) = response.json()["error"]["details"]
+    assert (error["location"], error["field"]) == ("query", field)
 
 
 def _cursor(payload: Any) -> str:
@@ -594,6 +609,6 @@ async def test_bad_cursors_are_422(
 ) -> None:
     response = await offline_client.get(url, params={"cursor": cursor})
     assert response.status_code == 422
-    (error,) = response.json()["detail"]
-    assert error["loc"] == ["query", "cursor"]
-    assert message in error["msg"]
+    (error,) = response.json()["error"]["details"]
+    assert (error["location"], error["field"]) == ("query", "cursor")
+    assert message in error["message"]

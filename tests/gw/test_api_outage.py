@@ -13,8 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, MutableMapping
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import asyncpg
 import httpx
@@ -25,17 +24,12 @@ from fastapi import APIRouter, FastAPI
 
 from chargegw.api import app as api_module
 from chargegw.api.app import ApiState, create_app
-from chargegw.api.billing import make_billing_router
-from chargegw.api.cluster import make_cluster_router
-from chargegw.api.commands import make_router
-from chargegw.api.firmware import make_firmware_router
-from chargegw.api.params import make_params_router
+from chargegw.api.routers import ROUTERS
+from chargegw.app import Gateway
 from chargegw.metrics import Metrics
 
-from .conftest import database_outage, read_only_database
-
-if TYPE_CHECKING:
-    from chargegw.app import Gateway
+from .conftest import database_outage, read_only_database, settings_for
+from .waiting import eventually
 
 DEVICE = "04CEAA40"
 CARD = "0A1B2C3D"
@@ -67,14 +61,8 @@ WRITES: list[tuple[str, str, dict[str, Any], int]] = [
 
 def _app(state: ApiState, gateway: Gateway) -> FastAPI:
     """``state``'s API with every router the gateway serves."""
-    routers: list[APIRouter] = [
-        make_router(gateway),
-        make_billing_router(gateway),
-        make_params_router(gateway),
-        make_cluster_router(gateway),
-        make_firmware_router(gateway),
-    ]
-    return create_app(state, routers=routers)
+    state.services = gateway.api_services()
+    return create_app(state, routers=ROUTERS)
 
 
 def _client(app: FastAPI) -> httpx.AsyncClient:
@@ -93,9 +81,7 @@ async def _served(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: server.started, what="uvicorn started", interval=0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             yield client
@@ -149,9 +135,10 @@ def assert_unavailable(response: httpx.Response) -> str:
     where = f"{response.request.method} {response.request.url.path}"
     assert response.status_code == 503, (where, response.status_code, response.text)
     assert int(response.headers["Retry-After"]) > 0, where
-    body = response.json()
-    assert set(body) == {"detail", "reason"}, (where, body)
-    assert body["detail"] == "database unavailable", where
+    body = response.json()["error"]
+    assert set(body) == {"code", "message", "field", "details", "reason"}, (where, body)
+    assert body["code"] == "database_unavailable", where
+    assert body["message"] == "database unavailable", where
     assert isinstance(body["reason"], str) and body["reason"], where
     reason: str = body["reason"]
     return reason
@@ -159,9 +146,12 @@ def assert_unavailable(response: httpx.Response) -> str:
 
 async def wait_ready(client: httpx.AsyncClient, timeout: float = 15.0) -> None:
     """Until /readyz answers 200 (the gateway's own writer has recovered too)."""
-    async with asyncio.timeout(timeout):
-        while (await client.get("/readyz")).status_code != 200:
-            await asyncio.sleep(0.05)
+    await eventually(
+        lambda: client.get("/readyz"),
+        lambda response: response.status_code == 200,
+        what="/readyz answering 200",
+        timeout=timeout,
+    )
 
 
 def state_changes(entries: list[MutableMapping[str, Any]]) -> list[tuple[str, str]]:
@@ -300,14 +290,13 @@ async def test_writes_to_a_read_only_database_are_503(
 async def test_no_pool_is_503_with_retry_after_in_api_and_routers(
     api_log: list[MutableMapping[str, Any]],
 ) -> None:
-    # the routers' own HTTPException(503) when the gateway has no pool, and api.py's;
-    # the params and firmware routers need a whole gateway (they start its engines)
-    gateway = cast("Gateway", SimpleNamespace(pool=None))
-    state = ApiState(pool=None, metrics=Metrics(), readiness=dict, auth_required=False)
-    routers = [make_router(gateway), make_billing_router(gateway), make_cluster_router(gateway)]
-    reads = [url for url in READS if url not in ("/api/v1/param-profiles", "/api/v1/firmware")]
-    async with _client(create_app(state, routers=routers)) as client:
-        for url in reads:
+    # a gateway that never started: no pool, its services built but idle
+    services = Gateway(settings_for("postgresql://127.0.0.1:1/unused")).api_services()
+    state = ApiState(
+        pool=None, metrics=Metrics(), readiness=dict, auth_required=False, services=services
+    )
+    async with _client(create_app(state, routers=ROUTERS)) as client:
+        for url in READS:
             assert assert_unavailable(await client.get(url)) == "no database pool"
         for method, url, body, _ in WRITES:
             response = await client.request(method, url, json=body)

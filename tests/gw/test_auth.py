@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
+from typing import Any
 
 import asyncpg
 import httpx
@@ -18,8 +19,29 @@ from chargegw.domain import auth
 from chargegw.metrics import Metrics
 
 CONFIGURED = "configured-key-0123456789abcdef"
-UNAUTHORIZED = {"detail": "missing or invalid API key"}
-NO_POOL = {"detail": "database unavailable", "reason": "no database pool"}
+UNAUTHORIZED = {
+    "error": {
+        "code": "unauthorized",
+        "message": "missing or invalid API key",
+        "field": None,
+        "details": [],
+    }
+}
+
+
+def _unavailable(reason: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": "database_unavailable",
+            "message": "database unavailable",
+            "field": None,
+            "details": [],
+            "reason": reason,
+        }
+    }
+
+
+NO_POOL = _unavailable("no database pool")
 DATA_URLS = [
     "/api/v1/gateways",
     "/api/v1/devices",
@@ -184,7 +206,9 @@ async def test_a_key_revoked_before_first_use_is_rejected_at_once(
 # ---------------------------------------------------------------- open paths, modes
 
 
-@pytest.mark.parametrize("url", ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"])
+@pytest.mark.parametrize(
+    "url", ["/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc"]
+)
 async def test_health_metrics_and_docs_need_no_key(client: httpx.AsyncClient, url: str) -> None:
     assert (await client.get(url)).status_code == 200
 
@@ -236,7 +260,7 @@ async def test_unreachable_database_during_a_lookup_is_503() -> None:
             response = await client.get("/admin/ping", headers=_bearer("cgw_unknown"))
             assert (response.status_code, response.json()) == (
                 503,
-                {"detail": "database unavailable", "reason": "cannot connect to the database"},
+                _unavailable("cannot connect to the database"),
             )
             assert (await client.get("/admin/ping", headers=_bearer(CONFIGURED))).status_code == 200
     finally:

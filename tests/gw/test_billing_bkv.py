@@ -3,7 +3,6 @@ charged to the card; refusals; 0x1A balance queries (bkv.md 7.6, 7.7)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from chargegw.domain import billing
 from chargeproto import bkv
 
 from .piles import RawBkvGateway
+from .waiting import eventually
 
 VECTORS = {
     v["name"]: bytes.fromhex(v["hex"])
@@ -113,12 +113,12 @@ async def _order(gateway: Gateway, business_no: int) -> Any:
 
 
 async def _until_status(gateway: Gateway, business_no: int, status: str) -> Any:
-    for _ in range(100):
-        order = await _order(gateway, business_no)
-        if order is not None and order["status"] == status:
-            return order
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"order never {status}: {order}")
+    """The order of ``business_no`` once it is ``status``."""
+    return await eventually(
+        lambda: _order(gateway, business_no),
+        lambda order: order is not None and order["status"] == status,
+        what=f"order of business number {business_no} {status}",
+    )
 
 
 async def _events(gateway: Gateway) -> list[Any]:
@@ -262,12 +262,11 @@ async def test_a_card_session_whose_confirmation_was_lost_is_still_charged_to_th
         await _send(box, _swipe())
         await box.expect(bkv.CardOrder)
         await box.expect(bkv.CardOrder, timeout=4)  # the resend, unanswered too
-        for _ in range(200):
-            status = await pool.fetchval("SELECT status FROM orders WHERE card_id = $1", CARD)
-            if status == "failed":
-                break
-            await asyncio.sleep(0.05)
-        assert status == "failed"
+        await eventually(
+            lambda: pool.fetchval("SELECT status FROM orders WHERE card_id = $1", CARD),
+            lambda status: status == "failed",
+            what="the card order failed",
+        )
         await _send(box, _end())
         await box.expect(bkv.CardEndAck)
         orders = await pool.fetch(
@@ -276,5 +275,25 @@ async def test_a_card_session_whose_confirmation_was_lost_is_still_charged_to_th
         assert [(o["status"], o["card_id"]) for o in orders] == [("settled", CARD)]
         balance = await pool.fetchval("SELECT balance_cent FROM cards WHERE card_id = $1", CARD)
         assert balance == 500 - orders[0]["amount_cent"] and orders[0]["amount_cent"] > 0
+    finally:
+        await box.close()
+
+
+async def test_a_swipe_resent_before_the_first_copy_is_decided_is_never_refused(
+    gateway: Gateway,
+) -> None:
+    """Both copies in one write: the second must find the first's order (a resend), not
+    the card busy with it, or the socket is told "no" for a swipe the platform started."""
+    await _setup(gateway, "per_hour", {"cent_per_hour": 120}, balance=500)
+    box = await _box(gateway)
+    try:
+        frame = bkv.encode(_swipe())
+        await box.send_raw(frame + frame)
+        first = await box.expect(bkv.CardOrder)
+        second = await box.expect(bkv.CardOrder)
+        await _until_status(gateway, 26, "starting")
+        reasons = [e["reason"] for e in await _events(gateway)]
+        assert 0 not in (first.switch, second.switch), reasons
+        assert "card_already_charging" not in reasons, reasons
     finally:
         await box.close()

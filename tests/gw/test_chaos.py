@@ -31,6 +31,7 @@ from chargesim.chaos.driver import ApiCall
 from chargesim.chaos.faults import plan
 
 from .test_sim_bkv import TinyServer
+from .waiting import eventually
 
 PHY = "04000001"
 CARD = "0A1B2C3D"
@@ -103,12 +104,6 @@ def bkv_gateway(**options: Any) -> SimulatedBkvGateway:
     )
 
 
-async def until(predicate: Any, timeout: float = 8.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
-
-
 # --- the simulator's switches and ledger ---------------------------------------------------
 
 
@@ -129,7 +124,7 @@ async def test_ap3000_device_start_is_settled_and_in_the_ledger(server: Server) 
         session = pile.start_local(1, duration_s=120)  # 2 s real
         assert session is not None and pile.start_local(1) is None  # busy now
         assert pile.charging() == {(PHY, 2)} == sim.charging()
-        await until(lambda: pile.ledger and pile.ledger[0].acked)
+        await eventually(lambda: pile.ledger and pile.ledger[0].acked)
     entry = pile.ledger[0]
     assert (entry.device_id, entry.port, entry.started_by) == (PHY, 2, "device")
     assert entry.order_id == session.order_id and len(entry.order_id) == 32
@@ -146,12 +141,12 @@ async def test_ap3000_lost_acks_make_the_pile_resend_until_switched_off(server: 
     async with simulator(server, pile) as sim:
         await sim.wait_connected(timeout=5)
         pile.start_local(0, duration_s=60)
-        await until(lambda: pile.ledger and pile.ledger[0].acks_lost >= 2)
+        await eventually(lambda: pile.ledger and pile.ledger[0].acks_lost >= 2)
         entry = pile.ledger[0]
         assert not entry.acked and pile.unacknowledged() == [entry]
         assert pile.stats.acks_lost == entry.acks_lost
         pile.faults.lose_acks = 0.0  # switched at run time
-        await until(lambda: entry.acked)
+        await eventually(lambda: entry.acked)
     assert entry.copies_sent == entry.acks_lost + 1
     copies = server.messages(PHY, ap3000.Settlement)
     assert len({m.msg_id for _, m in copies}) == 1  # resends keep the msg id
@@ -162,7 +157,7 @@ async def test_ap3000_card_swipe_becomes_a_card_start(server: Server) -> None:
     async with simulator(server, pile) as sim:
         await sim.wait_connected(timeout=5)
         assert await pile.swipe_card(0, CARD.lower())
-        await until(lambda: pile.ledger and pile.ledger[0].acked)
+        await eventually(lambda: pile.ledger and pile.ledger[0].acked)
     assert pile.swipe_replies[0].account_status == 0
     entry = pile.ledger[0]
     assert (entry.started_by, entry.card_id, entry.order_id) == ("server", CARD, "C" * 32)
@@ -180,7 +175,7 @@ async def test_bkv_fee_report_without_tag_0x0a_and_resends_with_other_readings(
         session = box.start_local(2, 1, amount_cent=1)
         assert session is not None and session.started_by == "device"
         assert box.charging() == {(f"{box.gateway_id}-2", 2)}
-        await until(lambda: box.ledger and box.ledger[0].acked, timeout=15)
+        await eventually(lambda: box.ledger and box.ledger[0].acked, timeout=15)
     entry = box.ledger[0]
     assert (entry.device_id, entry.port, entry.business_no) == (f"{box.gateway_id}-2", 2, 1)
     assert entry.tag_omitted and entry.copies_sent == 3 and entry.copies_changed == 2
@@ -211,7 +206,7 @@ async def test_bkv_time_report_resends_change_temperature_and_signal_only(
     async with simulator(server, box) as sim:
         await sim.wait_connected(timeout=5)
         box.start_local(1, 0, duration_min=1)
-        await until(lambda: box.ledger and box.ledger[0].acked, timeout=15)
+        await eventually(lambda: box.ledger and box.ledger[0].acked, timeout=15)
     first, second = [m for _, m in server.messages(box.gateway_id, bkv.EndReport)]
     assert first.business_no == second.business_no == box.ledger[0].business_no
     assert (first.energy_kwh, first.duration_min) == (second.energy_kwh, second.duration_min)

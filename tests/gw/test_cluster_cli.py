@@ -113,4 +113,5 @@ async def test_serve_workers_refuses_a_port_held_by_another_program(db_dsn: str)
         )
         output, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 1
-    assert f"the device port 127.0.0.1:{port} is not free" in output.decode()
+    assert f"the device port {port} is already in use on 127.0.0.1" in output.decode()
+    assert "--device-port or CHARGEGW_DEVICE_PORT" in output.decode()

@@ -24,9 +24,19 @@ import pytest
 from chargesim import Simulator
 
 from .conftest import database_outage
-from .test_cluster import Node, all_online, command, piles, received_ids, statuses, until
+from .test_cluster import (
+    POLL_S,
+    WAIT_S,
+    Node,
+    all_online,
+    command,
+    piles,
+    received_ids,
+    statuses,
+)
 from .test_crash_recovery import Server
 from .test_directory_safety import running
+from .waiting import eventually
 
 HEARTBEAT_S = 0.5  # CHARGEGW_CLUSTER_HEARTBEAT_S of test_cluster.Node
 PROCESS_TIMEOUT_S = 3.0  # CHARGEGW_PROCESS_TIMEOUT_S of test_cluster.Node
@@ -80,10 +90,11 @@ async def gateways_online(dsn: str, gateway_ids: list[str]) -> list[str]:
 async def all_acked(dsn: str, sent: dict[int, Any], timeout: float = 15.0) -> dict[int, Any]:
     """Wait until every command of ``sent`` is acked; fail with how they ended."""
     try:
-        rows: dict[int, Any] = await until(
+        rows: dict[int, Any] = await eventually(
             lambda: statuses(dsn, list(sent)),
             lambda rows: all(r["status"] == "acked" for r in rows.values()),
             timeout=timeout,
+            interval=POLL_S,
         )
     except AssertionError:
         rows = await statuses(dsn, list(sent))
@@ -114,17 +125,19 @@ async def test_an_outage_longer_than_the_process_timeout_strands_no_device(
     fleet = piles(1, 9)
     ids = [p.pile_id for p in fleet]
     async with Simulator("127.0.0.1", node.device_port, fleet, accel=30, jitter=0):
-        await until(lambda: all_online(node, ids), bool)
-        before = await until(
+        await eventually(lambda: all_online(node, ids), bool, timeout=WAIT_S, interval=POLL_S)
+        before = await eventually(
             lambda: directory(db_dsn, ids),
             lambda d: len(d) == 9 and all(owner for owner, _ in d.values()),
+            timeout=WAIT_S,
+            interval=POLL_S,
         )
         assert len({owner for owner, _ in before.values()}) > 1, "piles on several workers"
         async with database_outage(pg_server_dsn, db_dsn):
-            # the outage itself (a duration, not a wait for something)
+            # holds the outage past process_timeout_s (a duration, not a wait for something)
             await asyncio.sleep(PROCESS_TIMEOUT_S + 2.0)
-        await until(node.live_workers, lambda n: n == 3, timeout=20)
-        # the time in which a sweep could wrongly act: a worker judges liveness only
+        await eventually(node.live_workers, lambda n: n == 3, timeout=20, interval=POLL_S)
+        # proves no sweep acts wrongly in the time it could: a worker judges liveness only
         # after process_timeout_s of contact, then sweeps at its next heartbeats
         await asyncio.sleep(PROCESS_TIMEOUT_S + 4 * HEARTBEAT_S)
         sent = {await command(node, pile.pile_id): pile for pile in fleet}
@@ -161,10 +174,12 @@ async def test_a_worker_stalled_longer_than_the_process_timeout_gets_its_devices
     fleet = piles(1, 9)
     ids = [p.pile_id for p in fleet]
     async with Simulator("127.0.0.1", node.device_port, fleet, accel=30, jitter=0):
-        await until(lambda: all_online(node, ids), bool)
-        before = await until(
+        await eventually(lambda: all_online(node, ids), bool, timeout=WAIT_S, interval=POLL_S)
+        before = await eventually(
             lambda: directory(db_dsn, ids),
             lambda d: len(d) == 9 and all(owner for owner, _ in d.values()),
+            timeout=WAIT_S,
+            interval=POLL_S,
         )
         held = collections.Counter(owner for owner, _ in before.values())
         victim = max(await node.processes(), key=lambda p: held[p["owner"]])
@@ -175,7 +190,7 @@ async def test_a_worker_stalled_longer_than_the_process_timeout_gets_its_devices
         try:
             # the others declare it dead and mark its devices offline (read from the
             # database: an HTTP call could land on the stopped worker)
-            await until(
+            await eventually(
                 lambda: query(
                     db_dsn,
                     "SELECT stopped_at FROM cluster_processes WHERE owner = $1",
@@ -183,8 +198,9 @@ async def test_a_worker_stalled_longer_than_the_process_timeout_gets_its_devices
                 ),
                 lambda rows: rows and rows[0]["stopped_at"] is not None,
                 timeout=15,
+                interval=POLL_S,
             )
-            await until(
+            await eventually(
                 lambda: query(
                     db_dsn,
                     """SELECT device_id FROM devices
@@ -193,6 +209,7 @@ async def test_a_worker_stalled_longer_than_the_process_timeout_gets_its_devices
                 ),
                 lambda rows: len(rows) == len(doomed),
                 timeout=10,
+                interval=POLL_S,
             )
         finally:
             os.kill(victim["pid"], signal.SIGCONT)
@@ -237,7 +254,12 @@ async def test_devices_and_gateways_of_a_killed_process_go_offline(
         sim = Simulator("127.0.0.1", server.device_port, fleet, accel=30, jitter=0)
         await sim.start()
         try:
-            await until(lambda: query(db_dsn, shown, ids), lambda rows: len(rows) == 8)
+            await eventually(
+                lambda: query(db_dsn, shown, ids),
+                lambda rows: len(rows) == 8,
+                timeout=WAIT_S,
+                interval=POLL_S,
+            )
             await server.kill()
         finally:
             await sim.stop()
@@ -245,7 +267,9 @@ async def test_devices_and_gateways_of_a_killed_process_go_offline(
         await server.stop()
     assert len(await query(db_dsn, shown, ids)) == 8  # left online by the kill
     async with running(db_dsn, node="restarted", cluster_heartbeat_s=0.2, process_timeout_s=1.5):
-        left = await until(lambda: query(db_dsn, shown, ids), lambda rows: not rows, timeout=10)
+        left = await eventually(
+            lambda: query(db_dsn, shown, ids), lambda rows: not rows, timeout=10, interval=POLL_S
+        )
         assert left == []
     reasons = await query(
         db_dsn,

@@ -15,10 +15,11 @@ import asyncpg
 import httpx
 import pytest
 
+from chargegw.domain.outbox import MAX_ATTEMPTS
 from chargesim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 
 from .conftest import database_outage
-from .test_serve_e2e import _free_port, _wait_http
+from .waiting import eventually, eventually_json, free_port, wait_http
 
 PHY = "04000001"
 
@@ -29,8 +30,8 @@ class Server:
     def __init__(self, dsn: str, tmp_path: Path) -> None:
         self.dsn = dsn
         self.tmp_path = tmp_path
-        self.device_port = _free_port()
-        self.http_port = _free_port()
+        self.device_port = free_port()
+        self.http_port = free_port()
         self.process: asyncio.subprocess.Process | None = None
         self.runs = 0
 
@@ -63,7 +64,7 @@ class Server:
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
         )
-        await _wait_http(f"{self.base}/readyz", timeout=60, process=self.process)
+        await wait_http(f"{self.base}/readyz", timeout=60, process=self.process)
 
     async def kill(self) -> None:
         assert self.process is not None
@@ -86,30 +87,17 @@ async def server(db_dsn: str, tmp_path: Path) -> AsyncIterator[Server]:
         await srv.stop()
 
 
-async def _get(server: Server, path: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=server.base) as client:
-        body: dict[str, Any] = (await client.get(path)).json()
-        return body
-
-
 async def _until(
-    server: Server, path: str, key: str, values: set[str], timeout: float = 30.0
+    server: Server, path: str, key: str, values: set[Any], timeout: float = 30.0
 ) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        try:
-            body = await _get(server, path)
-        except httpx.TransportError:
-            body = {}
-        if body.get(key) in values:
-            return body
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{path}: {key} never in {values}: {body}")
-        await asyncio.sleep(0.1)
+    """``GET path`` of ``server`` once its ``key`` is one of ``values`` (across restarts)."""
+    async with httpx.AsyncClient(base_url=server.base) as client:
+        return await eventually_json(client, path, key, values, timeout=timeout, interval=0.1)
 
 
-async def _online(server: Server) -> None:
-    await _until(server, f"/api/v1/devices/{PHY}", "online", {True})  # type: ignore[arg-type]
+async def device_online(server: Server, device_id: str = PHY) -> None:
+    """Until the server lists ``device_id`` online."""
+    await _until(server, f"/api/v1/devices/{device_id}", "online", {True})
 
 
 async def test_killed_between_the_start_request_and_the_piles_ack(server: Server) -> None:
@@ -118,7 +106,7 @@ async def test_killed_between_the_start_request_and_the_piles_ack(server: Server
     async with Simulator(
         "127.0.0.1", server.device_port, [pile], accel=60, jitter=0, reconnect_max_s=1.0
     ):
-        await _online(server)
+        await device_online(server)
         async with httpx.AsyncClient(base_url=server.base) as client:
             response = await client.post(
                 f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"}
@@ -133,7 +121,7 @@ async def test_killed_between_the_start_request_and_the_piles_ack(server: Server
         assert order["start_command_id"] == command_id
         starts = [r.message for r in pile.received(0x82)]
         assert all(m == starts[0] for m in starts)  # a resend carries the same msg id
-        assert command["attempts"] <= 2
+        assert command["attempts"] <= MAX_ATTEMPTS
         assert sum(1 for p in pile.ports if p.session is not None) == 1  # started once
 
 
@@ -145,7 +133,7 @@ async def test_killed_between_a_settlement_and_its_ack(
     async with Simulator(
         "127.0.0.1", server.device_port, [pile], accel=60, jitter=0, reconnect_max_s=1.0
     ):
-        await _online(server)
+        await device_online(server)
         async with httpx.AsyncClient(base_url=server.base) as client:
             response = await client.post(
                 f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"}
@@ -156,17 +144,14 @@ async def test_killed_between_a_settlement_and_its_ack(
         async with database_outage(pg_server_dsn, db_dsn):
             pile.unplug(0)  # the session ends: the pile sends its 0x03
             await pile.wait_for_record(lambda r: r.command == 0x03, timeout=10)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # proves no ACK comes within 0.5 s of the 0x03
             assert pile.settlements, "the settlement must not be acknowledged yet"
             await server.kill()  # ... and the server dies holding it
         await server.start()
         order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "unplugged"
-        for _ in range(100):  # the resend is answered after the commit
-            if not pile.settlements:
-                break
-            await asyncio.sleep(0.1)
-        assert not pile.settlements
+        # the resend is answered after the commit
+        await eventually(lambda: not pile.settlements, timeout=10, interval=0.1)
         conn = await asyncpg.connect(db_dsn)
         try:
             applied = await conn.fetchval(
@@ -189,7 +174,7 @@ async def test_bkv_killed_between_the_start_request_and_the_sockets_reply(
     async with Simulator(
         "127.0.0.1", server.device_port, [box], accel=60, jitter=0, reconnect_max_s=1.0
     ):
-        await _until(server, f"/api/v1/devices/{device}", "online", {True})  # type: ignore[arg-type]
+        await device_online(server, device)
         async with httpx.AsyncClient(base_url=server.base) as client:
             response = await client.post(
                 f"/api/v1/devices/{device}/ports/1/start",
@@ -203,7 +188,7 @@ async def test_bkv_killed_between_the_start_request_and_the_sockets_reply(
         command = await _until(server, f"/api/v1/commands/{command_id}", "status", {"acked"})
         order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"charging"})
         assert order["business_no"] == box.jack(1, 0).business_no != 0
-        assert command["attempts"] <= 2
+        assert command["attempts"] <= MAX_ATTEMPTS
         assert box.sockets[1].last_business_no == 1  # one session, not two
 
 
@@ -220,7 +205,7 @@ async def test_bkv_killed_between_an_end_report_and_its_ack(
     async with Simulator(
         "127.0.0.1", server.device_port, [box], accel=60, jitter=0, reconnect_max_s=1.0
     ):
-        await _until(server, f"/api/v1/devices/{device}", "online", {True})  # type: ignore[arg-type]
+        await device_online(server, device)
         async with httpx.AsyncClient(base_url=server.base) as client:
             response = await client.post(
                 f"/api/v1/devices/{device}/ports/1/start",
@@ -239,17 +224,13 @@ async def test_bkv_killed_between_an_end_report_and_its_ack(
                 ),
                 timeout=10,
             )
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # proves no ACK comes within 0.5 s of the report
             assert box.end_reports, "the end report must not be acknowledged yet"
             await server.kill()
         await server.start()
         order = await _until(server, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["business_no"] is not None
-        for _ in range(100):
-            if not box.end_reports:
-                break
-            await asyncio.sleep(0.1)
-        assert not box.end_reports
+        await eventually(lambda: not box.end_reports, timeout=10, interval=0.1)
         conn = await asyncpg.connect(db_dsn)
         try:
             applied = await conn.fetchval(

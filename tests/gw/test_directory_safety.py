@@ -19,7 +19,7 @@ import contextlib
 import sys
 from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import httpx
@@ -30,12 +30,10 @@ from chargeproto import ap3000
 
 from .conftest import settings_for
 from .piles import RawPile
-from .waiting import api_client, until
+from .waiting import api_client, eventually
 
 READ = "read_running_params1"  # 0x90: the pile answers with its parameters, same msg id
 SKEW = timedelta(seconds=60)
-
-T = TypeVar("T")
 
 
 @contextlib.asynccontextmanager
@@ -129,18 +127,18 @@ async def test_a_newer_connection_on_a_node_whose_clock_is_behind_takes_the_devi
         pool = gw_a.pool
         phy = "04000A01"
         old = await online_on(RawPile(phy), gw_a.server.port)
-        await until(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
+        await eventually(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
         # the pile comes back through the load balancer to node b; the old socket lingers
         new = await online_on(RawPile(phy), gw_b.server.port)
         try:
-            await until(lambda: directory_owner(pool, phy), lambda o: o == gw_b.cluster.owner)
+            await eventually(lambda: directory_owner(pool, phy), lambda o: o == gw_b.cluster.owner)
             # node a sees the newer bind and lets the device go: its stale socket closes
             assert await old.closed_by_server(timeout=5), "node a kept the superseded socket"
             async with api_client(gw_b) as client:
                 command_id = await submit(client, phy)
             sent = await new.expect(ap3000.ReadRunningParams1, timeout=5)
             await new.send(answer(new, sent.msg_id))
-            row = await until(
+            row = await eventually(
                 lambda: command_row(pool, command_id), lambda r: r["status"] == "acked"
             )
             assert row["claimed_by"] == gw_b.cluster.owner
@@ -217,11 +215,11 @@ async def _short_connections(phy: str, port: int, pool: asyncpg.Pool) -> None:
         return value
 
     pile = await online_on(RawPile(phy), port)
-    await until(online, lambda v: v is True)
+    await eventually(online, lambda v: v is True)
     await pile.close()
-    await until(online, lambda v: v is False)
+    await eventually(online, lambda v: v is False)
     pile = await online_on(RawPile(phy), port)  # back within state_refresh_s
-    await until(online, lambda v: v is True)
+    await eventually(online, lambda v: v is True)
     await pile.close()
 
 
@@ -251,7 +249,7 @@ async def test_devices_that_reconnect_briefly_end_offline_in_the_database_and_th
         )
         return sorted(r["device_id"] for r in rows)
 
-    left = await until(still_online, lambda ids: not ids, timeout=5.0)
+    left = await eventually(still_online, lambda ids: not ids, timeout=5.0)
     assert left == []
     count = await pool.fetchval("SELECT count(*) FROM devices WHERE device_id = ANY($1)", phys)
     assert count == 20
@@ -303,7 +301,7 @@ async def test_a_running_gateway_marks_offline_devices_no_live_process_holds(
             )
             return {r["device_id"]: (r["online"], r["offline_reason"]) for r in rows}
 
-        state = await until(
+        state = await eventually(
             shown, lambda s: not s["04000C01"][0] and not s["04000C02"][0], timeout=8.0
         )
         assert state["04000C01"] == (False, "not_connected")
@@ -374,14 +372,16 @@ async def test_a_superseded_owner_cannot_send_a_command_it_claimed_the_new_owner
         new = RawPile(phy)
         locker = await asyncpg.connect(db_dsn)
         try:
-            await until(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
+            await eventually(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
             async with api_client(gw_a) as client:
                 first_id = await submit(client, phy)  # answered: a's spacing runs from here
                 first = await old.expect(ap3000.ReadRunningParams1, timeout=5)
                 await old.send(answer(old, first.msg_id))
-                await until(lambda: command_row(pool, first_id), lambda r: r["status"] == "acked")
+                await eventually(
+                    lambda: command_row(pool, first_id), lambda r: r["status"] == "acked"
+                )
                 command_id = await submit(client, phy)
-            claimed = await until(
+            claimed = await eventually(
                 lambda: one(
                     pool, "SELECT claimed_by FROM commands WHERE command_id = $1", command_id
                 ),
@@ -394,15 +394,17 @@ async def test_a_superseded_owner_cannot_send_a_command_it_claimed_the_new_owner
                 "SELECT 1 FROM commands WHERE command_id = $1 FOR UPDATE", command_id
             )
             await online_on(new, gw_b.server.port)  # the newer connection, on b
-            await until(lambda: directory_owner(pool, phy), lambda o: o == gw_b.cluster.owner)
+            await eventually(lambda: directory_owner(pool, phy), lambda o: o == gw_b.cluster.owner)
             # old main: a's spacing ends and its UPDATE queues behind the lock; the
             # fixed a sees that the directory names b and leaves the row alone
             with contextlib.suppress(AssertionError):
-                await until(lambda: lock_waiters(locker), lambda n: n >= 1, timeout=spacing + 1.5)
+                await eventually(
+                    lambda: lock_waiters(locker), lambda n: n >= 1, timeout=spacing + 1.5
+                )
             await lock.commit()
             sent = await new.expect(ap3000.ReadRunningParams1, timeout=5)
             await new.send(answer(new, sent.msg_id))
-            row = await until(
+            row = await eventually(
                 lambda: command_row(pool, command_id),
                 lambda r: r["status"] not in ("pending", "sent"),
             )
@@ -448,7 +450,7 @@ async def test_a_command_in_flight_when_its_device_moves_is_finished_once_by_the
         old = await online_on(RawPile(phy), gw_a.server.port)
         new = RawPile(phy)
         try:
-            await until(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
+            await eventually(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
             async with api_client(gw_a) as client:
                 command_id = await submit(client, phy)
             first = await old.expect(ap3000.ReadRunningParams1, timeout=5)  # in flight on a
@@ -457,9 +459,9 @@ async def test_a_command_in_flight_when_its_device_moves_is_finished_once_by_the
             assert resent.msg_id == first.msg_id  # the same command, recognisable as a repeat
             # the pile's answer to the first copy reaches a, which no longer holds the row
             await old.send(answer(old, first.msg_id))
-            await until(lambda: asyncio.sleep(0, result=gw_a.outbox.busy(phy)), lambda b: not b)
+            await eventually(lambda: not gw_a.outbox.busy(phy))
             await new.send(answer(new, resent.msg_id))
-            row = await until(
+            row = await eventually(
                 lambda: command_row(pool, command_id),
                 lambda r: r["status"] not in ("pending", "sent"),
             )
@@ -494,7 +496,7 @@ async def test_a_rebind_committed_late_elsewhere_is_still_noticed(db_dsn: str) -
         new = RawPile(phy)
         locker = await asyncpg.connect(db_dsn)
         try:
-            await until(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
+            await eventually(lambda: directory_owner(pool, phy), lambda o: o == gw_a.cluster.owner)
             lock = locker.transaction()
             await lock.start()
             await locker.execute(
@@ -514,9 +516,9 @@ async def test_a_rebind_committed_late_elsewhere_is_still_noticed(db_dsn: str) -
                 )
                 return bool(past)
 
-            await until(a_beats_past_the_waiting_bind, bool, timeout=8.0)
+            await eventually(a_beats_past_the_waiting_bind, bool, timeout=8.0)
             await lock.commit()
-            await until(lambda: directory_owner(pool, phy), lambda o: o == gw_b.cluster.owner)
+            await eventually(lambda: directory_owner(pool, phy), lambda o: o == gw_b.cluster.owner)
             assert await old.closed_by_server(timeout=5), "a kept the superseded connection"
         finally:
             await locker.close()
@@ -539,10 +541,11 @@ async def test_a_process_whose_pool_is_exhausted_is_not_declared_dead(db_dsn: st
     async with running(db_dsn, node="a", **timing) as a, running(db_dsn, node="b", **timing) as b:
         assert a.pool is not None and b.pool is not None
         pile = await online_on(RawPile("04000201"), a.server.port)
-        owner = await until(lambda: directory_owner(b.pool, "04000201"), bool)  # type: ignore[arg-type]
-        await until(lambda: _async(b.cluster.can_judge_liveness()), bool)
+        owner = await eventually(lambda: directory_owner(b.pool, "04000201"), bool)  # type: ignore[arg-type]
+        await eventually(b.cluster.can_judge_liveness)
         held = [await a.pool.acquire() for _ in range(a.pool.get_max_size())]
         try:
+            # proves the busy process is not declared stopped within four process timeouts
             await asyncio.sleep(4 * timing["process_timeout_s"])
             stopped = await b.pool.fetchval(
                 "SELECT stopped_at FROM cluster_processes WHERE owner = $1", owner
@@ -554,7 +557,3 @@ async def test_a_process_whose_pool_is_exhausted_is_not_declared_dead(db_dsn: st
         assert await directory_owner(b.pool, "04000201") == owner
         assert await b.pool.fetchval("SELECT online FROM devices WHERE device_id = '04000201'")
         await pile.close()
-
-
-async def _async(value: T) -> T:
-    return value

@@ -3,7 +3,6 @@ restarted: the upgrade resumes from the database, after the last acknowledged pa
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import random
 from collections.abc import AsyncIterator
@@ -15,7 +14,8 @@ import pytest
 
 from chargesim import SimulatedAp3000Pile, Simulator
 
-from .test_crash_recovery import Server, _online
+from .test_crash_recovery import Server, device_online
+from .waiting import eventually_json
 
 PHY = "04000001"
 IMAGE = random.Random(11).randbytes(5 * 1024)
@@ -36,18 +36,10 @@ async def server(
 
 
 async def _job(server: Server, job_id: int, timeout: float = 40.0) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
+    """The upgrade job once it is done (the server may be restarting meanwhile)."""
     async with httpx.AsyncClient(base_url=server.base) as client:
-        while True:
-            try:
-                job: dict[str, Any] = (await client.get(f"/api/v1/upgrade-jobs/{job_id}")).json()
-            except httpx.TransportError:
-                job = {}
-            if job.get("state") == "done":
-                return job
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"job {job_id} not done: {job}")
-            await asyncio.sleep(0.2)
+        path = f"/api/v1/upgrade-jobs/{job_id}"
+        return await eventually_json(client, path, "state", {"done"}, timeout=timeout, interval=0.2)
 
 
 async def test_killed_mid_transfer_the_upgrade_resumes_after_a_restart(server: Server) -> None:
@@ -55,7 +47,7 @@ async def test_killed_mid_transfer_the_upgrade_resumes_after_a_restart(server: S
     async with Simulator(
         "127.0.0.1", server.device_port, [pile], accel=60, jitter=0, reconnect_max_s=1.0
     ):
-        await _online(server)
+        await device_online(server)
         async with httpx.AsyncClient(base_url=server.base) as client:
             image = await client.post(
                 "/api/v1/firmware",

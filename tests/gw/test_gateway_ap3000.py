@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
@@ -13,6 +12,7 @@ from chargeproto import ap3000
 
 from .conftest import database_outage
 from .piles import RawPile
+from .waiting import eventually
 
 
 async def fetchrow(gw: Gateway, sql: str, *args: Any) -> asyncpg.Record | None:
@@ -27,12 +27,10 @@ async def fetch(gw: Gateway, sql: str, *args: Any) -> list[asyncpg.Record]:
     return list(await gw.pool.fetch(sql, *args))
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
+def _decode_errors(gw: Gateway) -> float:
+    """Undecodable input the gateway counted (``decode_errors``, every kind)."""
+    (family,) = gw.metrics.decode_errors_total.collect()
+    return sum(s.value for s in family.samples if s.name.endswith("_total"))
 
 
 async def test_pile_registers_heartbeats_and_is_seen(gateway: Gateway) -> None:
@@ -73,7 +71,7 @@ async def test_pile_registers_heartbeats_and_is_seen(gateway: Gateway) -> None:
         ("out", "0x22"),
     ]
     await pile.close()
-    await wait_for(lambda: _offline(gateway, "04CEAA40"))
+    await eventually(lambda: _offline(gateway, "04CEAA40"), timeout=5)
     event = await fetchrow(
         gateway,
         "SELECT reason FROM device_events WHERE device_id = $1 AND kind = 'offline'",
@@ -92,7 +90,7 @@ async def test_silent_pile_goes_offline_with_reason(gateway: Gateway) -> None:
     pile = await RawPile("04000001").connect(gateway.server.port)
     await pile.heartbeat()
     await pile.expect(ap3000.HeartbeatReply)
-    await wait_for(lambda: _offline(gateway, "04000001"))
+    await eventually(lambda: _offline(gateway, "04000001"), timeout=5)
     row = await fetchrow(
         gateway,
         "SELECT reason FROM device_events WHERE device_id = $1 AND kind = 'offline'",
@@ -155,7 +153,7 @@ async def test_oversized_length_never_buffers_more_than_one_frame(gateway: Gatew
     pile = await RawPile("04000007").connect(gateway.server.port, iccid=None)
     # a header announcing 65535 bytes, then lots of filler
     await pile.send_raw(b"DNY\xff\xff" + b"\x00" * 10000)
-    await asyncio.sleep(0.1)
+    await eventually(lambda: _decode_errors(gateway), what="the oversized header refused")
     for link in gateway.server.links.values():
         assert link.buffered <= gateway.settings.max_frame
     await pile.heartbeat()
@@ -216,9 +214,11 @@ async def test_database_outage_keeps_piles_answered_and_loses_nothing(
             order_id="CD" * 16,
         )
         await pile.send(settlement)
-        await asyncio.sleep(0.5)
-        assert not gateway.readiness()["database"]
-        assert pile.received == []  # no settlement ACK while it cannot be stored
+        await eventually(lambda: not gateway.readiness()["database"], what="database not ready")
+        # proves no settlement ACK comes within 0.5 s while it cannot be stored
+        with pytest.raises((AssertionError, TimeoutError)):
+            await pile.expect(ap3000.SettlementReply, timeout=0.5)
+        assert pile.received == []
     reply = await pile.expect(ap3000.SettlementReply, timeout=15)
     assert reply.msg_id == settlement.msg_id
     await gateway.writer.drained()

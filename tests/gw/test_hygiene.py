@@ -3,21 +3,21 @@ connection limit derived from the open-file limit. Real TCP, real PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
 import resource
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from chargegw.api import cluster as cluster_routes
 from chargegw.api.app import ApiState, create_app
-from chargegw.api.cluster import make_cluster_router
 from chargegw.app import Gateway
 from chargegw.cluster.directory import rebalance
 from chargegw.net.transport import FD_RESERVE, connection_limit
 from chargeproto import ap3000
 
 from .piles import RawPile
+from .waiting import eventually
 
 PHY = "04000077"
 
@@ -35,9 +35,13 @@ def gateway_settings() -> dict[str, float]:
 @pytest.fixture
 async def cluster_api(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
     state = ApiState(
-        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
+        pool=gateway.pool,
+        metrics=gateway.metrics,
+        readiness=gateway.readiness,
+        auth_required=False,
+        services=gateway.api_services(),
     )
-    app = create_app(state, routers=[make_cluster_router(gateway)])
+    app = create_app(state, routers=[cluster_routes.router])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://test"
     ) as client:
@@ -77,10 +81,8 @@ async def test_a_device_that_reconnects_too_often_is_refused_for_a_while(
     lifted = await cluster_api.delete(f"/api/v1/bans/{PHY}")
     assert lifted.status_code == 200
     assert (await cluster_api.delete(f"/api/v1/bans/{PHY}")).status_code == 404
-    for _ in range(50):  # the notification reaches the process
-        if not gateway.cluster.banned(PHY):
-            break
-        await asyncio.sleep(0.05)
+    # the notification reaches the process
+    await eventually(lambda: not gateway.cluster.banned(PHY), what=f"the ban of {PHY} lifted")
     pile = await _connect_and_register(gateway)
     await pile.expect(ap3000.RegistrationReply)
     await pile.close()
@@ -110,8 +112,11 @@ async def test_frames_over_the_rate_limit_are_slowed_down_not_dropped(gateway: G
         reply = await pile.expect(ap3000.HeartbeatReply, timeout=20)
         answered.append(reply.msg_id)
     assert answered == list(range(100, 220))  # every one answered, in order
-    throttled = gateway.metrics.frames_throttled_total.labels(scope="connection")._value.get()
-    assert throttled >= 1
+    registry = gateway.metrics.registry
+    throttled = registry.get_sample_value(
+        "chargegw_frames_throttled_total", {"scope": "connection"}
+    )
+    assert throttled is not None and throttled >= 1
     # the backlog worked off, reading resumes: the next frame is answered
     msg_id = await pile.heartbeat()
     reply = await pile.expect(ap3000.HeartbeatReply, timeout=30)
@@ -158,7 +163,9 @@ async def test_a_rebalance_sheds_connections_at_the_asked_rate(gateway: Gateway)
         "SELECT shed_remaining FROM cluster_processes WHERE owner = $1", gateway.cluster.owner
     )
     assert remaining == 0
-    reasons = gateway.metrics.connections_closed_total.labels(reason="rebalance")._value.get()
+    reasons = gateway.metrics.registry.get_sample_value(
+        "chargegw_connections_closed_total", {"reason": "rebalance"}
+    )
     assert reasons == 3
     for pile in piles:
         await pile.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import Any
 
@@ -10,10 +9,12 @@ import httpx
 import pytest
 
 from chargegw.app import Gateway
+from chargegw.domain.outbox import MAX_ATTEMPTS
 from chargeproto import ap3000
 from chargesim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 
 from .piles import RawPile
+from .waiting import eventually, eventually_json
 
 ACCEL = 120.0
 PHY = "04000001"
@@ -29,30 +30,23 @@ async def _pile(gateway: Gateway, **options: Any) -> tuple[Simulator, SimulatedA
     sim = Simulator("127.0.0.1", gateway.server.port, [pile], accel=ACCEL, jitter=0, seed=1)
     await sim.start()
     await sim.wait_connected(1, timeout=10)
-    for _ in range(100):  # registered in the database
-        if gateway.sessions.link_of(PHY) is not None and await _device_known(gateway):
-            break
-        await asyncio.sleep(0.05)
+    await eventually(lambda: _registered(gateway), what=f"{PHY} connected and registered")
     return sim, pile
 
 
-async def _device_known(gateway: Gateway) -> bool:
+async def _registered(gateway: Gateway) -> bool:
+    """The pile is connected here and its device row is written."""
     await gateway.writer.drained()
     assert gateway.pool is not None
-    return bool(await gateway.pool.fetchval("SELECT 1 FROM devices WHERE device_id = $1", PHY))
+    known = await gateway.pool.fetchval("SELECT 1 FROM devices WHERE device_id = $1", PHY)
+    return bool(known) and gateway.sessions.link_of(PHY) is not None
 
 
-async def _until(
-    client: httpx.AsyncClient, path: str, key: str, values: set[str], timeout: float = 15.0
-) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await client.get(path)).json()
-        if body.get(key) in values:
-            return body
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{path}: {key} never in {values}: {body}")
-        await asyncio.sleep(0.1)
+async def _offline(gateway: Gateway, sim: Simulator) -> None:
+    """Stop ``sim`` and wait until the gateway has seen its pile leave: commands wait in
+    the outbox from then on."""
+    await sim.stop()
+    await eventually(lambda: gateway.sessions.link_of(PHY) is None, what=f"{PHY} gone")
 
 
 async def test_start_by_time_charges_reports_progress_and_settles(
@@ -67,9 +61,9 @@ async def test_start_by_time_charges_reports_progress_and_settles(
         body = response.json()
         order_no, command_id = body["order_no"], body["command_id"]
         assert body["status"] == "pending" and len(order_no) == 32
-        command = await _until(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
+        command = await eventually_json(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
         assert command["result_code"] == 0 and command["attempts"] == 1
-        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        order = await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "time_limit" and order["stop_reason_code"] == 3
         assert order["duration_s"] == 600 and not order["device_initiated"]
         assert order["started_at"] and order["ended_at"]
@@ -94,10 +88,10 @@ async def test_stop_by_api_and_idempotent_start(gateway: Gateway, api: httpx.Asy
         assert first.status_code == again.status_code == 202
         assert first.json()["order_no"] == again.json()["order_no"]
         order_no = first.json()["order_no"]
-        await _until(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
         stop = await api.post(f"/api/v1/devices/{PHY}/ports/2/stop")
         assert stop.status_code == 202 and stop.json()["order_no"] == order_no
-        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        order = await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "server_stop"
         assert len(pile.received(0x82)) == 2  # one start (not two), one stop
 
@@ -110,10 +104,14 @@ async def test_refusal_fails_the_order_with_the_piles_reason(
         body = (
             await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})
         ).json()
-        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"failed"})
+        command = await eventually_json(
+            api, f"/api/v1/commands/{body['command_id']}", "status", {"failed"}
+        )
         assert command["result_code"] == 1
         assert command["result_text"] == "no charger plugged into the port"
-        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"})
+        order = await eventually_json(
+            api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"}
+        )
         assert order["failure_reason"] == "no charger plugged into the port"
 
 
@@ -125,11 +123,15 @@ async def test_a_silent_pile_gets_one_resend_with_the_same_msg_id_then_dead(
         body = (
             await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})
         ).json()
-        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"})
-        assert command["dead_reason"] == "no answer" and command["attempts"] == 2
+        command = await eventually_json(
+            api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"}
+        )
+        assert command["dead_reason"] == "no answer" and command["attempts"] == MAX_ATTEMPTS
         sent = [r.message for r in pile.received(0x82)]
         assert len(sent) == 2 and sent[0] == sent[1]  # same bytes, same msg id
-        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"})
+        order = await eventually_json(
+            api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"}
+        )
         assert order["failure_reason"] == "no answer"
 
 
@@ -144,8 +146,10 @@ async def test_a_pile_that_answers_only_the_resend_is_acked(
                 json={"command": "locate", "params": {"locate_duration_s": 5}},
             )
         ).json()
-        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
-        assert command["attempts"] == 2
+        command = await eventually_json(
+            api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"}
+        )
+        assert command["attempts"] == MAX_ATTEMPTS
 
 
 @pytest.mark.settings(command_spacing_s=0.5)
@@ -153,8 +157,7 @@ async def test_priority_order_and_spacing_as_the_pile_receives_them(
     gateway: Gateway, api: httpx.AsyncClient
 ) -> None:
     sim, pile = await _pile(gateway)
-    await sim.stop()  # offline: commands wait in the outbox
-    await asyncio.sleep(0.2)
+    await _offline(gateway, sim)
     names = []
     for request in (
         {"command": "set_running_params3", "params": {"mute_mode": 1}},  # parameter
@@ -166,9 +169,14 @@ async def test_priority_order_and_spacing_as_the_pile_receives_them(
     assert start.status_code == 202
     sim2 = Simulator("127.0.0.1", gateway.server.port, [pile], accel=ACCEL, jitter=0, seed=2)
     async with sim2:
-        await _until(api, f"/api/v1/commands/{start.json()['command_id']}", "status", {"acked"})
-        await asyncio.sleep(1.5)
-        commands = [r for r in pile.received() if r.command in (0x82, 0x81, 0x97)]
+        await eventually_json(
+            api, f"/api/v1/commands/{start.json()['command_id']}", "status", {"acked"}
+        )
+
+        def delivered() -> list[Any]:
+            return [r for r in pile.received() if r.command in (0x82, 0x81, 0x97)]
+
+        commands = await eventually(delivered, lambda got: len(got) == 3, timeout=5)
         assert [r.command for r in commands] == [0x82, 0x81, 0x97]  # start, query, parameter
         gaps = [b.t - a.t for a, b in itertools.pairwise(commands)]
         assert all(gap >= 0.49 for gap in gaps), gaps
@@ -196,7 +204,9 @@ async def test_bad_requests_get_clear_errors_and_send_nothing(
         for path, body, status in cases:
             response = await api.post(path, json=body)
             assert response.status_code == status, (path, body, response.text)
-        await asyncio.sleep(1.0)
+        # refused before a row was written: nothing can ever be sent (a row comes first)
+        assert gateway.pool is not None
+        assert await gateway.pool.fetchval("SELECT count(*) FROM commands") == 0
         assert pile.received(0x82) == [] and pile.received(0x96) == []
 
 
@@ -241,13 +251,13 @@ async def test_start_by_energy_and_the_order_list_pages(
                 f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "energy", "energy_kwh": 1.5}
             )
         ).json()
-        await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
+        await eventually_json(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
         start = pile.received(0x82)[0].message
         assert isinstance(start, ap3000.ChargeControl)
         assert start.rate_mode == 2 and start.charge_limit == 150  # 0.01 kWh on the wire
         stop = await api.post(f"/api/v1/devices/{PHY}/ports/1/stop")
         assert stop.status_code == 202
-        await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"})
+        await eventually_json(api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"})
     # three more orders (device-initiated settlements) for the pagination
     raw = await RawPile(PHY).connect(gateway.server.port, iccid=None)
     for index in range(3):
@@ -287,8 +297,7 @@ async def test_a_pending_order_can_be_cancelled_and_a_dead_command_is_an_event(
     gateway: Gateway, api: httpx.AsyncClient
 ) -> None:
     sim, _ = await _pile(gateway)
-    await sim.stop()  # offline: the start waits in the outbox
-    await asyncio.sleep(0.2)
+    await _offline(gateway, sim)  # the start waits in the outbox
     body = (await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})).json()
     cancelled = await api.post(f"/api/v1/orders/{body['order_no']}/cancel")
     assert cancelled.status_code == 200, cancelled.text
@@ -304,10 +313,11 @@ async def test_a_command_for_an_offline_device_dies_offline_with_an_event(
     gateway: Gateway, api: httpx.AsyncClient
 ) -> None:
     sim, _ = await _pile(gateway)
-    await sim.stop()
-    await asyncio.sleep(0.2)
+    await _offline(gateway, sim)
     body = (await api.post(f"/api/v1/devices/{PHY}/commands", json={"command": "reboot"})).json()
-    command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"})
+    command = await eventually_json(
+        api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"}
+    )
     assert command["dead_reason"] == "offline"
     await gateway.writer.drained()
     assert gateway.pool is not None
@@ -338,9 +348,11 @@ async def test_stop_reason_families(
     sim, pile = await _pile(gateway, intervals=Ap3000Intervals(**intervals), charge_power_w=2000)
     async with sim:
         body = (await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json=start)).json()
-        await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"charging"})
+        await eventually_json(api, f"/api/v1/orders/{body['order_no']}", "status", {"charging"})
         if unplug:
             pile.unplug(0)
-        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"})
+        order = await eventually_json(
+            api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"}
+        )
         assert (order["stop_reason"], order["stop_reason_code"]) == (reason, code)
         assert order["stop_reason_text"]

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 import pytest
 
 from chargegw.app import Gateway
+from chargegw.domain.outbox import MAX_ATTEMPTS
 from chargeproto import bkv
 from chargesim import Faults, Simulator
 from chargesim.bkv import BkvIntervals, SimulatedBkvGateway
 
 from .piles import RawBkvGateway
+from .waiting import eventually, eventually_json
 
 ACCEL = 60.0
 GW = "82231214000001"
@@ -33,27 +34,15 @@ async def _gateway(gateway: Gateway, **options: Any) -> tuple[Simulator, Simulat
     sim = Simulator("127.0.0.1", gateway.server.port, [box], accel=ACCEL, jitter=0, seed=1)
     await sim.start()
     await sim.wait_connected(1, timeout=10)
-    assert gateway.pool is not None
-    for _ in range(100):  # the socket is a device in the database
+
+    async def known() -> bool:  # the socket is a device in the database, connected here
         await gateway.writer.drained()
-        known = await gateway.pool.fetchval("SELECT 1 FROM devices WHERE device_id = $1", DEVICE)
-        if known and gateway.sessions.link_of(DEVICE) is not None:
-            break
-        await asyncio.sleep(0.05)
+        assert gateway.pool is not None
+        row = await gateway.pool.fetchval("SELECT 1 FROM devices WHERE device_id = $1", DEVICE)
+        return bool(row) and gateway.sessions.link_of(DEVICE) is not None
+
+    await eventually(known, what=f"{DEVICE} connected and stored")
     return sim, box
-
-
-async def _until(
-    client: httpx.AsyncClient, path: str, key: str, values: set[Any], timeout: float = 15.0
-) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        body: dict[str, Any] = (await client.get(path)).json()
-        if body.get(key) in values:
-            return body
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{path}: {key} never in {values}: {body}")
-        await asyncio.sleep(0.05)
 
 
 async def _start(api: httpx.AsyncClient, body: dict[str, Any], port: int = 1) -> dict[str, Any]:
@@ -79,10 +68,12 @@ async def test_start_by_time_records_the_business_number_samples_and_settles_onc
         body = await _start(api, {"mode": "time", "duration_min": 5})
         order_no = body["order_no"]
         assert len(order_no) == 32 and body["status"] == "pending"
-        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
+        command = await eventually_json(
+            api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"}
+        )
         assert command["result_code"] == 1 and command["attempts"] == 1
         assert command["reply"]["business_no"] == box.jack(1, 0).business_no == 1
-        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        order = await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
         assert order["business_no"] == 1 and order["protocol"] == "bkv"
         # what the socket got: 0x0015/0x07 on, by time, 5 min, jack A
         start = box.received_messages(bkv.ChargeControl)[0]
@@ -90,7 +81,7 @@ async def test_start_by_time_records_the_business_number_samples_and_settles_onc
         assert (start.charge_mode, start.duration_min, start.energy_kwh) == (1, 5, 0.0)
         assert start.seq == command["correlation"] != 0
 
-        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        order = await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "time_limit" and order["stop_reason_code"] is None
         assert order["duration_s"] == 300 and order["business_no"] == 1
         assert not order["device_initiated"] and order["started_at"] and order["ended_at"]
@@ -98,25 +89,20 @@ async def test_start_by_time_records_the_business_number_samples_and_settles_onc
         samples = (await api.get(f"/api/v1/orders/{order_no}/samples")).json()["items"]
         assert samples and samples[-1]["energy_kwh"] >= samples[0]["energy_kwh"]
 
-        # ACKed in the 0x0C form: the simulator stops resending
-        for _ in range(100):
-            if box.bkv_stats.end_reports_acked:
-                break
-            await asyncio.sleep(0.05)
+        # ACKed in the 0x0C form: the simulator stops resending (nothing is left in its
+        # queue of unacknowledged reports, the only source of resends)
+        await eventually(lambda: box.bkv_stats.end_reports_acked, what="the end report ACKed")
         assert box.bkv_stats.end_reports_acked == 1 and not box.end_reports
         acks = box.received_messages(bkv.CardEndAck)
         assert acks and acks[0].socket == 1 and acks[0].result == 1
         reports = box.sent_messages(bkv.EndReport)
-        await asyncio.sleep(2.5)  # > two resend intervals
-        assert len(box.sent_messages(bkv.EndReport)) == len(reports)
         assert box.bkv_stats.wrong_end_acks == 0
 
         # a resend of the same end report changes nothing and is acknowledged again
         await box.send_message(reports[0])
-        for _ in range(100):
-            if len(box.received_messages(bkv.CardEndAck)) > len(acks):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: len(box.received_messages(bkv.CardEndAck)), lambda n: n > len(acks)
+        )
         assert len(box.received_messages(bkv.CardEndAck)) == len(acks) + 1
         again = (await api.get(f"/api/v1/orders/{order_no}")).json()
         assert again["updated_at"] == order["updated_at"] and again["status"] == "settled"
@@ -130,16 +116,16 @@ async def test_stop_by_api_is_a_server_stop(gateway: Gateway, api: httpx.AsyncCl
     async with sim:
         body = await _start(api, {"mode": "full"}, port=2)
         order_no = body["order_no"]
-        await _until(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
         sent = box.received_messages(bkv.ChargeControl)[0]
         assert (sent.port, sent.charge_mode, sent.duration_min) == (1, 1, 900)  # until full
         stop = await api.post(f"/api/v1/devices/{DEVICE}/ports/2/stop")
         assert stop.status_code == 202 and stop.json()["order_no"] == order_no
-        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        order = await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "server_stop" and order["business_no"] == 1
         switches = [m.switch for m in box.received_messages(bkv.ChargeControl)]
         assert switches == [1, 0]
-        command = await _until(
+        command = await eventually_json(
             api, f"/api/v1/commands/{stop.json()['command_id']}", "status", {"acked"}
         )
         assert command["reply"]["business_no"] == 1
@@ -151,9 +137,13 @@ async def test_refusal_fails_the_order_with_the_result_text(
     sim, _ = await _gateway(gateway, faults=Faults(refuse_with=0))
     async with sim:
         body = await _start(api, {"mode": "energy", "energy_kwh": 0.5})
-        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"failed"})
+        command = await eventually_json(
+            api, f"/api/v1/commands/{body['command_id']}", "status", {"failed"}
+        )
         assert command["result_code"] == 0 and command["result_text"] == "failed"
-        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"})
+        order = await eventually_json(
+            api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"}
+        )
         assert order["failure_reason"] == "failed" and order["business_no"] is None
 
 
@@ -163,21 +153,29 @@ async def test_silence_one_resend_with_the_same_seq_then_dead_and_reconciled_lat
     sim, box = await _gateway(gateway, faults=Faults(silent=True))
     async with sim:
         body = await _start(api, {"mode": "time", "duration_min": 3})
-        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"})
-        assert command["dead_reason"] == "no answer" and command["attempts"] == 2
+        command = await eventually_json(
+            api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"}
+        )
+        assert command["dead_reason"] == "no answer" and command["attempts"] == MAX_ATTEMPTS
         sent = box.received_messages(bkv.ChargeControl)
         assert len(sent) == 2 and sent[0] == sent[1] and sent[0].seq != 0  # same seq
-        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"})
+        order = await eventually_json(
+            api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"}
+        )
         assert order["failure_reason"] == "no answer"
 
         # the socket did start after all (its reply was lost): the status report shows
         # the jack charging, and the order is reconciled instead of staying failed
         box.faults.silent = False
-        sock = box.sockets[1]
-        box._start(sock, sock.jacks[0], "time", duration_min=3)
-        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"charging"})
+        # on the wire a start whose reply was lost looks like one begun at the socket
+        assert box.start_local(1, 0, duration_min=3) is not None
+        order = await eventually_json(
+            api, f"/api/v1/orders/{body['order_no']}", "status", {"charging"}
+        )
         assert order["business_no"] == 1 and order["failure_reason"] is None
-        order = await _until(api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"})
+        order = await eventually_json(
+            api, f"/api/v1/orders/{body['order_no']}", "status", {"settled"}
+        )
         assert order["stop_reason"] == "time_limit" and not order["device_initiated"]
 
 
@@ -189,7 +187,7 @@ async def test_query_is_acknowledged_by_the_state_or_a_status_cluster(
     async with sim:
         response = await api.post(f"/api/v1/devices/{DEVICE}/commands", json={"command": "query"})
         assert response.status_code == 202, response.text
-        command = await _until(
+        command = await eventually_json(
             api, f"/api/v1/commands/{response.json()['command_id']}", "status", {"acked"}
         )
         assert command["attempts"] == 1
@@ -208,7 +206,7 @@ async def test_generic_commands_and_clear_errors(gateway: Gateway, api: httpx.As
             json={"command": "set_params", "params": {"max_charge_duration_min": 480}},
         )
         assert response.status_code == 202, response.text
-        command = await _until(
+        command = await eventually_json(
             api, f"/api/v1/commands/{response.json()['command_id']}", "status", {"acked"}
         )
         assert (
@@ -217,7 +215,7 @@ async def test_generic_commands_and_clear_errors(gateway: Gateway, api: httpx.As
         response = await api.post(
             f"/api/v1/devices/{DEVICE}/commands", json={"command": "query_params"}
         )
-        command = await _until(
+        command = await eventually_json(
             api, f"/api/v1/commands/{response.json()['command_id']}", "status", {"acked"}
         )
         assert command["reply"]["max_charge_duration_min"] == 480
@@ -228,11 +226,11 @@ async def test_generic_commands_and_clear_errors(gateway: Gateway, api: httpx.As
         assert modify.status_code == 422 and "not supported by BKV" in modify.text
         unknown = await api.post(f"/api/v1/devices/{DEVICE}/commands", json={"command": "reboot"})
         assert unknown.status_code == 422
-        assert "set_params" in unknown.json()["detail"]["commands"]
+        assert "set_params" in unknown.json()["error"]["commands"]
         long = await api.post(
             f"/api/v1/devices/{DEVICE}/ports/1/start", json={"mode": "time", "duration_min": 901}
         )
-        assert long.status_code == 422 and long.json()["detail"]["field"] == "duration_min"
+        assert long.status_code == 422 and long.json()["error"]["field"] == "duration_min"
         bad = await api.post(
             f"/api/v1/devices/{DEVICE}/commands",
             json={"command": "voice_window", "params": {"buzzer": 1}},

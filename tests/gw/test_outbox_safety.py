@@ -17,31 +17,33 @@
 Every test observes from outside: the HTTP API, the database, and what the piles
 (simulated or raw) received and when. Faults are real (a database outage, a pile that
 leaves) except where no real fault can hit the exact moment: then the outbox's public
-``on_sent_tx`` hook (``on_sent`` on the old main) is wrapped to fail or to let the pile
-leave while a start is being marked sent.
+``on_sent_tx`` hook (``outbox.hooks``; ``on_sent`` on the old main) is wrapped to fail or
+to let the pile leave while a start is being marked sent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, TypeVar
 
 import httpx
 import pytest
+import structlog
 
 from chargegw.app import Gateway
+from chargegw.domain import outbox as outbox_module
 from chargeproto import MessageReceived, ap3000, bkv
 from chargesim import Faults, SimulatedAp3000Pile, Simulator
 from chargesim.bkv import BkvIntervals, SimulatedBkvGateway
 
 from .conftest import database_outage, settings_for
 from .piles import RawBkvGateway, RawPile
-from .waiting import api_client
-from .waiting import first as _poll
+from .waiting import api_client, eventually, eventually_json, first
 
 ACCEL = 120.0
 PHY = "04000301"
@@ -60,22 +62,17 @@ def gateway_settings() -> dict[str, Any]:
 # -- helpers ---------------------------------------------------------------------------
 
 
-async def _until(
-    api: httpx.AsyncClient, path: str, key: str, values: set[Any], timeout: float = 10.0
-) -> dict[str, Any]:
-    """GET ``path`` until its ``key`` is one of ``values``."""
-    last: dict[str, Any] = {}
+@pytest.fixture
+def outbox_log(monkeypatch: pytest.MonkeyPatch) -> list[MutableMapping[str, Any]]:
+    """What ``chargegw.domain.outbox`` logs during the test, as structlog event dicts (a
+    logger of its own: loggers cached earlier in the session ignore ``capture_logs``)."""
+    capture = structlog.testing.LogCapture()
+    monkeypatch.setattr(outbox_module, "log", structlog.wrap_logger(None, processors=[capture]))
+    return capture.entries
 
-    async def check() -> dict[str, Any] | None:
-        nonlocal last
-        response = await api.get(path)
-        last = response.json() if response.status_code == 200 else {}
-        return last if last.get(key) in values else None
 
-    try:
-        return await _poll(check, f"{path} {key} in {values}", timeout)
-    except AssertionError:
-        raise AssertionError(f"{path}: {key} never in {values}: {last}") from None
+def _events(entries: list[MutableMapping[str, Any]]) -> list[str]:
+    return [entry["event"] for entry in entries]
 
 
 async def _post(api: httpx.AsyncClient, path: str, body: Any = None) -> dict[str, Any]:
@@ -92,7 +89,7 @@ async def _device_online(api: httpx.AsyncClient, device_id: str, online: bool) -
         response = await api.get(f"/api/v1/devices/{device_id}")
         return response.status_code == 200 and response.json()["online"] is online
 
-    await _poll(check, f"{device_id} online={online}")
+    await first(check, f"{device_id} online={online}")
 
 
 async def _ap3000(
@@ -153,7 +150,7 @@ async def test_a_stop_while_the_pile_is_offline_cancels_the_unsent_start(
         # a query goes after any start or stop of the device (lower priority): once it
         # is delivered, whatever was due before it has been sent
         marker = await _post(api, f"/api/v1/devices/{PHY}/commands", {"command": "query"})
-        await _until(api, f"/api/v1/commands/{marker['command_id']}", "status", {"acked"})
+        await eventually_json(api, f"/api/v1/commands/{marker['command_id']}", "status", {"acked"})
 
         controls = _charge_controls(pile)
         order = (await api.get(f"/api/v1/orders/{order_no}")).json()
@@ -180,11 +177,13 @@ async def test_a_stop_for_a_start_in_flight_goes_after_the_starts_answer(
     async with sim:
         start = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
         order_no = start["order_no"]
-        await _until(api, f"/api/v1/commands/{start['command_id']}", "status", {"sent"})
+        await eventually_json(api, f"/api/v1/commands/{start['command_id']}", "status", {"sent"})
         stop = await _post(api, f"/api/v1/devices/{PHY}/ports/1/stop")
         assert stop["status"] == "pending" and stop["order_no"] == order_no, stop
 
-        order = await _until(api, f"/api/v1/orders/{order_no}", "status", {"settled"}, 15)
+        order = await eventually_json(
+            api, f"/api/v1/orders/{order_no}", "status", {"settled"}, timeout=15
+        )
         assert order["stop_reason"] == "server_stop", order
         command = (await api.get(f"/api/v1/commands/{stop['command_id']}")).json()
         assert command["status"] == "acked", command
@@ -210,19 +209,21 @@ async def test_a_stop_behind_a_refused_start_is_dead_and_never_sent(
     sim, pile = await _ap3000(gateway, api, faults=Faults(reply_delay_s=1.0, refuse_with=1))
     async with sim:
         start = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
-        await _until(api, f"/api/v1/commands/{start['command_id']}", "status", {"sent"})
+        await eventually_json(api, f"/api/v1/commands/{start['command_id']}", "status", {"sent"})
         stop = await _post(api, f"/api/v1/devices/{PHY}/ports/1/stop")
         assert stop["status"] == "pending", stop
 
         path = f"/api/v1/commands/{stop['command_id']}"
-        command = await _until(api, path, "status", {"acked", "failed", "dead"})
+        command = await eventually_json(api, path, "status", {"acked", "failed", "dead"})
         controls = _charge_controls(pile)
         assert [kind for _, kind, _ in controls] == ["start"], controls
         assert command["status"] == "dead" and command["dead_reason"] == "after_failed", command
         assert command["attempts"] == 0, command
         refused = (await api.get(f"/api/v1/commands/{start['command_id']}")).json()
         assert refused["status"] == "failed" and refused["result_code"] == 1, refused
-        order = await _until(api, f"/api/v1/orders/{start['order_no']}", "status", {"failed"})
+        order = await eventually_json(
+            api, f"/api/v1/orders/{start['order_no']}", "status", {"failed"}
+        )
         assert order["failure_reason"], order
 
         # like every dead command, it is an event of the device (and counted)
@@ -231,7 +232,7 @@ async def test_a_stop_behind_a_refused_start_is_dead_and_never_sent(
             items = (await api.get(events, params={"kind": "command_dead"})).json()["items"]
             return [e for e in items if e["detail"].get("command_id") == stop["command_id"]]
 
-        events = await _poll(dead_event, "a command_dead event for the stop", 5)
+        events = await first(dead_event, "a command_dead event for the stop", 5)
         assert [e["reason"] for e in events] == ["after_failed"], events
         dead = gateway.metrics.registry.get_sample_value(
             "chargegw_commands_dead_total", {"reason": "after_failed"}
@@ -249,8 +250,8 @@ async def test_a_stop_never_overtakes_a_start_that_waits_behind_spacing(
     refused, then the start: the pile charged and the order stayed ``charging``)."""
     sim, pile = await _ap3000(gateway, api)
     async with sim:
-        first = await _post(api, f"/api/v1/devices/{PHY}/commands", {"command": "query"})
-        await _until(api, f"/api/v1/commands/{first['command_id']}", "status", {"acked"})
+        query = await _post(api, f"/api/v1/devices/{PHY}/commands", {"command": "query"})
+        await eventually_json(api, f"/api/v1/commands/{query['command_id']}", "status", {"acked"})
         # the next command now waits for the spacing after the first one
         paced = await _post(api, f"/api/v1/devices/{PHY}/commands", {"command": "query"})
         start = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
@@ -262,7 +263,7 @@ async def test_a_stop_never_overtakes_a_start_that_waits_behind_spacing(
         # a query goes after any start or stop of the device (lower priority)
         marker = await _post(api, f"/api/v1/devices/{PHY}/commands", {"command": "query"})
         path = f"/api/v1/commands/{marker['command_id']}"
-        await _until(api, path, "status", {"acked"}, 15)
+        await eventually_json(api, path, "status", {"acked"}, timeout=15)
 
         controls = _charge_controls(pile)
         _never_stop_before_start(controls, order_no)
@@ -294,8 +295,7 @@ async def test_a_stop_after_an_attempt_taken_back_closes_the_order_and_frees_the
     connection, counted the attempt, and sent it again on reconnect.)"""
     sim, pile = await _ap3000(gateway, api)
     outbox = gateway.outbox
-    name = "on_sent_tx" if hasattr(outbox, "on_sent_tx") else "on_sent"  # old main: on_sent
-    hook = getattr(outbox, name)
+    hook = outbox.hooks.on_sent_tx
     assert hook is not None
     dropped: list[str] = []
 
@@ -306,10 +306,10 @@ async def test_a_stop_after_an_attempt_taken_back_closes_the_order_and_frees_the
         if not dropped and "start" in args:
             dropped.append("start")
             await sim.stop()
-            await _poll(no_connection, "the gateway to see the pile leave")
+            await first(no_connection, "the gateway to see the pile leave")
         await hook(*args)
 
-    setattr(outbox, name, pile_leaves_while_marking)
+    outbox.hooks = dataclasses.replace(outbox.hooks, on_sent_tx=pile_leaves_while_marking)
     start = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
     order_no = start["order_no"]
     path = f"/api/v1/commands/{start['command_id']}"
@@ -320,7 +320,7 @@ async def test_a_stop_after_an_attempt_taken_back_closes_the_order_and_frees_the
         marked = row["correlation"] is not None
         return marked and row["status"] == "pending" and row["attempts"] == 0
 
-    await _poll(taken_back, "the unwritten attempt to be taken back", 5)
+    await first(taken_back, "the unwritten attempt to be taken back", 5)
     stop = await _post(api, f"/api/v1/devices/{PHY}/ports/1/stop")
     assert stop["status"] == "cancelled", stop
     order = (await api.get(f"/api/v1/orders/{order_no}")).json()
@@ -331,11 +331,11 @@ async def test_a_stop_after_an_attempt_taken_back_closes_the_order_and_frees_the
     async with again:
         await again.wait_connected(1, timeout=10)
         marker = await _post(api, f"/api/v1/devices/{PHY}/commands", {"command": "query"})
-        await _until(api, f"/api/v1/commands/{marker['command_id']}", "status", {"acked"})
+        await eventually_json(api, f"/api/v1/commands/{marker['command_id']}", "status", {"acked"})
         assert _charge_controls(pile) == []
         # the port is free: a new start is taken and charges
         fresh = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
-        await _until(api, f"/api/v1/orders/{fresh['order_no']}", "status", {"charging"})
+        await eventually_json(api, f"/api/v1/orders/{fresh['order_no']}", "status", {"charging"})
 
 
 # -- finding 6: an answer is never lost, an attempt is only counted when written ------
@@ -343,7 +343,11 @@ async def test_a_stop_after_an_attempt_taken_back_closes_the_order_and_frees_the
 
 @pytest.mark.settings(ack_timeout_s=8.0)
 async def test_an_answer_received_during_a_database_outage_is_recorded_not_resent(
-    gateway: Gateway, api: httpx.AsyncClient, pg_server_dsn: str, db_dsn: str
+    gateway: Gateway,
+    api: httpx.AsyncClient,
+    pg_server_dsn: str,
+    db_dsn: str,
+    outbox_log: list[MutableMapping[str, Any]],
 ) -> None:
     """The pile answers a start while the database is down, so the outbox cannot write
     the outcome: once the database is back the command is ``acked`` with the pile's
@@ -354,19 +358,25 @@ async def test_an_answer_received_during_a_database_outage_is_recorded_not_resen
     async with sim:
         start = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
         path = f"/api/v1/commands/{start['command_id']}"
-        await _until(api, path, "status", {"sent"})
+        await eventually_json(api, path, "status", {"sent"})
 
         async def answered() -> bool:
             return bool(pile.sent(0x82))
 
         async with database_outage(pg_server_dsn, db_dsn):
             # the pile answers while the database refuses connections ...
-            await _poll(answered, "the pile's answer", 5)
-            # ... and the outage lasts a moment longer than the gateway's attempt to
-            # write the outcome (it receives the answer within milliseconds)
-            await asyncio.sleep(0.5)
-        command = await _until(api, path, "status", {"acked", "failed", "dead"}, 15)
-        order = await _until(api, f"/api/v1/orders/{start['order_no']}", "status", {"charging"})
+            await first(answered, "the pile's answer", 5)
+            # ... and the outage lasts until the gateway has tried to write the outcome
+            await eventually(
+                lambda: "command outcome not written yet, retrying" in _events(outbox_log),
+                what="a failed attempt to write the outcome",
+            )
+        command = await eventually_json(
+            api, path, "status", {"acked", "failed", "dead"}, timeout=15
+        )
+        order = await eventually_json(
+            api, f"/api/v1/orders/{start['order_no']}", "status", {"charging"}
+        )
 
         assert len(pile.received(0x82)) == 1, "the start was sent again"
         assert command["status"] == "acked" and command["attempts"] == 1, command
@@ -387,7 +397,7 @@ async def test_an_answer_received_during_an_outage_survives_the_pile_leaving(
     sim, pile = await _ap3000(gateway, api, faults=Faults(reply_delay_s=1.0))
     start = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
     path = f"/api/v1/commands/{start['command_id']}"
-    await _until(api, path, "status", {"sent"})
+    await eventually_json(api, path, "status", {"sent"})
 
     async def answered() -> bool:
         return bool(pile.sent(0x82))
@@ -396,14 +406,16 @@ async def test_an_answer_received_during_an_outage_survives_the_pile_leaving(
         return not gateway.server.links
 
     async with database_outage(pg_server_dsn, db_dsn):
-        await _poll(answered, "the pile's answer", 5)
+        await first(answered, "the pile's answer", 5)
         await sim.stop()  # the pile leaves with the answer given, the database still away
-        await _poll(disconnected, "the gateway to see the pile leave")
+        await first(disconnected, "the gateway to see the pile leave")
     await _device_online(api, PHY, False)  # the database is back, the pile released
-    command = await _until(api, path, "status", {"acked", "failed", "dead"}, 10)
+    command = await eventually_json(api, path, "status", {"acked", "failed", "dead"}, timeout=10)
     assert command["status"] == "acked" and command["attempts"] == 1, command
     assert len(pile.received(0x82)) == 1
-    order = await _until(api, f"/api/v1/orders/{start['order_no']}", "status", {"charging"})
+    order = await eventually_json(
+        api, f"/api/v1/orders/{start['order_no']}", "status", {"charging"}
+    )
     assert order["started_at"], order
 
 
@@ -416,8 +428,7 @@ async def test_an_attempt_counts_only_when_its_bytes_were_written(
     the mark was committed before the hook failed, so an attempt without bytes was
     counted; the start was written once and recorded with two attempts)."""
     outbox = gateway.outbox
-    name = "on_sent_tx" if hasattr(outbox, "on_sent_tx") else "on_sent"  # old main: on_sent
-    hook = getattr(outbox, name)
+    hook = outbox.hooks.on_sent_tx
     assert hook is not None
     failed: list[str] = []
 
@@ -427,13 +438,17 @@ async def test_an_attempt_counts_only_when_its_bytes_were_written(
             raise ConnectionError("injected: connection lost while marking the start sent")
         await hook(*args)
 
-    setattr(outbox, name, failing_once)
+    outbox.hooks = dataclasses.replace(outbox.hooks, on_sent_tx=failing_once)
     sim, pile = await _ap3000(gateway, api)
     async with sim:
         start = await _post(api, f"/api/v1/devices/{PHY}/ports/1/start", {"mode": "full"})
         path = f"/api/v1/commands/{start['command_id']}"
-        command = await _until(api, path, "status", {"acked", "failed", "dead"}, 15)
-        order = await _until(api, f"/api/v1/orders/{start['order_no']}", "status", {"charging"})
+        command = await eventually_json(
+            api, path, "status", {"acked", "failed", "dead"}, timeout=15
+        )
+        order = await eventually_json(
+            api, f"/api/v1/orders/{start['order_no']}", "status", {"charging"}
+        )
         assert failed == ["start"], "the fault was not injected"
         written = len(pile.received(0x82))
         assert command["status"] == "acked", command
@@ -533,7 +548,7 @@ async def test_spacing_holds_per_link_for_ap3000_piles_behind_one_connection(
                 body = await _post(api, f"/api/v1/devices/{phy_id}/commands", {"command": "query"})
                 commands.append(body["command_id"])
         for command_id in commands:
-            await _until(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
+            await eventually_json(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
         arrivals = pile.queries()
         assert sorted(p for _, p in arrivals) == sorted(phy_ids * 2), arrivals
         gaps = [round(b[0] - a[0], 3) for a, b in itertools.pairwise(arrivals)]
@@ -566,7 +581,7 @@ async def test_spacing_holds_per_link_for_the_sockets_of_one_bkv_gateway(
                 )
                 commands.append(body["command_id"])
         for command_id in commands:
-            await _until(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
+            await eventually_json(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
         arrivals = [
             (r.t, r.message.socket)
             for r in box.received()
@@ -611,7 +626,7 @@ async def test_msg_ids_to_a_pile_never_repeat_the_previous_one_across_a_restart(
                             body = await _post(api, f"/api/v1/devices/{PHY}/commands", locate)
                             command_ids.append(body["command_id"])
                             path = f"/api/v1/commands/{body['command_id']}"
-                            await _until(api, path, "status", {"acked"})
+                            await eventually_json(api, path, "status", {"acked"})
             finally:
                 await gateway.stop()
     finally:
@@ -666,7 +681,7 @@ class _RawBkvSockets(RawBkvGateway):
             frames = self.of(cls)
             return frames[count - 1] if len(frames) >= count else None
 
-        return await _poll(check, f"{count} x {cls.__name__}", timeout)
+        return await first(check, f"{count} x {cls.__name__}", timeout)
 
     async def close(self) -> None:
         if self._reader_task is not None:
@@ -719,7 +734,7 @@ async def _one_settled_order(
         done = any(o["order_no"] == order_no and o["status"] == "settled" for o in items)
         return items if done or len(items) > 1 else None
 
-    items = await _poll(settled_or_doubled, f"order {order_no} settled")
+    items = await first(settled_or_doubled, f"order {order_no} settled")
     seen = [(o["order_no"], o["status"], o["business_no"], o["device_initiated"]) for o in items]
     assert seen == [(order_no, "settled", business_no, False)], seen
     order = items[0]
@@ -754,7 +769,9 @@ async def test_a_bkv_start_answered_with_the_end_report_at_once_settles_that_ord
         )
         ack = await raw.wait_for(bkv.CardEndAck)
         assert ack.socket == 1 and ack.result == 1
-        command = await _until(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
+        command = await eventually_json(
+            api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"}
+        )
         assert command["reply"]["business_no"] == business_no, command
         await _one_settled_order(api, body["order_no"], business_no)
         assert len(raw.of(bkv.ChargeControl)) == 1
@@ -779,11 +796,11 @@ async def test_a_bkv_start_answered_during_an_outage_is_found_by_its_end_report_
     business_no = 815
     device_id = f"{BKV_GW}-1"
     settings = settings_for(db_dsn, ack_timeout_s=3.0, command_spacing_s=0.1, outbox_scan_s=0.5)
-    first = Gateway(settings)
-    await first.start(http=False)
+    first_gw = Gateway(settings)
+    await first_gw.start(http=False)
     try:
-        async with api_client(first) as api:
-            raw = await _RawBkvSockets().connect(first.server.port)
+        async with api_client(first_gw) as api:
+            raw = await _RawBkvSockets().connect(first_gw.server.port)
             await raw.send_raw(bkv.encode(_cluster(status_bits=0x80, business_no=0)))
             await _device_online(api, device_id, True)
             body = await _post(
@@ -793,21 +810,21 @@ async def test_a_bkv_start_answered_during_an_outage_is_found_by_its_end_report_
             )
             order_no = body["order_no"]
             control = await raw.wait_for(bkv.ChargeControl)
-            await _until(api, f"/api/v1/orders/{order_no}", "status", {"starting"})
+            await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"starting"})
 
             async def disconnected() -> bool:
-                return not first.server.links
+                return not first_gw.server.links
 
             async with database_outage(pg_server_dsn, db_dsn):
                 charging = bkv.encode(_cluster(status_bits=0x90, business_no=business_no))
                 await raw.send_raw(_start_reply(control, business_no) + charging)
                 await raw.wait_for(bkv.StatusClusterAck)  # the answer was taken
                 await raw.close()
-                await _poll(disconnected, "the gateway to see the connection close")
+                await first(disconnected, "the gateway to see the connection close")
                 # the process ends before it could write anything about the answer
-                await asyncio.wait_for(first.stop(), 15)
+                await asyncio.wait_for(first_gw.stop(), 15)
     finally:
-        await first.stop()
+        await first_gw.stop()
 
     second = Gateway(settings)
     await second.start(http=False)
@@ -827,7 +844,7 @@ async def test_a_bkv_start_answered_during_an_outage_is_found_by_its_end_report_
                 for control in raw.of(bkv.ChargeControl):
                     await raw.send_raw(_start_reply(control, business_no))
                 path = f"/api/v1/commands/{body['command_id']}"
-                await _until(api, path, "status", {"acked", "failed", "dead"})
+                await eventually_json(api, path, "status", {"acked", "failed", "dead"})
                 await _one_settled_order(api, order_no, business_no)
             finally:
                 await raw.close()

@@ -3,8 +3,6 @@ retention purge (one process at a time)."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from chargegw.app import Gateway
@@ -12,6 +10,7 @@ from chargegw.domain.outbox import Priority
 from chargeproto import ap3000
 
 from .piles import RawPile
+from .waiting import eventually
 
 
 async def test_scan_expires_unheld_commands_and_purges_old_ones(gateway: Gateway) -> None:
@@ -76,14 +75,13 @@ async def test_unanswered_frames_for_a_host_do_not_count_against_the_device(
                 expires_s=60,
             )
     gateway.outbox.wake("04000009")
-    for _ in range(100):  # both go unanswered (sent twice each), then die
-        done = await pool.fetchval(
+    await eventually(  # both go unanswered (sent twice each), then die
+        lambda: pool.fetchval(
             "SELECT count(*) FROM commands WHERE status = 'dead' AND dead_reason = 'no answer'"
-        )
-        if done == 2:
-            break
-        await asyncio.sleep(0.1)
-    assert done == 2
+        ),
+        lambda dead: dead == 2,
+        what="both commands dead without an answer",
+    )
     # only the device's own command counts toward taking it offline
     assert gateway.sessions.devices["04000009"].ack_timeouts == 1
     await pile.close()

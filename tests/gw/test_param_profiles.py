@@ -17,6 +17,7 @@ from chargegw.domain import params
 from chargesim import SimulatedAp3000Pile, SimulatedBkvGateway, SimulatedPile, Simulator
 
 from .test_params import RUNNING1, client, gateway_settings
+from .waiting import eventually, eventually_json
 
 __all__ = ["client", "gateway_settings"]  # the fixtures this module uses
 
@@ -47,32 +48,33 @@ async def _piles(
         if isinstance(g, SimulatedBkvGateway)
         for n in g.sockets
     ]
-    assert gateway.pool is not None
-    for _ in range(200):
+    devices = [*piles, *sockets]
+
+    async def known() -> bool:
         await gateway.writer.drained()
-        known = await gateway.pool.fetchval(
+        assert gateway.pool is not None
+        stored = await gateway.pool.fetchval(
             "SELECT count(*) FROM devices WHERE device_id = ANY($1::text[])"
             " AND (device_type IS NOT NULL OR protocol = 'bkv')",
-            [*piles, *sockets],
+            devices,
         )
-        devices = [*piles, *sockets]
-        if known == len(devices) and all(gateway.sessions.link_of(d) is not None for d in devices):
-            break
-        await asyncio.sleep(0.05)
+        connected = all(gateway.sessions.link_of(d) is not None for d in devices)
+        return bool(stored == len(devices)) and connected
+
+    await eventually(known, what=f"{devices} connected and stored")
     return sim, piles
 
 
 async def _job(client: httpx.AsyncClient, job_id: int, timeout: float = 10.0) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        response = await client.get(f"/api/v1/param-jobs/{job_id}")
-        assert response.status_code == 200, response.text
-        body: dict[str, Any] = response.json()
-        if body["state"] == "done":
-            return body
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"job {job_id} never done: {body}")
-        await asyncio.sleep(0.05)
+    """The parameter job once it is done."""
+    return await eventually_json(
+        client, f"/api/v1/param-jobs/{job_id}", "state", {"done"}, timeout=timeout
+    )
+
+
+async def _counts(client: httpx.AsyncClient, job_id: int) -> dict[str, int]:
+    counts: dict[str, int] = (await client.get(f"/api/v1/param-jobs/{job_id}")).json()["counts"]
+    return counts
 
 
 async def test_a_profile_applied_to_a_list_is_verified_on_both_piles(
@@ -162,7 +164,7 @@ async def test_bad_profiles_and_selectors_are_422_and_send_nothing(
         for body, group, field in bad:
             response = await client.post("/api/v1/param-profiles", json=body)
             assert response.status_code == 422, (body, response.text)
-            detail = response.json()["detail"]
+            detail = response.json()["error"]
             assert detail["group"] == group, detail
             if field is not None:
                 assert detail["field"] == field, detail
@@ -186,7 +188,7 @@ async def test_bad_profiles_and_selectors_are_422_and_send_nothing(
                 "/api/v1/param-profiles/p/apply", json={"selector": selector}
             )
             assert response.status_code == 422, (selector, response.text)
-            assert response.json()["detail"]["field"] == "selector"
+            assert response.json()["error"]["field"] == "selector"
         paces: list[dict[str, Any]] = [
             {"rate_per_min": 0},
             {"rate_per_min": "60"},
@@ -199,13 +201,13 @@ async def test_bad_profiles_and_selectors_are_422_and_send_nothing(
                 "/api/v1/param-profiles/p/apply", json={"selector": {"all": True}, **pace}
             )
             assert response.status_code == 422, (pace, response.text)
-            assert response.json()["detail"]["field"] == next(iter(pace)), response.text
+            assert response.json()["error"]["field"] == next(iter(pace)), response.text
         missing = await client.post(
             "/api/v1/param-profiles/nope/apply", json={"selector": {"all": True}}
         )
         assert missing.status_code == 404
         assert (await client.get("/api/v1/param-jobs/999")).status_code == 404
-        await asyncio.sleep(0.3)
+        # refused before a row was written: nothing can ever be sent (a row comes first)
         assert gateway.pool is not None
         assert await gateway.pool.fetchval("SELECT count(*) FROM commands") == 0
         assert await gateway.pool.fetchval("SELECT count(*) FROM param_jobs") == 0
@@ -335,7 +337,7 @@ async def test_a_bkv_profile_applies_to_bkv_sockets(
             "/api/v1/param-profiles",
             json={"name": "b", "protocol": "bkv", "groups": {"socket_params": {"x": 1}}},
         )
-        assert bad.status_code == 422 and bad.json()["detail"]["field"] == "x"
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "x"
         created = await client.post(
             "/api/v1/param-profiles", json={"name": "b", "protocol": "bkv", "groups": groups}
         )
@@ -383,11 +385,8 @@ async def test_a_job_starts_devices_at_its_rate(
         assert job["counts"]["pending"] == 2 and job["counts"]["queued"] == 2
         job_id = job["job_id"]
         # the first two are verified; the others wait for the next minute
-        deadline = asyncio.get_running_loop().time() + 10
-        while (await client.get(f"/api/v1/param-jobs/{job_id}")).json()["counts"]["verified"] < 2:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)  # several passes of the engine
+        await eventually(lambda: _counts(client, job_id), lambda counts: counts["verified"] >= 2)
+        await asyncio.sleep(0.5)  # proves no third device starts within the minute (5 passes)
         body = (await client.get(f"/api/v1/param-jobs/{job_id}")).json()
         assert body["state"] == "running" and body["counts"]["queued"] == 2
         assert sum(bool(p.received(0x85)) for p in piles.values()) == 2
@@ -401,17 +400,12 @@ async def test_a_job_starts_devices_at_its_rate(
         done = await _job(client, job_id)
         assert done["counts"]["verified"] == 4
         assert all(p.limits["overload_power_w"] == 1500.0 for p in piles.values())
-        finished = await gateway.pool.fetchval(
-            "SELECT finished_at FROM param_jobs WHERE job_id = $1", job_id
+        pool = gateway.pool
+        await eventually(
+            lambda: pool.fetchval("SELECT finished_at FROM param_jobs WHERE job_id = $1", job_id),
+            what=f"job {job_id} finished_at",
+            timeout=2,
         )
-        for _ in range(40):
-            if finished is not None:
-                break
-            await asyncio.sleep(0.05)
-            finished = await gateway.pool.fetchval(
-                "SELECT finished_at FROM param_jobs WHERE job_id = $1", job_id
-            )
-        assert finished is not None
 
 
 async def test_a_job_keeps_to_its_concurrency(gateway: Gateway, client: httpx.AsyncClient) -> None:
@@ -432,15 +426,14 @@ async def test_a_job_keeps_to_its_concurrency(gateway: Gateway, client: httpx.As
         assert response.status_code == 202, response.text
         job_id = response.json()["job_id"]
         most = 0
-        deadline = asyncio.get_running_loop().time() + 20
-        while True:
-            body = (await client.get(f"/api/v1/param-jobs/{job_id}")).json()
-            counts = body["counts"]
-            most = max(most, counts["pending"] + counts["applying"])
-            if body["state"] == "done":
-                break
-            assert asyncio.get_running_loop().time() < deadline, body
-            await asyncio.sleep(0.02)
+
+        async def sample() -> dict[str, Any]:  # and note the most devices in work at once
+            nonlocal most
+            body: dict[str, Any] = (await client.get(f"/api/v1/param-jobs/{job_id}")).json()
+            most = max(most, body["counts"]["pending"] + body["counts"]["applying"])
+            return body
+
+        body = await eventually(sample, lambda b: b["state"] == "done", timeout=20, interval=0.02)
         assert most == 1
         assert body["counts"]["verified"] == 4
         # one after the other: each device's first set came after the previous verification
@@ -491,7 +484,8 @@ async def test_concurrent_passes_start_no_more_than_the_concurrency(
             assert extra is not None
             async with extra.acquire() as conn, conn.transaction():
                 started = await params.start_ready(gateway, conn, job_id)
-                await asyncio.sleep(0.05)  # hold the lock a while, as a busy process would
+                # holds the lock 50 ms, as a busy process would (the contention under test)
+                await asyncio.sleep(0.05)
                 return started
 
         try:

@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from chargegw.api.app import ApiState, create_app
-from chargegw.api.commands import make_router
-from chargegw.api.params import make_params_router
+from chargegw.api import params as params_api
 from chargegw.app import Gateway
 from chargegw.domain.params import GROUPS, compare
 from chargeproto import ap3000
 from chargesim import SimulatedAp3000Pile, Simulator
+
+from .waiting import api_client, eventually
 
 PHY = "04000001"
 
@@ -28,13 +28,7 @@ def gateway_settings() -> dict[str, Any]:
 
 @pytest.fixture
 async def client(gateway: Gateway) -> AsyncIterator[httpx.AsyncClient]:
-    state = ApiState(
-        pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, auth_required=False
-    )
-    app = create_app(state, routers=[make_router(gateway), make_params_router(gateway)])
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
-    ) as c:
+    async with api_client(gateway, params_api.router) as c:
         yield c
 
 
@@ -43,33 +37,38 @@ async def _pile(gateway: Gateway) -> tuple[Simulator, SimulatedAp3000Pile]:
     sim = Simulator("127.0.0.1", gateway.server.port, [pile], accel=120.0, jitter=0, seed=1)
     await sim.start()
     await sim.wait_connected(1, timeout=10)
-    assert gateway.pool is not None
-    for _ in range(100):
+
+    async def known() -> bool:
         await gateway.writer.drained()
-        known = await gateway.pool.fetchval("SELECT 1 FROM devices WHERE device_id = $1", PHY)
-        if gateway.sessions.link_of(PHY) is not None and known:
-            break
-        await asyncio.sleep(0.05)
+        assert gateway.pool is not None
+        row = await gateway.pool.fetchval("SELECT 1 FROM devices WHERE device_id = $1", PHY)
+        return bool(row) and gateway.sessions.link_of(PHY) is not None
+
+    await eventually(known, what=f"{PHY} connected and stored")
     return sim, pile
 
 
-async def _group(
+async def param_group(
     client: httpx.AsyncClient,
     group: str,
     statuses: set[str],
     timeout: float = 10.0,
     device_id: str = PHY,
 ) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    """The parameter group of ``device_id`` once its status is one of ``statuses``."""
+
+    async def shown() -> dict[str, Any]:
         response = await client.get(f"/api/v1/devices/{device_id}/params")
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()["groups"].get(group, {})
-        if body.get("status") in statuses:
-            return body
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{group} never in {statuses}: {body}")
-        await asyncio.sleep(0.05)
+        return body
+
+    return await eventually(
+        shown,
+        lambda body: body.get("status") in statuses,
+        what=f"{group} of {device_id} in {sorted(statuses)}",
+        timeout=timeout,
+    )
 
 
 RUNNING1 = {
@@ -99,14 +98,12 @@ async def wait_for_event(
     gateway: Gateway, device_id: str, kind: str, count: int = 1, timeout: float = 10.0
 ) -> list[dict[str, Any]]:
     """The events of ``kind`` once there are ``count`` of them."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        found = await events(gateway, device_id, kind)
-        if len(found) >= count:
-            return found
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{kind} x{count} never came: {await events(gateway, device_id)}")
-        await asyncio.sleep(0.05)
+    return await eventually(
+        lambda: events(gateway, device_id, kind),
+        lambda found: len(found) >= count,
+        what=f"{count} x {kind} of {device_id}",
+        timeout=timeout,
+    )
 
 
 async def test_apply_then_verify_by_read_back(gateway: Gateway, client: httpx.AsyncClient) -> None:
@@ -124,10 +121,10 @@ async def test_apply_then_verify_by_read_back(gateway: Gateway, client: httpx.As
         assert accepted["running1"]["status"] == "pending"
         assert accepted["running1"]["desired"]["unplug_power_w"] == 1.2
         assert accepted["running1"]["read_command_id"] > accepted["running1"]["set_command_id"]
-        running1 = await _group(client, "running1", {"verified"})
+        running1 = await param_group(client, "running1", {"verified"})
         assert running1["reported"] == {**RUNNING1, "unplug_power_w": 1.2}
         assert running1["verified_at"] and running1["diff"] is None
-        limits = await _group(client, "limits", {"verified"})
+        limits = await param_group(client, "limits", {"verified"})
         assert limits["desired"] == {"max_charge_duration_s": 36000, "overload_power_w": 1500.0}
         assert limits["reported"]["overload_power_w"] == 1500.0
         # the pile got set then read-back, in that order
@@ -143,7 +140,7 @@ async def test_apply_then_verify_by_read_back(gateway: Gateway, client: httpx.As
             f"/api/v1/devices/{PHY}/params", json={"running1": {"float_percent": 40}}
         )
         assert response.status_code == 202, response.text
-        running1 = await _group(client, "running1", {"verified"})
+        running1 = await param_group(client, "running1", {"verified"})
         assert running1["reported"] == {**RUNNING1, "unplug_power_w": 1.2, "float_percent": 40}
         # each verification is an event, ready for webhooks
         verified = await wait_for_event(gateway, PHY, "param_verified", 3)
@@ -170,7 +167,7 @@ async def test_out_of_range_is_422_naming_the_field_and_sends_nothing(
         for body, field in bad:
             response = await client.put(f"/api/v1/devices/{PHY}/params", json=body)
             assert response.status_code == 422, response.text
-            detail = response.json()["detail"]
+            detail = response.json()["error"]
             if field is not None:
                 assert detail["field"] == field, detail
         # a valid group next to an invalid one: the whole request is refused
@@ -182,7 +179,7 @@ async def test_out_of_range_is_422_naming_the_field_and_sends_nothing(
         assert (await client.get("/api/v1/nope")).status_code == 404
         missing = await client.put("/api/v1/devices/04009999/params", json={"running1": RUNNING1})
         assert missing.status_code == 404
-        await asyncio.sleep(0.3)
+        # refused before a row was written: nothing can ever be sent (a row comes first)
         assert gateway.pool is not None
         assert await gateway.pool.fetchval("SELECT count(*) FROM commands") == 0
         assert await gateway.pool.fetchval("SELECT count(*) FROM device_params") == 0
@@ -196,7 +193,7 @@ async def test_a_pile_holding_other_values_shows_mismatch_with_the_diff(
     async with sim:
         response = await client.put(f"/api/v1/devices/{PHY}/params", json={"running1": RUNNING1})
         assert response.status_code == 202, response.text
-        await _group(client, "running1", {"verified"})
+        await param_group(client, "running1", {"verified"})
         # someone changes the pile behind the platform's back (a local tool, a reset)
         pile.running_params_1 = {
             **pile.running_params_1,
@@ -207,7 +204,7 @@ async def test_a_pile_holding_other_values_shows_mismatch_with_the_diff(
             f"/api/v1/devices/{PHY}/commands", json={"command": "read_running_params1"}
         )
         assert read.status_code == 202, read.text
-        running1 = await _group(client, "running1", {"mismatch"})
+        running1 = await param_group(client, "running1", {"mismatch"})
         assert running1["diff"] == {
             "float_percent": {"desired": 30, "reported": 25},
             "unplug_power_w": {"desired": 1.2, "reported": 1.5},
@@ -231,7 +228,7 @@ async def test_a_pile_holding_other_values_shows_mismatch_with_the_diff(
         # the whole group went out again (float_percent 30 included): only the field
         # the pile ignored differs
         assert mismatch["diff"] == {"float_time_s": {"desired": 2400, "reported": 1800}}
-        running1 = await _group(client, "running1", {"mismatch"})
+        running1 = await param_group(client, "running1", {"mismatch"})
         assert running1["diff"] == {"float_time_s": {"desired": 2400, "reported": 1800}}
 
 
@@ -244,12 +241,14 @@ async def test_a_refused_set_is_failed(gateway: Gateway, client: httpx.AsyncClie
             json={"running1": {**RUNNING1, "heartbeat_interval_s": 0}},
         )
         assert response.status_code == 202, response.text
-        running1 = await _group(client, "running1", {"failed"})
+        running1 = await param_group(client, "running1", {"failed"})
         assert "set_running_params1" in running1["failure_reason"]
         # the read-back still records what the pile holds
-        await asyncio.sleep(0.5)
-        body = (await client.get(f"/api/v1/devices/{PHY}/params")).json()["groups"]["running1"]
-        assert body["status"] == "failed"
+        body = await eventually(
+            lambda: param_group(client, "running1", {"failed"}),
+            lambda group: group["reported"] is not None,
+            what="the read-back recorded",
+        )
         assert body["reported"]["heartbeat_interval_s"] == 180
         (failed,) = await wait_for_event(gateway, PHY, "param_failed")
         assert failed["group"] == "running1" and failed["refused"] is True
@@ -288,12 +287,12 @@ async def test_groups_without_read_back_are_acknowledged_and_work_mode_is_verifi
         accepted = response.json()["groups"]
         assert all(g["read_command_id"] is None for g in accepted.values())
         for group in ("mute", "card_mode", "qr_code"):
-            body = await _group(client, group, {"acknowledged"})
+            body = await param_group(client, group, {"acknowledged"})
             assert body["acknowledged_at"] and body["verified_at"] is None
             assert body["reported"] is None
         # the pile registers again when its work mode changes (ap3000.md 8.2): that 0x20
         # reports it, so this one group is verified
-        work_mode = await _group(client, "work_mode", {"verified"})
+        work_mode = await param_group(client, "work_mode", {"verified"})
         assert work_mode["reported"] == {"work_mode": 1} and work_mode["verified_at"]
         assert (pile.mute_mode, pile.tc_card_mode, pile.work_mode) == (1, 3, 1)
         assert pile.qr_code == {"main_screen_type": 1, "qr_data": "https://example.com/p/04000001"}
@@ -330,20 +329,12 @@ async def test_out_of_range_for_groups_without_read_back_is_422(
         for body, group, field in bad:
             response = await client.put(f"/api/v1/devices/{PHY}/params", json=body)
             assert response.status_code == 422, (body, response.text)
-            detail = response.json()["detail"]
+            detail = response.json()["error"]
             assert (detail["group"], detail["field"]) == (group, field), detail
-        await asyncio.sleep(0.3)
+        # refused before a row was written: nothing can ever be sent (a row comes first)
         assert gateway.pool is not None
         assert await gateway.pool.fetchval("SELECT count(*) FROM commands") == 0
         assert not any(pile.received(c) for c in (0x97, 0x8D, 0x8E, 0x8F, 0x84, 0x85))
-
-
-async def _wait(condition: Any, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition never met")
-        await asyncio.sleep(0.05)
 
 
 async def test_a_pile_reset_behind_the_platforms_back_is_reapplied_after_its_reboot(
@@ -361,7 +352,7 @@ async def test_a_pile_reset_behind_the_platforms_back_is_reapplied_after_its_reb
         )
         assert response.status_code == 202, response.text
         for group in ("running1", "limits", "work_mode"):
-            await _group(client, group, {"verified"})
+            await param_group(client, group, {"verified"})
         sets = {c: len(pile.received(c)) for c in (0x83, 0x85, 0x8D)}
         # the pile reboots with its factory parameters
         pile.factory_reset_on_reboot = True
@@ -373,10 +364,12 @@ async def test_a_pile_reset_behind_the_platforms_back_is_reapplied_after_its_reb
         assert by_group["running1"]["diff"]["float_percent"] == {"desired": 30, "reported": 20}
         assert by_group["work_mode"]["diff"] == {"work_mode": {"desired": 1, "reported": 0}}
         # set again, and verified again by reading back
-        await _wait(lambda: pile.running_params_1["float_percent"] == 30 and pile.work_mode == 1)
-        await _wait(lambda: pile.limits["overload_power_w"] == 1500.0)
+        await eventually(
+            lambda: pile.running_params_1["float_percent"] == 30 and pile.work_mode == 1
+        )
+        await eventually(lambda: pile.limits["overload_power_w"] == 1500.0)
         for group in ("running1", "limits", "work_mode"):
-            await _group(client, group, {"verified"})
+            await param_group(client, group, {"verified"})
         assert {c: len(pile.received(c)) for c in (0x83, 0x85, 0x8D)} == {
             c: n + 1 for c, n in sets.items()
         }
@@ -384,8 +377,8 @@ async def test_a_pile_reset_behind_the_platforms_back_is_reapplied_after_its_reb
         pile.factory_reset_on_reboot = False
         reads = len(pile.received(0x90))
         pile.drop_connection()
-        await _wait(lambda: len(pile.received(0x90)) > reads)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(pile.received(0x90)) > reads)
+        await asyncio.sleep(0.3)  # proves nothing is set within 0.3 s of the read-back
         assert len(pile.received(0x83)) == sets[0x83] + 1
         assert len(await events(gateway, PHY, "param_drift")) == 3
 
@@ -398,13 +391,13 @@ async def test_without_reapply_a_drifted_pile_shows_mismatch_and_the_event(
     async with sim:
         response = await client.put(f"/api/v1/devices/{PHY}/params", json={"running1": RUNNING1})
         assert response.status_code == 202, response.text
-        await _group(client, "running1", {"verified"})
+        await param_group(client, "running1", {"verified"})
         pile.factory_reset_on_reboot = True
         pile.reboot()
         (drift,) = await wait_for_event(gateway, PHY, "param_drift")
         assert drift["reapplied"] is False and drift["previous_status"] == "verified"
-        running1 = await _group(client, "running1", {"mismatch"})
+        running1 = await param_group(client, "running1", {"mismatch"})
         assert running1["diff"]["float_percent"] == {"desired": 30, "reported": 20}
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # proves the drifted group is not set again within 0.3 s
         assert len(pile.received(0x83)) == 1  # not set again
         assert pile.running_params_1["float_percent"] == 20

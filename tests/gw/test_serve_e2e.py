@@ -5,34 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from chargesim import Simulator, make_ap3000_piles, make_bkv_gateways
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_http(url: str, timeout: float, process: asyncio.subprocess.Process) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    async with httpx.AsyncClient() as client:
-        while process.returncode is None:
-            try:
-                if (await client.get(url)).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise AssertionError(f"{url} did not come up in {timeout} s")
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"the server exited with status {process.returncode}")
+from .waiting import eventually, free_port, wait_http
 
 
 async def test_serve_brings_up_the_platform_and_simulated_piles_are_seen(
@@ -48,7 +29,7 @@ async def test_serve_without_a_dsn_runs_on_the_embedded_postgresql(tmp_path: Pat
 
 
 async def _serve_and_simulate(extra_env: dict[str, str], tmp_path: Path) -> None:
-    device_port, http_port = _free_port(), _free_port()
+    device_port, http_port = free_port(), free_port()
     env = {**os.environ, **extra_env, "CHARGEGW_LOG_FORMAT": "json"}
     log_path = tmp_path / "serve.log"
     log_file = log_path.open("wb")  # a file, not a pipe nobody reads: logs never block
@@ -72,7 +53,7 @@ async def _serve_and_simulate(extra_env: dict[str, str], tmp_path: Path) -> None
     base = f"http://127.0.0.1:{http_port}"
     try:
         try:
-            await _wait_http(f"{base}/readyz", timeout=60, process=server)
+            await wait_http(f"{base}/readyz", timeout=60, process=server)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{log_path.read_text()[-3000:]}") from None
         piles = [*make_ap3000_piles(3), *make_bkv_gateways(1, sockets=2)]
@@ -80,11 +61,15 @@ async def _serve_and_simulate(extra_env: dict[str, str], tmp_path: Path) -> None
         async with sim:
             await sim.wait_connected(4, timeout=10)
             async with httpx.AsyncClient(base_url=base) as client:
-                for _ in range(100):
-                    body = (await client.get("/api/v1/devices", params={"online": "true"})).json()
-                    if len(body["items"]) == 5:
-                        break
-                    await asyncio.sleep(0.2)
+
+                async def online() -> dict[str, Any]:
+                    response = await client.get("/api/v1/devices", params={"online": "true"})
+                    listed: dict[str, Any] = response.json()
+                    return listed
+
+                body = await eventually(
+                    online, lambda b: len(b["items"]) == 5, timeout=20, interval=0.2
+                )
                 assert sorted(d["device_id"] for d in body["items"]) == [
                     "04000001",
                     "04000002",

@@ -25,16 +25,16 @@ import asyncpg
 import httpx
 import pytest
 
+from chargegw.api import billing as billing_api
+from chargegw.api import commands as commands_api
 from chargegw.api.app import ApiState, create_app
-from chargegw.api.billing import make_billing_router
-from chargegw.api.commands import make_router
 from chargegw.app import Gateway
 from chargegw.domain.orders import new_order_no
 from chargeproto import ABSENT, Message, ap3000, bkv
 
 from .conftest import settings_for
 from .piles import RawBkvGateway, RawPile
-from .waiting import until as _until
+from .waiting import eventually
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -65,10 +65,11 @@ def gateway_settings() -> dict[str, Any]:
 
 
 def _client(gateway: Gateway, **state: Any) -> httpx.AsyncClient:
+    state.setdefault("services", gateway.api_services())
     api_state = ApiState(
         pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, **state
     )
-    app = create_app(api_state, routers=[make_router(gateway), make_billing_router(gateway)])
+    app = create_app(api_state, routers=[commands_api.router, billing_api.router])
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
@@ -131,7 +132,7 @@ async def _pile(gateway: Gateway, phy_id: str) -> RawPile:
             )
         )
 
-    await _until(known, bool, what=f"device {phy_id} registered")
+    await eventually(known, bool, what=f"device {phy_id} registered")
     return pile
 
 
@@ -178,7 +179,7 @@ async def _bkv_box(gateway: Gateway, gateway_id: str = GW) -> RawBkvGateway:
             )
         )
 
-    await _until(known, bool, what=f"socket {device_id} known")
+    await eventually(known, bool, what=f"socket {device_id} known")
     return box
 
 
@@ -350,7 +351,7 @@ class _HeldTable:
                 )
                 return [r["query"] for r in rows]
 
-            await _until(
+            await eventually(
                 waiters, lambda q: len(q) >= count, timeout=timeout, what=f"{count} waiting"
             )
         finally:
@@ -467,7 +468,7 @@ async def test_resends_on_two_gateway_processes_at_once_make_one_order(
         outcomes = await asyncio.gather(*(_ack_outcome(box, bkv.CardEndAck) for box in boxes))
         # each copy is acknowledged, unless its process was superseded and hung up
         assert "acked" in outcomes and "silent" not in outcomes, outcomes
-        events = await _until(
+        events = await eventually(
             lambda: _settlement_events(gateway, DEVICE),
             lambda reasons: len(reasons) >= 2,
             what="both copies decided",
@@ -549,7 +550,7 @@ async def test_rate_plan_with_an_absurd_price_is_refused_naming_the_field(
         "/api/v1/rate-plans", json={"name": "typo", "kind": kind, "parameters": params}
     )
     assert response.status_code == 422, response.text
-    assert response.json()["detail"]["field"] == field
+    assert response.json()["error"]["field"] == field
     assert (await api.get("/api/v1/rate-plans")).json()["items"] == []
 
 
@@ -671,7 +672,7 @@ async def test_power_tier_order_ended_by_a_plain_end_report_is_priced_by_sampled
             body: dict[str, Any] = (await api.get(f"/api/v1/orders/{order_no}")).json()
             return body
 
-        await _until(
+        await eventually(
             order,
             lambda o: o["status"] == "charging" and o["business_no"] == 9,
             what="order charging",
@@ -687,10 +688,10 @@ async def test_power_tier_order_ended_by_a_plain_end_report_is_priced_by_sampled
             items: list[dict[str, Any]] = body["items"]
             return items
 
-        await _until(samples, lambda items: len(items) == 3, what="three samples")
+        await eventually(samples, lambda items: len(items) == 3, what="three samples")
         await box.send_raw(bkv.encode(_end_report(business_no=9, duration_min=60, energy_kwh=0.3)))
         await _answer(box, bkv.CardEndAck, "the end report")
-        settled = await _until(order, lambda o: o["status"] == "settled", what="order settled")
+        settled = await eventually(order, lambda o: o["status"] == "settled", what="order settled")
         assert settled["amount_cent"] == 50  # tier 1 (up to 400 W): 60 min at 50 per 60 min
         assert settled["max_power_source"] == "samples"
         assert settled["max_power_w"] == pytest.approx(350.0)
@@ -761,7 +762,7 @@ async def test_idempotency_key_reused_for_another_request_is_422_and_scoped_per_
         ):
             reused = await start(keys[0], **changes)
             assert reused.status_code == 422, (changes, reused.text)
-            detail = reused.json()["detail"]
+            detail = reused.json()["error"]
             assert detail["conflict"] == conflict and detail["order_no"] == order_no
         other_scope = await start(keys[1], port=2)
         assert other_scope.status_code == 202, other_scope.text
@@ -880,7 +881,7 @@ async def _platform_session(
     async def status() -> str:
         return str((await api.get(f"/api/v1/orders/{order_no}")).json()["status"])
 
-    await _until(status, lambda s: s == "charging", what="the order charging")
+    await eventually(status, lambda s: s == "charging", what="the order charging")
     return order_no
 
 

@@ -35,6 +35,8 @@ from chargesim import (
 )
 from chargesim.cli import sim_command
 
+from .waiting import eventually
+
 ORDER = "20231105123000000000000000000001"
 OTHER_ORDER = "20231105123000000000000000000099"
 
@@ -136,9 +138,12 @@ class TinyServer:
         return asyncio.get_running_loop().time()
 
     async def wait_count(self, phy_id: str, command: int, count: int, *, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.messages(phy_id, command)) < count:
-                await asyncio.sleep(0.01)
+        await eventually(
+            lambda: len(self.messages(phy_id, command)) >= count,
+            what=f"{count} x 0x{command:02X} from {phy_id}",
+            timeout=timeout,
+            interval=0.01,
+        )
 
     async def wait_message(
         self,
@@ -229,9 +234,14 @@ async def test_connect_iccid_registration_time_then_heartbeats_at_accelerated_in
 ) -> None:
     piles = [*make_ap3000_piles(5, heartbeat_s=30), *make_ap3000_piles(1, ports=10, heartbeat_s=30)]
     sim = Simulator("127.0.0.1", server.port, piles, accel=60, jitter=0.3, seed=11)
+
+    def beats(pile: SimulatedAp3000Pile) -> int:
+        return len(server.messages(pile.phy_id, 0x21))
+
     async with sim:
         await sim.wait_connected(timeout=3)
-        await asyncio.sleep(2.2)
+        # 0.5 s +-30 %: the first at once, then three more
+        await eventually(lambda: min(beats(p) for p in piles) >= 4, timeout=5)
         stats = sim.stats()
     assert stats.connected == 6
     assert not sim.errors
@@ -252,10 +262,9 @@ async def test_connect_iccid_registration_time_then_heartbeats_at_accelerated_in
         registration = conn.messages(0x20)[0][1]
         assert isinstance(registration, ap3000.Registration)
         assert registration.port_count == len(pile.ports)
-        beats = [t for t, _ in conn.messages(0x21)]
-        # 0.5 s +-30 % over ~2.2 s: the first at once, then 3 to 6 more
-        assert 4 <= len(beats) <= 7, beats
-        gaps = [b - a for a, b in itertools.pairwise(beats)]
+        times = [t for t, _ in conn.messages(0x21)]
+        assert len(times) >= 4, times
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert all(0.3 <= g <= 0.8 for g in gaps), gaps
         msg_ids = [m.msg_id for _, m in conn.messages()]
         assert len(set(msg_ids)) == len(msg_ids)  # every new message has a new id
@@ -270,7 +279,10 @@ async def test_registration_and_time_request_repeat_with_same_msg_id_until_answe
     pile = fast_pile()
     async with sim_for(server, pile, accel=120):  # resends every 0.25 s
         await server.wait_message(pile.phy_id, 0x20, timeout=2)
-        await asyncio.sleep(0.75)
+        await eventually(
+            lambda: min(len(server.messages(pile.phy_id, c)) for c in (0x20, 0x22)) >= 3,
+            what="three registrations and three time requests",
+        )
         registrations = server.messages(pile.phy_id, 0x20)
         times = server.messages(pile.phy_id, 0x22)
         assert len(registrations) >= 3
@@ -279,10 +291,9 @@ async def test_registration_and_time_request_repeat_with_same_msg_id_until_answe
         assert len({m.msg_id for _, m in times}) == 1
         assert not pile.registered
         server.answer_registration = True
-        await asyncio.sleep(0.4)
-        assert pile.registered
+        await eventually(lambda: pile.registered, what="the pile registered")
         count = len(server.messages(pile.phy_id, 0x20))
-        await asyncio.sleep(0.4)
+        await asyncio.sleep(0.4)  # proves no registration is resent within 0.4 s (was 0.25 s)
         assert len(server.messages(pile.phy_id, 0x20)) == count
 
 
@@ -312,7 +323,8 @@ async def test_start_power_heartbeats_then_settlement_resent_until_acknowledged(
         assert settlement.energy_kwh > 0
         # resent every 0.3 s (+-10 %) until the third copy is acknowledged
         await server.wait_message(pile.phy_id, 0x03, timeout=2, since=t_settle + 0.5)
-        await asyncio.sleep(1.0)
+        # acknowledged: nothing is left to resend (the pile resends only from that list)
+        await eventually(lambda: not pile.settlements, what="the settlement acknowledged")
         copies = server.messages(pile.phy_id, 0x03)
         assert len(copies) == 3
         assert {m.msg_id for _, m in copies} == {settlement.msg_id}
@@ -428,11 +440,10 @@ async def test_silent_pile_answers_nothing_until_the_fault_is_lifted(server: Tin
         await server.wait_message(pile.phy_id, 0x21, timeout=2)
         sent = await server.send(pile.phy_id, start(pile.phy_id, msg_id=5))
         await server.send(pile.phy_id, ap3000.Locate(pile.phy_id, 6, locate_duration_s=5))
-        await asyncio.sleep(0.6)
+        await eventually(lambda: pile.stats.commands_ignored == 2, what="both commands ignored")
+        await server.wait_message(pile.phy_id, 0x21, timeout=2, since=sent)  # still alive
         assert server.messages(pile.phy_id, 0x82) == []
         assert server.messages(pile.phy_id, 0x96) == []
-        assert any(t > sent for t, _ in server.messages(pile.phy_id, 0x21))  # still alive
-        assert pile.stats.commands_ignored == 2
         pile.faults.silent = False
         await server.send(pile.phy_id, start(pile.phy_id, msg_id=5))  # the resend
         _, reply = await server.wait_message(pile.phy_id, 0x82, timeout=1)
@@ -444,7 +455,7 @@ async def test_answer_only_resend_ignores_the_first_copy(server: TinyServer) -> 
     async with sim_for(server, pile):
         await server.wait_message(pile.phy_id, 0x21, timeout=2)
         await server.send(pile.phy_id, start(pile.phy_id, msg_id=500))
-        await asyncio.sleep(0.4)
+        await eventually(lambda: pile.stats.commands_ignored == 1, what="the first copy ignored")
         assert server.messages(pile.phy_id, 0x82) == []
         assert pile.ports[0].session is None
         resent = await server.send(pile.phy_id, start(pile.phy_id, msg_id=500))
@@ -455,7 +466,6 @@ async def test_answer_only_resend_ignores_the_first_copy(server: TinyServer) -> 
         # a further copy gets the same answer again, not a second start
         await server.send(pile.phy_id, start(pile.phy_id, msg_id=500))
         await server.wait_count(pile.phy_id, 0x82, 2, timeout=1)
-        await asyncio.sleep(0.1)
         assert [m.result for _, m in server.messages(pile.phy_id, 0x82)] == [0, 0]  # type: ignore[attr-defined]
 
 
@@ -473,8 +483,7 @@ async def test_garbage_before_frames_is_skipped_by_the_server(server: TinyServer
     pile = fast_pile(faults=Faults(garbage=7))
     async with sim_for(server, pile):
         await server.wait_message(pile.phy_id, 0x21, timeout=2)
-        await asyncio.sleep(0.3)
-        assert pile.registered
+        await eventually(lambda: pile.registered, what="the pile registered")
     events = [e for c in server.connections for _, e in c.events]
     garbage = [e for e in events if isinstance(e, StreamError)]
     assert garbage and all(isinstance(e.error, GarbageError) for e in garbage)
@@ -484,7 +493,10 @@ async def test_garbage_before_frames_is_skipped_by_the_server(server: TinyServer
 async def test_dropped_connections_reconnect_with_iccid(server: TinyServer) -> None:
     pile = fast_pile(faults=Faults(drop_connection_after_s=0.3))
     async with sim_for(server, pile):
-        await asyncio.sleep(1.3)
+        await eventually(
+            lambda: len(server.connections) >= 2 and all(c.events for c in server.connections),
+            what="a second connection with its first frame",
+        )
         pile.faults.drop_connection_after_s = None
     assert len(server.connections) >= 2
     for conn in server.connections:
@@ -498,8 +510,10 @@ async def test_half_open_reconnect_keeps_the_old_connection_open(server: TinySer
     async with sim_for(server, pile):
         await server.wait_message(pile.phy_id, 0x21, timeout=2)
         pile.abandon_connection()
-        await asyncio.sleep(0.3)
-        assert len(server.connections) == 2
+        await eventually(
+            lambda: len(server.connections) == 2 and server.connections[1].messages(0x20),
+            what="a second connection registering",
+        )
         old, new = server.connections
         assert not old.closed_by_peer
         assert new.messages(0x20)[0][1].phy_id == pile.phy_id
@@ -514,12 +528,22 @@ async def test_link_keepalive_and_offline_after_unanswered_heartbeats(
         "04000001", heartbeat_s=600, send_link=True, intervals=Ap3000Intervals(link_idle_s=30)
     )
     offline = fast_pile(2, offline_after_missed_heartbeats=2)
+
+    def links() -> list[float]:
+        return [
+            t
+            for conn in server.connections
+            for t, e in conn.events
+            if isinstance(e, KeepaliveReceived)
+        ]
+
     async with sim_for(server, quiet, offline, accel=120):
-        await asyncio.sleep(1.2)
-    links = [
-        t for conn in server.connections for t, e in conn.events if isinstance(e, KeepaliveReceived)
-    ]
-    assert 2 <= len(links) <= 6  # every 0.25 s while the 5 s heartbeat is far away
+        await eventually(
+            lambda: len(links()) >= 2 and offline.connection_count >= 2,
+            what="two keepalives and a reconnect",
+        )
+    # every 0.25 s (+-10 %) while the 5 s heartbeat is far away, never sooner
+    assert all(b - a >= 0.2 for a, b in itertools.pairwise(links())), links()
     # two unanswered heartbeats (0.25 s apart) make the pile drop and reconnect
     assert offline.connection_count >= 2
     assert quiet.connection_count == 1
@@ -562,9 +586,7 @@ async def test_query_parameters_locate_reboot_and_unknown_commands(server: TinyS
         await server.send(phy, ap3000.Reboot(phy, 26))
         _, reboot = await server.wait_message(phy, 0x87, timeout=1)
         assert isinstance(reboot, ap3000.RebootReply) and reboot.result == 0
-        async with asyncio.timeout(2):
-            while len(server.connections) < 2:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: len(server.connections) >= 2, timeout=2, interval=0.02)
     assert server.connections[0].closed_by_peer
     first = server.connections[1].events[0][1]
     assert isinstance(first, IccidReceived)
@@ -603,13 +625,24 @@ async def test_cli_runs_against_a_server_and_stops_on_sigint(server: TinyServer)
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        async with asyncio.timeout(10):
-            while len({c.messages()[0][1].phy_id for c in server.connections if c.messages()}) < 3:
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+        await eventually(
+            lambda: {c.messages()[0][1].phy_id for c in server.connections if c.messages()},
+            lambda phy_ids: len(phy_ids) == 3,
+            timeout=10,
+        )
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        lines: list[bytes] = []
+
+        async def status() -> bytes:  # the next line the simulator prints
+            lines.append(await stdout.readline())
+            return lines[-1]
+
+        await eventually(status, lambda line: b"connected 3" in line, timeout=10)
         proc.send_signal(signal.SIGINT)
         async with asyncio.timeout(10):
             out, err = await proc.communicate()
+        out = b"".join(lines) + out
     finally:
         if proc.returncode is None:
             proc.kill()

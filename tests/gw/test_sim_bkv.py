@@ -37,6 +37,8 @@ from chargesim import (
 )
 from chargesim.cli import sim_command
 
+from .waiting import eventually
+
 SERVER_TIME = "2024-08-23T10:17:29"
 _M = TypeVar("_M", bound=Message)
 _END_REPORTS = (bkv.EndReport, bkv.PowerTierEndReport, bkv.FeeModeEndReport)
@@ -272,9 +274,18 @@ async def test_connect_heartbeat_0x1013_status_clusters_acked_and_heartbeats_rep
     server: TinyServer,
 ) -> None:
     gw = gateway()
+
+    def quiet_after_enough() -> bool:
+        """Four heartbeats and eight clusters in, and every one answered."""
+        clusters = len(server.messages(gw.gateway_id, bkv.StatusCluster))
+        beats = len(server.messages(gw.gateway_id, bkv.Heartbeat))
+        stats = gw.bkv_stats
+        answered = stats.status_acked == stats.status_sent == clusters
+        return clusters >= 8 and beats >= 4 and answered and stats.heartbeats_answered == beats
+
     async with sim_for(server, gw):
         await server.wait_message(gw.gateway_id, bkv.Heartbeat, timeout=2)
-        await asyncio.sleep(2.2)
+        await eventually(quiet_after_enough, timeout=5, interval=0.01)
     assert not gw.connected
     (conn,) = server.connections
     # bkv.md 12: no ICCID preamble; the heartbeat carries it
@@ -286,16 +297,16 @@ async def test_connect_heartbeat_0x1013_status_clusters_acked_and_heartbeats_rep
     # then the undocumented 0x1013 per socket, then a status cluster per socket
     opening = [m for m in messages[1:3] if isinstance(m, bkv.TlvContainer)]
     assert [m.bkv_cmd for m in opening] == [0x1013, 0x1013]
-    assert [m.raw_items[0].value_hex for m in opening] == ["01", "02"]  # socket numbers
+    assert [m.socket for m in opening] == [1, 2]  # the global tag 0x4A is named
     clusters = [m for m in messages if isinstance(m, bkv.StatusCluster)]
     assert isinstance(messages[3], bkv.StatusCluster)
-    # every 0.5 s +-10 % per socket after the first two: 2 + 2 * (3..5)
-    assert 8 <= len(clusters) <= 12, len(clusters)
+    # every 0.5 s +-10 % per socket after the first two
+    assert len(clusters) >= 8, len(clusters)
     assert {jack_status(c, 1, 0).status_bits for c in clusters if socket_of(c) == 1} == {0x80}
     assert jack_status(clusters[0], 1, 1).voltage_v == 220.0
     assert gw.bkv_stats.status_acked == gw.bkv_stats.status_sent == len(clusters)
     beats = [t for t, m in conn.messages() if isinstance(m, bkv.Heartbeat)]
-    assert 4 <= len(beats) <= 7, beats
+    assert len(beats) >= 4, beats
     gaps = [b - a for a, b in itertools.pairwise(beats)]
     assert all(0.4 <= g <= 0.6 for g in gaps), gaps
     assert gw.bkv_stats.heartbeats_answered == len(beats)
@@ -335,7 +346,8 @@ async def test_start_by_time_charges_ends_at_the_limit_and_resends_until_0x0c_ac
         assert 0.008 <= end.energy_kwh <= 0.012  # 200 W +-10 % for 3 min
         # resent every 0.25 s until the third copy is acknowledged in the 0x0C form
         await server.wait_message(g, bkv.EndReport, timeout=2, since=t_end + 0.4)
-        await asyncio.sleep(0.8)
+        # acknowledged: nothing is left to resend (the socket resends only from that list)
+        await eventually(lambda: not gw.end_reports, what="the end report acknowledged")
         copies = server.messages(g, bkv.EndReport)
         assert len(copies) == 3 and {m for _, m in copies} == {end}
         assert not gw.end_reports and gw.bkv_stats.end_reports_acked == 1
@@ -350,7 +362,7 @@ async def test_start_by_time_charges_ends_at_the_limit_and_resends_until_0x0c_ac
     energies = [float(j.energy_kwh) for j in charging]  # type: ignore[arg-type]
     assert energies == sorted(energies) and energies[-1] > energies[0]
     assert all(150 < float(j.power_w) < 250 for j in charging[1:])  # type: ignore[arg-type]
-    after = [m for t, m in server.messages(g, bkv.StatusCluster) if t > t_end]
+    after = [m for t, m in server.messages(g, bkv.StatusCluster) if t > t_end and socket_of(m) == 1]
     assert jack_status(after[0], 1, 0).status_bits == 0x80  # "a status report follows"
 
 
@@ -362,9 +374,15 @@ async def test_stop_and_a_wrong_ack_form_make_the_gateway_reconnect_and_resend(
     g = gw.gateway_id
     async with sim_for(server, gw, accel=60):
         await server.wait_message(g, bkv.StatusCluster, timeout=2)
-        await server.send(start_by_time(g, 7, minutes=600, socket=2, port=1))
+        sent = await server.send(start_by_time(g, 7, minutes=600, socket=2, port=1))
         _, started = await server.wait_message(g, bkv.ChargeControlReply, timeout=1)
-        await asyncio.sleep(0.2)
+        await server.wait_message(  # the socket reports the charge
+            g,
+            bkv.StatusCluster,
+            timeout=1,
+            since=sent,
+            where=lambda m: socket_of(m) == 2 and jack_status(m, 2, 1).status_bits == 0x90,
+        )
         await server.send(start_by_time(g, 8, minutes=0, socket=2, port=1, switch=0))
         _, stopped = await server.wait_message(
             g, bkv.ChargeControlReply, timeout=1, where=lambda m: m.seq == 8
@@ -377,23 +395,20 @@ async def test_stop_and_a_wrong_ack_form_make_the_gateway_reconnect_and_resend(
         assert (end.socket, end.port, end.status_bits) == (2, 1, 0x90)  # stopped by the server
         assert end.duration_min <= 1
         # three resends, then the gateway closes the connection and starts again
-        async with asyncio.timeout(3):
-            while not server.connections[0].closed_by_peer:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: server.connections[0].closed_by_peer, timeout=3, interval=0.01)
         server.end_ack_form = "0x0C"  # before the reconnect (0.1 s backoff)
-        async with asyncio.timeout(1):
-            while len(server.connections) < 2:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: len(server.connections) >= 2, timeout=1, interval=0.02)
         assert len(server.connections[0].messages()) > 0
         first_copies = [m for _, m in server.connections[0].messages() if m == end]
         assert len(first_copies) == 4
         assert server.connections[0].closed_by_peer
         assert gw.bkv_stats.wrong_end_acks == 4
-        async with asyncio.timeout(1):
-            while not any(m == end for _, m in server.connections[1].messages()):
-                await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)
-        assert not gw.end_reports
+        await eventually(
+            lambda: any(m == end for _, m in server.connections[1].messages()),
+            timeout=1,
+            interval=0.02,
+        )
+        await eventually(lambda: not gw.end_reports, what="the end report acknowledged")
     second = [m for _, m in server.connections[1].messages()]
     assert isinstance(second[0], bkv.Heartbeat)
     assert isinstance(second[1], bkv.TlvContainer) and second[1].bkv_cmd == 0x1013
@@ -437,8 +452,8 @@ async def test_power_tier_and_fee_mode_sessions_end_with_their_reports(
         assert (fee_reply.seq, fee_reply.result, fee_reply.business_no) == (22, 1, 1)
         _, tier_end = await server.wait_message(g, bkv.PowerTierEndReport, timeout=3)
         _, fee_end = await server.wait_message(g, bkv.FeeModeEndReport, timeout=3)
-        await asyncio.sleep(0.2)
-        assert not gw.end_reports  # acknowledged: 0x0C for 0x18, 0x1004 ACK for 0x1004
+        # acknowledged: 0x0C for 0x18, 0x1004 ACK for 0x1004
+        await eventually(lambda: not gw.end_reports, what="both end reports acknowledged")
     assert isinstance(tier_end, bkv.PowerTierEndReport)
     assert (tier_end.duration_min, tier_end.amount_cent) == (2, 10)
     assert tier_end.tier_durations_min == (0, 2) and tier_end.end_reason == 2
@@ -508,11 +523,10 @@ async def test_refusal_silence_and_answer_only_resend(server: TinyServer) -> Non
         s = silent.gateway_id
         sent = await server.send(start_by_time(s, 42, minutes=10))
         await server.send(bkv.SocketQuery(s, 43, socket=1))
-        await asyncio.sleep(0.6)
+        await eventually(lambda: silent.stats.commands_ignored == 2, what="both ignored")
+        await server.wait_message(s, bkv.Heartbeat, timeout=2, since=sent)  # still alive
         assert server.messages(s, bkv.ChargeControlReply) == []
         assert server.messages(s, bkv.SocketState) == []
-        assert any(t > sent for t, _ in server.messages(s, bkv.Heartbeat))  # still alive
-        assert silent.stats.commands_ignored == 2
         silent.faults.silent = False
         await server.send(start_by_time(s, 42, minutes=10))  # the resend
         _, late = await server.wait_message(s, bkv.ChargeControlReply, timeout=1)
@@ -520,13 +534,13 @@ async def test_refusal_silence_and_answer_only_resend(server: TinyServer) -> Non
 
         r = resend.gateway_id
         await server.send(start_by_time(r, 44, minutes=10))
-        await asyncio.sleep(0.3)
+        await eventually(lambda: resend.stats.commands_ignored == 1, what="the first copy ignored")
         assert server.messages(r, bkv.ChargeControlReply) == []
         again = await server.send(start_by_time(r, 44, minutes=10))  # same frame seq
         t, answered = await server.wait_message(r, bkv.ChargeControlReply, timeout=1)
         assert t >= again and answered.result == 1
         await server.send(start_by_time(r, 44, minutes=10))  # a third copy: same answer
-        await asyncio.sleep(0.2)
+        await eventually(lambda: len(server.messages(r, bkv.ChargeControlReply)) >= 2)
         replies = [m for _, m in server.messages(r, bkv.ChargeControlReply)]
         assert len(replies) == 2 and replies[0] == replies[1]
         assert resend.jack(1, 0).business_no == 1  # started once
@@ -536,9 +550,13 @@ async def test_garbage_is_skipped_by_the_server(server: TinyServer) -> None:
     gw = gateway(faults=Faults(garbage=9))
     async with sim_for(server, gw):
         await server.wait_message(gw.gateway_id, bkv.StatusCluster, timeout=2)
-        await asyncio.sleep(0.6)
-    assert len(server.messages(gw.gateway_id, bkv.Heartbeat)) >= 2
-    assert gw.bkv_stats.status_acked >= 2
+        await eventually(
+            lambda: (
+                len(server.messages(gw.gateway_id, bkv.Heartbeat)) >= 2
+                and gw.bkv_stats.status_acked >= 2
+            ),
+            what="two heartbeats and two clusters acknowledged through the garbage",
+        )
 
 
 # --- mixed fleets ---------------------------------------------------------------------------
@@ -547,9 +565,18 @@ async def test_garbage_is_skipped_by_the_server(server: TinyServer) -> None:
 async def test_mixed_simulator_with_ap3000_piles_and_bkv_gateways(server: TinyServer) -> None:
     piles = make_ap3000_piles(2, heartbeat_s=30)
     gateways = make_bkv_gateways(2, sockets=3, heartbeat_s=30)
+
+    def every_socket_reported() -> bool:
+        clusters = [server.messages(gw.gateway_id, bkv.StatusCluster) for gw in gateways]
+        return (
+            len(server.connections) == 4
+            and all(c.messages() for c in server.connections)
+            and all({socket_of(m) for _, m in sent} == {1, 2, 3} for sent in clusters)
+        )
+
     async with sim_for(server, *piles, *gateways) as sim:
         await sim.wait_connected(timeout=3)
-        await asyncio.sleep(1.0)
+        await eventually(every_socket_reported, what="a status cluster from every socket")
         stats = sim.stats()
     assert not sim.errors
     assert stats.by_protocol == (("ap3000", 2, 2), ("bkv", 2, 2))

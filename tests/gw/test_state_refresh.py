@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from chargegw.metrics import Metrics
-from chargegw.store.writer import BatchWriter
+from chargegw.store.writer import BatchWriter, DeviceRow, GatewayRow, PortRow
+
+from .waiting import eventually
 
 
 def _writer(refresh_s: float) -> BatchWriter:
@@ -17,42 +18,43 @@ def _writer(refresh_s: float) -> BatchWriter:
 
 def test_a_repeated_state_row_is_put_once_per_refresh_period() -> None:
     writer = _writer(3600.0)
-    writer.put_port("04000001", 1, status="idle", voltage_v=220.0, reported_at=datetime.now(UTC))
-    writer.put_port("04000001", 1, status="idle", voltage_v=220.0, reported_at=datetime.now(UTC))
-    assert len(writer._pending.ports) == 1 and len(writer._pending.touched_ports) == 1
-    writer._pending.ports.clear()
-    writer._pending.touched_ports.clear()
-    # the same values again (a newer timestamp only): no upsert, only the timestamp moves
-    later = datetime.now(UTC)
-    writer.put_port("04000001", 1, status="idle", voltage_v=220.0, reported_at=later)
-    assert not writer._pending.ports
-    assert writer._pending.touched_ports == {("04000001", 1): later}
-    writer._pending.touched_ports.clear()
+    port = ("04000001", 1)
+    first = datetime.now(UTC)
+    writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0, reported_at=first))
+    assert writer.pending("ports")[port]["reported_at"] == first
+    # the same values again (newer timestamps only): no upsert, only the timestamp moves
+    for _ in range(2):
+        later = datetime.now(UTC)
+        writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0, reported_at=later))
+        assert writer.pending("ports")[port]["reported_at"] == first
+        assert writer.pending_touches("ports") == {port: later}
     # a changed value is written at once, as is another port or another column set
-    writer.put_port("04000001", 1, status="charging", voltage_v=220.0)
-    writer.put_port("04000001", 2, status="idle", voltage_v=220.0)
-    writer.put_port("04000001", 1, status="charging")
-    assert writer.backlog == 2  # port 1 coalesced, port 2
+    writer.put_port(PortRow("04000001", 1, status="charging", voltage_v=220.0))
+    assert writer.pending("ports")[port]["status"] == "charging"
+    writer.put_port(PortRow("04000001", 2, status="idle", voltage_v=220.0))
+    writer.put_port(PortRow("04000001", 1, status="charging"))
+    assert set(writer.pending("ports")) == {port, ("04000001", 2)}  # port 1 coalesced
     # rows carrying a dict (attributes) are compared too
-    writer.put_device("04000001", protocol="ap3000", attributes={"a": 1})
-    writer.put_device("04000001", protocol="ap3000", attributes={"a": 1})
-    writer.put_device("04000001", protocol="ap3000", attributes={"a": 2})
-    assert len(writer._pending.devices) == 1
-    assert writer._pending.devices["04000001"]["attributes"] == {"a": 2}
+    writer.put_device(DeviceRow("04000001", protocol="ap3000", attributes={"a": 1}))
+    writer.put_device(DeviceRow("04000001", protocol="ap3000", attributes={"a": 1}))
+    writer.put_device(DeviceRow("04000001", protocol="ap3000", attributes={"a": 2}))
+    assert writer.pending("devices")["04000001"]["attributes"] == {"a": 2}
 
 
-def test_unchanged_state_is_written_again_after_the_refresh_period() -> None:
+async def test_unchanged_state_is_written_again_after_the_refresh_period() -> None:
     writer = _writer(0.05)
-    seen = 0
-    deadline = time.monotonic() + 2.0
-    while time.monotonic() < deadline and seen < 3:
-        before = writer.backlog
-        writer.put_gateway("82231214000001", protocol="bkv", last_seen_at=datetime.now(UTC))
-        if writer.backlog > before:
-            seen += 1
-        writer._pending.gateways.clear()
-        time.sleep(0.01)
-    assert seen >= 3
+    upserts = 0
+
+    def put() -> int:
+        """Put the same gateway again; how many puts were upserts (not only touches)."""
+        nonlocal upserts
+        seen = datetime.now(UTC)
+        writer.put_gateway(GatewayRow("82231214000001", protocol="bkv", last_seen_at=seen))
+        if writer.pending("gateways")["82231214000001"]["last_seen_at"] == seen:
+            upserts += 1
+        return upserts
+
+    await eventually(put, lambda n: n >= 3, what="three upserts", timeout=2.0, interval=0.01)
 
 
 async def test_touches_move_timestamps_forward_only(db_pool: asyncpg.Pool) -> None:
@@ -60,17 +62,21 @@ async def test_touches_move_timestamps_forward_only(db_pool: asyncpg.Pool) -> No
     writer.start()
     try:
         t0 = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
-        writer.put_gateway("04000001", protocol="ap3000", last_seen_at=t0)
-        writer.put_device("04000001", protocol="ap3000", gateway_id="04000001", last_seen_at=t0)
-        writer.put_port("04000001", 1, status="idle", reported_at=t0)
+        writer.put_gateway(GatewayRow("04000001", protocol="ap3000", last_seen_at=t0))
+        writer.put_device(
+            DeviceRow("04000001", protocol="ap3000", gateway_id="04000001", last_seen_at=t0)
+        )
+        writer.put_port(PortRow("04000001", 1, status="idle", reported_at=t0))
         await writer.drained()
         t1, t2 = t0 + timedelta(minutes=3), t0 + timedelta(minutes=6)
-        writer.put_gateway("04000001", protocol="ap3000", last_seen_at=t1)
-        writer.put_device("04000001", protocol="ap3000", gateway_id="04000001", last_seen_at=t2)
+        writer.put_gateway(GatewayRow("04000001", protocol="ap3000", last_seen_at=t1))
+        writer.put_device(
+            DeviceRow("04000001", protocol="ap3000", gateway_id="04000001", last_seen_at=t2)
+        )
         writer.touch_device("04000001", None, t2)  # a heartbeat
         writer.touch_device("04000001", t1, None)  # an older one arriving late
-        writer.put_port("04000001", 1, status="idle", reported_at=t2)
-        assert not writer._pending.devices and not writer._pending.ports
+        writer.put_port(PortRow("04000001", 1, status="idle", reported_at=t2))
+        assert not writer.pending("devices") and not writer.pending("ports")
         await writer.drained()
         device = await db_pool.fetchrow("SELECT * FROM devices WHERE device_id = '04000001'")
         port = await db_pool.fetchrow("SELECT * FROM ports WHERE device_id = '04000001'")
@@ -87,6 +93,9 @@ async def test_touches_move_timestamps_forward_only(db_pool: asyncpg.Pool) -> No
 def test_refresh_zero_writes_every_time() -> None:
     writer = _writer(0.0)
     for _ in range(3):
-        writer.put_device("04000001", protocol="ap3000", voltage_v=220.0)
-        assert writer.backlog == 1
-        writer._pending.devices.clear()
+        seen = datetime.now(UTC)
+        writer.put_device(
+            DeviceRow("04000001", protocol="ap3000", voltage_v=220.0, last_seen_at=seen)
+        )
+        assert writer.pending("devices")["04000001"]["last_seen_at"] == seen  # upserted
+    assert not writer.pending_touches("devices")

@@ -17,6 +17,8 @@ from chargegw.net.transport import CONTROL, REPLY, DeviceLink, DeviceServer
 from chargegw.store.writer import BatchWriter
 from chargeproto import Event, MessageReceived, ap3000
 
+from .waiting import eventually
+
 
 class FakeTransport:
     """Stands in for a socket whose peer does not read: the write buffer never drains.
@@ -120,21 +122,13 @@ def _receive(link: DeviceLink, heartbeats: int) -> None:
     link.buffer_updated(len(data))
 
 
-async def _until(condition: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not condition():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 def test_a_peer_that_does_not_read_gets_its_reads_paused_not_more_memory() -> None:
     link, transport = _link(limit=100)
     link.pause_writing()  # the transport's buffer is above its high-water mark
     for _ in range(50):
         link.send(b"x" * 10, REPLY)
     assert not transport.reading  # backpressure: we stop reading from it
-    assert link._queued <= 100 + 10 * 50  # bounded by what it sent us before the pause
+    assert link.queued <= 100 + 10 * 50  # bounded by what it sent us before the pause
     link.send(b"stop", CONTROL)
     link.resume_writing()
     assert transport.written[0] == b"stop"  # control overtakes queued replies
@@ -177,13 +171,13 @@ async def test_a_read_over_budget_hands_over_the_burst_and_the_rest_as_tokens_re
     _receive(link, 200)
     assert handler.handed == list(range(1, 51))  # the burst, not the whole read
     assert not transport.reading  # the rest waits in the backlog, the next bytes in TCP
-    await _until(lambda: len(handler.handed) >= 53)
+    await eventually(lambda: len(handler.handed) >= 53)
     elapsed = loop.time() - start
     assert len(handler.handed) <= 50 + 10.0 * elapsed  # never ahead of the refill
     assert handler.handed == list(range(1, len(handler.handed) + 1))  # in order
     link.close("test")  # a closed link's backlog is dropped: nothing more is handed over
     handed = len(handler.handed)
-    await asyncio.sleep(0.3)  # three refill periods
+    await asyncio.sleep(0.3)  # proves nothing is handed over in three refill periods
     assert len(handler.handed) == handed
 
 
@@ -196,7 +190,7 @@ async def test_a_failed_write_stops_the_burst_and_drops_the_backlog() -> None:
     # the link is closed and the handler's loop stops; no write on a closing transport
     assert handler.handed == [1, 2, 3]
     assert transport.writes == 2 and link.closed
-    await asyncio.sleep(0.3)  # the backlog (150 frames) was dropped, not drained
+    await asyncio.sleep(0.3)  # proves the backlog (150 frames) was dropped, not drained
     assert handler.handed == [1, 2, 3]
 
 
@@ -206,12 +200,12 @@ async def test_a_backlog_waits_while_the_write_queue_is_full() -> None:
     link.pause_writing()  # the peer does not read our replies
     _receive(link, 600)
     assert len(handler.handed) == 500
-    await asyncio.sleep(0.1)  # ten refill periods: still held by the full write queue
+    await asyncio.sleep(0.1)  # proves the full write queue holds it for ten refill periods
     assert len(handler.handed) == 500
     link.resume_writing()  # the queue drains: the backlog moves again, then reading
-    await _until(lambda: len(handler.handed) == 600)
+    await eventually(lambda: len(handler.handed) == 600)
     assert handler.handed == list(range(1, 601))
-    await _until(lambda: transport.reading)
+    await eventually(lambda: transport.reading)
 
 
 @pytest.mark.parametrize("wanted", [1, 7, 500])

@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from chargegw.app import Gateway
 from chargegw.metrics import Metrics
-from chargegw.store.writer import BatchWriter
+from chargegw.store.writer import BatchWriter, DeviceRow, EventRow, GatewayRow
 from chargeproto import ap3000, bkv
 
 from .conftest import read_only_database
@@ -111,10 +111,10 @@ async def test_a_row_the_database_refuses_is_set_aside_and_the_rest_is_written(
     acked: list[str] = []
     try:
         now = datetime.now(UTC)
-        writer.put_gateway(GW, protocol="bkv", online=True, last_seen_at=now)
-        writer.put_device("dev-ok", protocol="bkv", online=True, temperature_c=30)
-        writer.put_device("dev-bad", protocol="bkv", online=True, signal_strength=2**40)
-        writer.put_event("dev-ok", now, "report", "fine", {"a": 1})
+        writer.put_gateway(GatewayRow(GW, protocol="bkv", online=True, last_seen_at=now))
+        writer.put_device(DeviceRow("dev-ok", protocol="bkv", online=True, temperature_c=30))
+        writer.put_device(DeviceRow("dev-bad", protocol="bkv", online=True, signal_strength=2**40))
+        writer.put_event(EventRow("dev-ok", now, "report", "fine", {"a": 1}))
         writer.after_commit(lambda: acked.append("ack"))
         await asyncio.wait_for(writer.drained(), 10)
     finally:

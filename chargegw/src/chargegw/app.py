@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import structlog
@@ -14,11 +16,19 @@ import uvicorn
 
 from chargegw.audit import mask_frame, mask_iccid_hex, mask_text
 from chargegw.cluster.directory import Cluster, ProcessStats
-from chargegw.config import Settings
+from chargegw.config import Settings, env_var, flag
 from chargegw.core import EventKind
 from chargegw.domain import billing, firmware, params
-from chargegw.domain.orders import Settled, SettlementReport, reported_charging, settle, transition
-from chargegw.domain.outbox import CommandStatus, Finished, Outbox
+from chargegw.domain.orders import (
+    Settled,
+    SettlementReport,
+    add_sample,
+    note_business_no,
+    reported_charging,
+    transition,
+)
+from chargegw.domain.outbox import CommandStatus, Finished, Outbox, OutboxHooks, OutboxSettings
+from chargegw.domain.ports import CardService
 from chargegw.drivers.ap3000 import Ap3000Driver
 from chargegw.drivers.ap3000_commands import Ap3000Commands
 from chargegw.drivers.base import command_label, retry_while_connected
@@ -27,11 +37,18 @@ from chargegw.drivers.bkv_commands import BkvCommands
 from chargegw.metrics import Metrics
 from chargegw.net.sessions import Held, SessionRegistry
 from chargegw.net.transport import CONTROL, DeviceLink, DeviceServer, bound_socket
-from chargegw.store.database import connect_pool, migrate, start_embedded
-from chargegw.store.errors import is_unavailable, reason
+from chargegw.store.database import Connection, connect_pool, migrate, start_embedded
+from chargegw.store.errors import reason
 from chargegw.store.partitions import maintain
-from chargegw.store.values import safe_json
-from chargegw.store.writer import BatchWriter, FlapPolicy, SessionRow
+from chargegw.store.writer import (
+    BatchWriter,
+    DeviceRow,
+    EventRow,
+    FlapPolicy,
+    FrameRow,
+    GatewayRow,
+    SessionRow,
+)
 from chargeproto import (
     Event,
     IccidReceived,
@@ -40,7 +57,49 @@ from chargeproto import (
     StreamError,
 )
 
+if TYPE_CHECKING:
+    from chargegw.api.deps import ApiServices
+
 log = structlog.get_logger("chargegw")
+
+
+class StartupError(Exception):
+    """The gateway cannot start as configured; the message says which setting to change."""
+
+
+def check_listen_addresses(
+    settings: Settings, *, http: bool = True, reuse_port: bool = False
+) -> None:
+    """Fail at once if the device (or HTTP) address cannot be bound, for example because
+    another program (another chargegw?) holds the port: before the embedded PostgreSQL or
+    anything else starts. Port 0 (any free port) is not checked."""
+    listeners = [("device", "device_host", "device_port")]
+    if http:
+        listeners.append(("HTTP", "http_host", "http_port"))
+    for what, host_name, port_name in listeners:
+        host, port = getattr(settings, host_name), getattr(settings, port_name)
+        if port == 0:
+            continue
+        try:
+            bound_socket(host, port, reuse_port=reuse_port).close()
+        except OSError as exc:
+            change_port = f"{flag(port_name)} or {env_var(port_name)}"
+            if exc.errno == errno.EADDRINUSE:
+                why = (
+                    f"the {what} port {port} is already in use on {host} (is another chargegw "
+                    f"running?); stop that program or choose another port with {change_port}"
+                )
+            elif exc.errno == errno.EACCES:
+                why = (
+                    f"no permission to listen on the {what} port {port} (ports below 1024 "
+                    f"need privileges); choose another port with {change_port}"
+                )
+            else:
+                why = (
+                    f"cannot listen on the {what} address {host}:{port} "
+                    f"({exc.strerror or exc}); check {flag(host_name)} or {env_var(host_name)}"
+                )
+            raise StartupError(why) from None
 
 
 class Gateway:
@@ -113,30 +172,38 @@ class Gateway:
         self.outbox = Outbox(
             lambda: self.pool,
             {"ap3000": Ap3000Commands(), "bkv": BkvCommands()},
-            self.sessions.link_of,
-            ack_timeout_s=settings.ack_timeout_s,
-            spacing_s=settings.command_spacing_s,
-            retention_s=settings.command_retention_days * 86400,
-            on_result=self._command_finished,
-            on_finish_tx=self._command_finished_tx,
-            on_sent_tx=self._command_sent_tx,
-            on_backlog=self._outbox_backlog,
-            on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
-            on_answered=self.sessions.ack_ok,
-            on_resend=lambda name: self.metrics.commands_resent_total.inc(),
-            write=self._write_command,
+            OutboxHooks(
+                link_of=self.sessions.link_of,
+                write=self._write_command,
+                on_sent_tx=self._command_sent_tx,
+                on_finish_tx=self._command_finished_tx,
+                on_result=self._command_finished,
+                on_backlog=self._outbox_backlog,
+                on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
+                on_answered=self.sessions.ack_ok,
+                on_resend=lambda name: self.metrics.commands_resent_total.inc(),
+            ),
+            OutboxSettings.from_settings(settings),
             owner=self.cluster.owner,
-            process_timeout_s=settings.process_timeout_s,
-            scan_interval_s=settings.outbox_scan_s,
         )
         self.sessions.on_online = self._online
         self.sessions.on_bound = self._bound
         self.sessions.on_released = self._released
         self.sessions.on_gone = self._gone
         self.writer.on_sessions = self.sessions.bind_results
+        #: the card registry, as the drivers ask it
+        self.cards: CardService = billing.CardDesk(self)
         self.drivers: dict[str, Any] = {"ap3000": Ap3000Driver(self), "bkv": BkvDriver(self)}
+        # the engines hear from the drivers what concerns them, and check the commands
+        # they queue with the drivers' encodings
+        for driver in self.drivers.values():
+            params.listen(self, driver)
+            firmware.listen(self, driver)
+        params.use_encodings({"ap3000": Ap3000Commands(), "bkv": BkvCommands()})
         self._tasks: set[asyncio.Task[Any]] = set()
         self._http: uvicorn.Server | None = None
+        #: the API's documentation page, once the HTTP server runs
+        self.http_url: str | None = None
 
     # -- clock (one place, so tests and drivers agree) --
 
@@ -302,11 +369,13 @@ class Gateway:
                     )
                 )
                 self.writer.put_device(
-                    held.device_id,
-                    protocol=held.protocol,
-                    online=False,
-                    offline_reason="peer closed",
-                    connection_id=held.connection_id,
+                    DeviceRow(
+                        held.device_id,
+                        protocol=held.protocol,
+                        online=False,
+                        offline_reason="peer closed",
+                        connection_id=held.connection_id,
+                    )
                 )
         self.metrics.devices_reasserted_total.inc(len(taken))
         if taken:
@@ -339,13 +408,24 @@ class Gateway:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def api_services(self) -> ApiServices:
+        """What the HTTP routers act through: the outbox, the engines (:meth:`start`
+        runs them) and the settings they need. Building it starts nothing."""
+        from chargegw.api.deps import ApiServices
+
+        return ApiServices(
+            outbox=self.outbox,
+            command_expiry_s=self.settings.command_expiry_s,
+            firmware_max_bytes=self.settings.firmware_max_bytes,
+            owner=self.cluster.owner,
+            kick_params=lambda: params.engine_for(self).kick(),
+            kick_firmware=lambda: firmware.engine_for(self).kick(),
+            start_param_job=functools.partial(params.start_ready, self),
+        )
+
     async def _start_http(self) -> None:
         from chargegw.api.app import ApiState, create_app
-        from chargegw.api.billing import make_billing_router
-        from chargegw.api.cluster import make_cluster_router
-        from chargegw.api.commands import make_router
-        from chargegw.api.firmware import make_firmware_router
-        from chargegw.api.params import make_params_router
+        from chargegw.api.routers import ROUTERS
         from chargegw.domain import auth
 
         assert self.pool is not None
@@ -361,17 +441,9 @@ class Gateway:
             reasons=self.readiness_reasons,
             api_keys=keys,
             auth_required=required,
+            services=self.api_services(),
         )
-        app = create_app(
-            self.api_state,
-            routers=[
-                make_router(self),
-                make_billing_router(self),
-                make_params_router(self),
-                make_cluster_router(self),
-                make_firmware_router(self),
-            ],
-        )
+        app = create_app(self.api_state, routers=ROUTERS)
         config = uvicorn.Config(
             app,
             host=host,
@@ -387,7 +459,9 @@ class Gateway:
         self._spawn(self._http.serve(sockets=[listener]), "http")
         while not self._http.started:
             await asyncio.sleep(0.02)
-        log.info("http listener up", host=host, port=self.settings.http_port)
+        port = listener.getsockname()[1]
+        self.http_url = f"http://{f'[{host}]' if ':' in host else host}:{port}/docs"
+        log.info("http listener up", host=host, port=port)
 
     def readiness(self) -> dict[str, bool]:
         return {
@@ -450,7 +524,9 @@ class Gateway:
             elif isinstance(event, IccidReceived):
                 self.sessions.bind_iccid(link, event.iccid)
                 self.writer.put_frame(
-                    wall, link.id, None, "in", link.protocol, "iccid", mask_iccid_hex(event.raw)
+                    FrameRow(
+                        wall, link.id, None, "in", link.protocol, "iccid", mask_iccid_hex(event.raw)
+                    )
                 )
                 log.info("ICCID", connection=link.id, iccid=mask_text(event.iccid))
             elif isinstance(event, KeepaliveReceived):
@@ -469,13 +545,17 @@ class Gateway:
         if self.cluster.bans and self._refused(link, message, device_id):
             return
         self.writer.put_frame(
-            wall,
-            link.id,
-            device_id or getattr(message, "phy_id", None) or getattr(message, "gateway_id", None),
-            "in",
-            protocol,
-            command,
-            mask_frame(message, event.raw),
+            FrameRow(
+                wall,
+                link.id,
+                device_id
+                or getattr(message, "phy_id", None)
+                or getattr(message, "gateway_id", None),
+                "in",
+                protocol,
+                command,
+                mask_frame(message, event.raw),
+            )
         )
         if driver is None:
             log.warning("no driver for protocol", protocol=protocol, connection=link.id)
@@ -501,14 +581,16 @@ class Gateway:
         self.metrics.decode_errors_total.labels(kind=kind).inc()
         link.errors += 1
         self.writer.put_frame(
-            wall,
-            link.id,
-            None,
-            "in",
-            link.protocol,
-            None,
-            event.raw.hex(),
-            f"{kind}: {event.error}",
+            FrameRow(
+                wall,
+                link.id,
+                None,
+                "in",
+                link.protocol,
+                None,
+                event.raw.hex(),
+                f"{kind}: {event.error}",
+            )
         )
         if link.errors > self.settings.garbage_budget:
             log.warning(
@@ -522,11 +604,13 @@ class Gateway:
         gateway = link.driver_state.get("gateway")
         if gateway is not None:
             self.writer.put_gateway(
-                str(gateway),
-                protocol=link.protocol or "ap3000",
-                online=False,
-                connection_id=link.id,
-                last_seen_at=wall,
+                GatewayRow(
+                    str(gateway),
+                    protocol=link.protocol or "ap3000",
+                    online=False,
+                    connection_id=link.id,
+                    last_seen_at=wall,
+                )
             )
         log.info("connection closed", connection=link.id, reason=reason)
 
@@ -578,18 +662,7 @@ class Gateway:
         assert self.pool is not None
         wall = self.wall()
         async with self.pool.acquire(timeout=5) as conn, conn.transaction():
-            settled = await settle(conn, report, at=wall)
-            unpriced = None
-            if settled.applied:  # priced, and a card charged, in the settlement's transaction
-                unpriced = await self._price(conn, settled.order_no)
-            await conn.execute(
-                """INSERT INTO device_events (device_id, at, kind, reason, detail)
-                   VALUES ($1, $2, 'settlement', $3, $4)""",
-                report.device_id,
-                wall,
-                "applied" if settled.applied else "duplicate",
-                safe_json({**detail, "order_no": settled.order_no}),
-            )
+            settled, unpriced = await billing.settle_and_price(conn, report, at=wall, detail=detail)
         if not settled.applied:
             self.metrics.settlements_duplicate_total.inc()
             return settled
@@ -599,27 +672,6 @@ class Gateway:
         if settled.review_reason is not None or unpriced is not None:
             self.metrics.orders_for_review_total.inc()
         return settled
-
-    async def _price(self, conn: Any, order_no: str) -> str | None:
-        """Price a settled order in a savepoint; a settlement that cannot be priced is
-        kept with the pricing error and marked for review. Returns that error, if any."""
-        try:
-            async with conn.transaction():
-                await billing.price_order(conn, order_no)
-        except Exception as exc:
-            if is_unavailable(exc):
-                raise
-            error = f"{type(exc).__name__}: {exc}"[:500]
-            log.error("settlement stored unpriced, for review", order_no=order_no, error=error)
-            await conn.execute(
-                """UPDATE orders SET pricing_error = $2,
-                          review_reason = COALESCE(review_reason, 'pricing_error')
-                   WHERE order_no = $1""",
-                order_no,
-                error,
-            )
-            return error
-        return None
 
     async def order_progress(
         self,
@@ -643,18 +695,7 @@ class Gateway:
                 start_mode=start_mode,
                 at=wall,
             )
-            await conn.execute(
-                """INSERT INTO order_samples (order_no, at, duration_s, energy_kwh, power_w,
-                                              voltage_v, current_a)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
-                order_no,
-                wall,
-                sample.get("duration_s"),
-                sample.get("energy_kwh"),
-                sample.get("power_w"),
-                sample.get("voltage_v"),
-                sample.get("current_a"),
-            )
+            await add_sample(conn, order_no, wall, sample)
 
     # -- outbox hooks --
 
@@ -662,7 +703,7 @@ class Gateway:
         self.send(link, frame, device_id=device_id, command=name, priority=CONTROL)
 
     async def _command_sent_tx(
-        self, conn: Any, command_id: int, order_no: str | None, name: str, sent: bool
+        self, conn: Connection, command_id: int, order_no: str | None, name: str, sent: bool
     ) -> None:
         """A start or stop is marked sent (or, its bytes never written, taken back): its
         order moves in the same transaction."""
@@ -673,7 +714,7 @@ class Gateway:
         for status, count in counts.items():
             self.metrics.outbox_backlog.labels(status=status).set(count)
 
-    async def _command_finished_tx(self, conn: Any, done: Finished) -> None:
+    async def _command_finished_tx(self, conn: Connection, done: Finished) -> None:
         """A start's outcome moves its order in the command's own transaction (with the
         business number a BKV socket named): committed together or not at all."""
         if done.order_no is None or done.name != "start":
@@ -682,12 +723,7 @@ class Gateway:
             await transition(conn, done.order_no, "start_acked", started_at=self.wall())
             business_no = (done.outcome.reply if done.outcome else {}).get("business_no")
             if isinstance(business_no, int) and business_no:  # also if the order moved on
-                await conn.execute(
-                    """UPDATE orders SET business_no = $2
-                       WHERE order_no = $1 AND business_no IS NULL""",
-                    done.order_no,
-                    business_no,
-                )
+                await note_business_no(conn, done.order_no, business_no)
         else:
             outcome = done.outcome
             why = done.dead_reason or (outcome.result_text if outcome else None)
@@ -708,11 +744,17 @@ class Gateway:
             self.metrics.commands_dead_total.labels(reason=reason).inc()
             # webhook-ready: the device's event log says which command died and why
             self.writer.put_event(
-                done.device_id,
-                self.wall(),
-                EventKind.COMMAND_DEAD.value,
-                reason,
-                {"command_id": done.command_id, "command": done.name, "order_no": done.order_no},
+                EventRow(
+                    done.device_id,
+                    self.wall(),
+                    EventKind.COMMAND_DEAD.value,
+                    reason,
+                    {
+                        "command_id": done.command_id,
+                        "command": done.name,
+                        "order_no": done.order_no,
+                    },
+                )
             )
         await firmware.on_command_finished(self, done.command_id, done.name)
 
@@ -734,13 +776,15 @@ class Gateway:
             self.metrics.frame(protocol, "out", command)
 
         self.writer.put_frame(
-            self.wall(),
-            link.id,
-            device_id,
-            "out",
-            protocol,
-            command,
-            mask_frame(message, frame),
+            FrameRow(
+                self.wall(),
+                link.id,
+                device_id,
+                "out",
+                protocol,
+                command,
+                mask_frame(message, frame),
+            )
         )
         if after_commit:
             self.writer.after_commit(write)
@@ -755,9 +799,21 @@ async def run(
     worker: int = 0,
     force: asyncio.Event | None = None,
 ) -> None:
-    """Run a gateway until ``stop`` is set, then drain it (``force``: cut the drain short)."""
+    """Run a gateway until ``stop`` is set, then drain it (``force``: cut the drain short).
+
+    A port that cannot be bound is a :class:`StartupError` before anything starts (the
+    workers of ``serve --workers N`` share theirs: the supervisor checked them).
+    """
+    if settings.workers == 1:
+        check_listen_addresses(settings)
     gateway = Gateway(settings, worker=worker)
     await gateway.start()
+    if settings.workers == 1:
+        log.info(
+            "ready; Ctrl-C (SIGTERM) drains and stops",
+            devices=gateway.cluster.device_listen,
+            api=gateway.http_url,
+        )
     try:
         await stop.wait()
         await gateway.drain(force)

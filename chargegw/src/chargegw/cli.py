@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from chargegw.config import ConfigError, Settings, load_settings
+from chargegw.config import ConfigError, Settings, load_settings, reference
 from chargegw.logs import configure_logging
 
 #: commands that live in the chargesim tools distribution: name -> (module, attribute)
@@ -58,10 +58,15 @@ def _missing_tools(name: str) -> click.Command:
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
+    """The effective settings; a bad one is a usage error (exit 2) naming each problem."""
     try:
         return load_settings(ctx.obj.get("config"), overrides=flags)
     except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
+        problems = exc.problems or [str(exc)]
+        if len(problems) == 1:
+            raise click.UsageError(f"invalid configuration: {problems[0]}") from None
+        listed = "".join(f"\n  {problem}" for problem in problems)
+        raise click.UsageError(f"invalid configuration:{listed}") from None
 
 
 @click.group(cls=_Main)
@@ -82,13 +87,23 @@ def main(ctx: click.Context, config: str | None) -> None:
 
 @main.command()
 @click.option("--dsn", help="PostgreSQL DSN (default: the embedded server in --data-dir).")
-@click.option("--data-dir", help="Where the embedded PostgreSQL keeps its data.")
-@click.option("--device-host", help="Address of the device listener.")
-@click.option("--device-port", type=int, help="Port of the device listener (both protocols).")
-@click.option("--http-host", help="Address of the HTTP API.")
-@click.option("--http-port", type=int, help="Port of the HTTP API.")
-@click.option("--log-format", type=click.Choice(["console", "json"]))
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--data-dir", help="Where the embedded PostgreSQL keeps its data (default ./chargegw-data)."
+)
+@click.option("--device-host", help="Address of the device listener (default 0.0.0.0).")
+@click.option(
+    "--device-port",
+    type=int,
+    help="Port of the device listener, both protocols (default 8900; 0: any free port).",
+)
+@click.option("--http-host", help="Address of the HTTP API (default 127.0.0.1).")
+@click.option(
+    "--http-port", type=int, help="Port of the HTTP API (default 8980; 0: any free port)."
+)
+@click.option("--log-format", type=click.Choice(["console", "json"]), help="Default console.")
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="Default info."
+)
 @click.option(
     "--workers",
     type=click.IntRange(1, 256),
@@ -180,6 +195,14 @@ def config_show(ctx: click.Context) -> None:
     """Print the effective configuration (secrets masked) as JSON."""
     settings = _settings(ctx.find_root(), **{})
     click.echo(json.dumps(settings.masked(), indent=2))
+
+
+@config.command("settings")
+def config_settings() -> None:
+    """List every setting: its environment variable, default and allowed values."""
+    rows = [("SETTING", "ENVIRONMENT", "DEFAULT", "ALLOWED")]
+    rows += [(name, env, default, allowed) for name, env, default, allowed, _ in reference()]
+    _table(rows)
 
 
 # ---------------------------------------------------------------- apikey

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -35,14 +34,6 @@ log = structlog.get_logger("chargegw.supervisor")
 
 #: a worker that ran at least this long before dying is restarted without delay
 _STABLE_S = 30.0
-
-
-def _check_port(what: str, host: str, port: int) -> None:
-    """Fail before starting workers that could not bind (a port held by another program)."""
-    try:
-        bound_socket(host, port, reuse_port=True).close()
-    except OSError as exc:
-        raise OSError(f"the {what} port {host}:{port} is not free: {exc.strerror}") from None
 
 
 def worker_main(values: dict[str, Any], index: int) -> None:
@@ -88,9 +79,12 @@ class Supervisor:
 
     def prepare(self) -> Settings:
         """Database and ports for the workers; returns the settings they run with."""
-        settings = dataclasses.replace(self.settings)
+        settings = self.settings.model_copy()
+        from chargegw.app import check_listen_addresses
         from chargegw.store.database import connect_pool, migrate, start_embedded
 
+        # before anything starts: a port held by another program (no worker holds it yet)
+        check_listen_addresses(settings)
         if not settings.dsn:
             log.info(
                 "no DSN configured, starting the embedded PostgreSQL",
@@ -109,12 +103,8 @@ class Supervisor:
         asyncio.run(migrated())
         if settings.device_port == 0:
             settings.device_port = self._reserve(settings.device_host)
-        else:
-            _check_port("device", settings.device_host, settings.device_port)
         if settings.http_port == 0:
             settings.http_port = self._reserve(settings.http_host)
-        else:
-            _check_port("HTTP", settings.http_host, settings.http_port)
         return settings
 
     def _reserve(self, host: str) -> int:
@@ -126,7 +116,7 @@ class Supervisor:
     def run(self) -> int:
         """Run the workers until a signal; returns the exit status."""
         settings = self.prepare()
-        values = dataclasses.asdict(settings)
+        values = settings.model_dump()
         signal.signal(signal.SIGTERM, self._signalled)
         signal.signal(signal.SIGINT, self._signalled)
         for index in range(settings.workers):

@@ -33,18 +33,6 @@ _MODEL: Final = {
     0x06: (0x29, 210),
     0x07: (0x30, 105),  # new 12-port F460, 1.xx
 }
-#: replies of the server to messages the pile originates; everything else is a command
-_SERVER_REPLIES: Final = (
-    ap3000.RegistrationReply,
-    ap3000.HeartbeatReply,
-    ap3000.TimeReply,
-    ap3000.SettlementReply,
-    ap3000.LegacyHeartbeatReply,
-    ap3000.CardSwipeReply,
-    ap3000.OrderConfirmReply,
-    ap3000.HostTimeReply,
-    ap3000.HostFirmwareRequestReply,
-)
 _U16: Final = 0xFFFF
 MAX_STORED_SETTLEMENTS: Final = 64
 #: the QR content piles ship with (ap3000.md 9.14)
@@ -207,15 +195,6 @@ UPGRADE_RESEND: Final = 1
 UPGRADE_CHECKSUM: Final = 2
 UPGRADE_WRONG_TYPE: Final = 3
 UPGRADE_NO_CHECK: Final = 4
-#: packet classes -> their reply classes; the E family carries a check packet
-_PACKET_REPLIES: Final[dict[type[ap3000.Ap3000Message], Any]] = {
-    ap3000.SubDeviceFirmwarePacket: ap3000.SubDeviceFirmwareReply,
-    ap3000.PowerBoardFirmwarePacket: ap3000.PowerBoardFirmwareReply,
-    ap3000.HostSetFirmwarePacket: ap3000.HostSetFirmwareReply,
-    ap3000.LegacyFirmwarePacket: ap3000.LegacyFirmwareReply,
-    ap3000.HostLegacyFirmwarePacket: ap3000.HostLegacyFirmwareReply,
-    ap3000.HostFirmwareUpgrade: ap3000.HostFirmwareReply,
-}
 _CHECKED: Final = frozenset({0xE0, 0xE1, 0xE2})
 
 
@@ -506,7 +485,7 @@ class SimulatedAp3000Pile(SimulatedPile):
         return self.iccid.encode("ascii"), "iccid"
 
     def is_command(self, message: Message) -> bool:
-        return not isinstance(message, _SERVER_REPLIES)
+        return not ap3000.is_server_reply(message)
 
     def command_key(self, message: Message) -> Hashable:
         if isinstance(message, ap3000.UnknownMessage):
@@ -1000,7 +979,7 @@ class SimulatedAp3000Pile(SimulatedPile):
         """A 0xE0/0xE1/0xF8 packet for this pile."""
         faults = self.upgrade_faults
         index: int = m.packet_index
-        reply = _PACKET_REPLIES[type(m)]
+        reply: Any = ap3000.replies[type(m)]
         fired, fault_reply = self._packet_fault(m, reply, index)
         if fired:
             return fault_reply
@@ -1093,7 +1072,7 @@ class SimulatedAp3000Pile(SimulatedPile):
         if isinstance(m, ap3000.ReservedFD):
             return ap3000.ReservedFDReply(phy, mid, function=m.function, result=0)
         packet_index = getattr(m, "packet_index", 0)
-        reply_cls = ap3000.message_class(m.command, "up")
+        reply_cls = ap3000.reply_for(m)
         if reply_cls is None:
             return None
         if issubclass(reply_cls, ap3000.ResultReply):
@@ -1108,8 +1087,6 @@ class SimulatedAp3000Pile(SimulatedPile):
         ):
             index = packet_index if isinstance(packet_index, int) else 0
             return reply_cls(phy, mid, result=0, packet_index=index)
-        if reply_cls in (ap3000.TriggerSelfUpgradeAck, ap3000.ReservedFEAck):
-            return reply_cls(phy, mid)
         return None
 
     def _charge_control(self, m: ap3000.ChargeControl) -> ap3000.ChargeControlReply:
@@ -1245,13 +1222,13 @@ class SimulatedAp3000Host(SimulatedAp3000Pile):
             | ap3000.HostSetFirmwarePacket,
         ):
             return self._host_packet(m)
-        reply_cls = ap3000.message_class(m.command, "up")
+        reply_cls = ap3000.reply_for(m)
         if reply_cls is not None and issubclass(reply_cls, ap3000.ResultReply):
             return reply_cls(self.host_id, m.msg_id, result=0)
         return None
 
     def _host_packet(self, m: Any) -> ap3000.Ap3000Message | None:
-        reply = _PACKET_REPLIES[type(m)]
+        reply: Any = ap3000.replies[type(m)]
         index: int = m.packet_index
         fired, fault_reply = self._packet_fault(m, reply, index)
         if fired:

@@ -31,15 +31,6 @@ log = logging.getLogger(__name__)
 
 _B = TypeVar("_B", bound=bkv.BkvMessage)
 
-#: replies of the server to frames the gateway originates; everything else is a command
-_SERVER_REPLIES: Final = (
-    bkv.HeartbeatReply,
-    bkv.StatusClusterAck,
-    bkv.CardEndAck,
-    bkv.FeeModeEndAck,
-    bkv.EventReportAck,
-    bkv.BalanceReply,
-)
 _U16: Final = 0xFFFF
 MAX_PENDING_END_REPORTS: Final = 64
 #: real gateways answer a change (a start, a query) with a status cluster ~10 ms later
@@ -508,7 +499,9 @@ class SimulatedBkvGateway(SimulatedPile):
         return b"", "iccid"
 
     def is_command(self, message: Message) -> bool:
-        return not isinstance(message, _SERVER_REPLIES)
+        # the server's replies are not commands, except a card order: the socket
+        # confirms it (0x0F) and acts on it
+        return bkv.reply_for(message) is not None or not bkv.is_server_reply(message)
 
     def command_key(self, message: Message) -> Hashable:
         assert isinstance(message, bkv.BkvMessage)

@@ -48,6 +48,7 @@ import asyncpg
 import structlog
 
 from chargegw.net.sessions import Held
+from chargegw.store.database import Connection
 from chargegw.store.errors import DB_ERRORS, reason
 
 log = structlog.get_logger("chargegw.cluster.directory")
@@ -213,7 +214,7 @@ class Cluster:
             "SELECT pg_notify($1, d) FROM unnest($2::text[]) AS d", BAN_CHANNEL, device_ids
         )
 
-    async def _refresh_bans(self, conn: Any) -> None:
+    async def _refresh_bans(self, conn: Connection | asyncpg.Pool) -> None:
         rows = await conn.fetch(
             """SELECT device_id, extract(epoch FROM until - now()) AS left_s
                FROM device_bans WHERE until > now()"""
@@ -223,7 +224,7 @@ class Cluster:
 
     # -- notifications --
 
-    def _notified(self, _conn: Any, _pid: int, channel: str, payload: object) -> None:
+    def _notified(self, _conn: Connection, _pid: int, channel: str, payload: object) -> None:
         if channel == OUTBOX_CHANNEL:
             self._on_command(str(payload))
         elif channel == BAN_CHANNEL:
@@ -658,7 +659,9 @@ class Cluster:
         return len(devices), len(gateways)
 
 
-async def _mark_offline(conn: Any, devices: list[str], why: str, owners: list[str | None]) -> None:
+async def _mark_offline(
+    conn: Connection, devices: list[str], why: str, owners: list[str | None]
+) -> None:
     """Devices offline with ``why``, each with an offline event (if it was online)."""
     offline = await conn.fetch(
         """UPDATE devices SET online = false, offline_reason = $2, updated_at = now()
@@ -681,7 +684,9 @@ async def _mark_offline(conn: Any, devices: list[str], why: str, owners: list[st
         )
 
 
-async def list_processes(conn: Any, *, include_stopped: bool = False) -> list[dict[str, Any]]:
+async def list_processes(
+    conn: Connection, *, include_stopped: bool = False
+) -> list[dict[str, Any]]:
     """Processes of the platform with their load (``chargegw nodes``, the API)."""
     rows = await conn.fetch(
         """SELECT owner, node, worker, pid, started_at, heartbeat_at, connections, devices,
@@ -703,7 +708,7 @@ async def list_processes(conn: Any, *, include_stopped: bool = False) -> list[di
     return out
 
 
-async def rebalance(conn: Any, *, rate: float, dry_run: bool = False) -> dict[str, Any]:
+async def rebalance(conn: Connection, *, rate: float, dry_run: bool = False) -> dict[str, Any]:
     """Ask the busiest live processes to shed connections down to the mean.
 
     Each process above the mean (rounded up) is asked to close its surplus at ``rate``
@@ -739,7 +744,7 @@ async def rebalance(conn: Any, *, rate: float, dry_run: bool = False) -> dict[st
     }
 
 
-async def list_bans(conn: Any) -> list[dict[str, Any]]:
+async def list_bans(conn: Connection) -> list[dict[str, Any]]:
     """Devices banned now, soonest-ending first."""
     rows = await conn.fetch(
         """SELECT device_id, until, reason, connects, created_at FROM device_bans
@@ -757,7 +762,7 @@ async def list_bans(conn: Any) -> list[dict[str, Any]]:
     ]
 
 
-async def lift_ban(conn: Any, device_id: str) -> bool:
+async def lift_ban(conn: Connection, device_id: str) -> bool:
     """End a ban now and tell every process; False if the device was not banned."""
     async with conn.transaction():
         lifted = await conn.fetchval(

@@ -7,5 +7,5 @@ the periodic engine passes. Each module keeps its state machine as a table with 
 states and its repository of SQL statements.
 May import: the kernel, ``chargegw.store`` and ``chargegw.net``. Never imports drivers,
 cluster, api or the app: protocol-specific work reaches the engines through the handlers
-that drivers register.
+they register with the drivers, and what both share is in ``ports``.
 """

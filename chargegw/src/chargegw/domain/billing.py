@@ -26,6 +26,27 @@ from typing import Any
 import asyncpg
 import structlog
 
+from chargegw.domain.orders import (
+    OPEN_STATUSES,
+    Settled,
+    SettlementReport,
+    limit_by_time,
+    lock_port,
+    new_order_no,
+    open_card_order,
+    settle,
+)
+from chargegw.domain.outbox import Outbox, Priority
+from chargegw.domain.ports import (
+    EngineContext,
+    LimitedStartParams,
+    StartParams,
+    SwipeResult,
+)
+from chargegw.store.database import Connection
+from chargegw.store.errors import is_unavailable
+from chargegw.store.values import safe_json
+
 log = structlog.get_logger("chargegw.domain.billing")
 
 PLAN_KINDS = ("per_hour", "per_kwh", "power_tier", "fee_tier")
@@ -315,16 +336,6 @@ def account_status(
     return ACCOUNT_NORMAL, "accepted"
 
 
-@dataclasses.dataclass(frozen=True)
-class SwipeResult:
-    account_status: int
-    reason: str
-    balance_cent: int
-    rate_mode: int
-    order_no: str | None = None
-    command_id: int | None = None
-
-
 def normalise_card_id(card_id: str) -> str:
     """Upper-case hex; ``CardError`` 422 unless it is 1 to 32 bytes of hex."""
     text = card_id.strip().upper()
@@ -374,7 +385,7 @@ def bkv_card_order(
 # -- database: plans --
 
 
-async def device_plan(conn: Any, device_id: str) -> tuple[str, str, dict[str, Any]] | None:
+async def device_plan(conn: Connection, device_id: str) -> tuple[str, str, dict[str, Any]] | None:
     row = await conn.fetchrow(
         """SELECT p.name, p.kind, p.parameters FROM device_rate_plans d
            JOIN rate_plans p ON p.name = d.plan WHERE d.device_id = $1""",
@@ -389,7 +400,7 @@ async def device_plan(conn: Any, device_id: str) -> tuple[str, str, dict[str, An
 
 
 async def create_card(
-    conn: Any, card_id: str, *, holder: str | None, balance_cent: int, reference: str | None
+    conn: Connection, card_id: str, *, holder: str | None, balance_cent: int, reference: str | None
 ) -> dict[str, Any]:
     async with conn.transaction():
         row = await conn.fetchrow(
@@ -413,7 +424,7 @@ async def create_card(
     return dict(row)
 
 
-async def _locked_card(conn: Any, card_id: str) -> Any:
+async def _locked_card(conn: Connection, card_id: str) -> Any:
     row = await conn.fetchrow("SELECT * FROM cards WHERE card_id = $1 FOR UPDATE", card_id)
     if row is None:
         raise CardError(f"card {card_id} not found", 404)
@@ -421,7 +432,7 @@ async def _locked_card(conn: Any, card_id: str) -> Any:
 
 
 async def top_up(
-    conn: Any, card_id: str, amount_cent: int, reference: str | None
+    conn: Connection, card_id: str, amount_cent: int, reference: str | None
 ) -> dict[str, Any]:
     """Add to a card's balance (blocked cards too: money in is never refused).
 
@@ -452,6 +463,7 @@ async def top_up(
             card_id,
             balance,
         )
+        assert row is not None  # locked above
         await conn.execute(
             """INSERT INTO card_transactions (card_id, kind, amount_cent, balance_after_cent,
                                               reference)
@@ -464,7 +476,7 @@ async def top_up(
     return dict(row)
 
 
-async def set_status(conn: Any, card_id: str, status: str) -> dict[str, Any]:
+async def set_status(conn: Connection, card_id: str, status: str) -> dict[str, Any]:
     async with conn.transaction():
         await _locked_card(conn, card_id)
         row = await conn.fetchrow(
@@ -473,10 +485,11 @@ async def set_status(conn: Any, card_id: str, status: str) -> dict[str, Any]:
             card_id,
             status,
         )
+    assert row is not None  # locked above
     return dict(row)
 
 
-async def get_card(conn: Any, card_id: str, *, transactions: int = 50) -> dict[str, Any]:
+async def get_card(conn: Connection, card_id: str, *, transactions: int = 50) -> dict[str, Any]:
     row = await conn.fetchrow("SELECT * FROM cards WHERE card_id = $1", card_id)
     if row is None:
         raise CardError(f"card {card_id} not found", 404)
@@ -490,7 +503,9 @@ async def get_card(conn: Any, card_id: str, *, transactions: int = 50) -> dict[s
     return {**dict(row), "transactions": [dict(r) for r in ledger]}
 
 
-async def charge_card(conn: Any, card_id: str, order_no: str, amount_cent: int) -> tuple[int, int]:
+async def charge_card(
+    conn: Connection, card_id: str, order_no: str, amount_cent: int
+) -> tuple[int, int]:
     """Deduct an order's amount (inside the caller's transaction): never below zero.
     Returns (charged, shortfall); a missing card is all shortfall."""
     card = await conn.fetchrow("SELECT * FROM cards WHERE card_id = $1 FOR UPDATE", card_id)
@@ -527,7 +542,50 @@ async def charge_card(conn: Any, card_id: str, order_no: str, amount_cent: int) 
 # -- database: settlement and swipes --
 
 
-async def price_order(conn: Any, order_no: str) -> Priced | None:
+async def settle_and_price(
+    conn: Connection, report: SettlementReport, *, at: datetime, detail: Mapping[str, Any]
+) -> tuple[Settled, str | None]:
+    """Apply a settlement once (:func:`~chargegw.domain.orders.settle`), price it and
+    charge its card, and log it in the device's events, all in the caller's transaction
+    (which must commit before the device is answered). Returns the settlement and, if it
+    could not be priced, why (it is then kept for review)."""
+    settled = await settle(conn, report, at=at)
+    unpriced = await price_or_flag(conn, settled.order_no) if settled.applied else None
+    await conn.execute(
+        """INSERT INTO device_events (device_id, at, kind, reason, detail)
+           VALUES ($1, $2, 'settlement', $3, $4)""",
+        report.device_id,
+        at,
+        "applied" if settled.applied else "duplicate",
+        safe_json({**detail, "order_no": settled.order_no}),
+    )
+    return settled, unpriced
+
+
+async def price_or_flag(conn: Connection, order_no: str) -> str | None:
+    """Price a settled order in a savepoint; one that cannot be priced is kept with the
+    pricing error and marked for review. Returns that error, if any; an unavailable
+    database is raised (the settlement is retried, not stored unpriced)."""
+    try:
+        async with conn.transaction():
+            await price_order(conn, order_no)
+    except Exception as exc:
+        if is_unavailable(exc):
+            raise
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        log.error("settlement stored unpriced, for review", order_no=order_no, error=error)
+        await conn.execute(
+            """UPDATE orders SET pricing_error = $2,
+                      review_reason = COALESCE(review_reason, 'pricing_error')
+               WHERE order_no = $1""",
+            order_no,
+            error,
+        )
+        return error
+    return None
+
+
+async def price_order(conn: Connection, order_no: str) -> Priced | None:
     """Price a just-settled order and charge its card, inside the settlement's
     transaction. Once per order: None when it was priced already or does not exist.
 
@@ -629,15 +687,15 @@ def billing_time(order: Mapping[str, Any]) -> tuple[datetime, str]:
 
 
 async def card_swipe(
-    conn: Any,
-    outbox: Any,
+    conn: Connection,
+    outbox: Outbox,
     *,
     device_id: str,
     protocol: str,
     card_id: str,
     port: int | None,
     expires_s: float,
-    start_params: Any,
+    start_params: StartParams | None,
     business_no: int | None = None,
 ) -> SwipeResult:
     """Decide on a swipe (``port`` 1-based, None for a balance query) in one transaction;
@@ -648,9 +706,6 @@ async def card_swipe(
     ``business_no`` (BKV: allocated by the socket with the swipe) is stored on the order,
     so the session's end report finds it.
     """
-    from chargegw.domain.orders import new_order_no
-    from chargegw.domain.outbox import Priority
-
     async with conn.transaction():
         card = await conn.fetchrow(
             "SELECT * FROM cards WHERE card_id = $1 FOR UPDATE", card_id.upper()
@@ -664,6 +719,7 @@ async def card_swipe(
         balance = int(card["balance_cent"]) if card is not None else 0
         if status != ACCOUNT_NORMAL or port is None:
             return SwipeResult(status, reason, balance, rate_mode)
+        assert card is not None  # only a card is in good standing
         if plan is None:
             return SwipeResult(ACCOUNT_DEVICE_UNREGISTERED, "no_rate_plan", balance, rate_mode)
         count = await conn.fetchval(
@@ -671,11 +727,10 @@ async def card_swipe(
         )
         if count is not None and port > count:
             return SwipeResult(ACCOUNT_PORT_UNAVAILABLE, "no_such_port", balance, rate_mode)
-        open_states = ("pending", "starting", "charging", "stopping")
         if await conn.fetchval(
             "SELECT 1 FROM orders WHERE card_id = $1 AND status = ANY($2::text[])",
             card["card_id"],
-            list(open_states),
+            list(OPEN_STATUSES),
         ):
             return SwipeResult(ACCOUNT_CHARGING_TWICE, "card_already_charging", balance, rate_mode)
         if await conn.fetchval(
@@ -683,7 +738,7 @@ async def card_swipe(
                AND status = ANY($3::text[])""",
             device_id,
             port,
-            list(open_states),
+            list(OPEN_STATUSES),
         ):
             return SwipeResult(ACCOUNT_PORT_UNAVAILABLE, "port_busy", balance, rate_mode)
         order_no = new_order_no()
@@ -706,6 +761,7 @@ async def card_swipe(
                 raise
             # an API start (or another swipe) opened an order on the port meanwhile
             return SwipeResult(ACCOUNT_PORT_UNAVAILABLE, "port_busy", balance, rate_mode)
+        assert start_params is not None, "a swipe on a port needs its start parameters"
         command_id = await outbox.submit(
             conn,
             device_id=device_id,
@@ -720,6 +776,88 @@ async def card_swipe(
             "UPDATE orders SET start_command_id = $2 WHERE order_no = $1", order_no, command_id
         )
     return SwipeResult(ACCOUNT_NORMAL, "accepted", balance, rate_mode, order_no, command_id)
+
+
+class CardDesk:
+    """The card registry as the drivers ask it (``ports.CardService``): each decision in
+    its own transaction, its start command in the outbox."""
+
+    def __init__(self, ctx: EngineContext) -> None:
+        self.ctx = ctx
+
+    def _pool(self, what: str) -> asyncpg.Pool:
+        pool = self.ctx.pool
+        if pool is None:
+            raise RuntimeError(f"no database pool: {what} left unanswered")
+        return pool
+
+    async def swipe(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        card_id: str,
+        port: int | None,
+        start_params: StartParams | None,
+        what: str,
+    ) -> SwipeResult:
+        """Decide on a swipe (``port`` None: a balance query), see :func:`card_swipe`."""
+        async with self._pool(what).acquire(timeout=5) as conn:
+            return await card_swipe(
+                conn,
+                self.ctx.outbox,
+                device_id=device_id,
+                protocol=protocol,
+                card_id=card_id,
+                port=port,
+                expires_s=self.ctx.settings.command_expiry_s,
+                start_params=start_params,
+            )
+
+    async def swipe_with_limit(
+        self,
+        *,
+        protocol: str,
+        device_id: str,
+        card_id: str,
+        port: int,
+        business_no: int,
+        start_params: LimitedStartParams,
+    ) -> SwipeResult:
+        """Decide on a swipe whose start carries what the balance buys under the device's
+        plan (:func:`bkv_card_order`); a ``per_hour`` order ends at that time limit. The
+        same swipe again (its ``business_no`` has an open card order) is ``resent``."""
+        async with self._pool("card swipe").acquire(timeout=5) as conn, conn.transaction():
+            # a copy of the swipe resent before the first is decided waits here for its
+            # commit, then finds its order (not the card busy with it, which would refuse
+            # a swipe the platform accepted); same lock order as a settlement
+            await lock_port(conn, device_id, port)
+            resent = await open_card_order(conn, device_id, port, business_no)
+            if resent is not None:
+                return SwipeResult(ACCOUNT_NORMAL, "resend", 0, 0, order_no=resent, resent=True)
+            plan = await device_plan(conn, device_id)
+            kind, params = (plan[1], plan[2]) if plan is not None else (None, {})
+            limit: dict[str, Any] = {}
+
+            def start(_order_no: str, _port: int, _rate_mode: int, balance: int) -> dict[str, Any]:
+                order = bkv_card_order(kind, params, balance)
+                limit["duration_min"] = order["duration_min"]
+                return start_params(order)
+
+            result = await card_swipe(
+                conn,
+                self.ctx.outbox,
+                device_id=device_id,
+                protocol=protocol,
+                card_id=card_id,
+                port=port,
+                expires_s=self.ctx.settings.command_expiry_s,
+                start_params=start,
+                business_no=business_no,
+            )
+            if result.order_no is not None and kind == "per_hour":
+                await limit_by_time(conn, result.order_no, limit["duration_min"])
+        return result
 
 
 # -- reconciliation --
@@ -746,7 +884,7 @@ REPORT_COLUMNS = (
 TOTAL_COLUMNS = ("orders", "amount_cent", "card_charged_cent", "shortfall_cent")
 
 
-async def reconciliation(conn: Any, day: date) -> dict[str, Any]:
+async def reconciliation(conn: Connection, day: date) -> dict[str, Any]:
     """Every order billed on ``day`` (UTC) with its amount and pricing inputs, and the
     totals - computed from the rows themselves, so they add up to the cent. An order is
     billed when it settled; a device-initiated one at the device's own end time

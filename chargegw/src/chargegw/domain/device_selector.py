@@ -21,6 +21,8 @@ from chargegw.store.database import Connection
 
 SELECTOR_FORMS = frozenset({"device_ids", "device_type", "all"})
 PROTOCOL_NAMES = {"ap3000": "AP3000", "bkv": "BKV"}
+#: device type codes are one byte on the wire (ap3000.md 11.9)
+MAX_DEVICE_TYPE = 0xFF
 
 
 class SelectorError(ValueError):
@@ -60,6 +62,8 @@ def parse_selector(raw: Any) -> Selector:
             or not (firmware is None or isinstance(firmware, str))
         ):
             raise SelectorError("device_type must be an integer, firmware a string")
+        if not 0 <= device_type <= MAX_DEVICE_TYPE:
+            raise SelectorError(f"device_type must be 0-{MAX_DEVICE_TYPE} (a type code byte)")
         return Selector(device_type=device_type, firmware=firmware)
     if raw != {"all": True}:
         raise SelectorError('expected {"all": true}')

@@ -10,7 +10,16 @@ the gateway downloads the file itself (bkv.md 8).
 Per target:
 
 ``queued`` -> ``transferring`` (packet n of m) -> ``rebooting`` -> ``verified``, or
-``failed`` with a reason at any point (``cancelled`` by the operator).
+``failed`` with a reason at any point (``cancelled`` by the operator). The table
+(:data:`TARGET_STATES`, :class:`TargetState`)::
+
+    (none) --job created--> queued;  (none) --another upgrade runs--> failed
+    queued --started--> transferring --transferred--> rebooting
+    transferring | rebooting --the device asks again, resends exhausted--> transferring
+    queued | transferring | rebooting --new version reported--> verified
+    queued | transferring | rebooting --refused, timed out--> failed
+    queued | transferring --cancelled--> cancelled
+    verified, failed, cancelled: final
 
 - A target starts when the job has a free slot (``concurrency`` upgrades in progress,
   ``rate_per_min`` starts in any 60 s), the device is online and, unless the job is
@@ -50,42 +59,114 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import enum
 import hashlib
 import ipaddress
 import json
 import weakref
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from collections.abc import Callable, Mapping
+from typing import Any, Final, TypeAlias
 
 import asyncpg
 import structlog
 
-from chargegw.core import EventKind
+from chargegw.core import EventKind, PortStatus
 from chargegw.domain.device_selector import PROTOCOL_NAMES, Selector, SelectorError, select_devices
-from chargegw.domain.outbox import Priority
+from chargegw.domain.machine import StateMachine, state_values
+from chargegw.domain.orders import OPEN_STATUSES
+from chargegw.domain.outbox import CommandStatus, Priority
 from chargegw.domain.passes import run_passes
-from chargegw.drivers.base import send_reply
+from chargegw.domain.ports import EngineContext, Inbound, MessageHooks
 from chargegw.store.database import Connection
 from chargeproto import ABSENT, Message, ap3000, bkv
-
-if TYPE_CHECKING:
-    from chargegw.drivers.base import DriverContext
-    from chargegw.net.transport import DeviceLink
 
 log = structlog.get_logger("chargegw.domain.firmware")
 
 #: a row of the database (an image, a target joined with its job and image) or a copy
 Row: TypeAlias = "asyncpg.Record | Mapping[str, Any]"
 
-ACTIVE: Final = ("queued", "transferring", "rebooting")
-STATES: Final = ("queued", "transferring", "rebooting", "verified", "failed", "cancelled")
+
+class TargetState(str, enum.Enum):
+    """``upgrade_targets.state``."""
+
+    QUEUED = "queued"
+    TRANSFERRING = "transferring"
+    REBOOTING = "rebooting"
+    VERIFIED = "verified"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TargetEvent(str, enum.Enum):
+    """What moves an upgrade target."""
+
+    #: the job is created with the target
+    CREATED = "created"
+    #: a slot is free and the device may start: the first packet is queued
+    STARTED = "started"
+    #: the device asked for firmware, or a packet failed too often (0xF8/0xF9): packet 1
+    RESTARTED = "restarted"
+    #: the last packet is acknowledged (BKV: the OTA frame is sent)
+    TRANSFERRED = "transferred"
+    #: the device reports the image's version (or did before it started)
+    VERIFIED = "verified"
+    #: refused (by the checks or the device), resends exhausted, too long offline or
+    #: without a version report, another version after the reboot
+    FAILED = "failed"
+    #: the operator cancelled the job
+    CANCELLED = "cancelled"
+
+
+_T = TargetState
+#: (from, event) -> to; from None: the target's row does not exist yet
+TARGET_STATES: Final = StateMachine[TargetState, TargetEvent](
+    "upgrade target",
+    {
+        (None, TargetEvent.CREATED): _T.QUEUED,
+        (None, TargetEvent.FAILED): _T.FAILED,
+        (_T.QUEUED, TargetEvent.STARTED): _T.TRANSFERRING,
+        (_T.TRANSFERRING, TargetEvent.TRANSFERRED): _T.REBOOTING,
+        (_T.TRANSFERRING, TargetEvent.RESTARTED): _T.TRANSFERRING,
+        (_T.REBOOTING, TargetEvent.RESTARTED): _T.TRANSFERRING,
+        (_T.QUEUED, TargetEvent.VERIFIED): _T.VERIFIED,  # it runs the version already
+        (_T.TRANSFERRING, TargetEvent.VERIFIED): _T.VERIFIED,
+        (_T.REBOOTING, TargetEvent.VERIFIED): _T.VERIFIED,
+        (_T.QUEUED, TargetEvent.FAILED): _T.FAILED,
+        (_T.TRANSFERRING, TargetEvent.FAILED): _T.FAILED,
+        (_T.REBOOTING, TargetEvent.FAILED): _T.FAILED,
+        (_T.QUEUED, TargetEvent.CANCELLED): _T.CANCELLED,
+        (_T.TRANSFERRING, TargetEvent.CANCELLED): _T.CANCELLED,
+    },
+)
+#: targets in progress (one per device at a time: a unique index)
+ACTIVE: Final = frozenset({_T.QUEUED, _T.TRANSFERRING, _T.REBOOTING})
+#: targets whose commands are on their way or whose reboot is awaited
+MOVING: Final = frozenset({_T.TRANSFERRING, _T.REBOOTING})
+#: commands that will not change any more
+_FINISHED_COMMANDS: Final = frozenset(
+    {CommandStatus.ACKED, CommandStatus.FAILED, CommandStatus.DEAD}
+)
+#: the partial unique index's predicate, which ``ON CONFLICT`` must repeat (no parameters)
+_ACTIVE_SQL: Final = "state IN ({})".format(", ".join(f"'{v}'" for v in state_values(ACTIVE)))
+
+
+class Waiting(str, enum.Enum):
+    """Why a target does not move on (``upgrade_targets.waiting``)."""
+
+    OFFLINE = "offline"
+    #: a port charges (only a forced job upgrades a busy device)
+    CHARGING = "charging"
+    #: the device has not reported its type yet
+    UNKNOWN_TYPE = "unknown_type"
+
+
 #: physical-id type codes of AP3000 hosts (ap3000.md 4)
 HOST_ID_TYPES: Final = frozenset({0x09, 0x0A})
 #: BKV OTA targets (bkv.md 11.5): 1 = the gateway (DTU), the only documented one
 BKV_OTA_TARGETS: Final = {1: "gateway (DTU)"}
 #: port statuses and order statuses that make a device busy (not upgraded unless forced)
-BUSY_PORTS: Final = ("charging", "float")
-OPEN_ORDERS: Final = ("pending", "starting", "charging", "stopping")
+BUSY_PORTS: Final = (PortStatus.CHARGING.value, PortStatus.FLOAT.value)
+OPEN_ORDERS: Final = OPEN_STATUSES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,7 +444,7 @@ async def delete_image(conn: Connection, firmware_id: int) -> None:
         """SELECT DISTINCT j.job_id FROM upgrade_jobs j JOIN upgrade_targets t USING (job_id)
            WHERE j.firmware_id = $1 AND t.state = ANY($2::text[]) ORDER BY j.job_id""",
         firmware_id,
-        list(ACTIVE),
+        state_values(ACTIVE),
     )
     if jobs:
         ids = ", ".join(str(j["job_id"]) for j in jobs)
@@ -386,8 +467,8 @@ class Check:
 
     #: the image must not be sent: the reason (the target fails)
     refused: str | None = None
-    #: not now: ``offline``, ``charging`` or ``unknown_type`` (the target waits)
-    waiting: str | None = None
+    #: not now (the target waits)
+    waiting: Waiting | None = None
     via: str | None = None
     version: str | None = None
 
@@ -428,15 +509,17 @@ async def check_target(conn: Connection, image: Row, target_id: str, *, force: b
             return Check(refused=f"{target_id} is not an AP3000 host (id type 0x09/0x0A)")
         refused = await _host_refusal(conn, image, fam, target_id)
         if refused is not None:
-            return Check(refused=refused) if refused != "unknown_type" else Check(waiting=refused)
+            if isinstance(refused, Waiting):
+                return Check(waiting=refused)
+            return Check(refused=refused)
     version = gateway["firmware"]
     if fam.report == "subdevices":
         version = await _subdevice_version(conn, target_id, image["device_type"])
     if not behind:  # commands reach a gateway through a device behind it
-        return Check(waiting="offline", version=version)
+        return Check(waiting=Waiting.OFFLINE, version=version)
     busy_scope = behind if fam.target == "gateway" or fam.report == "subdevices" else []
     if busy_scope and not force and await _busy(conn, busy_scope):
-        return Check(waiting="charging", via=behind[0], version=version)
+        return Check(waiting=Waiting.CHARGING, via=behind[0], version=version)
     return Check(via=behind[0], version=version)
 
 
@@ -452,7 +535,7 @@ async def _check_pile(
         return Check(refused=f"{device_id} is a host: use a host image (0xFA, 0xF9, 0xE2)")
     reported = device["device_type"]
     if reported is None:
-        return Check(waiting="unknown_type")
+        return Check(waiting=Waiting.UNKNOWN_TYPE)
     if reported != image["device_type"]:
         return Check(
             refused=f"the device reports type {_hex(reported)}, the image is for"
@@ -479,9 +562,9 @@ async def _check_pile(
             f" upgrades with {expected}, the image is {fam.name} (ap3000.md 11.9)"
         )
     if not device["online"]:
-        return Check(waiting="offline", version=version)
+        return Check(waiting=Waiting.OFFLINE, version=version)
     if not force and await _busy(conn, [device_id]):
-        return Check(waiting="charging", via=device_id, version=version)
+        return Check(waiting=Waiting.CHARGING, via=device_id, version=version)
     return Check(via=device_id, version=version)
 
 
@@ -499,7 +582,10 @@ async def host_type(conn: Connection, host_id: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-async def _host_refusal(conn: Connection, image: Row, fam: Family, host_id: str) -> str | None:
+async def _host_refusal(
+    conn: Connection, image: Row, fam: Family, host_id: str
+) -> str | Waiting | None:
+    """Why ``image`` cannot go to the host (or what it waits for), or None."""
     if fam.name == "0xE2":  # the image is for sub-devices of its type behind the host
         found = await conn.fetchval(
             "SELECT count(*) FROM devices WHERE gateway_id = $1 AND device_type = $2",
@@ -511,7 +597,7 @@ async def _host_refusal(conn: Connection, image: Row, fam: Family, host_id: str)
         return None
     reported = await host_type(conn, host_id)
     if reported is None:
-        return "unknown_type"
+        return Waiting.UNKNOWN_TYPE
     if reported != image["device_type"]:
         return (
             f"the host reports type {_hex(reported)}, the image is for {_hex(image['device_type'])}"
@@ -633,22 +719,23 @@ async def create_job(
         if check.refused is not None and single:
             raise FirmwareError(f"{target_id}: {check.refused}", "selector")
         inserted = await conn.fetchval(
-            """INSERT INTO upgrade_targets (job_id, target_id, state, total_packets,
-                                            previous_version)
-               VALUES ($1, $2, 'queued', $3, $4)
-               ON CONFLICT (target_id) WHERE state IN ('queued', 'transferring', 'rebooting')
-               DO NOTHING RETURNING target_id""",
+            f"""INSERT INTO upgrade_targets (job_id, target_id, state, total_packets,
+                                             previous_version)
+                VALUES ($1, $2, $5, $3, $4)
+                ON CONFLICT (target_id) WHERE {_ACTIVE_SQL}
+                DO NOTHING RETURNING target_id""",
             job_id,
             target_id,
             image["total_packets"],
             check.version,
+            TARGET_STATES.check(None, TargetEvent.CREATED).value,
         )
         if inserted is None:
             other = await conn.fetchval(
                 """SELECT job_id FROM upgrade_targets WHERE target_id = $1
                    AND state = ANY($2::text[])""",
                 target_id,
-                list(ACTIVE),
+                state_values(ACTIVE),
             )
             if single:
                 raise ConflictError(f"{target_id} is being upgraded by job {other}")
@@ -656,7 +743,7 @@ async def create_job(
                 conn, job_id, target_id, image, f"another upgrade is in progress (job {other})"
             )
         elif check.refused is not None:
-            await _finish(conn, job_id, target_id, image, "failed", check.refused)
+            await _finish(conn, job_id, target_id, image, TargetEvent.FAILED, check.refused)
     return job_id
 
 
@@ -666,11 +753,12 @@ async def _insert_failed(
     await conn.execute(
         """INSERT INTO upgrade_targets (job_id, target_id, state, total_packets,
                                         failure_reason, finished_at)
-           VALUES ($1, $2, 'failed', $3, $4, now())""",
+           VALUES ($1, $2, $5, $3, $4, now())""",
         job_id,
         target_id,
         image["total_packets"],
         reason,
+        TARGET_STATES.check(None, TargetEvent.FAILED).value,
     )
     await _event(conn, target_id, EventKind.UPGRADE_FAILED, reason, job_id, image, {})
 
@@ -683,12 +771,15 @@ async def cancel_job(conn: Connection, job_id: int) -> list[str]:
         raise NotFoundError(f"upgrade job {job_id} not found")
     if job["finished_at"] is not None or job["cancelled_at"] is not None:
         raise ConflictError(f"upgrade job {job_id} is already finished")
+    cancelled, sources = TARGET_STATES.step(TargetEvent.CANCELLED)
     rows = await conn.fetch(
-        """UPDATE upgrade_targets SET state = 'cancelled', failure_reason = 'cancelled',
+        """UPDATE upgrade_targets SET state = $2, failure_reason = 'cancelled',
                   finished_at = now(), updated_at = now(), waiting = NULL
-           WHERE job_id = $1 AND state IN ('queued', 'transferring')
+           WHERE job_id = $1 AND state = ANY($3::text[])
            RETURNING command_id, via_device_id""",
         job_id,
+        cancelled,
+        sources,
     )
     await _withdraw(conn, [r["command_id"] for r in rows], "cancelled")
     await conn.execute("UPDATE upgrade_jobs SET cancelled_at = now() WHERE job_id = $1", job_id)
@@ -700,10 +791,12 @@ async def _withdraw(conn: Connection, command_ids: list[int | None], reason: str
     ids = [c for c in command_ids if c is not None]
     if ids:
         await conn.execute(
-            """UPDATE commands SET status = 'dead', dead_reason = $2, finished_at = now()
-               WHERE command_id = ANY($1::bigint[]) AND status = 'pending'""",
+            """UPDATE commands SET status = $3, dead_reason = $2, finished_at = now()
+               WHERE command_id = ANY($1::bigint[]) AND status = $4""",
             ids,
             reason,
+            CommandStatus.DEAD.value,
+            CommandStatus.PENDING.value,
         )
 
 
@@ -720,7 +813,7 @@ async def job_view(conn: Connection, job_id: int) -> dict[str, Any]:
     rows = await conn.fetch(
         "SELECT * FROM upgrade_targets WHERE job_id = $1 ORDER BY target_id", job_id
     )
-    counts = dict.fromkeys(STATES, 0)
+    counts = {state.value: 0 for state in TargetState}
     devices = []
     for r in rows:
         counts[r["state"]] += 1
@@ -741,7 +834,7 @@ async def job_view(conn: Connection, job_id: int) -> dict[str, Any]:
                 "finished_at": _time(r["finished_at"]),
             }
         )
-    active = any(counts[s] for s in ACTIVE)
+    active = any(counts[s.value] for s in ACTIVE)
     state = "running" if active else "cancelled" if job["cancelled_at"] else "done"
     return {
         "job_id": job_id,
@@ -771,28 +864,35 @@ async def _finish(
     job_id: int,
     target_id: str,
     image: Row,
-    state: str,
+    event: TargetEvent,
     reason: str | None,
     *,
     reported: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
-    """A target ends ``verified`` or ``failed``; its event row in the same transaction."""
+    """A target in progress ends ``verified`` or ``failed`` (``event``); its event row in
+    the same transaction."""
+    state, sources = TARGET_STATES.step(event)
     row = await conn.fetchrow(
         """UPDATE upgrade_targets SET state = $3, failure_reason = $4, finished_at = now(),
                   updated_at = now(), reported_version = coalesce($5, reported_version),
                   command_id = NULL, waiting = NULL
-           WHERE job_id = $1 AND target_id = $2 RETURNING command_id, previous_version""",
+           WHERE job_id = $1 AND target_id = $2 AND state = ANY($6::text[])
+           RETURNING command_id, previous_version""",
         job_id,
         target_id,
         state,
         reason,
         reported,
+        sources,
     )
-    kind = EventKind.UPGRADE_VERIFIED if state == "verified" else EventKind.UPGRADE_FAILED
+    if row is None:  # the callers hold the row's lock in a state the event leaves
+        log.warning("upgrade target already ended", job_id=job_id, device_id=target_id)
+        return
+    verified = event is TargetEvent.VERIFIED
+    kind = EventKind.UPGRADE_VERIFIED if verified else EventKind.UPGRADE_FAILED
     extra = {"reported_version": reported, **(detail or {})}
-    if row is not None:
-        extra["previous_version"] = row["previous_version"]
+    extra["previous_version"] = row["previous_version"]
     await _event(conn, target_id, kind, reason, job_id, image, extra)
 
 
@@ -841,7 +941,7 @@ def _time(value: Any) -> str | None:
 class _Result:
     """A finished packet command, as the outbox left it in ``commands``."""
 
-    status: str
+    status: CommandStatus
     attempts: int
     result_code: int | None
     result_text: str | None
@@ -861,7 +961,7 @@ _IMAGE_CACHE = 4
 class UpgradeEngine:
     """One process's share of the upgrade work (see the module docstring)."""
 
-    def __init__(self, ctx: DriverContext) -> None:
+    def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
         #: targets in progress anywhere (refreshed every pass): a filter for reports;
         #: None until the first pass, when every report is looked up
@@ -896,7 +996,8 @@ class UpgradeEngine:
         if self.watch is None:
             self.watch = set()
         rows = await pool.fetch(
-            "SELECT target_id FROM upgrade_targets WHERE state IN ('transferring', 'rebooting')"
+            "SELECT target_id FROM upgrade_targets WHERE state = ANY($1::text[])",
+            state_values(MOVING),
         )
         self.watch = {r["target_id"] for r in rows}
         await self._recover(pool)
@@ -995,13 +1096,14 @@ class UpgradeEngine:
             if job is None:
                 return
             counts = await conn.fetchrow(
-                """SELECT count(*) FILTER (WHERE state IN ('transferring', 'rebooting'))
-                              AS active,
-                          count(*) FILTER (WHERE state = 'queued') AS queued,
+                """SELECT count(*) FILTER (WHERE state = ANY($2::text[])) AS active,
+                          count(*) FILTER (WHERE state = $3) AS queued,
                           count(*) FILTER (WHERE started_at > now() - interval '60 s')
                               AS recent
                    FROM upgrade_targets WHERE job_id = $1""",
                 job_id,
+                state_values(MOVING),
+                _T.QUEUED.value,
             )
             assert counts is not None
             if counts["active"] == 0 and counts["queued"] == 0:
@@ -1017,11 +1119,12 @@ class UpgradeEngine:
                 return
             candidates = await conn.fetch(
                 _TARGET_SQL
-                + """ WHERE t.job_id = $1 AND t.state = 'queued'
+                + """ WHERE t.job_id = $1 AND t.state = $3
                       ORDER BY t.checked_at NULLS FIRST, t.target_id LIMIT $2
                       FOR UPDATE OF t SKIP LOCKED""",
                 job_id,
                 max(slots * 4, 50),
+                _T.QUEUED.value,
             )
             for t in candidates:
                 if slots <= 0:
@@ -1035,7 +1138,7 @@ class UpgradeEngine:
         check = await check_target(conn, t, t["target_id"], force=t["force"])
         job_id, target_id = t["job_id"], t["target_id"]
         if check.refused is not None:
-            await _finish(conn, job_id, target_id, t, "failed", check.refused)
+            await _finish(conn, job_id, target_id, t, TargetEvent.FAILED, check.refused)
             return False
         if check.waiting is not None:
             await conn.execute(
@@ -1045,7 +1148,7 @@ class UpgradeEngine:
                    WHERE job_id = $1 AND target_id = $2""",
                 job_id,
                 target_id,
-                check.waiting,
+                check.waiting.value,
             )
             return False
         if check.version is not None and check.version == t["version"]:
@@ -1054,21 +1157,24 @@ class UpgradeEngine:
                 job_id,
                 target_id,
                 t,
-                "verified",
+                TargetEvent.VERIFIED,
                 None,
                 reported=check.version,
                 detail={"already": True},
             )
             return False
+        current = TargetState(t["state"])
         await conn.execute(
-            """UPDATE upgrade_targets SET state = 'transferring', started_at = now(),
+            """UPDATE upgrade_targets SET state = $5, started_at = now(),
                       checked_at = now(), via_device_id = $3, acked_packets = 0,
                       restarts = 0, previous_version = $4, updated_at = now()
-               WHERE job_id = $1 AND target_id = $2""",
+               WHERE job_id = $1 AND target_id = $2 AND state = $6""",
             job_id,
             target_id,
             check.via,
             check.version,
+            TARGET_STATES.check(current, TargetEvent.STARTED).value,
+            current.value,
         )
         await _event(
             conn,
@@ -1099,7 +1205,7 @@ class UpgradeEngine:
             t = await conn.fetchrow(
                 _TARGET_SQL + " WHERE t.command_id = $1 FOR UPDATE OF t", command_id
             )
-            if t is None or t["state"] != "transferring":
+            if t is None or t["state"] != _T.TRANSFERRING.value:
                 return  # withdrawn, restarted or cancelled meanwhile
             ended = await self._advance(conn, t, await _command_result(conn, command_id), wake)
         self._wake(wake)
@@ -1115,13 +1221,13 @@ class UpgradeEngine:
         if res is None:  # purged: send it again
             await self._send(conn, t, packet, t["packet_sends"], wake)
             return False
-        if res.status in ("pending", "sent"):  # still on its way: its result will come
+        if res.status in (CommandStatus.PENDING, CommandStatus.SENT):  # its result will come
             return False
         sends = t["packet_sends"] + res.attempts
         what = "the OTA command" if fam.protocol == "bkv" else f"packet {packet}"
         if packet == 0 and fam.trigger:
             what = "the upgrade trigger"
-        if res.status == "acked":
+        if res.status is CommandStatus.ACKED:
             if fam.protocol == "bkv":
                 await self._transferred(conn, t)
                 return False
@@ -1147,30 +1253,38 @@ class UpgradeEngine:
             else:
                 await self._send(conn, t, base + 2, 0, wake)
             return False
-        if res.status == "failed":
+        if res.status is CommandStatus.FAILED:
             code = res.result_code
             text = f"{res.result_text or 'result'} ({code})"
             resend = fam.resend_results if packet else frozenset({1})
             if code in resend or (packet == 0 and fam.trigger):
                 return await self._again(conn, t, fam, packet, sends, text, wake)
             await _finish(
-                conn, t["job_id"], t["target_id"], t, "failed", f"the device refused {what}: {text}"
+                conn,
+                t["job_id"],
+                t["target_id"],
+                t,
+                TargetEvent.FAILED,
+                f"the device refused {what}: {text}",
             )
             return True
         reason = res.dead_reason or "no answer"
         if reason in ("no answer",):
             return await self._again(conn, t, fam, packet, sends, "no answer", wake)
         if reason.startswith("cannot encode") or reason.startswith("no driver"):
-            await _finish(conn, t["job_id"], t["target_id"], t, "failed", f"{what}: {reason}")
+            await _finish(
+                conn, t["job_id"], t["target_id"], t, TargetEvent.FAILED, f"{what}: {reason}"
+            )
             return True
         # offline, taken over, withdrawn: resume after the last acknowledged packet
         # once the device is back (the pass does it)
         await conn.execute(
-            """UPDATE upgrade_targets SET command_id = NULL, waiting = 'offline',
+            """UPDATE upgrade_targets SET command_id = NULL, waiting = $3,
                       waiting_since = coalesce(waiting_since, now()), updated_at = now()
                WHERE job_id = $1 AND target_id = $2""",
             t["job_id"],
             t["target_id"],
+            Waiting.OFFLINE.value,
         )
         return False
 
@@ -1195,7 +1309,7 @@ class UpgradeEngine:
                 t["job_id"],
                 t["target_id"],
                 t,
-                "failed",
+                TargetEvent.FAILED,
                 f"{what} sent {sends} times: {why}",
             )
             return True
@@ -1212,17 +1326,20 @@ class UpgradeEngine:
                 t["job_id"],
                 t["target_id"],
                 t,
-                "failed",
+                TargetEvent.FAILED,
                 f"restarted {t['restarts']} times, then: {why}",
             )
             return True
+        current = TargetState(t["state"])
         await conn.execute(
-            """UPDATE upgrade_targets SET state = 'transferring', acked_packets = 0,
+            """UPDATE upgrade_targets SET state = $3, acked_packets = 0,
                       restarts = restarts + 1, transferred_at = NULL, done_connection = NULL,
                       updated_at = now()
-               WHERE job_id = $1 AND target_id = $2""",
+               WHERE job_id = $1 AND target_id = $2 AND state = $4""",
             t["job_id"],
             t["target_id"],
+            TARGET_STATES.check(current, TargetEvent.RESTARTED).value,
+            current.value,
         )
         log.info("firmware transfer restarted", device_id=t["target_id"], why=why)
         await self._send(conn, t, 1, 0, wake)
@@ -1235,14 +1352,17 @@ class UpgradeEngine:
             connection = await conn.fetchval(
                 "SELECT connection_id FROM devices WHERE device_id = $1", t["via_device_id"]
             )
+        current = TargetState(t["state"])
         await conn.execute(
-            """UPDATE upgrade_targets SET state = 'rebooting', transferred_at = now(),
+            """UPDATE upgrade_targets SET state = $4, transferred_at = now(),
                       acked_packets = total_packets, command_id = NULL,
                       done_connection = $3, updated_at = now()
-               WHERE job_id = $1 AND target_id = $2""",
+               WHERE job_id = $1 AND target_id = $2 AND state = $5""",
             t["job_id"],
             t["target_id"],
             connection,
+            TARGET_STATES.check(current, TargetEvent.TRANSFERRED).value,
+            current.value,
         )
         log.info("firmware transferred", device_id=t["target_id"], job_id=t["job_id"])
 
@@ -1257,11 +1377,13 @@ class UpgradeEngine:
             stalled = await conn.fetch(
                 _TARGET_SQL
                 + """ LEFT JOIN commands c ON c.command_id = t.command_id
-                      WHERE t.state = 'transferring'
+                      WHERE t.state = $1
                         AND (t.command_id IS NULL OR c.command_id IS NULL
-                             OR c.status IN ('acked', 'failed', 'dead'))
+                             OR c.status = ANY($2::text[]))
                       ORDER BY t.updated_at LIMIT 200
-                      FOR UPDATE OF t SKIP LOCKED"""
+                      FOR UPDATE OF t SKIP LOCKED""",
+                _T.TRANSFERRING.value,
+                state_values(_FINISHED_COMMANDS),
             )
             for t in stalled:  # locked: t is the row's latest version
                 if t["command_id"] is not None:
@@ -1293,14 +1415,15 @@ class UpgradeEngine:
                 "SELECT $1::timestamptz < now() - make_interval(secs => $2)", since, timeout
             ):
                 reason = f"offline for more than {timeout:g} s during the transfer"
-                await _finish(conn, t["job_id"], t["target_id"], t, "failed", reason)
+                await _finish(conn, t["job_id"], t["target_id"], t, TargetEvent.FAILED, reason)
                 return True
             await conn.execute(
-                """UPDATE upgrade_targets SET waiting = 'offline',
+                """UPDATE upgrade_targets SET waiting = $3,
                           waiting_since = coalesce(waiting_since, now())
                    WHERE job_id = $1 AND target_id = $2""",
                 t["job_id"],
                 t["target_id"],
+                Waiting.OFFLINE.value,
             )
             return False
         await conn.execute(
@@ -1323,18 +1446,25 @@ class UpgradeEngine:
         async with pool.acquire() as conn, conn.transaction():
             late = await conn.fetch(
                 _TARGET_SQL
-                + """ WHERE t.state = 'rebooting' AND t.transferred_at < now()
+                + """ WHERE t.state = $3 AND t.transferred_at < now()
                           - make_interval(secs => CASE WHEN i.protocol = 'bkv' THEN $1::float8
                                                        ELSE $2::float8 END)
                       FOR UPDATE OF t SKIP LOCKED""",
                 self.settings.firmware_ota_timeout_s,
                 self.settings.firmware_reboot_timeout_s,
+                _T.REBOOTING.value,
             )
             for t in late:
                 stored = await self._stored_version(conn, t)
                 if stored == t["version"]:
                     await _finish(
-                        conn, t["job_id"], t["target_id"], t, "verified", None, reported=stored
+                        conn,
+                        t["job_id"],
+                        t["target_id"],
+                        t,
+                        TargetEvent.VERIFIED,
+                        None,
+                        reported=stored,
                     )
                 else:
                     reason = (
@@ -1342,22 +1472,30 @@ class UpgradeEngine:
                         f" {stored or 'nothing'}, expected {t['version']}"
                     )
                     await _finish(
-                        conn, t["job_id"], t["target_id"], t, "failed", reason, reported=stored
+                        conn,
+                        t["job_id"],
+                        t["target_id"],
+                        t,
+                        TargetEvent.FAILED,
+                        reason,
+                        reported=stored,
                     )
                 ended = True
             offline = await conn.fetch(
                 _TARGET_SQL
-                + """ WHERE t.state = 'queued' AND t.waiting IS NOT NULL
-                        AND t.waiting <> 'charging'
+                + """ WHERE t.state = $2 AND t.waiting IS NOT NULL
+                        AND t.waiting <> $3
                         AND t.waiting_since < now() - make_interval(secs => $1)
                       FOR UPDATE OF t SKIP LOCKED""",
                 self.settings.firmware_offline_timeout_s,
+                _T.QUEUED.value,
+                Waiting.CHARGING.value,
             )
             for t in offline:
                 reason = (
                     f"{t['waiting']} for more than {self.settings.firmware_offline_timeout_s:g} s"
                 )
-                await _finish(conn, t["job_id"], t["target_id"], t, "failed", reason)
+                await _finish(conn, t["job_id"], t["target_id"], t, TargetEvent.FAILED, reason)
                 ended = True
         if ended:
             self.kick()
@@ -1396,24 +1534,26 @@ class UpgradeEngine:
         async with pool.acquire() as conn, conn.transaction():
             t = await conn.fetchrow(
                 _TARGET_SQL
-                + """ WHERE t.target_id = $1 AND t.state IN ('transferring', 'rebooting')
+                + """ WHERE t.target_id = $1 AND t.state = ANY($2::text[])
                       FOR UPDATE OF t""",
                 target_id,
+                state_values(MOVING),
             )
             if t is None or FAMILIES[t["family"]].report != report:
                 return
+            rebooting = t["state"] == _T.REBOOTING.value
             if version == t["version"] and (
-                t["state"] == "rebooting" or t["acked_packets"] >= t["total_packets"] - 1
+                rebooting or t["acked_packets"] >= t["total_packets"] - 1
             ):
-                await _finish(conn, t["job_id"], target_id, t, "verified", None, reported=version)
+                await _finish(
+                    conn, t["job_id"], target_id, t, TargetEvent.VERIFIED, None, reported=version
+                )
                 log.info("upgrade verified", device_id=target_id, version=version)
-            elif (
-                t["state"] == "rebooting"
-                and report != "subdevices"
-                and connection != t["done_connection"]
-            ):
+            elif rebooting and report != "subdevices" and connection != t["done_connection"]:
                 reason = f"rebooted and reports version {version}, expected {t['version']}"
-                await _finish(conn, t["job_id"], target_id, t, "failed", reason, reported=version)
+                await _finish(
+                    conn, t["job_id"], target_id, t, TargetEvent.FAILED, reason, reported=version
+                )
                 log.warning("upgrade not applied", device_id=target_id, version=version)
             else:  # before the reboot (or sub-devices still updating): noted only
                 await conn.execute(
@@ -1436,9 +1576,10 @@ class UpgradeEngine:
         async with pool.acquire() as conn, conn.transaction():
             t = await conn.fetchrow(
                 _TARGET_SQL
-                + """ WHERE t.target_id = $1 AND t.state IN ('transferring', 'rebooting')
+                + """ WHERE t.target_id = $1 AND t.state = ANY($2::text[])
                       FOR UPDATE OF t""",
                 target_id,
+                state_values(MOVING),
             )
             if t is None or t["family"] not in families:
                 return False
@@ -1460,7 +1601,7 @@ async def _command_result(conn: Connection, command_id: int) -> _Result | None:
         return None
     reply = _json(row["reply"]) or {}
     return _Result(
-        row["status"],
+        CommandStatus(row["status"]),
         row["attempts"],
         row["result_code"],
         row["result_text"],
@@ -1474,7 +1615,7 @@ async def _command_result(conn: Connection, command_id: int) -> _Result | None:
 _ENGINES: weakref.WeakKeyDictionary[Any, UpgradeEngine] = weakref.WeakKeyDictionary()
 
 
-def engine_for(ctx: DriverContext) -> UpgradeEngine:
+def engine_for(ctx: EngineContext) -> UpgradeEngine:
     """The gateway's engine; created, and its passes started, on first use (by the
     API router, the outbox hook or a driver hook, whichever comes first)."""
     engine = _ENGINES.get(ctx)
@@ -1485,7 +1626,7 @@ def engine_for(ctx: DriverContext) -> UpgradeEngine:
     return engine
 
 
-async def on_command_finished(ctx: DriverContext, command_id: int, name: str) -> None:
+async def on_command_finished(ctx: EngineContext, command_id: int, name: str) -> None:
     """The outbox's result hook: a packet command drives its transfer on."""
     if name not in _BY_COMMAND:
         return
@@ -1495,7 +1636,7 @@ async def on_command_finished(ctx: DriverContext, command_id: int, name: str) ->
         log.exception("firmware result not processed", command_id=command_id)
 
 
-#: AP3000 messages the driver hands to :func:`on_ap3000`
+#: AP3000 messages that concern upgrades (:func:`on_ap3000`)
 AP3000_MESSAGES: Final = frozenset(
     {
         ap3000.Registration,
@@ -1510,18 +1651,23 @@ AP3000_MESSAGES: Final = frozenset(
 _PILE_FAMILIES: Final = frozenset({"0xE0", "0xE1", "0xF8"})
 
 
-def on_ap3000(
-    ctx: DriverContext,
-    link: DeviceLink,
-    message: Message,
-    owner: str,
-    answered: int | None,
-) -> None:
-    """An AP3000 frame that may concern an upgrade (``owner``: the device, or the host
-    speaking for itself; ``answered``: the command it answered, if any)."""
+def listen(ctx: EngineContext, driver: MessageHooks) -> None:
+    """Register with ``driver`` for what concerns upgrades: version reports and
+    requests for firmware (AP3000), the heartbeat's version (BKV OTA)."""
+    if driver.protocol == "ap3000":
+        for cls in AP3000_MESSAGES:
+            driver.on(cls, lambda inbound: on_ap3000(ctx, inbound))
+    elif driver.protocol == "bkv":
+        driver.on(bkv.Heartbeat, lambda inbound: on_bkv_heartbeat(ctx, inbound))
+
+
+def on_ap3000(ctx: EngineContext, inbound: Inbound[Message]) -> None:
+    """An AP3000 frame that may concern an upgrade (``inbound.owner``: the device, or the
+    host speaking for itself; ``inbound.answered``: the command it answered, if any)."""
     engine = engine_for(ctx)
+    message, owner, link = inbound.message, inbound.owner, inbound.link
     if isinstance(message, ap3000.HostFirmwareRequest):  # 0x15 always gets an answer
-        ctx.run(_legacy_host_request(ctx, engine, link, message), "firmware-0x15")
+        ctx.run(_legacy_host_request(engine, message, inbound.reply), "firmware-0x15")
         return
     if engine.watch is not None and owner not in engine.watch:
         return
@@ -1541,7 +1687,7 @@ def on_ap3000(
         ctx.run(_restart(engine, owner, _PILE_FAMILIES, "0x05"), "firmware-restart")
     elif (
         isinstance(message, ap3000.HostFirmwareReply)
-        and answered is None
+        and inbound.answered is None
         and message.packet_index == 0
     ):
         ctx.run(_restart(engine, owner, frozenset({"0xFA"}), "0xFA packet 0"), "firmware-restart")
@@ -1562,34 +1708,31 @@ async def _subdevice_report(
     wanted = await pool.fetchval(
         """SELECT i.device_type FROM upgrade_targets t JOIN upgrade_jobs j USING (job_id)
            JOIN firmware_images i USING (firmware_id)
-           WHERE t.target_id = $1 AND t.state IN ('transferring', 'rebooting')""",
+           WHERE t.target_id = $1 AND t.state = ANY($2::text[])""",
         host_id,
+        state_values(MOVING),
     )
     if wanted == device_type:
         await engine.version_report(host_id, "subdevices", version, connection)
 
 
 async def _legacy_host_request(
-    ctx: DriverContext, engine: UpgradeEngine, link: DeviceLink, m: ap3000.HostFirmwareRequest
+    engine: UpgradeEngine, m: ap3000.HostFirmwareRequest, reply: Callable[[Message], None]
 ) -> None:
     """0x15: answered 0 (0xF9 packets follow, from packet 1) when an upgrade of this host
     is in progress, else 1."""
     restarted = await engine.restart_request(m.phy_id, frozenset({"0xF9"}), "0x15")
-    reply = ap3000.HostFirmwareRequestReply(m.phy_id, m.msg_id, result=0 if restarted else 1)
-    send_reply(ctx, link, reply, ap3000.encode(reply), None)
+    reply(ap3000.HostFirmwareRequestReply(m.phy_id, m.msg_id, result=0 if restarted else 1))
 
 
-def on_bkv_heartbeat(ctx: DriverContext, link: DeviceLink, message: bkv.Heartbeat) -> None:
+def on_bkv_heartbeat(ctx: EngineContext, inbound: Inbound[bkv.Heartbeat]) -> None:
     """A BKV gateway's heartbeat carries its version: an OTA upgrade may be verified."""
+    message = inbound.message
     engine = engine_for(ctx)
     watched = engine.watch is None or message.gateway_id in engine.watch
     if watched and message.firmware_version:
-        ctx.run(
-            engine.version_report(
-                message.gateway_id, "bkv", message.firmware_version.strip(), link.id
-            ),
-            "fw",
-        )
+        version = message.firmware_version.strip()
+        ctx.run(engine.version_report(message.gateway_id, "bkv", version, inbound.link.id), "fw")
 
 
 __all__ = [
@@ -1598,11 +1741,14 @@ __all__ = [
     "FAMILIES",
     "HOST_FAMILIES",
     "PILE_FAMILIES",
+    "TARGET_STATES",
     "ConflictError",
     "Family",
     "FirmwareError",
     "ImageSpec",
     "NotFoundError",
+    "TargetEvent",
+    "TargetState",
     "UpgradeEngine",
     "cancel_job",
     "check_target",
@@ -1610,6 +1756,7 @@ __all__ = [
     "delete_image",
     "engine_for",
     "job_view",
+    "listen",
     "normalize_family",
     "on_ap3000",
     "on_bkv_heartbeat",

@@ -24,12 +24,14 @@ import dataclasses
 import enum
 import json
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 import structlog
+
+from chargegw.store.database import Connection
 
 log = structlog.get_logger("chargegw.domain.orders")
 
@@ -113,8 +115,11 @@ def new_order_no() -> str:
 
 
 #: statuses of an order whose session may still run
-OPEN_STATUSES = ("pending", "starting", "charging", "stopping")
-_OPEN = frozenset(OrderStatus(status) for status in OPEN_STATUSES)
+_OPEN = frozenset(
+    {OrderStatus.PENDING, OrderStatus.STARTING, OrderStatus.CHARGING, OrderStatus.STOPPING}
+)
+#: their values, for SQL parameters
+OPEN_STATUSES = tuple(s.value for s in OrderStatus if s in _OPEN)
 
 #: how long a settled session is remembered to recognise a resent settlement: with the
 #: device's own identifiers (business number, order id or end time) and without them
@@ -129,7 +134,9 @@ RECONCILE_WINDOW = timedelta(days=1)
 START_MATCH = timedelta(minutes=3)
 
 
-async def transition(conn: Any, order_no: str, event: str, **values: Any) -> OrderStatus | None:
+async def transition(
+    conn: Connection, order_no: str, event: str, **values: Any
+) -> OrderStatus | None:
     """Apply ``event`` to the order if legal; set ``values`` with it. Returns the new state.
 
     An order that would open again (a failed start reported charging after all) while
@@ -175,7 +182,7 @@ async def transition(conn: Any, order_no: str, event: str, **values: Any) -> Ord
     return target
 
 
-async def lock_port(conn: Any, device_id: str, port: int) -> None:
+async def lock_port(conn: Connection, device_id: str, port: int) -> None:
     """Serialise, across processes and nodes, the transactions that decide which order
     a session of this port belongs to (until the caller's transaction ends)."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"port:{device_id}:{port}")
@@ -224,7 +231,7 @@ _ORDER_COLUMNS = """o.*, EXISTS (SELECT 1 FROM commands c WHERE c.order_no = o.o
                                  AND c.name = 'stop' AND c.status = 'acked') AS stop_acked"""
 
 
-async def settle(conn: Any, report: SettlementReport, *, at: datetime) -> Settled:
+async def settle(conn: Connection, report: SettlementReport, *, at: datetime) -> Settled:
     """Apply a settlement once, inside the caller's transaction.
 
     The port is locked first (:func:`lock_port`), so resends arriving at two processes at
@@ -274,7 +281,7 @@ async def settle(conn: Any, report: SettlementReport, *, at: datetime) -> Settle
 
 
 async def find_session_order(
-    conn: Any,
+    conn: Connection,
     device_id: str,
     port: int,
     business_no: int,
@@ -340,7 +347,7 @@ async def find_session_order(
     return row
 
 
-async def _settle_by_ref(conn: Any, report: SettlementReport, at: datetime) -> Settled:
+async def _settle_by_ref(conn: Connection, report: SettlementReport, at: datetime) -> Settled:
     """A report naming its order id (AP3000): that order of this device, unless it is
     settled already with the same values (a resend) or with others (the device reused
     the id: a new order)."""
@@ -369,7 +376,7 @@ async def _settle_by_ref(conn: Any, report: SettlementReport, at: datetime) -> S
 
 
 async def _apply(
-    conn: Any,
+    conn: Connection,
     report: SettlementReport,
     order: Any,
     at: datetime,
@@ -418,7 +425,7 @@ def _same_session(row: Any, report: SettlementReport) -> bool:
     )
 
 
-async def _settled_copy(conn: Any, report: SettlementReport, at: datetime) -> str | None:
+async def _settled_copy(conn: Connection, report: SettlementReport, at: datetime) -> str | None:
     """The settled order this report (without an order id) is a resend of, if any.
 
     Fields missing on either side (an optional tag a copy lacked) are unknown, not
@@ -467,7 +474,7 @@ async def _settled_copy(conn: Any, report: SettlementReport, at: datetime) -> st
 
 
 async def reported_charging(
-    conn: Any,
+    conn: Connection,
     *,
     protocol: str,
     device_id: str,
@@ -514,3 +521,72 @@ async def reported_charging(
         review,
     )
     return order_no
+
+
+async def open_card_order(
+    conn: Connection, device_id: str, port: int, business_no: int
+) -> str | None:
+    """The open card order of the swipe that allocated ``business_no`` on this port, if
+    any (the device resent the swipe: its order is on its way)."""
+    order_no: str | None = await conn.fetchval(
+        """SELECT order_no FROM orders WHERE device_id = $1 AND port = $2
+           AND business_no = $3 AND start_mode = 'card'
+           AND status = ANY($4::text[])""",
+        device_id,
+        port,
+        business_no,
+        list(OPEN_STATUSES),
+    )
+    return order_no
+
+
+async def limit_by_time(conn: Connection, order_no: str, duration_min: int | None) -> None:
+    """The order ends at a time limit of ``duration_min`` (what a card's balance buys)."""
+    await conn.execute(
+        "UPDATE orders SET mode = 'time', requested_duration_min = $2 WHERE order_no = $1",
+        order_no,
+        duration_min,
+    )
+
+
+async def note_business_no(conn: Connection, order_no: str, business_no: int) -> None:
+    """The business number a socket named when it accepted the order's start (kept if the
+    order has one already)."""
+    await conn.execute(
+        "UPDATE orders SET business_no = $2 WHERE order_no = $1 AND business_no IS NULL",
+        order_no,
+        business_no,
+    )
+
+
+async def add_sample(
+    conn: Connection, order_no: str, at: datetime, sample: Mapping[str, Any]
+) -> None:
+    """One progress sample of a running order (duration, energy, power, voltage,
+    current; absent values are NULL)."""
+    await conn.execute(
+        """INSERT INTO order_samples (order_no, at, duration_s, energy_kwh, power_w,
+                                      voltage_v, current_a)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+        order_no,
+        at,
+        sample.get("duration_s"),
+        sample.get("energy_kwh"),
+        sample.get("power_w"),
+        sample.get("voltage_v"),
+        sample.get("current_a"),
+    )
+
+
+async def note_session(
+    conn: Connection, order_no: str, business_no: int, started_at: datetime
+) -> None:
+    """The device reports the order's session running under ``business_no`` since about
+    ``started_at`` (kept if a start time is known already)."""
+    await conn.execute(
+        """UPDATE orders SET business_no = $2, started_at = COALESCE(started_at, $3)
+           WHERE order_no = $1""",
+        order_no,
+        business_no,
+        started_at,
+    )

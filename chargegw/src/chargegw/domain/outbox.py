@@ -49,12 +49,16 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 
+from chargegw.config import Settings
+from chargegw.net.sessions import Link
+from chargegw.store.database import Connection
 from chargegw.store.errors import is_unavailable, reason
 from chargegw.store.values import safe_json
 
 log = structlog.get_logger("chargegw.domain.outbox")
 
-#: a command is written at most this often (the first send and one resend)
+#: a command is written at most this often (the first send and one resend); the
+#: database refuses to count an attempt beyond it too
 MAX_ATTEMPTS = 2
 
 
@@ -117,6 +121,62 @@ class Finished:
     created_at: datetime
 
 
+@dataclasses.dataclass(frozen=True)
+class OutboxSettings:
+    """How the outbox delivers; :meth:`from_settings` is the one place that reads them
+    from the application's settings."""
+
+    #: a command unanswered this long is sent once more (same correlation id), then dead
+    ack_timeout_s: float = 15.0
+    #: commands on one TCP link at least this far apart
+    spacing_s: float = 0.5
+    #: the periodic scan (wake, expire, count, purge) runs this often
+    scan_interval_s: float = 5.0
+    #: finished commands are deleted this long after they finished
+    retention_s: float = 7 * 86400
+    #: a device taken from a process declared stopped still counts as held this long
+    process_timeout_s: float = 20.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutboxSettings:
+        """The outbox's share of the application's settings."""
+        return cls(
+            ack_timeout_s=settings.ack_timeout_s,
+            spacing_s=settings.command_spacing_s,
+            scan_interval_s=settings.outbox_scan_s,
+            retention_s=settings.command_retention_days * 86400,
+            process_timeout_s=settings.process_timeout_s,
+        )
+
+
+def _ignore(_: object) -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class OutboxHooks:
+    """The outbox's collaborators besides the database.
+
+    ``link_of`` names a device's open connection in this process (None: not here) and
+    ``write`` puts a frame on it. ``on_sent_tx`` (a command marked sent, or its unwritten
+    attempt taken back: the last argument) and ``on_finish_tx`` run inside the transaction
+    that records it, with its connection; ``on_result`` hears of a final state after the
+    commit. The others feed metrics and device liveness: ``on_backlog`` (open commands by
+    status, each scan), ``on_timeout`` / ``on_answered`` (a device left a command
+    unanswered / answered one), ``on_resend`` (a command is sent a second time).
+    """
+
+    link_of: Callable[[str], Link | None]
+    write: Callable[[Link, bytes, str, str], None] | None = None
+    on_sent_tx: Callable[[Connection, int, str | None, str, bool], Awaitable[None]] | None = None
+    on_finish_tx: Callable[[Connection, Finished], Awaitable[None]] | None = None
+    on_result: Callable[[Finished], Awaitable[None]] | None = None
+    on_backlog: Callable[[dict[str, int]], None] = _ignore
+    on_timeout: Callable[[str], None] = _ignore
+    on_answered: Callable[[str], None] = _ignore
+    on_resend: Callable[[str], None] = _ignore
+
+
 @dataclasses.dataclass
 class _Open:
     """A command in flight, waiting for its reply."""
@@ -152,41 +212,17 @@ class Outbox:
         self,
         pool: Callable[[], asyncpg.Pool | None],
         codecs: dict[str, CommandCodec],
-        link_of: Callable[[str], Any],
+        hooks: OutboxHooks,
+        settings: OutboxSettings | None = None,
         *,
-        ack_timeout_s: float = 15.0,
-        spacing_s: float = 0.5,
-        scan_interval_s: float = 5.0,
-        retention_s: float = 7 * 86400,
-        on_result: Callable[[Finished], Awaitable[None]] | None = None,
-        on_finish_tx: Callable[[Any, Finished], Awaitable[None]] | None = None,
-        on_sent_tx: Callable[[Any, int, str | None, str, bool], Awaitable[None]] | None = None,
-        on_backlog: Callable[[dict[str, int]], None] = lambda counts: None,
-        on_timeout: Callable[[str], None] = lambda device_id: None,
-        on_answered: Callable[[str], None] = lambda device_id: None,
-        on_resend: Callable[[str], None] = lambda name: None,
-        write: Callable[[Any, bytes, str, str], None] | None = None,
         owner: str = "",
-        process_timeout_s: float = 20.0,
     ) -> None:
         self._pool = pool
         self.codecs = codecs
-        self.link_of = link_of
-        self.ack_timeout_s = ack_timeout_s
-        self.spacing_s = spacing_s
-        self.scan_interval_s = scan_interval_s
-        self.retention_s = retention_s
-        self.on_result = on_result
-        self.on_finish_tx = on_finish_tx
-        self.on_sent_tx = on_sent_tx
-        self.on_backlog = on_backlog
-        self.on_timeout = on_timeout
-        self.on_answered = on_answered
-        self.on_resend = on_resend
-        self.write = write
+        self.hooks = hooks
+        self.settings = settings or OutboxSettings()
         #: this process's id in the session directory (cluster.py)
         self.owner = owner
-        self.process_timeout_s = process_timeout_s
         #: while draining, nothing new is claimed (the devices take it elsewhere)
         self.draining = False
         self._workers: dict[str, asyncio.Task[None]] = {}
@@ -202,7 +238,7 @@ class Outbox:
 
     async def submit(
         self,
-        conn: Any,
+        conn: Connection,
         *,
         device_id: str,
         protocol: str,
@@ -239,7 +275,7 @@ class Outbox:
 
     def wake(self, device_id: str) -> None:
         """Make sure a worker delivers ``device_id``'s commands, if it is connected here."""
-        if self._closing or self.link_of(device_id) is None:
+        if self._closing or self.hooks.link_of(device_id) is None:
             return
         event = self._wake.setdefault(device_id, asyncio.Event())
         event.set()
@@ -309,7 +345,7 @@ class Outbox:
                 if not is_unavailable(exc):
                     raise
                 log.warning("outbox scan failed, retrying", reason=reason(exc))
-            await asyncio.sleep(self.scan_interval_s)
+            await asyncio.sleep(self.settings.scan_interval_s)
 
     async def scan(self) -> None:
         """Wake the local devices with open commands; expire, count and purge (shared)."""
@@ -330,14 +366,14 @@ class Outbox:
             """SELECT status, count(*) AS n FROM commands
                WHERE status IN ('pending', 'sent') GROUP BY status"""
         )
-        self.on_backlog({"pending": 0, "sent": 0, **{r["status"]: r["n"] for r in counts}})
+        self.hooks.on_backlog({"pending": 0, "sent": 0, **{r["status"]: r["n"] for r in counts}})
         async with pool.acquire() as conn, conn.transaction():
             # one process purges at a time (concurrent deletes of the same rows only wait)
             if await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('chargegw.purge'))"):
                 await conn.execute(
                     """DELETE FROM commands WHERE status IN ('acked', 'failed', 'dead')
                        AND finished_at < now() - make_interval(secs => $1)""",
-                    self.retention_s,
+                    self.settings.retention_s,
                 )
 
     async def expire(self) -> None:
@@ -359,7 +395,7 @@ class Outbox:
             if len(rows) < 500:
                 return
 
-    async def _expire_some(self, conn: Any) -> list[asyncpg.Record]:
+    async def _expire_some(self, conn: Connection) -> list[asyncpg.Record]:
         """Up to 500 expired commands dead, with their consequences, in ``conn``'s
         transaction."""
         rows: list[asyncpg.Record] = await conn.fetch(
@@ -379,11 +415,13 @@ class Outbox:
                                          finished_at = now()
                    FROM gone WHERE c.command_id = gone.command_id
                    RETURNING c.*""",
-            self.process_timeout_s,
+            self.settings.process_timeout_s,
         )
-        if self.on_finish_tx is not None:
+        if self.hooks.on_finish_tx is not None:
             for row in rows:
-                await self.on_finish_tx(conn, _finished(row, CommandStatus.DEAD, None, "offline"))
+                await self.hooks.on_finish_tx(
+                    conn, _finished(row, CommandStatus.DEAD, None, "offline")
+                )
         return rows
 
     # -- delivery, one worker per device with open commands --
@@ -408,7 +446,7 @@ class Outbox:
                     # look finds nothing to claim and the new owner delivers)
                     continue
                 except Exception as exc:
-                    if not is_unavailable(exc) or self.link_of(device_id) is None:
+                    if not is_unavailable(exc) or self.hooks.link_of(device_id) is None:
                         raise
                     log.warning(
                         "outbox: database unavailable, retrying",
@@ -466,7 +504,7 @@ class Outbox:
         if codec is None:
             await self._finish(row, CommandStatus.DEAD, None, f"no driver for {row['protocol']}")
             return True
-        link = self.link_of(device_id)
+        link = self.hooks.link_of(device_id)
         if link is None:  # gone since the claim; the directory catches up, a reconnect wakes
             return False
         params = row["params"]
@@ -476,10 +514,10 @@ class Outbox:
         # whether the device itself answers
         own = params.get("phy_id", device_id) == device_id
         attempts = row["attempts"]
-        if attempts >= MAX_ATTEMPTS:  # sent twice, unanswered: a crash interrupted the wait
+        if attempts >= MAX_ATTEMPTS:  # sent and resent, unanswered: a crash cut the wait
             await self._finish(row, CommandStatus.DEAD, None, "no answer")
             if own:
-                self.on_timeout(device_id)
+                self.hooks.on_timeout(device_id)
             return True
         try:  # the correlation id only changes the id fields: check the rest first
             codec.encode_command(device_id, row["name"], params, row["correlation"] or 1)
@@ -490,7 +528,7 @@ class Outbox:
         slot = self._slots.setdefault(link.id, _LinkSlot())
         async with slot.lock:
             # spacing per link: piles behind one host, sockets of one gateway share it
-            wait = slot.last_write + self.spacing_s - time.monotonic()
+            wait = slot.last_write + self.settings.spacing_s - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
             correlation = await self._mark_sent(row, codec, params)
@@ -507,8 +545,8 @@ class Outbox:
                     asyncio.get_running_loop().create_future(),
                 )
                 self._open[key] = waiting
-            if self.write is not None:
-                self.write(link, frame, device_id, row["name"])
+            if self.hooks.write is not None:
+                self.hooks.write(link, frame, device_id, row["name"])
             slot.last_write = time.monotonic()
         if waiting is None:  # the protocol defines no reply: done once written
             await self._finish(row, CommandStatus.ACKED, None, None)
@@ -521,18 +559,18 @@ class Outbox:
             attempt=attempts + 1,
         )
         try:
-            outcome = await asyncio.wait_for(waiting.reply, self.ack_timeout_s)
+            outcome = await asyncio.wait_for(waiting.reply, self.settings.ack_timeout_s)
         except TimeoutError:
             if attempts == 0:
-                self.on_resend(row["name"])
+                self.hooks.on_resend(row["name"])
             if attempts + 1 >= MAX_ATTEMPTS:
                 await self._finish(row, CommandStatus.DEAD, None, "no answer")
                 if own:
-                    self.on_timeout(device_id)
+                    self.hooks.on_timeout(device_id)
             return True  # the next round resends it (same correlation id)
         finally:
             self._open.pop(key, None)
-        self.on_answered(device_id)
+        self.hooks.on_answered(device_id)
         status = CommandStatus.ACKED if outcome.success else CommandStatus.FAILED
         await self._finish(row, status, outcome, None)
         return True
@@ -558,20 +596,24 @@ class Outbox:
                 f"""UPDATE commands SET status = 'sent', correlation = $3,
                            attempts = attempts + 1, sent_at = now()
                     WHERE command_id = $1 AND status IN ('pending', 'sent') AND {_OURS}
+                      AND attempts < $4
                     RETURNING attempts""",
                 row["command_id"],
                 self.owner,
                 correlation,
+                MAX_ATTEMPTS,
             )
-            if marked is None:  # cancelled, or taken over by the device's new owner
-                raise _LostError
-            if marked == 1 and self.on_sent_tx is not None:
-                await self.on_sent_tx(conn, row["command_id"], row["order_no"], row["name"], True)
+            if marked is None:  # cancelled, taken over by the device's new owner, or
+                raise _LostError  # out of attempts (the next look gives it up)
+            if marked == 1 and self.hooks.on_sent_tx is not None:
+                await self.hooks.on_sent_tx(
+                    conn, row["command_id"], row["order_no"], row["name"], True
+                )
         return int(correlation)
 
     async def _unmark(self, row: asyncpg.Record) -> None:
         """Take back an attempt whose bytes were never written (best effort: a failure
-        only costs one of the two attempts).
+        only costs one of the ``MAX_ATTEMPTS`` attempts).
 
         Only the claim is checked, not the directory: the connection closed, so this
         process has usually released the device already; a process that took the device
@@ -588,8 +630,8 @@ class Outbox:
                     row["command_id"],
                     self.owner,
                 )
-                if left == 0 and self.on_sent_tx is not None:  # the order moves back too
-                    await self.on_sent_tx(
+                if left == 0 and self.hooks.on_sent_tx is not None:  # the order moves back too
+                    await self.hooks.on_sent_tx(
                         conn, row["command_id"], row["order_no"], row["name"], False
                     )
         except Exception as exc:
@@ -671,10 +713,10 @@ class Outbox:
                     done.command_id,
                 )
                 followers = [_finished(r, CommandStatus.DEAD, None, "after_failed") for r in rows]
-            if self.on_finish_tx is not None:
-                await self.on_finish_tx(conn, done)
+            if self.hooks.on_finish_tx is not None:
+                await self.hooks.on_finish_tx(conn, done)
                 for follower in followers:
-                    await self.on_finish_tx(conn, follower)
+                    await self.hooks.on_finish_tx(conn, follower)
         return followers
 
     async def _after_commit(self, done: Finished) -> None:
@@ -685,16 +727,16 @@ class Outbox:
             status=done.status.value,
             reason=done.dead_reason,
         )
-        if self.on_result is None:
+        if self.hooks.on_result is None:
             return
         try:
-            await self.on_result(done)
+            await self.hooks.on_result(done)
         except Exception:  # committed: what follows cannot undo it
             log.exception("command result hook failed", command_id=done.command_id)
 
     def _prune_slots(self) -> None:
         """Forget links with no command in the last spacing interval."""
-        idle_before = time.monotonic() - self.spacing_s
+        idle_before = time.monotonic() - self.settings.spacing_s
         for link_id, slot in list(self._slots.items()):
             if not slot.lock.locked() and slot.last_write < idle_before:
                 del self._slots[link_id]

@@ -10,9 +10,19 @@ card mode, 0x8E QR code; BKV 0x0015/0x1B voice windows) are ``acknowledged`` on 
 device's positive reply, never ``verified`` by it; the work mode is verified later by
 the 0x20 registration, which reports it.
 
-Statuses: ``pending`` (commands queued), ``applying`` (the device accepted the set
-command, the read-back is outstanding), ``verified``, ``acknowledged``, ``mismatch``,
-``failed`` (the device refused the set command, or a command died).
+Statuses of a group (:class:`ParamStatus`, the table :data:`GROUP_STATES`)::
+
+    (none) | any --values queued (PUT, job, drift correction)--> pending
+    pending --set accepted--> applying       (the read-back is outstanding)
+    pending --set accepted, no read-back--> acknowledged
+    pending | applying --set refused, a command failed or died--> failed
+    any --read-back equals desired--> verified
+    any --read-back differs--> mismatch     (mismatch --reapplied--> pending)
+
+A group never ends: new desired values start it again, and every read-back is compared.
+A read-back moves a group in progress only when it answers the group's own read-back
+(or, for a group without one, once the set command reached the device), and a failed
+group only when it is a drift check and the device did not refuse the set.
 
 Drift: after a device reconnects (AP3000: a 0x20 registration that does not answer a
 0x81 query; BKV: the first status of a socket on a new connection) its desired groups
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 import itertools
 import json
 import re
@@ -42,19 +53,90 @@ import asyncpg
 import structlog
 
 from chargegw.audit import mask_text
-from chargegw.core import EventKind, split_device_id
-from chargegw.domain.outbox import Priority
+from chargegw.core import EventKind
+from chargegw.domain.machine import StateMachine, state_values
+from chargegw.domain.outbox import CommandStatus, Priority
 from chargegw.domain.passes import run_passes
-from chargegw.drivers import ap3000_commands, bkv_commands
+from chargegw.domain.ports import (
+    CommandCheck,
+    EngineContext,
+    Inbound,
+    MessageHooks,
+    command_name,
+)
 from chargegw.store.database import Connection
 from chargeproto import EncodeError, Message, ap3000, bkv
 
 if TYPE_CHECKING:
     from chargegw.domain.outbox import Outbox
-    from chargegw.drivers.base import DriverContext
     from chargegw.net.transport import DeviceLink
 
 log = structlog.get_logger("chargegw.domain.params")
+
+
+# --- the state machine of a group --------------------------------------------------------
+
+
+class ParamStatus(str, enum.Enum):
+    """``device_params.status`` of a group with desired values."""
+
+    PENDING = "pending"
+    APPLYING = "applying"
+    VERIFIED = "verified"
+    ACKNOWLEDGED = "acknowledged"
+    MISMATCH = "mismatch"
+    FAILED = "failed"
+
+
+class ParamEvent(str, enum.Enum):
+    """What moves a group."""
+
+    #: desired values stored, their set command (and read-back) queued
+    QUEUED = "queued"
+    #: the desired values set again after a drift (``params_reapply_on_drift``)
+    REAPPLIED = "reapplied"
+    #: the device accepted the set command; its read-back follows
+    SET_ACCEPTED = "set_accepted"
+    #: the device accepted the set command of a group without a read-back
+    ACKNOWLEDGED = "acknowledged"
+    #: the device refused the set command, or the set or read-back failed or died
+    FAILED = "failed"
+    #: a read-back (or a report such as the 0x20 work mode) equals the desired values
+    MATCHED = "matched"
+    #: ... differs from them
+    DIFFERS = "differs"
+
+
+_P = ParamStatus
+#: (from, event) -> to; from None: the group had no desired values
+GROUP_STATES: Final = StateMachine[ParamStatus, ParamEvent](
+    "parameter group",
+    {
+        **{(state, ParamEvent.QUEUED): _P.PENDING for state in (None, *ParamStatus)},
+        (_P.MISMATCH, ParamEvent.REAPPLIED): _P.PENDING,
+        (_P.PENDING, ParamEvent.SET_ACCEPTED): _P.APPLYING,
+        (_P.PENDING, ParamEvent.ACKNOWLEDGED): _P.ACKNOWLEDGED,
+        (_P.PENDING, ParamEvent.FAILED): _P.FAILED,
+        (_P.APPLYING, ParamEvent.FAILED): _P.FAILED,
+        **{(state, ParamEvent.MATCHED): _P.VERIFIED for state in ParamStatus},
+        **{(state, ParamEvent.DIFFERS): _P.MISMATCH for state in ParamStatus},
+    },
+)
+
+
+class MemberStatus(str, enum.Enum):
+    """``param_job_devices.status``: ``queued`` until the job starts the device, then
+    ``pending`` (or ``failed``: its groups do not fit it); once started, the job view
+    stores the summary of its groups' statuses (or ``superseded``)."""
+
+    QUEUED = "queued"
+    PENDING = "pending"
+    APPLYING = "applying"
+    VERIFIED = "verified"
+    ACKNOWLEDGED = "acknowledged"
+    MISMATCH = "mismatch"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
 
 
 # --- groups ----------------------------------------------------------------------------
@@ -78,7 +160,11 @@ class FieldRule:
         """Why ``value`` is out of range, or None."""
         if self.check is not None:
             return self.check(value)
-        if self.values is not None and (isinstance(value, bool) or value not in self.values):
+        if self.values is not None and (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)  # a list or an object is not hashable
+            or value not in self.values
+        ):
             allowed = ", ".join(str(v) for v in sorted(self.values))
             return f"must be one of {allowed} ({self.source}), got {value!r}"
         if not isinstance(value, int | float) or isinstance(value, bool):
@@ -119,10 +205,6 @@ class Group:
         return {**self.fixed, **values}
 
 
-def _snake(cls: type) -> str:
-    return ap3000_commands.snake(cls.__name__)
-
-
 _AP3000_SKIP = frozenset({"phy_id", "msg_id", "trailing_hex"})
 
 
@@ -141,10 +223,8 @@ def _ap3000(
         for f in dataclasses.fields(set_cls)
         if "float" in str(f.type)
     }
-    command = _snake(set_cls)
-    read = None if read_cls is None else _snake(read_cls)
-    for known in (command, read):
-        assert known is None or known in ap3000_commands.GENERIC, known
+    command = command_name(set_cls)
+    read = None if read_cls is None else command_name(read_cls)
     return Group(
         name,
         "ap3000",
@@ -311,14 +391,35 @@ _AP3000_REPLIES: Final[dict[type[Message], tuple[Group, str]]] = {
     ap3000.SetTcCardModeReply: (GROUPS["card_mode"], "set"),
     ap3000.SetQrCodeReply: (GROUPS["qr_code"], "set"),
 }
-#: reply classes the drivers hand to :func:`on_reply`
-REPLIES: Final = frozenset(
-    {*_AP3000_REPLIES, bkv.SetParamsReply, bkv.ParamsReport, bkv.VoiceWindowReply}
+#: reply classes handed to :func:`on_reply`, by protocol
+PROTOCOL_REPLIES: Final[Mapping[str, frozenset[type[Message]]]] = types.MappingProxyType(
+    {
+        "ap3000": frozenset(_AP3000_REPLIES),
+        "bkv": frozenset({bkv.SetParamsReply, bkv.ParamsReport, bkv.VoiceWindowReply}),
+    }
 )
+REPLIES: Final = frozenset().union(*PROTOCOL_REPLIES.values())
 #: fields shown masked by the API and in events (card keys are secrets)
 SECRET_FIELDS: Final = frozenset({"user_card_key", "new_card_key"})
 #: statuses of a group whose commands are still on their way
-IN_PROGRESS: Final = ("pending", "applying")
+IN_PROGRESS: Final = frozenset({ParamStatus.PENDING, ParamStatus.APPLYING})
+#: a command in these ended without doing its work
+_GAVE_UP: Final = frozenset({CommandStatus.FAILED, CommandStatus.DEAD})
+#: a command in these is still on its way
+_ON_ITS_WAY: Final = frozenset({CommandStatus.PENDING, CommandStatus.SENT})
+#: a set command in these reached the device
+_DELIVERED: Final = frozenset({CommandStatus.SENT, CommandStatus.ACKED})
+#: groups read back after a reconnect (and ``failed`` ones the device did not refuse)
+_CHECKABLE: Final = frozenset(
+    {ParamStatus.VERIFIED, ParamStatus.ACKNOWLEDGED, ParamStatus.MISMATCH}
+)
+
+
+def _command_status(value: str | None) -> CommandStatus | None:
+    """A joined command's status (None: no such command, or purged)."""
+    return None if value is None else CommandStatus(value)
+
+
 #: a device id to validate profiles with, per protocol (the encoding does not depend
 #: on the physical id; a BKV socket needs a socket number)
 ANY_DEVICE: Final[Mapping[str, str]] = types.MappingProxyType(
@@ -376,8 +477,14 @@ def quantize(group: Group, values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _address(group: Group, device_id: str) -> str:
-    return split_device_id(device_id)[0] if group.protocol == "ap3000" else device_id
+#: protocol -> its command encoding, which checks set commands (the drivers' codecs,
+#: installed by the composition root: :func:`use_encodings`)
+_ENCODINGS: dict[str, CommandCheck] = {}
+
+
+def use_encodings(encodings: Mapping[str, CommandCheck]) -> None:
+    """Check set commands with ``encodings`` (protocol -> the driver's command codec)."""
+    _ENCODINGS.update(encodings)
 
 
 def prepare(
@@ -415,9 +522,11 @@ def prepare(
         problem = None if rule is None else rule.error(value)
         if problem is not None:
             raise ParamsError(f"{group_name}: {name} {problem}", group_name, name)
-    commands: Any = ap3000_commands if group.protocol == "ap3000" else bkv_commands
+    encoding = _ENCODINGS.get(group.protocol)
+    if encoding is None:
+        raise RuntimeError(f"no {group.protocol} command encoding installed (use_encodings)")
     try:
-        commands.validate(_address(group, device_id), group.set_command, group.payload(desired))
+        encoding.validate(device_id, group.set_command, group.payload(desired))
     except EncodeError as exc:
         raise ParamsError(f"{group_name}: {exc}", group_name, exc.field) from None
     return quantize(group, desired)
@@ -505,24 +614,30 @@ async def _queue(
     set_id, read_id = ids
     assert set_id is not None
     if reapply:
-        await conn.execute(
-            """UPDATE device_params SET status = 'pending', diff = NULL, failure_reason = NULL,
+        target, sources = GROUP_STATES.step(ParamEvent.REAPPLIED)
+        done = await conn.execute(
+            """UPDATE device_params SET status = $5, diff = NULL, failure_reason = NULL,
                       refused = false, set_command_id = $3, read_command_id = $4
-               WHERE device_id = $1 AND "group" = $2""",
+               WHERE device_id = $1 AND "group" = $2 AND status = ANY($6::text[])""",
             device_id,
             group.name,
             set_id,
             read_id,
+            target,
+            sources,
         )
+        if done != "UPDATE 1":  # the caller holds the row's lock: a bug, not a race
+            raise RuntimeError(f"{device_id} {group.name}: reapplied, but not a mismatch")
         return set_id, read_id
+    # new desired values replace whatever was going on (from any state)
     await conn.execute(
         """INSERT INTO device_params (device_id, "group", desired, desired_at, status,
                                       set_command_id, read_command_id, job_id)
-           VALUES ($1, $2, $3, now(), 'pending', $4, $5, $6)
+           VALUES ($1, $2, $3, now(), $7, $4, $5, $6)
            ON CONFLICT (device_id, "group") DO UPDATE SET
                desired = excluded.desired, desired_at = now(),
-               status = 'pending', diff = NULL, verified_at = NULL, acknowledged_at = NULL,
-               failure_reason = NULL, refused = false,
+               status = excluded.status, diff = NULL, verified_at = NULL,
+               acknowledged_at = NULL, failure_reason = NULL, refused = false,
                set_command_id = excluded.set_command_id,
                read_command_id = excluded.read_command_id, job_id = excluded.job_id""",
         device_id,
@@ -531,6 +646,7 @@ async def _queue(
         set_id,
         read_id,
         job_id,
+        GROUP_STATES.step(ParamEvent.QUEUED)[0],
     )
     return set_id, read_id
 
@@ -582,28 +698,33 @@ async def fail_dead_commands(conn: Connection, device_ids: list[str] | None = No
     ``failed`` (``refused`` when the device answered the set command negatively); groups
     without a read-back whose set command the device acknowledged: ``acknowledged``.
     Each with its event, in the caller's transaction. Returns the groups changed."""
+    target, sources = GROUP_STATES.step(ParamEvent.FAILED)
     failed = await conn.fetch(
         """WITH dead AS (
                SELECT p.device_id, p."group",
                       (SELECT c.command_id FROM commands c
                        WHERE c.command_id IN (p.set_command_id, p.read_command_id)
-                         AND c.status IN ('failed', 'dead')
+                         AND c.status = ANY($2::text[])
                        ORDER BY c.command_id LIMIT 1) AS command_id
                FROM device_params p
-               WHERE p.status IN ('pending', 'applying')
+               WHERE p.status = ANY($5::text[])
                  AND ($1::text[] IS NULL OR p.device_id = ANY($1::text[]))
                  AND EXISTS (SELECT 1 FROM commands c
                              WHERE c.command_id IN (p.set_command_id, p.read_command_id)
-                               AND c.status IN ('failed', 'dead'))
+                               AND c.status = ANY($2::text[]))
                FOR UPDATE OF p SKIP LOCKED)
-           UPDATE device_params p SET status = 'failed',
-                  refused = (c.status = 'failed' AND c.command_id = p.set_command_id),
+           UPDATE device_params p SET status = $4,
+                  refused = (c.status = $3 AND c.command_id = p.set_command_id),
                   failure_reason = c.name || ' ' || c.status
                       || coalesce(': ' || coalesce(c.result_text, c.dead_reason), '')
            FROM dead JOIN commands c ON c.command_id = dead.command_id
            WHERE p.device_id = dead.device_id AND p."group" = dead."group"
            RETURNING p.*""",
         device_ids,
+        state_values(_GAVE_UP),
+        CommandStatus.FAILED.value,
+        target,
+        sources,
     )
     for row in failed:
         await _event(
@@ -614,15 +735,19 @@ async def fail_dead_commands(conn: Connection, device_ids: list[str] | None = No
             row["failure_reason"],
             {"desired": _json(row["desired"]), "refused": row["refused"], **_row_detail(row)},
         )
+    target, sources = GROUP_STATES.step(ParamEvent.ACKNOWLEDGED)
     acknowledged = await conn.fetch(
-        """UPDATE device_params p SET status = 'acknowledged',
+        """UPDATE device_params p SET status = $3,
                   acknowledged_at = coalesce(c.finished_at, now())
            FROM commands c
-           WHERE p.status = 'pending' AND p.read_command_id IS NULL
+           WHERE p.status = ANY($4::text[]) AND p.read_command_id IS NULL
              AND ($1::text[] IS NULL OR p.device_id = ANY($1::text[]))
-             AND c.command_id = p.set_command_id AND c.status = 'acked'
+             AND c.command_id = p.set_command_id AND c.status = $2
            RETURNING p.*""",
         device_ids,
+        CommandStatus.ACKED.value,
+        target,
+        sources,
     )
     for row in acknowledged:
         await _acknowledged_event(conn, row)
@@ -637,7 +762,7 @@ async def _acknowledged_event(conn: Connection, row: Any) -> None:
         row["group"],
         None,
         {
-            "status": "acknowledged",
+            "status": ParamStatus.ACKNOWLEDGED.value,
             "desired": _json(row["desired"]),
             "note": "the protocol has no read-back: acknowledged by the device",
             **_row_detail(row),
@@ -674,7 +799,7 @@ def reported_fields(group: Group, message: Message) -> dict[str, Any]:
 
 
 async def on_reply(
-    ctx: DriverContext, device_id: str, message: Message, command_id: int | None
+    ctx: EngineContext, device_id: str, message: Message, command_id: int | None
 ) -> None:
     """A set or read-back reply from ``device_id`` (``command_id``: the outbox command it
     answered, if any)."""
@@ -697,7 +822,7 @@ async def on_reply(
         return
     async with ctx.pool.acquire() as conn, conn.transaction():
         row = await _set_answered(conn, device_id, group, message, command_id)
-    if row is not None and row["job_id"] is not None and row["status"] != "applying":
+    if row is not None and row["job_id"] is not None and row["status"] != _P.APPLYING.value:
         engine_for(ctx).kick()  # a job's slot may be free
 
 
@@ -708,32 +833,41 @@ async def _set_answered(
     read-back follows), ``acknowledged`` (there is none) or ``failed`` (refused)."""
     row: asyncpg.Record | None
     if _success(group, message):
+        acknowledged, without_read = GROUP_STATES.step(ParamEvent.ACKNOWLEDGED)
+        applying, with_read = GROUP_STATES.step(ParamEvent.SET_ACCEPTED)
         row = await conn.fetchrow(
             """UPDATE device_params SET acknowledged_at = now(),
-                      status = CASE WHEN read_command_id IS NULL THEN 'acknowledged'
-                                    ELSE 'applying' END
+                      status = CASE WHEN read_command_id IS NULL THEN $4 ELSE $5 END
                WHERE device_id = $1 AND "group" = $2 AND set_command_id = $3
-                 AND status = 'pending'
+                 AND status = ANY(CASE WHEN read_command_id IS NULL THEN $6::text[]
+                                       ELSE $7::text[] END)
                RETURNING *""",
             device_id,
             group.name,
             command_id,
+            acknowledged,
+            applying,
+            without_read,
+            with_read,
         )
-        if row is not None and row["status"] == "acknowledged":
+        if row is not None and row["status"] == acknowledged:
             await _acknowledged_event(conn, row)
         return row
     text = message.to_fields().get("result_text")
     result = getattr(message, "result", None)
     reason = f"the device refused {group.set_command}: {text or result}"
+    failed, sources = GROUP_STATES.step(ParamEvent.FAILED)
     row = await conn.fetchrow(
-        """UPDATE device_params SET status = 'failed', refused = true, failure_reason = $4
+        """UPDATE device_params SET status = $5, refused = true, failure_reason = $4
            WHERE device_id = $1 AND "group" = $2 AND set_command_id = $3
-             AND status IN ('pending', 'applying')
+             AND status = ANY($6::text[])
            RETURNING *""",
         device_id,
         group.name,
         command_id,
         reason,
+        failed,
+        sources,
     )
     if row is not None:
         await _event(
@@ -768,7 +902,7 @@ class _Outcome:
     job_id: int | None = None
 
 
-def _after(ctx: DriverContext, device_id: str, outcome: _Outcome) -> None:
+def _after(ctx: EngineContext, device_id: str, outcome: _Outcome) -> None:
     """After the transaction of :func:`_evaluate` committed."""
     if outcome.queued:
         ctx.outbox.wake(device_id)
@@ -791,7 +925,7 @@ async def _record(
 
 
 async def _evaluate(
-    ctx: DriverContext,
+    ctx: EngineContext,
     conn: Connection,
     group: Group,
     device_id: str,
@@ -808,8 +942,9 @@ async def _evaluate(
         if await conn.fetchval("SELECT 1 FROM devices WHERE device_id = $1", device_id):
             await _record(conn, device_id, group, reported)
         return _Outcome()
-    status = row["status"]
-    if status in IN_PROGRESS and row["set_status"] in ("failed", "dead"):
+    status = ParamStatus(row["status"])
+    set_status = _command_status(row["set_status"])
+    if status in IN_PROGRESS and set_status in _GAVE_UP:
         # the set was refused or died, and its answer is not processed yet: fail the
         # group first (a read-back after a refused set says nothing about the set)
         await fail_dead_commands(conn, [device_id])
@@ -820,12 +955,10 @@ async def _evaluate(
     # a group without a read-back is reported another way (the work mode by 0x20): that
     # report answers the set once the set command has reached the device
     as_result = own or (
-        status in IN_PROGRESS
-        and group.read_command is None
-        and row["set_status"] in ("sent", "acked")
+        status in IN_PROGRESS and group.read_command is None and set_status in _DELIVERED
     )
     if (status in IN_PROGRESS and not as_result) or (
-        status == "failed" and (row["refused"] or not check)
+        status is _P.FAILED and (row["refused"] or not check)
     ):
         await _record(conn, device_id, group, reported)  # the set may not have arrived yet
         return _Outcome()
@@ -834,34 +967,39 @@ async def _evaluate(
     detail = {"desired": desired, "reported": dict(reported), **_row_detail(row)}
     job = row["job_id"] if status in IN_PROGRESS else None
     if not diff:
+        verified = GROUP_STATES.check(status, ParamEvent.MATCHED)
         await conn.execute(
             """UPDATE device_params SET reported = $3, reported_at = now(),
-                      status = 'verified', diff = NULL, failure_reason = NULL,
-                      verified_at = now()
-               WHERE device_id = $1 AND "group" = $2""",
+                      status = $4, diff = NULL, failure_reason = NULL, verified_at = now()
+               WHERE device_id = $1 AND "group" = $2 AND status = $5""",
             device_id,
             group.name,
             json.dumps(dict(reported)),
+            verified.value,
+            status.value,
         )
-        if status != "verified":
+        if status is not verified:
             await _event(
                 conn,
                 device_id,
                 EventKind.PARAM_VERIFIED,
                 group.name,
                 None,
-                {"status": "verified", "previous_status": status, **detail},
+                {"status": verified.value, "previous_status": status.value, **detail},
             )
         log.info("parameters verified", device_id=device_id, group=group.name)
         return _Outcome(job_id=job)
+    mismatch = GROUP_STATES.check(status, ParamEvent.DIFFERS)
     await conn.execute(
-        """UPDATE device_params SET reported = $3, reported_at = now(), status = 'mismatch',
+        """UPDATE device_params SET reported = $3, reported_at = now(), status = $5,
                   diff = $4
-           WHERE device_id = $1 AND "group" = $2""",
+           WHERE device_id = $1 AND "group" = $2 AND status = $6""",
         device_id,
         group.name,
         json.dumps(dict(reported)),
         json.dumps(diff),
+        mismatch.value,
+        status.value,
     )
     if as_result:  # the device did not take what was just set
         await _event(
@@ -870,7 +1008,7 @@ async def _evaluate(
         log.info("parameters differ after setting", device_id=device_id, group=group.name)
         return _Outcome(job_id=job)
     reapply = check and ctx.settings.params_reapply_on_drift
-    if check or status != "mismatch":
+    if check or status is not _P.MISMATCH:
         await _event(
             conn,
             device_id,
@@ -879,7 +1017,7 @@ async def _evaluate(
             None,
             {
                 "diff": diff,
-                "previous_status": status,
+                "previous_status": status.value,
                 "source": "reconnect" if check else "read-back",
                 "reapplied": reapply,
                 **detail,
@@ -904,7 +1042,7 @@ async def _evaluate(
 # --- reconnects ------------------------------------------------------------------------
 
 
-def on_registration(ctx: DriverContext, device_id: str, work_mode: Any, *, query: bool) -> None:
+def on_registration(ctx: EngineContext, device_id: str, work_mode: Any, *, query: bool) -> None:
     """An AP3000 0x20 from ``device_id`` (``query``: it answers a 0x81 query): unless it
     answers a query the device (re)started, so its desired groups are read back; the
     work mode it reports is the read-back of the ``work_mode`` group."""
@@ -915,13 +1053,42 @@ def on_registration(ctx: DriverContext, device_id: str, work_mode: Any, *, query
         engine_for(ctx).note(device_id, check=not query, work_mode=reported)
 
 
-def on_device_seen(ctx: DriverContext, link: DeviceLink, device_id: str) -> None:
+def on_device_seen(ctx: EngineContext, link: DeviceLink, device_id: str) -> None:
     """A BKV socket reported on ``link``: its first report on a connection is a
     reconnect, after which its desired groups are read back."""
     seen: set[str] = link.driver_state.setdefault("params_seen", set())
     if device_id not in seen:
         seen.add(device_id)
         engine_for(ctx).note(device_id, check=True)
+
+
+def listen(ctx: EngineContext, driver: MessageHooks) -> None:
+    """Register with ``driver`` for what concerns parameters: set and read-back replies;
+    AP3000 0x20 registrations (a restart, and the work mode); BKV socket reports (the
+    first on a connection is a reconnect)."""
+
+    def reply(inbound: Inbound[Message]) -> None:
+        if inbound.device_id is not None:
+            answer = on_reply(ctx, inbound.device_id, inbound.message, inbound.answered)
+            ctx.run(answer, "params")
+
+    def registered(inbound: Inbound[ap3000.Registration]) -> None:
+        if inbound.device_id is not None:
+            query = inbound.answered is not None  # the 0x20 answers a 0x81 query
+            work_mode = inbound.message.work_mode
+            on_registration(ctx, inbound.device_id, work_mode, query=query)
+
+    def seen(inbound: Inbound[Message]) -> None:
+        if inbound.device_id is not None:
+            on_device_seen(ctx, inbound.link, inbound.device_id)
+
+    for cls in PROTOCOL_REPLIES.get(driver.protocol, ()):
+        driver.on(cls, reply)
+    if driver.protocol == "ap3000":
+        driver.on(ap3000.Registration, registered)
+    elif driver.protocol == "bkv":
+        for report in (bkv.StatusCluster, bkv.SocketState, bkv.SocketState1D):
+            driver.on(report, seen)
 
 
 @dataclasses.dataclass
@@ -941,7 +1108,7 @@ class ParamsEngine:
     reconnected here, and (shared by all processes) profile job starts and commands
     that died."""
 
-    def __init__(self, ctx: DriverContext) -> None:
+    def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
         self._wakeup = asyncio.Event()
         #: devices to check, oldest first
@@ -1044,12 +1211,11 @@ class ParamsEngine:
             if outcome.job_id is not None:
                 self.kick()
             return outcome.queued
-        checkable = row["status"] in ("verified", "acknowledged", "mismatch") or (
-            row["status"] == "failed" and not row["refused"]
-        )
+        status = ParamStatus(row["status"])
+        checkable = status in _CHECKABLE or (status is _P.FAILED and not row["refused"])
         if not note.check or group.read_command is None or not checkable:
             return False
-        if row["check_status"] in ("pending", "sent"):
+        if _command_status(row["check_status"]) in _ON_ITS_WAY:
             return False  # the last check is still on its way
         command_id = await self.ctx.outbox.submit(
             conn,
@@ -1073,7 +1239,7 @@ class ParamsEngine:
 _ENGINES: weakref.WeakKeyDictionary[Any, ParamsEngine] = weakref.WeakKeyDictionary()
 
 
-def engine_for(ctx: DriverContext) -> ParamsEngine:
+def engine_for(ctx: EngineContext) -> ParamsEngine:
     """The gateway's engine; created, and its passes started, on first use (by the API
     router or a driver hook, whichever comes first)."""
     engine = _ENGINES.get(ctx)
@@ -1087,7 +1253,7 @@ def engine_for(ctx: DriverContext) -> ParamsEngine:
 # --- profile jobs ----------------------------------------------------------------------
 
 
-async def start_ready(ctx: DriverContext, conn: Connection, job_id: int) -> list[str]:
+async def start_ready(ctx: EngineContext, conn: Connection, job_id: int) -> list[str]:
     """Start the queued devices of job ``job_id`` that its pace allows now, inside the
     caller's transaction (under the job row's lock: another process holding it skips
     the job). Marks the job finished when nothing is queued or in progress. Returns
@@ -1101,12 +1267,14 @@ async def start_ready(ctx: DriverContext, conn: Connection, job_id: int) -> list
         return []
     counts = await conn.fetchrow(
         """SELECT (SELECT count(DISTINCT device_id) FROM device_params
-                   WHERE job_id = $1 AND status IN ('pending', 'applying')) AS active,
+                   WHERE job_id = $1 AND status = ANY($2::text[])) AS active,
                   (SELECT count(*) FROM param_job_devices
-                   WHERE job_id = $1 AND status = 'queued') AS queued,
+                   WHERE job_id = $1 AND status = $3) AS queued,
                   (SELECT count(*) FROM param_job_devices
                    WHERE job_id = $1 AND started_at > now() - interval '60 s') AS recent""",
         job_id,
+        state_values(IN_PROGRESS),
+        MemberStatus.QUEUED.value,
     )
     assert counts is not None
     if counts["queued"] == 0 and counts["active"] == 0:
@@ -1119,11 +1287,12 @@ async def start_ready(ctx: DriverContext, conn: Connection, job_id: int) -> list
     candidates = await conn.fetch(
         """SELECT m.device_id FROM param_job_devices m
            LEFT JOIN device_sessions s ON s.device_id = m.device_id
-           WHERE m.job_id = $1 AND m.status = 'queued'
+           WHERE m.job_id = $1 AND m.status = $3
            ORDER BY (s.owner IS NULL), m.device_id LIMIT $2
            FOR UPDATE OF m SKIP LOCKED""",
         job_id,
         slots,
+        MemberStatus.QUEUED.value,
     )
     groups: dict[str, Any] = _json(job["groups"])
     woken = []
@@ -1141,11 +1310,13 @@ async def start_ready(ctx: DriverContext, conn: Connection, job_id: int) -> list
                 )
         except (ParamsError, DeviceNotFoundError, UnsupportedDeviceError) as exc:
             await conn.execute(
-                """UPDATE param_job_devices SET status = 'failed', failure_reason = $3
-                   WHERE job_id = $1 AND device_id = $2""",
+                """UPDATE param_job_devices SET status = $4, failure_reason = $3
+                   WHERE job_id = $1 AND device_id = $2 AND status = $5""",
                 job_id,
                 device_id,
                 str(exc),
+                MemberStatus.FAILED.value,
+                MemberStatus.QUEUED.value,
             )
             for group in groups:
                 await _event(
@@ -1153,12 +1324,14 @@ async def start_ready(ctx: DriverContext, conn: Connection, job_id: int) -> list
                 )
             continue
         await conn.execute(
-            """UPDATE param_job_devices SET status = 'pending', started_at = now(),
+            """UPDATE param_job_devices SET status = $4, started_at = now(),
                       set_command_ids = $3
-               WHERE job_id = $1 AND device_id = $2""",
+               WHERE job_id = $1 AND device_id = $2 AND status = $5""",
             job_id,
             device_id,
             json.dumps({g: a["set_command_id"] for g, a in applied.items()}),
+            MemberStatus.PENDING.value,
+            MemberStatus.QUEUED.value,
         )
         woken.append(device_id)
     if woken:

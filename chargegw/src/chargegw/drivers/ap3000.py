@@ -4,23 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import structlog
 
 from chargegw.audit import mask_text
 from chargegw.core import AP3000_CHARGING_STATUS, AP3000_PORT_STATUS, EventKind, PortStatus
-from chargegw.domain import firmware, params
 from chargegw.domain.orders import AP3000_STOP_REASONS, SettlementReport
+from chargegw.domain.ports import Handler, Inbound, M
 from chargegw.drivers import ap3000_commands as commands
 from chargegw.drivers.base import (
     DriverContext,
+    Hooks,
     gateway_connected,
-    look_up_card,
     record_swipe,
     send_reply,
 )
 from chargegw.net.transport import DeviceLink
+from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow
 from chargeproto import ABSENT, Direction, Message, ap3000
 
 log = structlog.get_logger("chargegw.ap3000")
@@ -32,6 +34,8 @@ LEGACY_AFTER = 2
 
 #: messages that prove the device is alive and running
 _HEARTBEATS = (ap3000.Heartbeat, ap3000.LegacyHeartbeat, ap3000.PowerHeartbeat, ap3000.Registration)
+#: messages that acknowledge a 0x81 query (it has no reply of its own)
+_QUERY_ANSWERS = (ap3000.Registration, ap3000.Heartbeat)
 #: device-to-server reports that only go to the event log
 _REPORTS: dict[type[Message], EventKind] = {
     ap3000.AlarmPush: EventKind.ALARM,
@@ -67,12 +71,14 @@ def _status(code: int, table: dict[int, PortStatus]) -> PortStatus:
 
 
 class Ap3000Driver:
-    """Answers AP3000 frames as the protocol requires and records what they report."""
+    """Answers AP3000 frames as the protocol requires and records what they report; then
+    hands them to the handlers the engines registered (:meth:`on`)."""
 
     protocol = "ap3000"
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
+        self.hooks = Hooks(self.protocol, ap3000.Ap3000Message)
         self._handlers: dict[type[Message], Callable[[DeviceLink, Any, str | None], None]] = {
             ap3000.Registration: self._registration,
             ap3000.Heartbeat: self._heartbeat,
@@ -85,6 +91,10 @@ class Ap3000Driver:
             ap3000.OrderConfirm: self._order_confirm,
             ap3000.HostHeartbeat: self._host_heartbeat,
         }
+
+    def on(self, message_type: type[M], handler: Handler[M]) -> None:
+        """Hand every ``message_type`` message to ``handler`` once it is answered."""
+        self.hooks.on(message_type, handler)
 
     def heartbeat_interval(self) -> float:
         return self.ctx.settings.ap3000_heartbeat_s
@@ -115,33 +125,34 @@ class Ap3000Driver:
                 wall=wall,
             )
         owner = device_id or message.phy_id  # a host answers for itself (host upgrades)
-        waiting = None
+        answered = None
         if message.direction is Direction.UP:
-            key = commands.reply_key(owner, message.command, message.msg_id)
-            waiting = ctx.outbox.open_command(key)
-            if waiting is not None:
-                ctx.outbox.on_reply(key, commands.outcome(message))
-            if device_id is not None and type(message) in params.REPLIES:  # params.py
-                answered = None if waiting is None else waiting.command_id
-                ctx.run(params.on_reply(ctx, device_id, message, answered), "params")
-        if type(message) in firmware.AP3000_MESSAGES:  # upgrade progress (firmware.py)
-            answered = None if waiting is None else waiting.command_id
-            firmware.on_ap3000(ctx, link, message, owner, answered)
+            answered = self._command_reply(owner, message)
+            if device_id is not None and isinstance(message, _QUERY_ANSWERS):
+                answered = self._query_answered(device_id, message) or answered
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(link, message, device_id)
-            return
-        kind = _REPORTS.get(type(message))
-        if kind is None:
-            # answers to server commands, unknown commands: kept for the command layer
-            kind = (
-                EventKind.COMMAND_REPLY if message.direction is Direction.UP else (EventKind.REPORT)
+        else:
+            kind = _REPORTS.get(type(message))
+            if kind is None:
+                # answers to server commands, unknown commands: kept for the command layer
+                up = message.direction is Direction.UP
+                kind = EventKind.COMMAND_REPLY if up else EventKind.REPORT
+                if isinstance(message, ap3000.UnknownMessage):
+                    kind = EventKind.REPORT
+            ctx.writer.put_event(
+                EventRow(
+                    device_id or gateway_id,
+                    wall,
+                    kind.value,
+                    type(message).__name__,
+                    _detail(message),
+                )
             )
-            if isinstance(message, ap3000.UnknownMessage):
-                kind = EventKind.REPORT
-        ctx.writer.put_event(
-            device_id or gateway_id, wall, kind.value, type(message).__name__, _detail(message)
-        )
+        if self.hooks.wants(type(message)):  # parameter read-backs, upgrade progress ...
+            reply = partial(self._answer, link, device_id)
+            self.hooks.tell(Inbound(link, message, device_id, owner, answered, reply))
 
     # -- identity --
 
@@ -155,7 +166,7 @@ class Ap3000Driver:
             state["gateway"] = current
             state["host"] = is_host
             gateway_connected(self.ctx, link, current, protocol=self.protocol, wall=wall)
-        self.ctx.writer.put_gateway(current, protocol=self.protocol, last_seen_at=wall)
+        self.ctx.writer.put_gateway(GatewayRow(current, protocol=self.protocol, last_seen_at=wall))
         return str(current)
 
     # -- replies and updates --
@@ -172,13 +183,28 @@ class Ap3000Driver:
             self.ctx, link, reply, ap3000.encode(reply), device_id, after_commit=after_commit
         )
 
-    def _query_answered(self, device_id: str, m: Message) -> bool:
-        """0x81 has no reply of its own: the 0x20/0x21 it triggers acknowledge it.
-        True if ``m`` answered a query."""
+    def _answer(self, link: DeviceLink, device_id: str | None, reply: Message) -> None:
+        """An engine's answer to a device's message."""
+        assert isinstance(reply, ap3000.Ap3000Message)
+        self._reply(link, reply, device_id)
+
+    def _command_reply(self, owner: str, m: ap3000.Ap3000Message) -> int | None:
+        """The command in flight ``m`` answers, if any (its id is returned)."""
+        key = commands.reply_key(owner, m.command, m.msg_id)
+        waiting = self.ctx.outbox.open_command(key)
+        if waiting is None:
+            return None
+        self.ctx.outbox.on_reply(key, commands.outcome(m))
+        return waiting.command_id
+
+    def _query_answered(self, device_id: str, m: Message) -> int | None:
+        """0x81 has no reply of its own: the 0x20/0x21 it triggers acknowledge it. The
+        query's id if ``m`` answered one."""
         key = commands.query_key(device_id)
-        if self.ctx.outbox.open_command(key) is not None:
-            return self.ctx.outbox.on_reply(key, commands.outcome(m))
-        return False
+        waiting = self.ctx.outbox.open_command(key)
+        if waiting is not None and self.ctx.outbox.on_reply(key, commands.outcome(m)):
+            return waiting.command_id
+        return None
 
     def _registration(
         self, link: DeviceLink, m: ap3000.Registration, device_id: str | None
@@ -186,9 +212,6 @@ class Ap3000Driver:
         self._reply(link, ap3000.RegistrationReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
-        query = self._query_answered(device_id, m)
-        # a (re)start reads desired parameters back; the work mode is reported (params.py)
-        params.on_registration(self.ctx, device_id, m.work_mode, query=query)
         wall = self.ctx.wall()
         attributes = {"virtual_id": m.virtual_id}
         if m.work_mode is not ABSENT:
@@ -196,15 +219,19 @@ class Ap3000Driver:
         if m.power_board_version is not ABSENT:
             attributes["power_board_version"] = m.power_board_version
         self.ctx.writer.put_device(
-            device_id,
-            protocol=self.protocol,
-            phy_id=m.phy_id,
-            firmware=str(m.firmware_version),
-            port_count=m.port_count,
-            device_type=m.device_type,
-            attributes=attributes,
+            DeviceRow(
+                device_id,
+                protocol=self.protocol,
+                phy_id=m.phy_id,
+                firmware=str(m.firmware_version),
+                port_count=m.port_count,
+                device_type=m.device_type,
+                attributes=attributes,
+            )
         )
-        self.ctx.writer.put_event(device_id, wall, EventKind.REGISTERED.value, None, _detail(m))
+        self.ctx.writer.put_event(
+            EventRow(device_id, wall, EventKind.REGISTERED.value, None, _detail(m))
+        )
 
     def _heartbeat(self, link: DeviceLink, m: ap3000.Heartbeat, device_id: str | None) -> None:
         # per connection (piles behind a host share it): freed with the connection
@@ -213,16 +240,17 @@ class Ap3000Driver:
         self._reply(link, ap3000.HeartbeatReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
-        self._query_answered(device_id, m)
         wall = self.ctx.wall()
         self.ctx.writer.put_device(
-            device_id,
-            protocol=self.protocol,
-            phy_id=m.phy_id,
-            port_count=len(m.ports),
-            signal_strength=m.signal_strength,
-            temperature_c=m.temperature_c,
-            voltage_v=m.voltage_v,
+            DeviceRow(
+                device_id,
+                protocol=self.protocol,
+                phy_id=m.phy_id,
+                port_count=len(m.ports),
+                signal_strength=m.signal_strength,
+                temperature_c=m.temperature_c,
+                voltage_v=m.voltage_v,
+            )
         )
         # 0x21 reports no port power: an idle port draws none, a busy one is unknown
         self._put_ports(
@@ -248,14 +276,16 @@ class Ap3000Driver:
         for p in ports:
             status = _status(p.status, AP3000_PORT_STATUS)
             self.ctx.writer.put_port(
-                device_id,
-                p.port + 1,
-                status=status.value,
-                status_code=p.status,
-                status_text=texts.get(p.status),
-                voltage_v=voltage_v,
-                power_w=power_w(p, status),
-                reported_at=wall,
+                PortRow(
+                    device_id,
+                    p.port + 1,
+                    status=status.value,
+                    status_code=p.status,
+                    status_text=texts.get(p.status),
+                    voltage_v=voltage_v,
+                    power_w=power_w(p, status),
+                    reported_at=wall,
+                )
             )
 
     def _legacy_heartbeat(
@@ -273,15 +303,17 @@ class Ap3000Driver:
             return
         wall = self.ctx.wall()
         self.ctx.writer.put_device(
-            device_id,
-            protocol=self.protocol,
-            phy_id=m.phy_id,
-            firmware=str(m.firmware_version),
-            port_count=len(m.ports),
-            device_type=m.device_type,
-            signal_strength=m.signal_strength,
-            temperature_c=m.temperature_c,
-            voltage_v=m.voltage_v,
+            DeviceRow(
+                device_id,
+                protocol=self.protocol,
+                phy_id=m.phy_id,
+                firmware=str(m.firmware_version),
+                port_count=len(m.ports),
+                device_type=m.device_type,
+                signal_strength=m.signal_strength,
+                temperature_c=m.temperature_c,
+                voltage_v=m.voltage_v,
+            )
         )
         self._put_ports(
             device_id,
@@ -298,26 +330,25 @@ class Ap3000Driver:
         if device_id is None:
             return
         known = AP3000_CHARGING_STATUS.get(m.status)
-        values: dict[str, Any] = {
-            "power_w": m.power_w,
-            "energy_kwh": m.energy_kwh,
-            "order_ref": m.order_id,
-            "reported_at": self.ctx.wall(),
-        }
-        if known is not None:  # other values are errors to ignore (ap3000.md 11.3)
-            values["status"] = known.value
-            values["status_code"] = m.status
-            values["status_text"] = ap3000.PowerHeartbeat.TEXTS["status"].get(m.status)
-        if m.voltage_v is not ABSENT:
-            values["voltage_v"] = m.voltage_v
-        if m.current_a is not ABSENT:
-            values["current_a"] = m.current_a
-        if m.port_temperature_c not in (ABSENT, None):
-            values["temperature_c"] = m.port_temperature_c
-        if "status" not in values:
-            values["status"] = PortStatus.UNKNOWN.value
-            values["status_code"] = m.status
-        self.ctx.writer.put_port(device_id, m.port + 1, **values)
+        self.ctx.writer.put_port(
+            PortRow(
+                device_id,
+                m.port + 1,
+                # other values are errors to ignore (ap3000.md 11.3)
+                status=PortStatus.UNKNOWN.value if known is None else known.value,
+                status_code=m.status,
+                status_text=(
+                    None if known is None else ap3000.PowerHeartbeat.TEXTS["status"].get(m.status)
+                ),
+                power_w=m.power_w,
+                voltage_v=None if m.voltage_v is ABSENT else m.voltage_v,
+                current_a=None if m.current_a is ABSENT else m.current_a,
+                energy_kwh=m.energy_kwh,
+                temperature_c=None if m.port_temperature_c is ABSENT else m.port_temperature_c,
+                order_ref=m.order_id,
+                reported_at=self.ctx.wall(),
+            )
+        )
         if known in (PortStatus.CHARGING, PortStatus.FLOAT, PortStatus.FULL):
             sample = {
                 "duration_s": m.duration_s,
@@ -399,8 +430,7 @@ class Ap3000Driver:
             }
 
         async def decide_then_reply() -> None:
-            result = await look_up_card(
-                ctx,
+            result = await ctx.cards.swipe(
                 protocol=self.protocol,
                 device_id=owner,
                 card_id=m.card_id,
@@ -430,11 +460,13 @@ class Ap3000Driver:
         self, link: DeviceLink, m: ap3000.OrderConfirm, device_id: str | None
     ) -> None:
         self.ctx.writer.put_event(
-            device_id or m.phy_id,
-            self.ctx.wall(),
-            EventKind.REPORT.value,
-            "OrderConfirm",
-            _detail(m),
+            EventRow(
+                device_id or m.phy_id,
+                self.ctx.wall(),
+                EventKind.REPORT.value,
+                "OrderConfirm",
+                _detail(m),
+            )
         )
         self._reply(
             link,
@@ -447,25 +479,30 @@ class Ap3000Driver:
         self, link: DeviceLink, m: ap3000.HostHeartbeat, device_id: str | None
     ) -> None:
         gateway = str(link.driver_state.get("gateway", m.phy_id))
-        values: dict[str, Any] = {
-            "protocol": self.protocol,
-            "iccid": m.iccid or None,
-            "firmware": str(m.firmware_version),
-        }
-        if m.imei is not ABSENT:
-            values["imei"] = m.imei
-        self.ctx.writer.put_gateway(gateway, **values)
-        if device_id is not None:  # sockets with their own modem send 0x11 too
-            self.ctx.writer.put_device(
-                device_id,
+        self.ctx.writer.put_gateway(
+            GatewayRow(
+                gateway,
                 protocol=self.protocol,
                 iccid=m.iccid or None,
-                signal_strength=m.signal_strength,
+                imei=None if m.imei is ABSENT else m.imei,
+                firmware=str(m.firmware_version),
+            )
+        )
+        if device_id is not None:  # sockets with their own modem send 0x11 too
+            self.ctx.writer.put_device(
+                DeviceRow(
+                    device_id,
+                    protocol=self.protocol,
+                    iccid=m.iccid or None,
+                    signal_strength=m.signal_strength,
+                )
             )
         self.ctx.writer.put_event(
-            device_id or m.phy_id,
-            self.ctx.wall(),
-            EventKind.REPORT.value,
-            "HostHeartbeat",
-            _detail(m),
+            EventRow(
+                device_id or m.phy_id,
+                self.ctx.wall(),
+                EventKind.REPORT.value,
+                "HostHeartbeat",
+                _detail(m),
+            )
         )

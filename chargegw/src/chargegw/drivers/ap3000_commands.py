@@ -6,24 +6,13 @@ of its own: the device answers by sending 0x20/0x21, which acknowledge the query
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from chargegw.core import split_device_id
 from chargegw.domain.outbox import Outcome
+from chargegw.domain.ports import command_name
 from chargeproto import EncodeError, Message, ap3000
 
-#: replies the server sends to device messages: not commands
-_SERVER_REPLIES = {
-    ap3000.LegacyHeartbeatReply,
-    ap3000.RegistrationReply,
-    ap3000.HeartbeatReply,
-    ap3000.TimeReply,
-    ap3000.CardSwipeReply,
-    ap3000.SettlementReply,
-    ap3000.OrderConfirmReply,
-    ap3000.HostTimeReply,
-    ap3000.HostFirmwareRequestReply,
-}
 #: firmware packets go through an upgrade job, never one by one from the API
 _FIRMWARE = {
     ap3000.SubDeviceFirmwarePacket,
@@ -37,8 +26,6 @@ _FIRMWARE = {
 _DEDICATED = {ap3000.ChargeControl, ap3000.ModifyChargeLimit, ap3000.QueryStatus}
 #: placeholders without a defined meaning (ap3000.md 9.25): not offered
 _RESERVED = {ap3000.ReservedFD, ap3000.ReservedFE}
-#: commands after which the document shows no reply (0xE4): done once written
-NO_REPLY = {0xE4}
 #: upgrade job commands (firmware.py) -> packet class; params ``total_packets``,
 #: ``packet_index``, ``firmware`` (hex), and ``phy_id`` when the frame is for a host
 #: (queued under a device behind it, sent on the host's connection)
@@ -52,17 +39,13 @@ FIRMWARE_COMMANDS: dict[str, type[ap3000.Ap3000Message]] = {
 }
 
 
-def snake(name: str) -> str:
-    """``SetQrCode`` -> ``set_qr_code``."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
 #: name -> message class of every command the generic endpoint accepts
 GENERIC: dict[str, type[ap3000.Ap3000Message]] = {
-    snake(cls.__name__): cls
+    command_name(cls): cls
     for cls in ap3000.MESSAGE_CLASSES
     if cls.direction is ap3000.ChargeControl.direction
-    and cls not in _SERVER_REPLIES | _FIRMWARE | _DEDICATED | _RESERVED
+    and not ap3000.is_server_reply(cls)
+    and cls not in _FIRMWARE | _DEDICATED | _RESERVED
 }
 
 
@@ -136,13 +119,18 @@ class Ap3000Commands:
         """The pile (or the host a host frame goes to) whose msg ids must not repeat."""
         return str(params.get("phy_id") or device_id)
 
+    def validate(self, device_id: str, name: str, params: dict[str, Any]) -> None:
+        """``EncodeError`` (with the field) if the command cannot be sent to the pile
+        ``device_id`` (``ports.CommandCheck``)."""
+        validate(split_device_id(device_id)[0], name, params)
+
     def encode_command(
         self, device_id: str, name: str, params: dict[str, Any], correlation: int
     ) -> tuple[bytes, Any]:
         message = build(device_id, name, params, correlation)
-        if message.command in NO_REPLY:
-            return ap3000.encode(message), None
-        if name == "query":
+        if name == "query":  # answered by a status report, not by a 0x81
             return ap3000.encode(message), query_key(device_id)
+        if ap3000.reply_for(message) is None:  # e.g. 0xE4: done once written
+            return ap3000.encode(message), None
         # a host's frame is answered by the host (its phy id), not by the device queued
         return ap3000.encode(message), reply_key(message.phy_id, message.command, correlation)

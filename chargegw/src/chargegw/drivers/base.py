@@ -3,43 +3,35 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-import asyncpg
+import structlog
 
-from chargegw.config import Settings
 from chargegw.core import EventKind
-from chargegw.domain import billing
 from chargegw.domain.orders import Settled, SettlementReport
-from chargegw.domain.outbox import Outbox
-from chargegw.net.sessions import SessionRegistry
+from chargegw.domain.ports import CardService, EngineContext, Handler, Inbound, M, SwipeResult
 from chargegw.net.transport import REPLY, DeviceLink
 from chargegw.store.errors import is_unavailable
-from chargegw.store.writer import BatchWriter
+from chargegw.store.writer import BatchWriter, EventRow, GatewayRow
 from chargeproto import Message, bkv
 
 _R = TypeVar("_R")
 
+log = structlog.get_logger("chargegw.drivers")
 
-class DriverContext(Protocol):
-    """The gateway as a driver sees it."""
 
-    settings: Settings
-    sessions: SessionRegistry
+class DriverContext(EngineContext, Protocol):
+    """The gateway as a driver sees it (the database, ``pool``, for the order lookups)."""
+
     writer: BatchWriter
-    outbox: Outbox
-    #: the database, for drivers that look orders up (None until the gateway started)
-    pool: asyncpg.Pool | None
+    #: decides card swipes and balance queries
+    cards: CardService
 
     @property
     def owner(self) -> str:
         """This process's id in the session directory."""
-        ...
-
-    def run(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        """Run ``coro`` as a task the gateway owns (errors are logged, not lost)."""
         ...
 
     async def settle_order(
@@ -91,6 +83,38 @@ class DriverContext(Protocol):
         ...
 
 
+class Hooks:
+    """The handlers the engines registered with a driver, by message type
+    (``ports.MessageHooks``)."""
+
+    def __init__(self, protocol: str, family: type[Message]) -> None:
+        self.protocol = protocol
+        self._family = family
+        self._handlers: dict[type[Message], list[Handler[Any]]] = {}
+
+    def on(self, message_type: type[M], handler: Handler[M]) -> None:
+        """Call ``handler`` with every ``message_type`` message the driver handled."""
+        if not issubclass(message_type, self._family):
+            raise TypeError(f"{message_type.__name__} is not a {self.protocol} message")
+        self._handlers.setdefault(message_type, []).append(handler)
+
+    def wants(self, message_type: type[Message]) -> bool:
+        """True if a handler is registered for ``message_type``."""
+        return message_type in self._handlers
+
+    def tell(self, inbound: Inbound[Any]) -> None:
+        """Hand ``inbound`` to its handlers; one that fails is logged, the others run."""
+        for handler in self._handlers.get(type(inbound.message), ()):
+            try:
+                handler(inbound)
+            except Exception:
+                log.exception(
+                    "engine handler failed",
+                    message=type(inbound.message).__name__,
+                    device_id=inbound.device_id,
+                )
+
+
 _LABELS: dict[type[Message], str] = {}
 
 
@@ -138,57 +162,29 @@ def gateway_connected(
 ) -> None:
     """Record ``gateway_id`` online on ``link`` (the connection's first word from it)."""
     ctx.writer.put_gateway(
-        gateway_id,
-        protocol=protocol,
-        online=True,
-        connection_id=link.id,
-        owner=ctx.owner,
-        node=ctx.settings.node,
-        remote_addr=link.remote,
-        connected_at=wall,
-        iccid=link.iccid,
+        GatewayRow(
+            gateway_id,
+            protocol=protocol,
+            online=True,
+            connection_id=link.id,
+            owner=ctx.owner,
+            node=ctx.settings.node,
+            remote_addr=link.remote,
+            connected_at=wall,
+            iccid=link.iccid,
+        )
     )
 
 
-def require_pool(ctx: DriverContext, what: str) -> asyncpg.Pool:
-    """The database pool; without one, ``what`` stays unanswered."""
-    pool = ctx.pool
-    if pool is None:
-        raise RuntimeError(f"no database pool: {what} left unanswered")
-    return pool
-
-
-async def look_up_card(
-    ctx: DriverContext,
-    *,
-    protocol: str,
-    device_id: str,
-    card_id: str,
-    port: int | None,
-    start_params: Any,
-    what: str,
-) -> billing.SwipeResult:
-    """Decide on a card swipe (``port`` None: a balance query) with the card registry."""
-    async with require_pool(ctx, what).acquire(timeout=5) as conn:
-        return await billing.card_swipe(
-            conn,
-            ctx.outbox,
-            device_id=device_id,
-            protocol=protocol,
-            card_id=card_id,
-            port=port,
-            expires_s=ctx.settings.command_expiry_s,
-            start_params=start_params,
-        )
-
-
 def record_swipe(
-    ctx: DriverContext, device_id: str, result: billing.SwipeResult, detail: dict[str, Any]
+    ctx: DriverContext, device_id: str, result: SwipeResult, detail: dict[str, Any]
 ) -> None:
     """The card-swipe event of a decision (with the order it opened, if any)."""
     if result.order_no is not None:
         detail = {**detail, "order_no": result.order_no}
-    ctx.writer.put_event(device_id, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail)
+    ctx.writer.put_event(
+        EventRow(device_id, ctx.wall(), EventKind.CARD_SWIPE.value, result.reason, detail)
+    )
 
 
 async def retry_while_connected(

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
+from functools import partial
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -20,19 +21,20 @@ import structlog
 
 from chargegw.audit import mask_text
 from chargegw.core import EventKind, PortStatus, bkv_device_id
-from chargegw.domain import billing, firmware, params
-from chargegw.domain.orders import OPEN_STATUSES, SettlementReport, find_session_order
+from chargegw.domain.orders import SettlementReport, find_session_order, note_session
+from chargegw.domain.ports import Handler, Inbound, M
 from chargegw.drivers import bkv_commands as commands
 from chargegw.drivers.base import (
     DriverContext,
+    Hooks,
     gateway_connected,
-    look_up_card,
     record_swipe,
-    require_pool,
     retry_while_connected,
     send_reply,
 )
 from chargegw.net.transport import DeviceLink
+from chargegw.store.database import Connection
+from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow
 from chargeproto import ABSENT, Message, bkv
 
 log = structlog.get_logger("chargegw.bkv")
@@ -70,6 +72,16 @@ def _detail(message: Message) -> dict[str, Any]:
     return fields
 
 
+def _reported(message: bkv.BkvMessage, device_id: str | None) -> list[str | None]:
+    """The devices a message reports on: every socket of a status cluster, else the one
+    it names (or None)."""
+    if not isinstance(message, bkv.StatusCluster):
+        return [device_id]
+    sockets = message.sockets if message.sockets is not ABSENT else ()
+    numbers = [_present(socket.socket) for socket in sockets]
+    return [bkv_device_id(message.gateway_id, n) for n in numbers if isinstance(n, int)]
+
+
 def _jack_status(status_bits: int | None) -> PortStatus:
     if status_bits is None:
         return PortStatus.UNKNOWN
@@ -89,12 +101,14 @@ def _flags_text(status_bits: int | None) -> str | None:
 
 
 class BkvDriver:
-    """Answers BKV frames as the protocol requires and records what they report."""
+    """Answers BKV frames as the protocol requires and records what they report; then
+    hands them to the handlers the engines registered (:meth:`on`)."""
 
     protocol = "bkv"
 
     def __init__(self, ctx: DriverContext) -> None:
         self.ctx = ctx
+        self.hooks = Hooks(self.protocol, bkv.BkvMessage)
         self.zone = device_timezone(ctx.settings.device_timezone)
         #: (device, API port) -> (order, business number) of starts the socket accepted
         self._started: dict[tuple[str, int], tuple[str, int]] = {}
@@ -112,6 +126,11 @@ class BkvDriver:
             bkv.BalanceQuery: self._balance,
             **{cls: self._end_report for cls in _END_REPORTS},
         }
+
+    def on(self, message_type: type[M], handler: Handler[M]) -> None:
+        """Hand every ``message_type`` message to ``handler`` once it is answered (a
+        status cluster once per socket it reports)."""
+        self.hooks.on(message_type, handler)
 
     def heartbeat_interval(self) -> float:
         return self.ctx.settings.bkv_status_interval_s
@@ -134,21 +153,26 @@ class BkvDriver:
         answered = None
         if message.direction is bkv.Heartbeat.direction and message.seq:
             answered = self._command_reply(link, message)
-        if device_id is not None and type(message) in params.REPLIES:  # params.py
-            self.ctx.run(params.on_reply(self.ctx, device_id, message, answered), "params")
         handler = self._handlers.get(type(message))
         if handler is not None:
             handler(link, message)
-            return
-        up = message.direction is bkv.Heartbeat.direction
-        kind = EventKind.COMMAND_REPLY if up and message.seq else EventKind.REPORT
-        self.ctx.writer.put_event(
-            device_id or message.gateway_id,
-            wall,
-            kind.value,
-            type(message).__name__,
-            _detail(message),
-        )
+        else:
+            up = message.direction is bkv.Heartbeat.direction
+            kind = EventKind.COMMAND_REPLY if up and message.seq else EventKind.REPORT
+            self.ctx.writer.put_event(
+                EventRow(
+                    device_id or message.gateway_id,
+                    wall,
+                    kind.value,
+                    type(message).__name__,
+                    _detail(message),
+                )
+            )
+        if self.hooks.wants(type(message)):  # parameter read-backs, OTA verification ...
+            for reported in _reported(message, device_id):
+                reply = partial(self._answer, link, reported)
+                owner = reported or message.gateway_id
+                self.hooks.tell(Inbound(link, message, reported, owner, answered, reply))
 
     # -- identity --
 
@@ -156,7 +180,9 @@ class BkvDriver:
         if link.driver_state.get("gateway") != message.gateway_id:
             link.driver_state["gateway"] = message.gateway_id
             gateway_connected(self.ctx, link, message.gateway_id, protocol=self.protocol, wall=wall)
-        self.ctx.writer.put_gateway(message.gateway_id, protocol=self.protocol, last_seen_at=wall)
+        self.ctx.writer.put_gateway(
+            GatewayRow(message.gateway_id, protocol=self.protocol, last_seen_at=wall)
+        )
 
     def _seen(
         self, link: DeviceLink, gateway_id: str, device_id: str, wall: datetime, *, heartbeat: bool
@@ -181,6 +207,11 @@ class BkvDriver:
         after_commit: bool = False,
     ) -> None:
         send_reply(self.ctx, link, reply, bkv.encode(reply), device_id, after_commit=after_commit)
+
+    def _answer(self, link: DeviceLink, device_id: str | None, reply: Any) -> None:
+        """An engine's answer to a device's message."""
+        assert isinstance(reply, bkv.BkvMessage)
+        self._reply(link, reply, device_id)
 
     def _ack(self, cls: Any, message: Any, **fields: Any) -> bkv.BkvMessage:
         """A TLV ACK echoing the report's header items (bkv.md 9.4, 9.6, 9.8)."""
@@ -251,7 +282,7 @@ class BkvDriver:
             del self._started[key]
         self._stops_acked = {k for k in self._stops_acked if k[0] != device_id}
 
-    async def _db(self, step: Callable[[Any], Awaitable[_R]], link: DeviceLink | None) -> _R:
+    async def _db(self, step: Callable[[Connection], Awaitable[_R]], link: DeviceLink | None) -> _R:
         """Run ``step(conn)`` in a transaction; while the database is away, retry as long
         as ``link`` is open (the gateway resends otherwise)."""
 
@@ -336,7 +367,7 @@ class BkvDriver:
         charged_s = sample.get("duration_s") or 0
         began = None if sample.get("duration_s") is None else wall - timedelta(seconds=charged_s)
 
-        async def find(conn: Any) -> str | None:
+        async def find(conn: Connection) -> str | None:
             order = await find_session_order(
                 conn,
                 device_id,
@@ -347,14 +378,9 @@ class BkvDriver:
             )
             if order is None:
                 return None
-            await conn.execute(
-                """UPDATE orders SET business_no = $2, started_at = COALESCE(started_at, $3)
-                   WHERE order_no = $1""",
-                order["order_no"],
-                business_no,
-                wall - timedelta(seconds=charged_s),
-            )
-            return str(order["order_no"])
+            order_no = str(order["order_no"])
+            await note_session(conn, order_no, business_no, wall - timedelta(seconds=charged_s))
+            return order_no
 
         async with self._lock(device_id):
             order_no = await self._db(find, link)
@@ -399,12 +425,13 @@ class BkvDriver:
         if m.iccid:
             self.ctx.sessions.bind_iccid(link, m.iccid)
         self.ctx.writer.put_gateway(
-            m.gateway_id,
-            protocol=self.protocol,
-            iccid=m.iccid or None,
-            firmware=m.firmware_version or None,
+            GatewayRow(
+                m.gateway_id,
+                protocol=self.protocol,
+                iccid=m.iccid or None,
+                firmware=m.firmware_version or None,
+            )
         )
-        firmware.on_bkv_heartbeat(self.ctx, link, m)  # OTA verification (firmware.py)
 
     def _status_cluster(self, link: DeviceLink, m: bkv.StatusCluster) -> None:
         wall = self.ctx.wall()
@@ -414,18 +441,19 @@ class BkvDriver:
                 continue
             device_id = bkv_device_id(m.gateway_id, number)
             self._seen(link, m.gateway_id, device_id, wall, heartbeat=True)
-            params.on_device_seen(self.ctx, link, device_id)  # drift check on reconnect
             ports = socket.ports if socket.ports is not ABSENT else ()
-            firmware = _present(socket.firmware_version)
+            version = _present(socket.firmware_version)
             self.ctx.writer.put_device(
-                device_id,
-                protocol=self.protocol,
-                gateway_id=m.gateway_id,
-                socket_no=number,
-                firmware=None if firmware is None else str(firmware),
-                port_count=len(ports) or None,
-                temperature_c=_present(socket.temperature_c),
-                signal_strength=_present(socket.signal_strength),
+                DeviceRow(
+                    device_id,
+                    protocol=self.protocol,
+                    gateway_id=m.gateway_id,
+                    socket_no=number,
+                    firmware=None if version is None else str(version),
+                    port_count=len(ports) or None,
+                    temperature_c=_present(socket.temperature_c),
+                    signal_strength=_present(socket.signal_strength),
+                )
             )
             for jack in ports:
                 port = _present(jack.port)
@@ -434,17 +462,19 @@ class BkvDriver:
                 bits = _present(jack.status_bits)
                 business_no = _present(jack.business_no)
                 self.ctx.writer.put_port(
-                    device_id,
-                    port + 1,
-                    status=_jack_status(bits).value,
-                    status_code=bits,
-                    status_text=_flags_text(bits),
-                    voltage_v=_present(jack.voltage_v),
-                    power_w=_present(jack.power_w),
-                    current_a=_present(jack.current_a),
-                    energy_kwh=_present(jack.energy_kwh),
-                    order_ref=None if not business_no else str(business_no),
-                    reported_at=wall,
+                    PortRow(
+                        device_id,
+                        port + 1,
+                        status=_jack_status(bits).value,
+                        status_code=bits,
+                        status_text=_flags_text(bits),
+                        voltage_v=_present(jack.voltage_v),
+                        power_w=_present(jack.power_w),
+                        current_a=_present(jack.current_a),
+                        energy_kwh=_present(jack.energy_kwh),
+                        order_ref=None if not business_no else str(business_no),
+                        reported_at=wall,
+                    )
                 )
             self._jacks_reported(link, device_id, ports)
             self._query_answered(device_id, m)
@@ -454,41 +484,44 @@ class BkvDriver:
         device_id = bkv_device_id(m.gateway_id, m.socket)
         wall = self.ctx.wall()
         self.ctx.writer.put_device(
-            device_id,
-            protocol=self.protocol,
-            gateway_id=m.gateway_id,
-            socket_no=m.socket,
-            firmware=str(m.firmware_version),
-            temperature_c=m.temperature_c,
-            signal_strength=m.signal_strength,
-            port_count=len(m.ports),
+            DeviceRow(
+                device_id,
+                protocol=self.protocol,
+                gateway_id=m.gateway_id,
+                socket_no=m.socket,
+                firmware=str(m.firmware_version),
+                temperature_c=m.temperature_c,
+                signal_strength=m.signal_strength,
+                port_count=len(m.ports),
+            )
         )
         for jack in m.ports:
             self.ctx.writer.put_port(
-                device_id,
-                jack.port + 1,
-                status=_jack_status(jack.status_bits).value,
-                status_code=jack.status_bits,
-                status_text=_flags_text(jack.status_bits),
-                voltage_v=jack.voltage_v,
-                power_w=jack.power_w,
-                current_a=jack.current_a,
-                energy_kwh=jack.energy_kwh,
-                order_ref=str(jack.business_no) if jack.business_no else None,
-                reported_at=wall,
+                PortRow(
+                    device_id,
+                    jack.port + 1,
+                    status=_jack_status(jack.status_bits).value,
+                    status_code=jack.status_bits,
+                    status_text=_flags_text(jack.status_bits),
+                    voltage_v=jack.voltage_v,
+                    power_w=jack.power_w,
+                    current_a=jack.current_a,
+                    energy_kwh=jack.energy_kwh,
+                    order_ref=str(jack.business_no) if jack.business_no else None,
+                    reported_at=wall,
+                )
             )
         self.ctx.writer.put_event(
-            device_id, wall, EventKind.COMMAND_REPLY.value, type(m).__name__, _detail(m)
+            EventRow(device_id, wall, EventKind.COMMAND_REPLY.value, type(m).__name__, _detail(m))
         )
         self._jacks_reported(link, device_id, m.ports)
         self._query_answered(device_id, m)
-        params.on_device_seen(self.ctx, link, device_id)
 
     def _event_report(self, link: DeviceLink, m: bkv.EventReport) -> None:
         socket = _present(m.socket)
         owner = bkv_device_id(m.gateway_id, socket) if isinstance(socket, int) else m.gateway_id
         self.ctx.writer.put_event(
-            owner, self.ctx.wall(), EventKind.ALARM.value, "EventReport", _detail(m)
+            EventRow(owner, self.ctx.wall(), EventKind.ALARM.value, "EventReport", _detail(m))
         )
         self._reply(link, self._ack(bkv.EventReportAck, m, socket=m.socket, result=OK), None)
 
@@ -504,11 +537,13 @@ class BkvDriver:
             # no jack to settle: kept as an event, acknowledged once stored
             owner = bkv_device_id(m.gateway_id, socket) if isinstance(socket, int) else None
             self.ctx.writer.put_event(
-                owner or m.gateway_id,
-                self.ctx.wall(),
-                EventKind.SETTLEMENT.value,
-                type(m).__name__,
-                _detail(m),
+                EventRow(
+                    owner or m.gateway_id,
+                    self.ctx.wall(),
+                    EventKind.SETTLEMENT.value,
+                    type(m).__name__,
+                    _detail(m),
+                )
             )
             self._reply(link, reply, owner, after_commit=True)
             return
@@ -555,67 +590,35 @@ class BkvDriver:
         device_id = bkv_device_id(m.gateway_id, m.socket)
         port = m.port + 1
 
+        def start_params(order: Mapping[str, Any]) -> dict[str, Any]:
+            params: dict[str, Any] = {
+                "port": m.port,
+                "card_business_no": m.business_no,
+                "charge_mode": order["charge_mode"],
+                "duration_raw": order["duration_min"] or 0,
+            }
+            if "tiers" in order:
+                params.update(amount_cent=order["amount_cent"], tiers=order["tiers"])
+            return params
+
         async def decide_then_reply() -> None:
-            async with (
-                require_pool(ctx, "card swipe").acquire(timeout=5) as conn,
-                conn.transaction(),
-            ):
-                resent = await conn.fetchval(
-                    """SELECT order_no FROM orders WHERE device_id = $1 AND port = $2
-                       AND business_no = $3 AND start_mode = 'card'
-                       AND status = ANY($4::text[])""",
-                    device_id,
-                    port,
-                    m.business_no,
-                    list(OPEN_STATUSES),
+            result = await ctx.cards.swipe_with_limit(
+                protocol=self.protocol,
+                device_id=device_id,
+                card_id=m.card_id,
+                port=port,
+                business_no=m.business_no,
+                start_params=start_params,
+            )
+            if result.resent:
+                # the same swipe again: its order is on its way, a refusal would
+                # contradict it
+                detail = {**_detail(m), "order_no": result.order_no}
+                ctx.writer.put_event(
+                    EventRow(device_id, ctx.wall(), EventKind.CARD_SWIPE.value, "resend", detail)
                 )
-                if resent is not None:
-                    # the same swipe again: its order is on its way, a refusal would
-                    # contradict it
-                    detail = {**_detail(m), "order_no": resent}
-                    ctx.writer.put_event(
-                        device_id, ctx.wall(), EventKind.CARD_SWIPE.value, "resend", detail
-                    )
-                    ctx.outbox.wake(device_id)
-                    return
-                plan = await billing.device_plan(conn, device_id)
-                kind, params = (plan[1], plan[2]) if plan is not None else (None, {})
-                limit: dict[str, Any] = {}
-
-                def start_params(
-                    _order_no: str, _port: int, _rate_mode: int, balance: int
-                ) -> dict[str, Any]:
-                    order = billing.bkv_card_order(kind, params, balance)
-                    limit["duration_min"] = order["duration_min"]
-                    out = {
-                        "port": m.port,
-                        "card_business_no": m.business_no,
-                        "charge_mode": order["charge_mode"],
-                        "duration_raw": order["duration_min"] or 0,
-                    }
-                    if "tiers" in order:
-                        out.update(amount_cent=order["amount_cent"], tiers=order["tiers"])
-                    return out
-
-                result = await billing.card_swipe(
-                    conn,
-                    ctx.outbox,
-                    device_id=device_id,
-                    protocol=self.protocol,
-                    card_id=m.card_id,
-                    port=port,
-                    expires_s=ctx.settings.command_expiry_s,
-                    start_params=start_params,
-                    business_no=m.business_no,
-                )
-                if result.order_no is not None and kind == "per_hour":
-                    # the limit is what the balance covers: its end is a time limit
-                    await conn.execute(
-                        """UPDATE orders SET mode = 'time', requested_duration_min = $2
-                           WHERE order_no = $1""",
-                        result.order_no,
-                        limit["duration_min"],
-                    )
+                ctx.outbox.wake(device_id)
+                return
             record_swipe(
                 ctx, device_id, result, {**_detail(m), "balance_cent": result.balance_cent}
             )
@@ -643,8 +646,7 @@ class BkvDriver:
         device_id = bkv_device_id(m.gateway_id, m.socket)
 
         async def look_up_then_reply() -> None:
-            result = await look_up_card(
-                ctx,
+            result = await ctx.cards.swipe(
                 protocol=self.protocol,
                 device_id=device_id,
                 card_id=m.card_id,

@@ -14,7 +14,7 @@ from typing import Any
 
 from chargegw.core import split_device_id
 from chargegw.domain.outbox import Outcome
-from chargegw.drivers.ap3000_commands import snake
+from chargegw.domain.ports import command_name
 from chargeproto import EncodeError, Message, bkv
 
 #: 0x0015/0x07 ``charge_mode`` (its own coding, bkv.md 7.2 / 11.2)
@@ -27,19 +27,7 @@ MAX_ENERGY_KWH = 0xFFFF / 1000
 #: 0x0015/0x0B down ``charge_mode`` (bkv.md 7.6 / 11.2)
 CARD_BY_TIME = 1
 CARD_BY_POWER_TIERS = 3
-#: sub-command of the socket's confirmation of a card order (0x0F, same seq)
-CARD_ORDER_ACK = 0x0F
 
-#: replies the server sends to device messages: not commands
-_SERVER_REPLIES = {
-    bkv.HeartbeatReply,
-    bkv.StatusClusterAck,
-    bkv.CardEndAck,
-    bkv.FeeModeEndAck,
-    bkv.EventReportAck,
-    bkv.BalanceReply,
-    bkv.CardOrder,  # the answer to a card swipe
-}
 #: commands with their own endpoints (start, stop, query); power-tier and fee-mode
 #: starts would bypass the order layer; OTA concerns the gateway and goes through an
 #: upgrade job (its answer is undocumented)
@@ -55,9 +43,11 @@ _EXCLUDED = {
 #: node_list_refresh (0x0005/0x08), node_add (0x0005/0x09), voice_window (0x0015/0x1B),
 #: set_params (0x1000/0x1011), query_params (0x1000/0x1012)
 GENERIC: dict[str, type[bkv.BkvMessage]] = {
-    snake(cls.__name__): cls
+    command_name(cls): cls
     for cls in bkv.MESSAGE_CLASSES
-    if cls.direction is bkv.ChargeControl.direction and cls not in _SERVER_REPLIES | _EXCLUDED
+    if cls.direction is bkv.ChargeControl.direction
+    and not bkv.is_server_reply(cls)
+    and cls not in _EXCLUDED
 }
 
 
@@ -238,16 +228,22 @@ class BkvCommands:
         (gateway, seq, command)."""
         return _address(device_id)[0]
 
+    def validate(self, device_id: str, name: str, params: dict[str, Any]) -> None:
+        """``EncodeError`` (with the field) if the command cannot be sent to the socket
+        ``device_id`` (``ports.CommandCheck``)."""
+        validate(device_id, name, params)
+
     def encode_command(
         self, device_id: str, name: str, params: dict[str, Any], correlation: int
     ) -> tuple[bytes, Any]:
         message = build(device_id, name, params, correlation)
-        if name == OTA:
-            return bkv.encode(message), None
-        if name == "query":
+        if name == "query":  # answered by a state or a status cluster (query_key)
             return bkv.encode(message), query_key(device_id)
-        if isinstance(message, bkv.CardOrder):  # confirmed by 0x0F with the same seq
+        reply = bkv.reply_for(message)
+        if reply is None:  # OTA: its answer is undocumented, done once written
+            return bkv.encode(message), None
+        if reply.key != bkv.message_key(message):  # a card order is confirmed by 0x0F
             return bkv.encode(message), reply_key(
-                message.gateway_id, message.seq, message.wire_command, CARD_ORDER_ACK
+                message.gateway_id, message.seq, message.wire_command, reply.key
             )
         return bkv.encode(message), key_of(message)

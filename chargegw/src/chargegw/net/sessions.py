@@ -31,7 +31,7 @@ import structlog
 
 from chargegw.core import EventKind
 from chargegw.metrics import Metrics
-from chargegw.store.writer import BatchWriter, BindResult
+from chargegw.store.writer import BatchWriter, BindResult, DeviceRow, EventRow
 
 log = structlog.get_logger("chargegw.net.sessions")
 
@@ -165,13 +165,15 @@ class SessionRegistry:
             self._set_online(session, wall, "frame received")
         session.stamped = now
         self.writer.put_device(
-            device_id,
-            protocol=protocol,
-            gateway_id=gateway_id,
-            online=True,
-            connection_id=link.id,
-            last_seen_at=wall,
-            last_heartbeat_at=wall if heartbeat else None,
+            DeviceRow(
+                device_id,
+                protocol=protocol,
+                gateway_id=gateway_id,
+                online=True,
+                connection_id=link.id,
+                last_seen_at=wall,
+                last_heartbeat_at=wall if heartbeat else None,
+            )
         )
         return session
 
@@ -288,11 +290,13 @@ class SessionRegistry:
         session.link = link
         self._attach(link, session)
         self.writer.put_event(
-            session.device_id,
-            wall,
-            EventKind.REBOUND.value,
-            "newer connection",
-            {"old_connection": old.id, "new_connection": link.id, "remote": link.remote},
+            EventRow(
+                session.device_id,
+                wall,
+                EventKind.REBOUND.value,
+                "newer connection",
+                {"old_connection": old.id, "new_connection": link.id, "remote": link.remote},
+            )
         )
         log.info(
             "device moved to a newer connection",
@@ -308,11 +312,13 @@ class SessionRegistry:
         session.ack_timeouts = 0
         self.metrics.devices_online.inc()
         self.writer.put_event(
-            session.device_id,
-            wall,
-            EventKind.ONLINE.value,
-            reason,
-            {"connection": session.link.id, "remote": session.link.remote, "node": self.node},
+            EventRow(
+                session.device_id,
+                wall,
+                EventKind.ONLINE.value,
+                reason,
+                {"connection": session.link.id, "remote": session.link.remote, "node": self.node},
+            )
         )
         log.info("device online", device_id=session.device_id, connection=session.link.id)
         self.on_online(session.device_id)
@@ -321,18 +327,22 @@ class SessionRegistry:
         session.online = False
         self.metrics.devices_online.dec()
         self.writer.put_device(
-            session.device_id,
-            protocol=session.protocol,
-            online=False,
-            offline_reason=reason,
-            connection_id=session.link.id,
+            DeviceRow(
+                session.device_id,
+                protocol=session.protocol,
+                online=False,
+                offline_reason=reason,
+                connection_id=session.link.id,
+            )
         )
         self.writer.put_event(
-            session.device_id,
-            wall,
-            EventKind.OFFLINE.value,
-            reason,
-            {"connection": session.link.id},
+            EventRow(
+                session.device_id,
+                wall,
+                EventKind.OFFLINE.value,
+                reason,
+                {"connection": session.link.id},
+            )
         )
         log.info("device offline", device_id=session.device_id, reason=reason)
         self.on_offline(session.device_id, reason)

@@ -320,6 +320,11 @@ class DeviceLink(asyncio.BufferedProtocol):
         """Bytes received that do not form a complete frame yet."""
         return int(self._decoder.buffered)
 
+    @property
+    def queued(self) -> int:
+        """Bytes waiting in the write queue for a peer that reads too slowly."""
+        return self._queued
+
     def send(self, data: bytes, priority: int = REPLY) -> None:
         """Queue ``data`` for the peer; control frames overtake queued replies.
 

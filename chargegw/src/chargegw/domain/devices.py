@@ -1,0 +1,264 @@
+"""The read model of gateways and devices: their last known state, ports, event log and
+audit frames, as the API shows them.
+
+Lists are keyset pages (:mod:`chargegw.domain.pages`) after the key of the previous
+page's last item; every query is bounded by ``QUERY_TIMEOUT_S``. ICCIDs leave masked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from chargegw.domain.pages import Page, Where, page_of
+from chargegw.store.database import Connection
+
+#: longest a read query may run
+QUERY_TIMEOUT_S = 10.0
+
+
+class Gateway(BaseModel):
+    """A gateway: the owner of one TCP connection (an AP3000 pile or a BKV gateway)."""
+
+    gateway_id: str = Field(examples=["82231214002700"])
+    protocol: str = Field(examples=["bkv"])
+    online: bool
+    iccid: str | None = Field(
+        description="SIM ICCID, masked: first 6 and last 4 characters kept",
+        examples=["898604**********1234"],
+    )
+    imei: str | None
+    firmware: str | None
+    remote_addr: str | None = Field(examples=["203.0.113.7:50122"])
+    connected_at: dt.datetime | None
+    last_seen_at: dt.datetime | None
+    device_count: int = Field(description="devices (sockets, piles) behind this gateway")
+
+
+class Device(BaseModel):
+    """A charging device, by its canonical chargeproto id."""
+
+    device_id: str = Field(
+        description="AP3000: the physical id (`04CEAA40`); BKV: `<gateway_id>-<socket_no>`",
+        examples=["04CEAA40"],
+    )
+    protocol: str = Field(examples=["ap3000"])
+    gateway_id: str | None
+    phy_id: str | None
+    socket_no: int | None
+    device_type: int | None
+    firmware: str | None
+    port_count: int | None
+    online: bool
+    offline_reason: str | None
+    last_seen_at: dt.datetime | None
+    last_heartbeat_at: dt.datetime | None
+    signal_strength: int | None
+    temperature_c: int | None
+    voltage_v: float | None
+
+
+class Port(BaseModel):
+    """The last reported state of one port."""
+
+    port: int = Field(description="port number, 1-based on both protocols", ge=1)
+    status: str = Field(
+        description="idle, charging, occupied, full, float, fault or unknown",
+        examples=["charging"],
+    )
+    status_code: int | None = Field(description="the raw status code the device sent")
+    status_text: str | None
+    power_w: float | None
+    voltage_v: float | None
+    current_a: float | None
+    energy_kwh: float | None
+    temperature_c: int | None
+    reported_at: dt.datetime
+
+
+class DeviceDetail(Device):
+    """A device with the last reported state of each of its ports."""
+
+    ports: list[Port]
+
+
+class DeviceEvent(BaseModel):
+    """One row of a device's event log (online/offline transitions, alarms, ...)."""
+
+    id: int
+    at: dt.datetime
+    kind: str = Field(examples=["offline"])
+    reason: str | None = Field(examples=["heartbeat_timeout"])
+    detail: dict[str, Any]
+
+
+class Frame(BaseModel):
+    """One frame of the audit log, received from or sent to a device."""
+
+    id: int
+    received_at: dt.datetime = Field(description="server time the frame was read or written")
+    connection_id: str
+    direction: str = Field(examples=["in"])
+    protocol: str | None
+    command: str | None
+    hex: str = Field(description="the frame's bytes; ICCIDs and card numbers masked")
+    error: str | None = Field(description="why the frame could not be decoded, if so")
+
+
+def mask_iccid(iccid: str | None) -> str | None:
+    """Keep the first 6 and last 4 characters, ``*`` between; too short: all ``*``."""
+    if iccid is None:
+        return None
+    if len(iccid) <= 10:
+        return "*" * len(iccid)
+    return iccid[:6] + "*" * (len(iccid) - 10) + iccid[-4:]
+
+
+def json_object(value: Any) -> dict[str, Any]:
+    """A jsonb value as a dict, whether or not the pool has a jsonb codec."""
+    if isinstance(value, str):
+        value = json.loads(value)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+async def list_gateways(
+    conn: Connection,
+    *,
+    protocol: str | None,
+    online: bool | None,
+    after: str | None,
+    limit: int,
+) -> Page[Gateway]:
+    """Gateways ordered by id, after the gateway ``after``."""
+    where = Where()
+    if protocol is not None:
+        where.add("g.protocol = {}", protocol)
+    if online is not None:
+        where.add("g.online = {}", online)
+    if after is not None:
+        where.add("g.gateway_id > {}", after)
+    query = f"""
+        SELECT g.gateway_id, g.protocol, g.online, g.iccid, g.imei, g.firmware,
+               g.remote_addr, g.connected_at, g.last_seen_at,
+               (SELECT count(*) FROM devices d WHERE d.gateway_id = g.gateway_id)
+                   AS device_count
+          FROM gateways g {where.sql()}
+         ORDER BY g.gateway_id {where.limit(limit)}"""
+    rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
+    items = [Gateway(**{**dict(r), "iccid": mask_iccid(r["iccid"])}) for r in rows]
+    return page_of(items, limit)
+
+
+_DEVICE_COLUMNS = """device_id, protocol, gateway_id, phy_id, socket_no, device_type,
+    firmware, port_count, online, offline_reason, last_seen_at, last_heartbeat_at,
+    signal_strength, temperature_c, voltage_v"""
+
+
+async def list_devices(
+    conn: Connection,
+    *,
+    protocol: str | None,
+    online: bool | None,
+    gateway_id: str | None,
+    after: str | None,
+    limit: int,
+) -> Page[Device]:
+    """Devices ordered by device id, after the device ``after``, optionally filtered."""
+    where = Where()
+    if protocol is not None:
+        where.add("protocol = {}", protocol)
+    if online is not None:
+        where.add("online = {}", online)
+    if gateway_id is not None:
+        where.add("gateway_id = {}", gateway_id)
+    if after is not None:
+        where.add("device_id > {}", after)
+    query = f"""SELECT {_DEVICE_COLUMNS} FROM devices {where.sql()}
+                ORDER BY device_id {where.limit(limit)}"""
+    rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
+    return page_of([Device(**dict(r)) for r in rows], limit)
+
+
+async def get_device(conn: Connection, device_id: str) -> DeviceDetail | None:
+    """A device with its ports; None if it is not known."""
+    row = await conn.fetchrow(
+        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = $1",
+        device_id,
+        timeout=QUERY_TIMEOUT_S,
+    )
+    if row is None:
+        return None
+    ports = await conn.fetch(
+        """SELECT port, status, status_code, status_text, power_w, voltage_v, current_a,
+                  energy_kwh, temperature_c, reported_at
+             FROM ports WHERE device_id = $1 ORDER BY port""",
+        device_id,
+        timeout=QUERY_TIMEOUT_S,
+    )
+    return DeviceDetail(**dict(row), ports=[Port(**dict(p)) for p in ports])
+
+
+async def device_exists(conn: Connection, device_id: str) -> bool:
+    """Whether ``device_id`` is a known device."""
+    found = await conn.fetchval(
+        "SELECT 1 FROM devices WHERE device_id = $1", device_id, timeout=QUERY_TIMEOUT_S
+    )
+    return found is not None
+
+
+async def list_events(
+    conn: Connection,
+    device_id: str,
+    *,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    kind: str | None,
+    after: tuple[dt.datetime, int] | None,
+    limit: int,
+) -> Page[DeviceEvent]:
+    """A device's events in ``[since, until)`` ordered by (at, id), after the key ``after``."""
+    where = Where()
+    where.add("device_id = {}", device_id)
+    if since is not None:
+        where.add("at >= {}", since)
+    if until is not None:
+        where.add("at < {}", until)
+    if kind is not None:
+        where.add("kind = {}", kind)
+    if after is not None:
+        where.add("(at, id) > ({}, {})", *after)
+    query = f"""SELECT id, at, kind, reason, detail FROM device_events {where.sql()}
+                ORDER BY at, id {where.limit(limit)}"""
+    rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
+    items = [DeviceEvent(**{**dict(r), "detail": json_object(r["detail"])}) for r in rows]
+    return page_of(items, limit)
+
+
+async def list_frames(
+    conn: Connection,
+    device_id: str,
+    *,
+    since: dt.datetime,
+    until: dt.datetime,
+    direction: str | None,
+    after: tuple[dt.datetime, int] | None,
+    limit: int,
+) -> Page[Frame]:
+    """A device's audit frames in ``[since, until)`` ordered by (received_at, id), after
+    the key ``after``."""
+    where = Where()
+    where.add("device_id = {}", device_id)
+    where.add("received_at >= {}", since)
+    where.add("received_at < {}", until)
+    if direction is not None:
+        where.add("direction = {}", direction)
+    if after is not None:
+        where.add("(received_at, id) > ({}, {})", *after)
+    query = f"""SELECT id, received_at, connection_id, direction, protocol, command, hex, error
+                  FROM frames {where.sql()}
+                 ORDER BY received_at, id {where.limit(limit)}"""
+    rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
+    return page_of([Frame(**dict(r)) for r in rows], limit)

@@ -15,7 +15,7 @@ import pytest
 
 from chargegw.api import cluster as cluster_routes
 from chargegw.api.app import ApiState, create_app
-from chargegw.api.commands import StartRequest, _start_params
+from chargegw.api.commands import StartRequest, start_command_params
 from chargegw.api.deps import refused
 from chargegw.api.param_models import group_schema
 from chargegw.api.routers import ROUTERS
@@ -47,7 +47,7 @@ def _schema(spec: dict[str, Any], name: str) -> dict[str, Any]:
 
 def test_start_parameters_per_protocol() -> None:
     body = StartRequest(mode="energy", energy_kwh=1.5, balance_cent=300)
-    assert _start_params("ap3000", 2, body, "AB" * 16) == {
+    assert start_command_params("ap3000", 2, body, "AB" * 16) == {
         "port": 1,
         "rate_mode": 2,
         "charge_limit": 150,
@@ -55,8 +55,8 @@ def test_start_parameters_per_protocol() -> None:
         "order_id": "AB" * 16,
     }
     timed = StartRequest(mode="time", duration_min=60)
-    assert _start_params("ap3000", 1, timed, "CD" * 16)["charge_limit"] == 3600
-    assert _start_params("bkv", 1, timed, "CD" * 16)["port"] == 0
+    assert start_command_params("ap3000", 1, timed, "CD" * 16)["charge_limit"] == 3600
+    assert start_command_params("bkv", 1, timed, "CD" * 16)["port"] == 0
 
 
 def test_refusals_map_to_statuses() -> None:

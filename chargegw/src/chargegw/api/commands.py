@@ -127,7 +127,9 @@ def _key_scope(request: Request) -> str:
     return auth.hash_key(token) if token else ""
 
 
-def _start_params(protocol: str, port: int, body: StartRequest, order_no: str) -> dict[str, Any]:
+def start_command_params(
+    protocol: str, port: int, body: StartRequest, order_no: str
+) -> dict[str, Any]:
     """The start command's parameters (ports are 0-based on the wire)."""
     if protocol == "bkv":  # the order number stays here; the socket names a business no
         return bkv_commands.start_params(port - 1, body.mode, body.duration_min, body.energy_kwh)
@@ -194,7 +196,7 @@ async def start(
                 duration_min=body.duration_min,
                 energy_kwh=body.energy_kwh,
                 balance_cent=body.balance_cent,
-                start_params=_start_params(target.protocol, port, body, order_no),
+                start_params=start_command_params(target.protocol, port, body, order_no),
             )
             async with conn.transaction():
                 queued = await service.start(conn, target, order, idem)

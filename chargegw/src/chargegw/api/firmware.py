@@ -66,10 +66,6 @@ router = APIRouter(prefix="/api/v1", tags=["firmware"])
 _JOB_NOT_FOUND = (404, "No such upgrade job")
 
 
-def _unprocessable(message: str, field: str | None) -> HTTPException:
-    return api_error(422, message, field=field)
-
-
 @router.post(
     "/firmware",
     status_code=201,
@@ -123,7 +119,7 @@ async def upload(
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise _unprocessable(f"the image is larger than {limit} bytes", "body")
+            raise api_error(422, f"the image is larger than {limit} bytes", field="body")
     try:
         spec = validate_image(
             protocol=protocol,
@@ -139,7 +135,7 @@ async def upload(
             note=note,
         )
     except FirmwareError as exc:
-        raise _unprocessable(str(exc), exc.field) from None
+        raise api_error(422, str(exc), field=exc.field) from None
     async with pool.acquire() as conn, conn.transaction():
         row = await store_image(conn, spec, bytes(body))
     return firmware_store.image_view(row)
@@ -208,9 +204,9 @@ async def create(pool: Pool, services: Services, body: UpgradeJobCreate) -> Upgr
                 force=body.force,
             )
         except SelectorError as exc:
-            raise _unprocessable(f"selector: {exc}", "selector") from None
+            raise api_error(422, f"selector: {exc}", field="selector") from None
         except FirmwareError as exc:
-            raise _unprocessable(str(exc), exc.field) from None
+            raise api_error(422, str(exc), field=exc.field) from None
         except ConflictError as exc:
             raise HTTPException(409, str(exc)) from None
         job = await firmware_store.job(conn, job_id)

@@ -1,0 +1,156 @@
+"""The catalogue of domain events: every type name the platform emits, what it means and
+what its ``data`` holds.
+
+Events are rows of the ``events`` table, written by database triggers in the transaction
+of the change they report (migration ``0012_events.sql``), so no code path can change a
+port, an order or a command without its event. This module is the one list of their type
+names: webhooks validate subscriptions against it (``matching``), the API documents it,
+and a test checks that every type the triggers can emit is listed here.
+
+Every event carries, besides ``data``: ``id`` (increasing in commit order), ``type``,
+``at``, and the subjects it concerns where they apply: ``device_id``, ``gateway_id``,
+``protocol``, ``port``, ``order_no``, ``command_id``, ``job_id``, ``frame_id``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "EVENT_TYPES",
+    "TYPE_PATTERN",
+    "EventType",
+    "matches",
+    "matching",
+    "unknown_patterns",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class EventType:
+    """One event type: its name, what it means, and the keys of its ``data``."""
+
+    name: str
+    description: str
+    data: Mapping[str, str]
+
+
+_ORDER_DATA: Mapping[str, str] = {
+    "status": "the order's status after the change",
+    "start_mode": "online, card, code or device",
+    "device_initiated": "the device started it (no API call)",
+    "mode": "full, time or energy",
+    "card_id": "the card that started it, if any",
+    "started_at": "when charging began",
+    "ended_at": "when charging ended",
+    "duration_s": "seconds charged",
+    "energy_kwh": "energy delivered",
+    "max_power_w": "the highest power reported",
+    "stop_reason": "why it stopped (protocol-neutral)",
+    "stop_reason_code": "the device's raw stop-reason code",
+    "failure_reason": "why it failed",
+    "amount_cent": "the price, once settled",
+}
+_REASON_DATA: Mapping[str, str] = {
+    "reason": "why (a stable word, e.g. heartbeat_timeout)",
+    "detail": "what the device or the engine reported",
+}
+_PORT_DATA: Mapping[str, str] = {
+    "status": "idle, charging, occupied, full, float, fault ...",
+    "previous_status": "the status before (null for the first report)",
+    "status_code": "the device's raw status code",
+    "status_text": "the raw status in words",
+    "order_ref": "the order the device names for the port",
+}
+_COMMAND_DATA: Mapping[str, str] = {
+    "name": "the command (start, stop, query ...)",
+    "attempts": "transmissions",
+    "result_code": "the device's result code",
+    "result_text": "the result in words",
+    "dead_reason": "why it gave up (dead only)",
+}
+_SWIPE_DATA: Mapping[str, str] = {
+    "result": "accepted, or why it was refused (unknown_card, blocked, port_busy ...)",
+    "card_id": "the card number",
+    "port": "the port it was swiped for",
+    "balance_cent": "the card's balance",
+    "detail": "the swipe as decoded",
+}
+_BAN_DATA: Mapping[str, str] = {
+    "reason": "flapping, or the operator's reason",
+    "until": "when the ban ends",
+    "connects": "connects counted in the window (flapping)",
+}
+_PING_DATA: Mapping[str, str] = {"message": "a test delivery asked for by an operator"}
+_DISABLED_DATA: Mapping[str, str] = {
+    "subscription_id": "the subscription",
+    "reason": "why it was disabled (failing for the disable period, 410 Gone)",
+}
+
+
+def _types() -> dict[str, EventType]:
+    table: list[tuple[str, str, Mapping[str, str]]] = [
+        ("device.online", "A device connected and identified itself.", _REASON_DATA),
+        ("device.offline", "A device went offline; `reason` says why.", _REASON_DATA),
+        ("device.registered", "A device registered (AP3000 0x20).", _REASON_DATA),
+        ("device.alarm", "A device reported an alarm (AP3000 0x42/0x44, BKV event).", _REASON_DATA),
+        ("device.fault", "A port went to the fault status.", _PORT_DATA),
+        ("port.status_changed", "A port's status changed.", _PORT_DATA),
+        ("order.created", "A charging order was created (API, card or device).", _ORDER_DATA),
+        ("order.started", "The device confirmed charging began.", _ORDER_DATA),
+        ("order.progress", "The device reported progress of a charging order.", {
+            "duration_s": "seconds charged so far",
+            "energy_kwh": "energy so far",
+            "power_w": "power now",
+            "voltage_v": "voltage now",
+            "current_a": "current now",
+        }),
+        ("order.stopping", "A stop was asked for; the device has not ended it yet.", _ORDER_DATA),
+        ("order.stopped", "Charging ended (the device's settlement arrived).", _ORDER_DATA),
+        ("order.settled", "The order was settled and priced.", _ORDER_DATA),
+        ("order.failed", "The order failed (refused, no answer, superseded).", _ORDER_DATA),
+        ("order.cancelled", "The order was cancelled before it started.", _ORDER_DATA),
+        ("command.acked", "A device acknowledged a command.", _COMMAND_DATA),
+        ("command.failed", "A device refused a command.", _COMMAND_DATA),
+        ("command.dead", "A command gave up (no answer, expired, device offline).", _COMMAND_DATA),
+        ("card.swipe_accepted", "A card swipe was accepted and charging is starting.", _SWIPE_DATA),
+        ("card.swipe_refused", "A card swipe was refused.", _SWIPE_DATA),
+        ("param.verified", "A parameter group was read back as desired.", _REASON_DATA),
+        ("param.mismatch", "A parameter group's read-back differs from the desired values.", _REASON_DATA),
+        ("param.failed", "A parameter group was refused or its command died.", _REASON_DATA),
+        ("param.drift", "A device reports other parameters than were verified.", _REASON_DATA),
+        ("upgrade.started", "A firmware upgrade began sending to a device.", _REASON_DATA),
+        ("upgrade.verified", "A device came back from its upgrade with the new version.", _REASON_DATA),
+        ("upgrade.failed", "A firmware upgrade was refused, gave up or did not take.", _REASON_DATA),
+        ("ban.placed", "A device was banned for a while (flapping or by hand).", _BAN_DATA),
+        ("ban.lifted", "A ban was lifted before it ran out.", _BAN_DATA),
+        ("webhook.disabled", "A webhook subscription was disabled automatically.", _DISABLED_DATA),
+        ("webhook.ping", "A test delivery (only to the subscription it was asked for).", _PING_DATA),
+    ]  # fmt: skip
+    return {name: EventType(name, text, data) for name, text, data in table}
+
+
+#: every event type, by name
+EVENT_TYPES: Mapping[str, EventType] = _types()
+
+#: what a subscription's type pattern may look like: names, dots, underscores, `*`
+TYPE_PATTERN = re.compile(r"^[a-z0-9_.*]{1,64}$")
+
+
+def matches(pattern: str, type_name: str) -> bool:
+    """Whether ``pattern`` (``*`` is any run of characters) matches ``type_name``; the same
+    rule as SQL ``event_type_matches``."""
+    regex = "^" + ".*".join(re.escape(part) for part in pattern.split("*")) + "$"
+    return re.match(regex, type_name) is not None
+
+
+def matching(pattern: str) -> list[str]:
+    """The catalogue's types ``pattern`` matches (none: the pattern is useless)."""
+    return [name for name in EVENT_TYPES if matches(pattern, name)]
+
+
+def unknown_patterns(patterns: Iterable[str]) -> list[str]:
+    """The patterns that are malformed or match no type of the catalogue."""
+    return [p for p in patterns if not TYPE_PATTERN.match(p) or not matching(p)]

@@ -118,16 +118,16 @@ def _types() -> dict[str, EventType]:
         ("card.swipe_accepted", "A card swipe was accepted and charging is starting.", _SWIPE_DATA),
         ("card.swipe_refused", "A card swipe was refused.", _SWIPE_DATA),
         ("param.verified", "A parameter group was read back as desired.", _REASON_DATA),
-        ("param.mismatch", "A parameter group's read-back differs from the desired values.", _REASON_DATA),
+        ("param.mismatch", "A parameter group's read-back differs from the desired.", _REASON_DATA),
         ("param.failed", "A parameter group was refused or its command died.", _REASON_DATA),
         ("param.drift", "A device reports other parameters than were verified.", _REASON_DATA),
         ("upgrade.started", "A firmware upgrade began sending to a device.", _REASON_DATA),
-        ("upgrade.verified", "A device came back from its upgrade with the new version.", _REASON_DATA),
-        ("upgrade.failed", "A firmware upgrade was refused, gave up or did not take.", _REASON_DATA),
+        ("upgrade.verified", "A device came back from its upgrade with the new one.", _REASON_DATA),
+        ("upgrade.failed", "A firmware upgrade was refused, gave up or failed.", _REASON_DATA),
         ("ban.placed", "A device was banned for a while (flapping or by hand).", _BAN_DATA),
         ("ban.lifted", "A ban was lifted before it ran out.", _BAN_DATA),
-        ("webhook.disabled", "A webhook subscription was disabled automatically.", _DISABLED_DATA),
-        ("webhook.ping", "A test delivery (only to the subscription it was asked for).", _PING_DATA),
+        ("webhook.disabled", "A subscription was disabled by the platform.", _DISABLED_DATA),
+        ("webhook.ping", "A test delivery, only to the subscription asked for.", _PING_DATA),
     ]  # fmt: skip
     return {name: EventType(name, text, data) for name, text, data in table}
 

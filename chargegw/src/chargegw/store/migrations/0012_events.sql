@@ -176,6 +176,7 @@ DECLARE
     v_data jsonb := jsonb_build_object('reason', NEW.reason, 'detail', NEW.detail);
     v_order text := NEW.detail ->> 'order_no';
     v_job bigint;
+    v_port integer;
 BEGIN
     v_type := CASE NEW.kind
         WHEN 'online' THEN 'device.online'
@@ -197,8 +198,12 @@ BEGIN
     IF v_type IS NULL THEN
         RETURN NULL;
     END IF;
-    IF NEW.detail ? 'job_id' AND jsonb_typeof(NEW.detail -> 'job_id') = 'number' THEN
+    -- a device's detail may hold anything: only plain integers are taken as subjects
+    IF (NEW.detail ->> 'job_id') ~ '^[0-9]{1,18}$' THEN
         v_job := (NEW.detail ->> 'job_id')::bigint;
+    END IF;
+    IF (NEW.detail ->> 'port') ~ '^[0-9]{1,9}$' THEN
+        v_port := (NEW.detail ->> 'port')::integer;
     END IF;
     IF NEW.kind = 'card_swipe' THEN
         v_data := jsonb_build_object(
@@ -206,10 +211,7 @@ BEGIN
             'port', NEW.detail -> 'port', 'balance_cent', NEW.detail -> 'balance_cent',
             'detail', NEW.detail);
     END IF;
-    PERFORM emit_event(v_type, NEW.device_id,
-                       CASE WHEN jsonb_typeof(NEW.detail -> 'port') = 'number'
-                            THEN (NEW.detail ->> 'port')::integer END,
-                       v_order, NULL, v_job, v_data, NEW.at);
+    PERFORM emit_event(v_type, NEW.device_id, v_port, v_order, NULL, v_job, v_data, NEW.at);
     RETURN NULL;
 END $$;
 CREATE TRIGGER device_events_emit AFTER INSERT ON device_events

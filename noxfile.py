@@ -44,6 +44,23 @@ def bench(session: nox.Session) -> None:
         )
 
 
+@nox.session(name="bench-webhooks")
+def bench_webhooks(session: nox.Session) -> None:
+    """Webhook delivery: `chargegw serve --workers 3`, a local receiver, 5,000 simulated
+    piles; deliveries/s and event-to-2xx latency (docs/webhooks.md). Writes its section of
+    docs/benchmarks.md. PostgreSQL: CHARGEGW_TEST_DSN, else the local server (a database
+    is created and dropped); arguments after `--` go to benchmarks/bench_webhooks.py."""
+    session.run(
+        *UV_RUN,
+        "python",
+        "benchmarks/bench_webhooks.py",
+        "--write",
+        "docs/benchmarks.md",
+        *session.posargs,
+        external=True,
+    )
+
+
 #: the bounded default of `nox -s load` (arguments after `--` replace it)
 LOAD_DEFAULT = (
     "--start", "both",

@@ -16,17 +16,27 @@ from fastapi import APIRouter
 from chargegw.api.app import ApiState, create_app
 from chargegw.cli import main
 from chargegw.domain import auth
+from chargegw.domain.refusals import InvalidError
 from chargegw.metrics import Metrics
 
 CONFIGURED = "configured-key-0123456789abcdef"
-UNAUTHORIZED = {
-    "error": {
-        "code": "unauthorized",
-        "message": "missing or invalid API key",
-        "field": None,
-        "details": [],
+
+
+def _unauthorized(message: str, refusal: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "code": "unauthorized",
+            "message": message,
+            "field": None,
+            "details": [],
+            "refusal": refusal,
+        }
     }
-}
+
+
+MISSING = _unauthorized("missing API key: send Authorization: Bearer <key>", "missing_key")
+UNKNOWN = _unauthorized("invalid API key", "unknown_key")
+REVOKED = _unauthorized("API key revoked", "key_revoked")
 
 
 def _unavailable(reason: str) -> dict[str, Any]:
@@ -122,23 +132,23 @@ async def _create(pool: asyncpg.Pool, name: str = "ops") -> tuple[int, str]:
 
 @pytest.mark.parametrize("url", DATA_URLS + EXTRA_URLS)
 @pytest.mark.parametrize(
-    "headers",
+    ("headers", "expected"),
     [
-        {},
-        _bearer("wrong-key"),
-        _bearer(CONFIGURED + "x"),
-        {"Authorization": CONFIGURED},
-        {"Authorization": f"Basic {CONFIGURED}"},
-        {"Authorization": "Bearer "},
+        ({}, MISSING),
+        (_bearer("wrong-key"), UNKNOWN),
+        (_bearer(CONFIGURED + "x"), UNKNOWN),
+        ({"Authorization": CONFIGURED}, MISSING),
+        ({"Authorization": f"Basic {CONFIGURED}"}, MISSING),
+        ({"Authorization": "Bearer "}, MISSING),
     ],
     ids=["none", "wrong", "longer", "no-scheme", "basic", "empty"],
 )
 async def test_without_a_valid_key_is_401(
-    client: httpx.AsyncClient, url: str, headers: dict[str, str]
+    client: httpx.AsyncClient, url: str, headers: dict[str, str], expected: dict[str, Any]
 ) -> None:
     response = await client.get(url, headers=headers)
     assert response.status_code == 401
-    assert response.json() == UNAUTHORIZED
+    assert response.json() == expected
     assert response.headers["www-authenticate"] == "Bearer"
 
 
@@ -175,23 +185,39 @@ async def test_a_stored_key_is_accepted_and_its_use_recorded(
     assert row["last_used_at"] is not None
 
 
-async def test_a_revoked_key_stops_working_after_the_cache_ttl(
+async def test_a_revoked_key_stops_working_within_a_second_without_a_listener(
     client: httpx.AsyncClient, state: ApiState, db_pool: asyncpg.Pool, clock: Clock
 ) -> None:
+    # nothing listens for key changes here: cached keys are trusted for a second only
     key_id, key = await _create(db_pool)
     assert (await client.get("/api/v1/devices", headers=_bearer(key))).status_code == 200
     async with db_pool.acquire() as conn:
         assert await auth.revoke_key(conn, key_id) is True
         assert await auth.revoke_key(conn, key_id) is False
-    # still cached
-    clock.now += 59
+    clock.now += 0.9  # still cached
     assert (await client.get("/api/v1/devices", headers=_bearer(key))).status_code == 200
-    clock.now += 2
+    clock.now += 0.2
     response = await client.get("/api/v1/devices", headers=_bearer(key))
-    assert (response.status_code, response.json()) == (401, UNAUTHORIZED)
+    assert (response.status_code, response.json()) == (401, REVOKED)
     # and a fresh cache never accepts it
     state.key_cache.clear()
     assert (await client.get("/api/v1/devices", headers=_bearer(key))).status_code == 401
+
+
+async def test_a_listening_cache_keeps_keys_until_told_of_a_change(
+    client: httpx.AsyncClient, state: ApiState, db_pool: asyncpg.Pool, clock: Clock
+) -> None:
+    # what a KeyListener does on a notification (test_api_keys.py runs the real one)
+    state.key_cache.listening = True
+    key_id, key = await _create(db_pool)
+    assert (await client.get("/api/v1/devices", headers=_bearer(key))).status_code == 200
+    async with db_pool.acquire() as conn:
+        await auth.revoke_key(conn, key_id)
+    clock.now += 30
+    assert (await client.get("/api/v1/devices", headers=_bearer(key))).status_code == 200
+    state.key_cache.forget(key_id)
+    response = await client.get("/api/v1/devices", headers=_bearer(key))
+    assert (response.status_code, response.json()) == (401, REVOKED)
 
 
 async def test_a_key_revoked_before_first_use_is_rejected_at_once(
@@ -317,11 +343,25 @@ def test_configured_keys_come_from_settings_when_it_has_them() -> None:
 def test_key_cache_is_bounded_and_expires() -> None:
     clock = Clock()
     cache = auth.KeyCache(ttl_s=10, max_entries=3, clock=clock)
-    for name in "abcd":
-        cache.add(name)
-    assert len(cache) == 3 and not cache.hit("a") and cache.hit("d")
+    cache.listening = True
+    infos = {name: auth.ApiKeyInfo(name, name, auth.ALL_SCOPES) for name in "abcd"}
+    for name, info in infos.items():
+        cache.add(name, info)
+    assert len(cache) == 3 and cache.get("a") is None and cache.get("d") == infos["d"]
     clock.now += 10
-    assert not cache.hit("d") and len(cache) == 2
+    assert cache.get("d") is None and len(cache) == 2
+    # a key's own expiry ends its entry, and so does losing the listener (1 s)
+    cache.add("e", infos["a"], expires_in_s=2)
+    cache.add("f", infos["b"])
+    clock.now += 2
+    assert cache.get("e") is None and cache.get("f") == infos["b"]
+    cache.listening = False
+    assert cache.get("f") is None
+    # a lookup that began before an invalidation is not cached
+    generation = cache.generation
+    cache.clear()
+    cache.add("g", infos["c"], generation=generation)
+    assert cache.get("g") is None
 
 
 async def test_list_keys_shows_no_secrets(db_pool: asyncpg.Pool) -> None:
@@ -330,7 +370,7 @@ async def test_list_keys_shows_no_secrets(db_pool: asyncpg.Pool) -> None:
     async with db_pool.acquire() as conn:
         await auth.revoke_key(conn, first)
         keys = await auth.list_keys(conn)
-        with pytest.raises(ValueError, match="name"):
+        with pytest.raises(InvalidError, match="name"):
             await auth.create_key(conn, "  ")
     assert [(k.key_id, k.name, k.active) for k in keys] == [
         (first, "ops", False),
@@ -358,8 +398,18 @@ async def test_cli_create_list_revoke(db_dsn: str, db_pool: asyncpg.Pool) -> Non
     listed = await _cli("list", "--dsn", db_dsn)
     assert listed.exit_code == 0, listed.output
     lines = listed.stdout.splitlines()
-    assert lines[0].split() == ["KEY_ID", "NAME", "CREATED", "LAST_USED", "STATUS"]
-    assert lines[1].split()[:2] == ["1", "ci"] and lines[1].endswith("active")
+    assert lines[0].split() == [
+        "KEY_ID",
+        "NAME",
+        "PREFIX",
+        "SCOPES",
+        "LIMITS",
+        "CREATED",
+        "LAST_USED",
+        "EXPIRES",
+        "STATUS",
+    ]
+    assert lines[1].split()[:4] == ["1", "ci", key[:8], "admin"] and lines[1].endswith("active")
     assert key not in listed.output and "sha256" not in listed.output
 
     revoked = await _cli("revoke", "1", "--dsn", db_dsn)

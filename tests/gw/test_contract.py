@@ -55,7 +55,18 @@ STATE_DEPENDENT_422: dict[str, str] = {
     "POST /api/v1/upgrade-jobs": "an uploaded image; the selector's devices must exist",
     "POST /api/v1/rate-plans": "tiers in ascending order, the last until 23:59",
     "PUT /api/v1/devices/{device_id}/rate-plan": "the plan must exist",
+    "GET /api/v1/audit/calls": "since after until: a relation of two parameters",
+    "GET /api/v1/events": "a type pattern must match a type of the event catalogue",
+    "POST /api/v1/api-keys": "expires_at must be in the future (the clock)",
+    "POST /api/v1/devices/registry": "the protocol must be the ids' (a relation of fields)",
+    "POST /api/v1/webhooks": "the URL's host must resolve to a public address (the network)",
+    "PATCH /api/v1/webhooks/{webhook_id}": "the URL's host must resolve; lists may not be null",
+    "POST /api/v1/webhooks/{webhook_id}/replay": "since or after_event_id, one of the two",
+    "GET /api/v1/webhooks/{webhook_id}/deliveries": "a type pattern must match the catalogue",
 }
+#: Operations st cannot test: the event stream never ends, so every request would time
+#: out (tests/gw/test_event_stream.py tests it over real HTTP)
+NOT_TESTED = ("GET /api/v1/events/stream",)
 #: what schemathesis accepts for a schema-valid request by default, and 422
 _ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
 #: Operations left out of the coverage phase unless HYPOTHESIS_PROFILE=dev (the other
@@ -112,6 +123,7 @@ def schemathesis_args(url: str, dev: bool) -> list[str]:
         "--request-timeout",
         "10",
         "--no-color",
+        *(arg for name in NOT_TESTED for arg in ("--exclude-name", name)),
         "--output-truncate",
         "false",
     ]
@@ -151,7 +163,11 @@ async def run_schemathesis(url: str, cwd: Path) -> tuple[int, str]:
 async def test_the_live_api_keeps_its_openapi_contract(db_dsn: str, tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    gateway = Gateway(settings_for(db_dsn, http_port=port, api_keys=KEY))
+    # st probes every operation with a wrong key, all from 127.0.0.1: the failed-auth
+    # limit would block the run after ten (it has tests of its own: test_request_hygiene.py)
+    gateway = Gateway(
+        settings_for(db_dsn, http_port=port, api_keys=KEY, auth_failures_per_minute=0)
+    )
     await gateway.start()
     fleet = [SimulatedAp3000Pile("04C0A001", ports=2), SimulatedBkvGateway("82231214002701")]
     try:

@@ -14,11 +14,14 @@ import asyncpg
 import structlog
 import uvicorn
 
+from chargegw import __version__
 from chargegw.audit import mask_frame, mask_iccid_hex, mask_text
 from chargegw.cluster.directory import Cluster, ProcessStats
-from chargegw.config import Settings, env_var, flag
+from chargegw.config import Settings, env_var, flag, parse_networks
 from chargegw.core import EventKind
-from chargegw.domain import billing, firmware, params
+from chargegw.domain import billing, call_audit, device_registry, firmware, params
+from chargegw.domain.call_audit import CallAuditWriter
+from chargegw.domain.events import EventHub, HubSettings
 from chargegw.domain.orders import (
     Settled,
     SettlementReport,
@@ -29,6 +32,7 @@ from chargegw.domain.orders import (
 )
 from chargegw.domain.outbox import CommandStatus, Finished, Outbox, OutboxHooks, OutboxSettings
 from chargegw.domain.ports import CardService
+from chargegw.domain.webhook_delivery import WebhookEngine, WebhookSettings
 from chargegw.drivers.ap3000 import Ap3000Driver
 from chargegw.drivers.ap3000_commands import Ap3000Commands
 from chargegw.drivers.base import command_label, retry_while_connected
@@ -143,6 +147,17 @@ class Gateway:
             frame_rate=settings.frame_rate_per_connection,
             process_frame_rate=settings.frame_rate_per_process,
             reuse_port=settings.workers > 1,
+            identify_timeout_s=settings.device_identify_timeout_s,
+            max_unidentified_per_source=settings.device_max_unidentified_per_source,
+            allowed_networks=parse_networks(settings.device_allowed_networks),
+        )
+        #: the device registry as this process knows it (device_registry_mode)
+        self.registry = device_registry.RegistryCache(
+            lambda: self.pool,
+            self.metrics,
+            mode=device_registry.RegistryMode(settings.device_registry_mode),
+            refresh_s=settings.device_registry_refresh_s,
+            on_removed=self._unregistered,
         )
         self.writer.on_overload = self.server.set_paused
         self.writer.flap_policy = FlapPolicy(
@@ -186,6 +201,23 @@ class Gateway:
             OutboxSettings.from_settings(settings),
             owner=self.cluster.owner,
         )
+        # -- the audit trail of API calls: written before each call's answer (group
+        # commit), held while the database is away, purged after the retention --
+        self.call_audit = CallAuditWriter(lambda: self.pool, self.metrics)
+        # -- the events: ids in commit order, the SSE fan-out, wake-ups, retention --
+        self.events = EventHub(
+            lambda: self.dsn, lambda: self.pool, self.metrics, HubSettings.from_settings(settings)
+        )
+        # -- webhooks: claim due deliveries (shared by every process), send them signed,
+        # record the outcomes; woken by each batch of newly sequenced events --
+        self.webhooks = WebhookEngine(
+            lambda: self.pool,
+            self.metrics,
+            WebhookSettings.from_settings(settings),
+            owner=self.cluster.owner,
+            user_agent=f"chargegw/{__version__}",
+        )
+        self.events.add_wakeup(self.webhooks.wake)
         self.sessions.on_online = self._online
         self.sessions.on_bound = self._bound
         self.sessions.on_released = self._released
@@ -232,14 +264,26 @@ class Gateway:
             await migrate(conn)
         await self._maintain_partitions()
         self.writer.start()
+        if self.registry.mode is not device_registry.RegistryMode.OFF:
+            # known before the first device is served
+            await self.registry.load()
+            self._spawn(self.registry.run(), "device-registry")
         await self.server.start(self.settings.device_host, self.settings.device_port)
         self.cluster.device_listen = f"{self.settings.device_host}:{self.server.port}"
         self.cluster.http_listen = f"{self.settings.http_host}:{self.settings.http_port}"
         await self.cluster.start()
         self.outbox.start()
+        await self.events.start()
+        self.webhooks.start()
         firmware.engine_for(self)  # resumes the upgrades a restart interrupted
         params.engine_for(self)  # and the parameter jobs
         self._spawn(self._sweeper(), "liveness-sweeper")
+        self._spawn(
+            call_audit.upkeep(
+                self.call_audit, lambda: self.pool, self.settings.call_audit_retention_days
+            ),
+            "call-audit-upkeep",
+        )
         self._spawn(self._maintenance(), "partition-maintenance")
         if http:
             await self._start_http()
@@ -252,6 +296,7 @@ class Gateway:
         settings = self.settings
         self.draining = True
         self.outbox.draining = True
+        self.webhooks.draining = True  # attempts in flight go on, nothing new is claimed
         await self.server.stop_listening()
         with contextlib.suppress(Exception):
             await self.cluster.beat()
@@ -269,6 +314,8 @@ class Gateway:
                 credit -= self.server.shed(count, "drain", keep=self._busy)
                 credit = min(credit, settings.drain_rate)  # no saving up while waiting
         log.info("drained", left=len(self.server.links))
+        forced = force is not None and force.is_set()
+        await self.webhooks.close(grace_s=0.0 if forced else max(deadline - self.now(), 1.0))
         await self.stop()
 
     def _busy(self, link: DeviceLink) -> bool:
@@ -283,12 +330,16 @@ class Gateway:
         await self.server.stop_listening()
         self.server.close_all("shutdown")
         await asyncio.sleep(0)
+        self.events.close_streams()  # stream clients reconnect to another process
         if self._http is not None:
             self._http.should_exit = True
         await self.outbox.close()
+        await self.webhooks.close()  # attempts cut short are retried by another process
+        await self.events.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.call_audit.close()  # rows of the last calls, before the pool goes
         await self.writer.close()
         await self.cluster.stop()
         if self.pool is not None:
@@ -420,11 +471,15 @@ class Gateway:
             owner=self.cluster.owner,
             kick_params=lambda: params.engine_for(self).kick(),
             kick_firmware=lambda: firmware.engine_for(self).kick(),
+            events=self.events,
             start_param_job=functools.partial(params.start_ready, self),
+            webhooks_allow_private=self.settings.webhooks_allow_private,
+            wake_webhooks=self.webhooks.wake,
         )
 
     async def _start_http(self) -> None:
         from chargegw.api.app import ApiState, create_app
+        from chargegw.api.guard import Guard, HttpLimits
         from chargegw.api.routers import ROUTERS
         from chargegw.domain import auth
 
@@ -442,7 +497,11 @@ class Gateway:
             api_keys=keys,
             auth_required=required,
             services=self.api_services(),
+            guard=Guard(HttpLimits.from_settings(self.settings), audit=self.call_audit),
         )
+        if required:  # key changes (revocations) reach this process's key cache at once
+            self.key_listener = auth.KeyListener(lambda: self.dsn, self.api_state.key_cache)
+            self._spawn(self.key_listener.run(), "api-key-listener")
         app = create_app(self.api_state, routers=ROUTERS)
         config = uvicorn.Config(
             app,
@@ -522,7 +581,10 @@ class Gateway:
             if isinstance(event, MessageReceived):
                 self._message(link, event, wall)
             elif isinstance(event, IccidReceived):
-                self.sessions.bind_iccid(link, event.iccid)
+                if self._iccid_waits(link):
+                    link.pending_iccid = event.iccid
+                else:
+                    self.sessions.bind_iccid(link, event.iccid)
                 self.writer.put_frame(
                     FrameRow(
                         wall, link.id, None, "in", link.protocol, "iccid", mask_iccid_hex(event.raw)
@@ -544,6 +606,15 @@ class Gateway:
         device_id = driver.device_of(message) if driver is not None else None
         if self.cluster.bans and self._refused(link, message, device_id):
             return
+        if self.registry.mode is not device_registry.RegistryMode.OFF:
+            registry_id = device_registry.registry_id(protocol, message)
+            if registry_id is not None and not self.registry.admits(link, registry_id):
+                # before anything is answered or stored: no device row, no audit frame
+                self.server.refuse(link, "unregistered", device_id=registry_id)
+                return
+            if link.pending_iccid is not None:  # let in: its SIM now counts
+                iccid, link.pending_iccid = link.pending_iccid, None
+                self.sessions.bind_iccid(link, iccid)
         self.writer.put_frame(
             FrameRow(
                 wall,
@@ -573,8 +644,26 @@ class Gateway:
         if banned is None:
             return False
         log.info("refusing a banned device", device_id=banned, connection=link.id)
-        link.close("banned")
+        self.server.refuse(link, "banned", device_id=banned)
         return True
+
+    def _iccid_waits(self, link: DeviceLink) -> bool:
+        """With ``enforce``, an ICCID is bound (closing an older connection with that SIM)
+        only once the connection has been let in: an unregistered one must not close a
+        registered device's connection by naming its SIM."""
+        enforce = self.registry.mode is device_registry.RegistryMode.ENFORCE
+        return enforce and "gateway" not in link.driver_state
+
+    def _unregistered(self, removed: frozenset[str]) -> None:
+        """Ids removed from the registry: with ``enforce``, close the connections that
+        speak for them (as a device or as the gateway of the connection)."""
+        if self.registry.mode is not device_registry.RegistryMode.ENFORCE:
+            return
+        for link in list(self.server.links.values()):
+            ids = {*self.sessions.device_ids(link), link.driver_state.get("gateway")}
+            gone = removed.intersection(ids)
+            if gone:
+                self.server.refuse(link, "unregistered", device_id=min(gone))
 
     def _stream_error(self, link: DeviceLink, event: StreamError, wall: datetime) -> None:
         kind = getattr(event.error, "kind", "decode")

@@ -241,22 +241,96 @@ def apikey() -> None:
     """Manage the API keys stored in the database (only their hashes are kept)."""
 
 
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str, param: str) -> float:
+    """Seconds of ``90d``, ``12h``, ``30m``, ``45s`` or ``3600``; a usage error otherwise."""
+    import re
+
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if found is None:
+        raise click.BadParameter(
+            f"{text!r} is not a duration (3600, 45s, 30m, 12h, 90d)", param_hint=param
+        )
+    return float(found.group(1)) * _DURATION_UNITS[found.group(2)]
+
+
+def _when(value: Any) -> str:
+    return value.isoformat(timespec="seconds") if value is not None else "-"
+
+
 @apikey.command("create")
 @click.option("--name", required=True, help="What the key is for (shown by `apikey list`).")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    type=click.Choice(["read", "control", "billing", "config", "admin"]),
+    help="What the key may do; repeat for several. Default: admin (every scope).",
+)
+@click.option("--allow-device", "devices", multiple=True, help="Limit the key to this device.")
+@click.option(
+    "--allow-gateway", "gateways", multiple=True, help="Limit the key to this gateway's devices."
+)
+@click.option(
+    "--allow-network", "networks", multiple=True, help="Accept the key only from this CIDR."
+)
+@click.option("--expires-in", help="The key stops working after this long (90d, 12h, 3600).")
+@click.option(
+    "--expires-at",
+    type=click.DateTime(["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z", "%Y-%m-%dT%H:%M:%S"]),
+    help="The key stops working at this time (ISO 8601; UTC without a zone).",
+)
+@click.option("--hmac-required", is_flag=True, help="Every request must be signed.")
 @_dsn_option
 @_data_dir_option
 @click.pass_context
-def apikey_create(ctx: click.Context, /, name: str, **flags: Any) -> None:
+def apikey_create(
+    ctx: click.Context,
+    /,
+    name: str,
+    scopes: tuple[str, ...],
+    devices: tuple[str, ...],
+    gateways: tuple[str, ...],
+    networks: tuple[str, ...],
+    expires_in: str | None,
+    expires_at: Any,
+    hmac_required: bool,
+    **flags: Any,
+) -> None:
     """Create a key and print it; it is shown only this once."""
+    import datetime as dt
+
+    from chargegw.domain.auth import NewKey, create_key, parse_networks
+    from chargegw.domain.refusals import RequestError
+
+    if expires_in is not None and expires_at is not None:
+        raise click.UsageError("give --expires-in or --expires-at, not both")
+    try:
+        parse_networks(networks or None)
+    except RequestError as exc:
+        raise click.BadParameter(str(exc), param_hint="--allow-network") from None
+    if expires_at is not None and expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=dt.UTC)
+    spec = NewKey(
+        name=name,
+        scopes=scopes or ("admin",),
+        allowed_device_ids=devices or None,
+        allowed_gateway_ids=gateways or None,
+        allowed_networks=networks or None,
+        expires_at=expires_at,
+        expires_in_s=_duration(expires_in, "--expires-in") if expires_in is not None else None,
+        hmac_required=hmac_required,
+    )
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, settings.log_level)
-    from chargegw.domain.auth import create_key
-
-    key_id, key = _with_database(settings, lambda conn: create_key(conn, name))
+    key_id, key = _with_database(settings, lambda conn: create_key(conn, spec))
     click.echo(key)
     click.echo(
-        f"created API key {key_id} ({name.strip()}); store it now, it is not shown again. "
-        "A gateway started without any key picks it up at its next start.",
+        f"created API key {key_id} ({name.strip()}, scopes: {', '.join(spec.scopes)}); store it "
+        "now, it is not shown again. A gateway started without any key picks it up at its "
+        "next start.",
         err=True,
     )
 
@@ -266,7 +340,7 @@ def apikey_create(ctx: click.Context, /, name: str, **flags: Any) -> None:
 @_data_dir_option
 @click.pass_context
 def apikey_list(ctx: click.Context, /, **flags: Any) -> None:
-    """List the stored keys (ids, names, dates; never the keys)."""
+    """List the stored keys (ids, names, scopes, dates; never the keys)."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, settings.log_level)
     from chargegw.domain.auth import list_keys
@@ -275,18 +349,37 @@ def apikey_list(ctx: click.Context, /, **flags: Any) -> None:
     if not keys:
         click.echo("no API keys stored", err=True)
         return
-
-    def when(value: Any) -> str:
-        return value.isoformat(timespec="seconds") if value is not None else "-"
-
-    rows = [("KEY_ID", "NAME", "CREATED", "LAST_USED", "STATUS")]
+    rows = [("KEY_ID", "NAME", "PREFIX", "SCOPES", "LIMITS", "CREATED", "LAST_USED", "EXPIRES")]
+    statuses = ["STATUS"]
     for k in keys:
-        status = "active" if k.active else f"revoked {when(k.revoked_at)}"
-        rows.append((str(k.key_id), k.name, when(k.created_at), when(k.last_used_at), status))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        click.echo("  ".join([*cells, row[-1]]))
+        limits = [
+            f"{what}={len(values)}"
+            for what, values in (
+                ("devices", k.allowed_device_ids),
+                ("gateways", k.allowed_gateway_ids),
+                ("networks", k.allowed_networks),
+            )
+            if values is not None
+        ]
+        if k.hmac_required:
+            limits.append("signed")
+        rows.append(
+            (
+                str(k.key_id),
+                k.name,
+                k.prefix or "-",
+                ",".join(k.scopes),
+                ",".join(limits) or "-",
+                _when(k.created_at),
+                _when(k.last_used_at),
+                _when(k.expires_at),
+            )
+        )
+        statuses.append(f"revoked {_when(k.revoked_at)}" if k.revoked_at else k.status)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row, status in zip(rows, statuses, strict=True):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        click.echo("  ".join([*cells, status]))
 
 
 @apikey.command("revoke")
@@ -295,16 +388,43 @@ def apikey_list(ctx: click.Context, /, **flags: Any) -> None:
 @_data_dir_option
 @click.pass_context
 def apikey_revoke(ctx: click.Context, /, key_id: int, **flags: Any) -> None:
-    """Revoke a key; gateways stop accepting it within a minute."""
+    """Revoke a key; every running gateway refuses it within a second."""
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, settings.log_level)
-    from chargegw.domain.auth import DEFAULT_CACHE_TTL_S, revoke_key
+    from chargegw.domain.auth import revoke_key
 
     if not _with_database(settings, lambda conn: revoke_key(conn, key_id)):
         click.echo(f"chargegw: no active API key {key_id}", err=True)
         sys.exit(1)
+    click.echo(f"revoked API key {key_id}; running gateways refuse it within a second")
+
+
+@apikey.command("rotate")
+@click.argument("key_id", type=int)
+@click.option(
+    "--overlap",
+    default="24h",
+    show_default=True,
+    help="How long the old key keeps working beside the new one (30m, 24h, 7d, 0).",
+)
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def apikey_rotate(ctx: click.Context, /, key_id: int, overlap: str, **flags: Any) -> None:
+    """Replace a key with a new one (printed once) with the same scopes and limits."""
+    overlap_s = _duration(overlap, "--overlap")
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, settings.log_level)
+    from chargegw.domain.auth import rotate_key
+
+    new_id, key, old_expires = _with_database(
+        settings, lambda conn: rotate_key(conn, key_id, overlap_s)
+    )
+    click.echo(key)
     click.echo(
-        f"revoked API key {key_id}; gateways stop accepting it within {DEFAULT_CACHE_TTL_S:g} s"
+        f"created API key {new_id} to replace {key_id}, which stops working at "
+        f"{_when(old_expires)}; store the new key now, it is not shown again.",
+        err=True,
     )
 
 

@@ -13,6 +13,7 @@ naming the key, where it came from and what is allowed::
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -112,6 +113,67 @@ def _not_empty(value: str) -> str:
     return value
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """``"10.0.0.0/8, 2001:db8::/32"`` -> the networks (a bare address is a /32 or /128).
+
+    Raises ``ValueError`` naming the first entry that is not a network address (host
+    bits set, such as ``10.0.0.1/8``, are refused: they are usually a typo)."""
+    networks = []
+    for item in text.split(","):
+        entry = item.strip()
+        if entry:
+            try:
+                networks.append(ipaddress.ip_network(entry))
+            except ValueError as exc:
+                raise ValueError(f"{entry!r}: {exc}") from None
+    return tuple(networks)
+
+
+def _networks(value: Any) -> Any:
+    # a YAML list is as good as the comma-separated form of the environment
+    if isinstance(value, list | tuple):
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, str):
+        try:
+            parse_networks(value)
+        except ValueError:
+            raise PydanticCustomError("networks", "not a list of IP networks") from None
+    return value
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """``"5, 30, 120"`` -> ``(5.0, 30.0, 120.0)``: seconds, each greater than 0 and at most
+    a week, one to fifty of them. Raises ``ValueError`` naming the first bad entry."""
+    entries = [item.strip() for item in text.split(",") if item.strip()]
+    if not 1 <= len(entries) <= 50:
+        raise ValueError("one to fifty entries")
+    seconds = []
+    for entry in entries:
+        try:
+            value = float(entry)
+        except ValueError:
+            raise ValueError(f"{entry!r} is not a number") from None
+        if not 0 < value <= 7 * 86400:  # also NaN
+            raise ValueError(f"{entry!r} is not between 0 and 604800")
+        seconds.append(value)
+    return tuple(seconds)
+
+
+def _schedule(value: Any) -> Any:
+    # a YAML list is as good as the comma-separated form of the environment
+    if isinstance(value, list | tuple):
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, str):
+        try:
+            parse_schedule(value)
+        except ValueError:
+            raise PydanticCustomError("schedule", "not a list of seconds") from None
+    return value
+
+
 Whole = Annotated[int, BeforeValidator(_not_bool)]
 Number = Annotated[float, BeforeValidator(_not_bool)]
 Port = Annotated[Whole, Field(ge=0, le=65535)]
@@ -130,6 +192,17 @@ Host = Annotated[str, AfterValidator(_not_empty), _Allowed("a host name or IP ad
 TimeZone = Annotated[
     str, AfterValidator(_time_zone), _Allowed("a time zone name such as Asia/Shanghai or UTC")
 ]
+Schedule = Annotated[
+    str,
+    BeforeValidator(_schedule),
+    _Allowed("seconds separated by commas, each greater than 0 and at most 604800"),
+]
+Networks = Annotated[
+    str,
+    BeforeValidator(_networks),
+    _Allowed("IP networks in CIDR notation separated by commas (10.0.0.0/8,2001:db8::/32)"),
+]
+RegistryMode = Literal["off", "log", "enforce"]
 LogFormat = Literal["console", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 
@@ -236,6 +309,31 @@ class Settings(BaseSettings):
     idle_timeout_s: Positive = Field(
         900.0, description="a connection that sent nothing for this long is closed"
     )
+    device_identify_timeout_s: Positive = Field(
+        30.0,
+        description="a device connection that sent no complete valid frame this long after "
+        "it was accepted is closed (`identify_timeout`)",
+    )
+    device_max_unidentified_per_source: CountOrZero = Field(
+        512,
+        description="device connections from one source address that have not identified "
+        "themselves yet; one more is closed at once (`per_source`); 0 = no cap",
+    )
+    device_allowed_networks: Networks = Field(
+        "",
+        description="source networks device connections are accepted from; others are "
+        "closed at accept (`network`); empty = any",
+    )
+    device_registry_mode: Annotated[RegistryMode, BeforeValidator(_lower)] = Field(
+        "off",
+        description="`enforce`: only devices in the registry (`/api/v1/devices/registry`) are "
+        "served, others are closed (`unregistered`); `log`: served, but logged and counted",
+    )
+    device_registry_refresh_s: Positive = Field(
+        1.0,
+        description="how often each process looks for registry changes (a removed device is "
+        "disconnected within about this long)",
+    )
     garbage_budget: CountOrZero = Field(
         20, description="decode errors a connection may cause before it is closed"
     )
@@ -301,6 +399,44 @@ class Settings(BaseSettings):
         description="API keys accepted besides those created with `chargegw apikey create` "
         "(comma-separated); with none at all the HTTP API listens on 127.0.0.1 only",
     )
+    http_max_body_bytes: Count = Field(
+        1024 * 1024,
+        description="largest HTTP request body; a larger one is refused with 413 before it is "
+        "read (the firmware upload takes up to `firmware_max_bytes`)",
+    )
+    auth_failures_per_minute: NonNegative = Field(
+        30.0,
+        description="failed authentications (401) one source address may cause per minute per "
+        "process, after a burst of `auth_failure_burst`; past that its requests are answered "
+        "429 for `auth_block_s` without checking their key; 0 = no limit",
+    )
+    auth_failure_burst: Count = Field(10, description="see `auth_failures_per_minute`")
+    auth_block_s: Positive = Field(60.0, description="see `auth_failures_per_minute`")
+    control_rate_per_key: NonNegative = Field(
+        20.0,
+        description="control calls (start, stop, modify, commands, cancel, parameters, "
+        "upgrades) per second per API key, shared by the workers of a node; past it 429; "
+        "0 = no limit",
+    )
+    control_burst_per_key: Count = Field(
+        40, description="control calls one key may make at once above `control_rate_per_key`"
+    )
+    control_rate_global: NonNegative = Field(
+        500.0,
+        description="control calls per second of all keys together, shared by the workers of "
+        "a node (bursts of one second's worth); past it 429; 0 = no limit",
+    )
+    rate_limit_all_writes: StrictBool = Field(
+        False,
+        description="count every write (POST, PUT, PATCH, DELETE) under /api/v1 against the "
+        "control rate limits, not only the control calls",
+    )
+    call_audit_retention_days: Whole = Field(
+        90,
+        ge=1,
+        le=36500,
+        description="days the audit trail of API calls (`/api/v1/audit/calls`) is kept",
+    )
     node: Annotated[str, AfterValidator(_not_empty), _Allowed("a name")] = Field(
         default_factory=_node_name,
         description="this node's name in logs, the session directory and `chargegw nodes` "
@@ -345,6 +481,60 @@ class Settings(BaseSettings):
         200.0,
         description="drift checks (read-backs after reconnects) queued per second per "
         "process, at most",
+    )
+    events_sequence_s: Positive = Field(
+        1.0,
+        description="events get their ids at once when committed, and besides this often "
+        "(a notification lost while the database was away)",
+    )
+    events_retention_days: Whole = Field(
+        30,
+        ge=1,
+        le=36500,
+        description="days of events kept (for the event stream's replay, the pull API and "
+        "webhook replays)",
+    )
+    events_stream_buffer: Whole = Field(
+        1000,
+        ge=10,
+        le=100000,
+        description="events held for one event-stream subscriber that does not keep up; "
+        "when full it is disconnected",
+    )
+    events_heartbeat_s: Positive = Field(
+        15.0, description="the event stream sends a comment line after this long without events"
+    )
+    webhooks_allow_private: StrictBool = Field(
+        False,
+        description="webhook URLs may point at private, loopback, link-local and multicast "
+        "addresses; otherwise they are refused when a subscription is written and again "
+        "at each attempt",
+    )
+    webhooks_poll_s: Positive = Field(
+        1.0,
+        description="each process looks for due webhook deliveries at least this often "
+        "(new events wake it at once)",
+    )
+    webhooks_retry_schedule_s: Schedule = Field(
+        "5,30,120,600,1800,3600,10800",
+        description="seconds before the 2nd, 3rd ... attempt of a webhook delivery (+-20 % "
+        "jitter); the last one repeats",
+    )
+    webhooks_disable_after_s: Positive = Field(
+        259200.0,
+        description="a webhook delivery this old is given up after a failed attempt; a "
+        "subscription failing this long is disabled",
+    )
+    webhooks_retention_days: Positive = Field(
+        7.0, description="finished webhook deliveries are kept this long"
+    )
+    webhooks_max_in_flight: Whole = Field(
+        256, ge=1, le=10000, description="webhook attempts in flight at once per process"
+    )
+    webhooks_lease_margin_s: Positive = Field(
+        30.0,
+        description="a webhook attempt's claim lasts its timeout plus this; a process killed "
+        "mid-attempt leaves the delivery to another one after that",
     )
 
     @classmethod

@@ -59,6 +59,15 @@ class Metrics:
     connections_accepted_total: Counter
     #: TCP connections closed, by ``reason`` (idle, peer, garbage, shutdown, ...)
     connections_closed_total: Counter
+    #: device connections refused, by ``rule`` (network, per_source, identify_timeout,
+    #: unregistered, max_connections, accept_rate, banned)
+    device_connections_refused_total: Counter
+    #: device connections that have not sent a complete valid frame yet
+    device_connections_unidentified: Gauge
+    #: ids in the device registry, as this process last loaded it
+    device_registry_ids: Gauge
+    #: ids not in the device registry, once per connection and id (served in `log` mode)
+    device_unregistered_total: Counter
     #: frames by ``protocol`` (ap3000, bkv), ``direction`` (in, out) and ``command``
     frames_total: Counter
     #: undecodable input, by ``kind`` (checksum, length, resync, ...)
@@ -76,6 +85,15 @@ class Metrics:
     batch_queue_depth: Gauge
     #: rows held in memory while the database is slow or unreachable
     db_buffered_rows: Gauge
+    #: HTTP requests answered 429, by ``scope``: key, global (control calls), auth (a
+    #: source address blocked after failed authentications)
+    api_rate_limited_total: Counter
+    #: HTTP requests answered 413: the body was larger than allowed
+    api_body_too_large_total: Counter
+    #: call audit rows held in memory until the database takes them
+    api_audit_unsaved: Gauge
+    #: call audit rows that could not be stored (logged instead), by ``reason``
+    api_audit_lost_total: Counter
 
     def frame(self, protocol: str, direction: str, command: str) -> None:
         """Count one frame (the labelled child is looked up once per label set)."""
@@ -103,6 +121,31 @@ class Metrics:
             "connections_closed",
             "Device TCP connections closed, by reason",
             ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.device_connections_refused_total = Counter(
+            "device_connections_refused",
+            "Device connections refused or closed by a hygiene rule, by rule",
+            ["rule"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.device_connections_unidentified = Gauge(
+            "device_connections_unidentified",
+            "Device connections that have not sent a complete valid frame yet",
+            namespace=ns,
+            registry=reg,
+        )
+        self.device_registry_ids = Gauge(
+            "device_registry_ids",
+            "Device ids in the registry, as this process last loaded it",
+            namespace=ns,
+            registry=reg,
+        )
+        self.device_unregistered_total = Counter(
+            "device_unregistered",
+            "Device ids not in the registry seen on a connection (once per connection and id)",
             namespace=ns,
             registry=reg,
         )
@@ -237,6 +280,155 @@ class Metrics:
         self.settlements_duplicate_total = Counter(
             "settlements_duplicate_total",
             "Settlement resends that changed nothing",
+            namespace=ns,
+            registry=reg,
+        )
+        # -- the event stream (chargegw.domain.events) --
+        #: event-stream (SSE) clients connected to this process
+        self.event_stream_subscribers = Gauge(
+            "event_stream_subscribers",
+            "Event stream (SSE) subscribers connected to this process",
+            namespace=ns,
+            registry=reg,
+        )
+        #: events written to event-stream clients (replayed and live)
+        self.events_streamed_total = Counter(
+            "events_streamed_total",
+            "Events sent to event stream subscribers, replayed or live",
+            namespace=ns,
+            registry=reg,
+        )
+        #: subscribers disconnected because their buffer was full
+        self.event_stream_slow_disconnects_total = Counter(
+            "event_stream_slow_disconnects_total",
+            "Event stream subscribers disconnected for not keeping up (buffer full)",
+            namespace=ns,
+            registry=reg,
+        )
+        #: committed events still without an id, at the last look (once a second)
+        self.events_unsequenced = Gauge(
+            "events_unsequenced",
+            "Committed events waiting for their id at the last sweep",
+            namespace=ns,
+            registry=reg,
+        )
+        #: from an event's time to its fan-out in this process
+        self.event_fanout_delay_seconds = Histogram(
+            "event_fanout_delay_seconds",
+            "Time from an event (server time of the change) to its fan-out in this process",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            namespace=ns,
+            registry=reg,
+        )
+        #: times the event hub (re)connected to the database after losing it
+        self.event_hub_reconnects_total = Counter(
+            "event_hub_reconnects_total",
+            "Times the event hub reconnected to the database after losing it",
+            namespace=ns,
+            registry=reg,
+        )
+        #: events deleted by retention
+        self.events_deleted_total = Counter(
+            "events_deleted_total",
+            "Events deleted by retention (events_retention_days)",
+            namespace=ns,
+            registry=reg,
+        )
+
+        self._api_hygiene_metrics(ns, reg)
+        self._api_key_metrics(ns, reg)
+        self._webhook_metrics(ns, reg)
+
+    def _api_hygiene_metrics(self, ns: str, reg: CollectorRegistry) -> None:
+        """Rate limits, body sizes and the call audit of the HTTP API."""
+        self.api_rate_limited_total = Counter(
+            "api_rate_limited",
+            "HTTP requests refused with 429, by scope (key, global, auth)",
+            ["scope"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.api_body_too_large_total = Counter(
+            "api_body_too_large",
+            "HTTP requests refused with 413: the body was larger than allowed",
+            namespace=ns,
+            registry=reg,
+        )
+        self.api_audit_unsaved = Gauge(
+            "api_audit_unsaved",
+            "Call audit rows held in memory until the database takes them",
+            namespace=ns,
+            registry=reg,
+        )
+        self.api_audit_lost_total = Counter(
+            "api_audit_lost",
+            "Call audit rows not stored (written to the log instead), by reason",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+
+    def _api_key_metrics(self, ns: str, reg: CollectorRegistry) -> None:
+        """API keys (chargegw.domain.auth, chargegw.api.scopes)."""
+        #: requests refused for their key, by ``reason`` (missing_key, unknown_key,
+        #: key_expired, key_revoked, signature_*, network, scope, device)
+        self.api_auth_refused_total = Counter(
+            "api_auth_refused",
+            "HTTP requests refused with 401 or 403 for their API key, by reason",
+            ["reason"],
+            namespace=ns,
+            registry=reg,
+        )
+
+    def _webhook_metrics(self, ns: str, reg: CollectorRegistry) -> None:
+        """Webhook delivery (chargegw.domain.webhook_delivery)."""
+        #: every attempt, by ``result``: delivered, or why it failed (timeout, connect,
+        #: dns, tls, closed, protocol, too_large, redirect, gone, status_4xx, status_5xx,
+        #: private_address, invalid_url, cancelled)
+        self.webhook_attempts_total = Counter(
+            "webhook_attempts",
+            "Webhook attempts, by result (delivered or the reason it failed)",
+            ["result"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: deliveries finished, by ``result``: delivered, failed (given up), cancelled
+        self.webhook_deliveries_total = Counter(
+            "webhook_deliveries",
+            "Webhook deliveries finished, by result (delivered, failed, cancelled)",
+            ["result"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: from the event (its server time) to the receiver's 2xx
+        self.webhook_delivery_latency_seconds = Histogram(
+            "webhook_delivery_latency_seconds",
+            "Time from an event to the receiver's 2xx answer",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
+            namespace=ns,
+            registry=reg,
+        )
+        #: open deliveries (queued, pending, delivering) by ``subscription_id``, as the
+        #: engine last counted them (every process reports the same figures)
+        self.webhook_backlog = Gauge(
+            "webhook_backlog",
+            "Webhook deliveries not finished yet, by subscription",
+            ["subscription_id"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: attempts running in this process
+        self.webhook_in_flight = Gauge(
+            "webhook_in_flight",
+            "Webhook attempts in flight in this process",
+            namespace=ns,
+            registry=reg,
+        )
+        #: subscriptions disabled automatically, by ``reason`` (failing, gone)
+        self.webhook_subscriptions_disabled_total = Counter(
+            "webhook_subscriptions_disabled",
+            "Webhook subscriptions disabled automatically, by reason (failing, gone)",
+            ["reason"],
             namespace=ns,
             registry=reg,
         )

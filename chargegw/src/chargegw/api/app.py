@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chargegw import __version__
-from chargegw.api import devices, errors
+from chargegw.api import devices, errors, guard, scopes
 from chargegw.api.deps import ApiServices
 from chargegw.api.docs import add_docs
 from chargegw.api.errors import (
@@ -135,8 +135,10 @@ class ApiState:
     database ..."}``); ``/readyz`` adds the reason of its own database check.
 
     ``api_keys`` are the configured keys (``CHARGEGW_API_KEYS``); keys stored in the
-    database are accepted too, checked through ``key_cache``. ``auth_required`` false
-    lets every request through without a key: only for a gateway listening on loopback.
+    database are accepted too, checked through ``key_cache`` (whose owner runs an
+    :class:`~chargegw.domain.auth.KeyListener` on it, so revocations apply at once; without
+    one, cached keys are trusted for a second). ``auth_required`` false lets every request
+    through without a key: only for a gateway listening on loopback.
 
     ``database`` is what the API last found of the database, for logging its changes.
 
@@ -153,6 +155,9 @@ class ApiState:
     reasons: Callable[[], dict[str, str]] = _no_reasons
     database: DatabaseStatus = dataclasses.field(default_factory=DatabaseStatus)
     services: ApiServices | None = None
+    #: request hygiene: body sizes, failed authentications, rate limits, the call audit
+    #: (:mod:`chargegw.api.guard`); the defaults of the settings, without an audit
+    guard: guard.Guard = dataclasses.field(default_factory=guard.Guard)
 
 
 class DatabaseUnavailableError(Exception):
@@ -199,26 +204,120 @@ _bearer = HTTPBearer(
 )
 
 _UNAUTHORIZED = error_responses(401)
+#: spelt out rather than by ``model``: FastAPI would document a model under the route's own
+#: media type (text/event-stream for the event stream), and refusals are JSON everywhere
+_FORBIDDEN: dict[int | str, dict[str, Any]] = {
+    403: {
+        "description": "The key may not make this call: a scope it lacks, a device or a "
+        "network it is not allowed",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+}
+
+
+#: the refusals that are 401 (who is calling is not established); the others are 403
+_UNAUTHENTICATED = frozenset(
+    {
+        auth.Reason.MISSING_KEY,
+        auth.Reason.UNKNOWN_KEY,
+        auth.Reason.KEY_EXPIRED,
+        auth.Reason.KEY_REVOKED,
+        auth.Reason.SIGNATURE_MISSING,
+        auth.Reason.SIGNATURE_INVALID,
+        auth.Reason.SIGNATURE_STALE,
+        auth.Reason.SIGNATURE_REPLAYED,
+    }
+)
 
 
 async def require_api_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
 ) -> None:
-    """401 unless the request carries a valid ``Authorization: Bearer <key>``."""
+    """Who is calling, and whether the key may make this call.
+
+    401 ``unauthorized`` (with ``WWW-Authenticate: Bearer``) for a missing, unknown,
+    expired or revoked key and for a bad signature (signed requests: required by the key's
+    ``hmac_required``, checked whenever ``x-chargegw-signature`` is sent); 403
+    ``forbidden`` for a client outside the key's networks, a scope the key lacks
+    (:mod:`chargegw.api.scopes`), or devices it may not act on. The message says why.
+
+    Sets ``request.state.api_key`` (:class:`~chargegw.domain.auth.ApiKeyInfo`) once the
+    key is known to be valid (so also on the 403s and signature 401s that follow), and
+    ``request.state.auth_failure`` (a :class:`~chargegw.domain.auth.Reason`) before any
+    refusal; the call audit and the rate limits read both.
+    """
     state = _state(request)
     if not state.auth_required:
+        request.state.api_key = auth.LOCAL_KEY
         return
+    try:
+        info = await _authenticate(request, state, credentials)
+        request.state.api_key = info
+        await _authorize(request, state, info)
+    except auth.KeyRefusedError as exc:
+        raise _refused(request, state, exc) from None
+
+
+async def _authenticate(
+    request: Request, state: ApiState, credentials: HTTPAuthorizationCredentials | None
+) -> auth.ApiKeyInfo:
     presented = credentials.credentials if credentials is not None else None
-    # database errors of the lookup are 503 (or 500) through create_app's handlers
-    valid = await auth.verify(state.pool, state.api_keys, presented, cache=state.key_cache)
-    if not valid and presented and state.pool is None:
+    try:
+        # database errors of the lookup are 503 (or 500) through create_app's handlers
+        info = await auth.authenticate(state.pool, state.api_keys, presented, cache=state.key_cache)
+    except auth.NeedsDatabaseError:
         # a stored key cannot be told from a wrong one without the database
-        raise DatabaseUnavailableError(_NO_POOL)
-    if not valid:
-        raise HTTPException(
-            401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"}
+        raise DatabaseUnavailableError(_NO_POOL) from None
+    assert presented is not None
+    if info.hmac_required or auth.SIGNATURE_HEADER in request.headers:
+        request_id, _ = auth.check_signature(presented, request.headers, await request.body())
+        if state.pool is None:
+            raise DatabaseUnavailableError(_NO_POOL)
+        if not await auth.record_nonce(state.pool, info.key_id, request_id):
+            raise auth.KeyRefusedError(
+                auth.Reason.SIGNATURE_REPLAYED,
+                f"{auth.ID_HEADER} {request_id} was used already (a replay)",
+                key_id=info.key_id,
+            )
+    return info
+
+
+async def _authorize(request: Request, state: ApiState, info: auth.ApiKeyInfo) -> None:
+    client = request.client.host if request.client is not None else None
+    if not info.allows_address(client):
+        raise auth.KeyRefusedError(
+            auth.Reason.NETWORK,
+            f"this key may not be used from {client or 'an unknown address'}",
+            key_id=info.key_id,
         )
+    route = request.scope.get("route")
+    rule = scopes.rule_for(request.method, getattr(route, "path", request.url.path))
+    if not info.has_scope(rule.scope):
+        raise auth.KeyRefusedError(
+            auth.Reason.SCOPE, f"this call needs scope {rule.scope}", key_id=info.key_id
+        )
+    await scopes.check_subjects(request, info, rule, state.pool)
+
+
+def _refused(request: Request, state: ApiState, exc: auth.KeyRefusedError) -> HTTPException:
+    """The answer to a refused key: noted on the request, counted, logged for known keys."""
+    request.state.auth_failure = exc.reason
+    state.metrics.api_auth_refused_total.labels(reason=exc.reason.value).inc()
+    if exc.key_id is not None:
+        log.info(
+            "API request refused",
+            reason=exc.reason.value,
+            key_id=exc.key_id,
+            client=request.client.host if request.client is not None else None,
+            method=request.method,
+            path=request.url.path,
+        )
+    if exc.reason in _UNAUTHENTICATED:
+        return errors.api_error(
+            401, exc.message, refusal=exc.reason.value, headers={"WWW-Authenticate": "Bearer"}
+        )
+    return errors.api_error(403, exc.message, refusal=exc.reason.value)
 
 
 # ---------------------------------------------------------------- endpoints
@@ -361,7 +460,10 @@ upgrades; cards and rate plans; the cluster's nodes.
 
 **Authentication**: every `/api/v1` request carries `Authorization: Bearer <key>` (a key
 from `CHARGEGW_API_KEYS` or `chargegw apikey create`), unless the gateway runs without keys
-on 127.0.0.1 only.
+on 127.0.0.1 only. A key has scopes (`read`, `control`, `billing`, `config`, `admin`) and
+may be limited to devices, gateways and client networks: a call it may not make is 403
+`forbidden`, with the reason in `message` and `refusal`. Keys may require signed requests
+(`x-chargegw-id`, `x-chargegw-timestamp`, `x-chargegw-signature`).
 
 **Errors**: every 4xx and 5xx answer has one shape, `{"error": {"code", "message", "field",
 "details"}}`; `code` is stable (`validation_failed`, `not_found`, `conflict`,
@@ -370,6 +472,12 @@ database is unavailable, retry later.
 
 **Lists** answer `{"items": [...], "next_cursor": ...}`; pass `next_cursor` back as
 `cursor`. Timestamps are ISO 8601 in UTC.
+
+**Limits**: a body over the gateway's limit (1 MiB by default) is 413
+`payload_too_large`; control calls over a key's or the gateway's rate, and any request
+from an address after too many failed authentications, are 429 `rate_limited` with
+`Retry-After`. Calls that change something are audited (`GET /api/v1/audit/calls`); every
+answer carries `X-Request-Id`.
 """
 
 
@@ -407,9 +515,22 @@ def create_app(state: ApiState, routers: Sequence[APIRouter] = ()) -> FastAPI:
     app.state.chargegw = state
     app.include_router(health)
     # after the key check, before the route's own validation
-    protected = [Security(require_api_key), Depends(errors.check_input)]
-    documented = {**_UNAUTHORIZED, **error_responses(422), **_UNAVAILABLE}
-    for router in (devices.router, *routers):
+    # admit: rate limits of control calls, by the key the check accepted
+    protected = [
+        Security(require_api_key),
+        Depends(guard.admit),
+        Depends(errors.check_input),
+    ]
+    documented = {
+        **_UNAUTHORIZED,
+        **_FORBIDDEN,
+        **error_responses(422),
+        **_UNAVAILABLE,
+        **guard.RESPONSES,
+    }
+    # the resource routers first: a literal path of theirs (GET /api/v1/devices/registry)
+    # must win over a path parameter of the read API (/api/v1/devices/{device_id})
+    for router in (*routers, devices.router):
         app.include_router(router, dependencies=protected, responses=documented)
     add_docs(app)
     _bound_integers_in_openapi(app)
@@ -422,4 +543,5 @@ def create_app(state: ApiState, routers: Sequence[APIRouter] = ()) -> FastAPI:
             app.add_exception_handler(error, _database_error)
     app.add_exception_handler(503, _service_unavailable)
     app.add_middleware(_DatabaseRecovery)
+    guard.install(app)  # body sizes, failed authentications, the call audit: outermost
     return app

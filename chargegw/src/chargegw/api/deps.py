@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated
 from asyncpg.pool import PoolAcquireContext
 from fastapi import Depends, HTTPException, Request
 
+from chargegw.domain.events import EventHub
 from chargegw.domain.outbox import Outbox
 from chargegw.domain.refusals import ConflictError, NotFoundError, RequestError
 from chargegw.store.database import Connection
@@ -26,6 +27,10 @@ if TYPE_CHECKING:
 #: starts the devices of a parameter-profile job that its pace allows now, inside the
 #: caller's transaction; returns the devices to wake after the commit
 StartParamJob = Callable[[Connection, int], Awaitable[list[str]]]
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +49,13 @@ class ApiServices:
     kick_params: Callable[[], None]
     #: the upgrade engine runs a pass soon (a job was created or cancelled)
     kick_firmware: Callable[[], None]
+    #: the event stream's hub: live subscriptions (GET /api/v1/events/stream)
+    events: EventHub
     start_param_job: StartParamJob
+    #: webhook URLs may name private, loopback, link-local and multicast addresses
+    webhooks_allow_private: bool = False
+    #: the webhook engine looks for due deliveries now (a ping, a retry, a replay)
+    wake_webhooks: Callable[[], None] = _nothing
 
 
 def _state(request: Request) -> ApiState:

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from chargegw.api import billing, cluster, commands, firmware, params
+from chargegw.api import (
+    audit,
+    billing,
+    cluster,
+    commands,
+    events,
+    firmware,
+    keys,
+    params,
+    registry,
+    webhooks,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     commands.router,
@@ -13,4 +24,9 @@ ROUTERS: tuple[APIRouter, ...] = (
     params.router,
     cluster.router,
     firmware.router,
+    registry.router,
+    keys.router,
+    events.router,
+    audit.router,
+    webhooks.router,
 )

@@ -17,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = [
+    "DATA_SCHEMAS",
+    "ENVELOPE_SCHEMA",
     "EVENT_TYPES",
     "TYPE_PATTERN",
     "EventType",
@@ -35,6 +38,18 @@ class EventType:
     name: str
     description: str
     data: Mapping[str, str]
+
+    def data_schema(self) -> dict[str, Any]:
+        """The JSON Schema of this type's ``data`` keys (each may be null), as published in
+        the OpenAPI document; keys not listed may be added later, so more are allowed."""
+        return {
+            "type": "object",
+            "properties": {
+                key: {"anyOf": [dict(DATA_SCHEMAS[key]), {"type": "null"}], "description": text}
+                for key, text in self.data.items()
+            },
+            "additionalProperties": True,
+        }
 
 
 _ORDER_DATA: Mapping[str, str] = {
@@ -87,6 +102,74 @@ _PING_DATA: Mapping[str, str] = {"message": "a test delivery asked for by an ope
 _DISABLED_DATA: Mapping[str, str] = {
     "subscription_id": "the subscription",
     "reason": "why it was disabled (failing for the disable period, 410 Gone)",
+}
+
+
+_STRING: Mapping[str, Any] = {"type": "string"}
+_INTEGER: Mapping[str, Any] = {"type": "integer"}
+_NUMBER: Mapping[str, Any] = {"type": "number"}
+_TIME: Mapping[str, Any] = {"type": "string", "format": "date-time"}
+
+#: the JSON type of every ``data`` key the catalogue names (a test checks each is listed)
+DATA_SCHEMAS: Mapping[str, Mapping[str, Any]] = {
+    # orders
+    "status": _STRING,
+    "start_mode": _STRING,
+    "device_initiated": {"type": "boolean"},
+    "mode": _STRING,
+    "card_id": _STRING,
+    "started_at": _TIME,
+    "ended_at": _TIME,
+    "duration_s": _INTEGER,
+    "energy_kwh": _NUMBER,
+    "max_power_w": _NUMBER,
+    "stop_reason": _STRING,
+    "stop_reason_code": _INTEGER,
+    "failure_reason": _STRING,
+    "amount_cent": _INTEGER,
+    # progress samples
+    "power_w": _NUMBER,
+    "voltage_v": _NUMBER,
+    "current_a": _NUMBER,
+    # device events, parameters, upgrades
+    "reason": _STRING,
+    "detail": {"type": "object"},
+    # ports
+    "previous_status": _STRING,
+    "status_code": _INTEGER,
+    "status_text": _STRING,
+    "order_ref": _STRING,
+    # commands
+    "name": _STRING,
+    "attempts": _INTEGER,
+    "result_code": _INTEGER,
+    "result_text": _STRING,
+    "dead_reason": _STRING,
+    # card swipes
+    "result": _STRING,
+    "port": _INTEGER,
+    "balance_cent": _INTEGER,
+    # bans
+    "until": _TIME,
+    "connects": _INTEGER,
+    # webhooks
+    "message": _STRING,
+    "subscription_id": _INTEGER,
+}
+
+#: what every event carries besides its ``data`` keys, with their JSON types
+ENVELOPE_SCHEMA: Mapping[str, tuple[Mapping[str, Any], str]] = {
+    "id": (_INTEGER, "increasing in commit order; the SSE `id:` and `after=` cursor"),
+    "type": (_STRING, "the event type (the catalogue's name)"),
+    "at": (_TIME, "when it happened (server time)"),
+    "device_id": (_STRING, "the device it concerns"),
+    "gateway_id": (_STRING, "the device's gateway (AP3000: the pile itself or its host)"),
+    "protocol": (_STRING, "ap3000 or bkv"),
+    "port": (_INTEGER, "the port it concerns, 1-based"),
+    "order_no": (_STRING, "the charging order it concerns"),
+    "command_id": (_INTEGER, "the command it concerns"),
+    "job_id": (_INTEGER, "the parameter or firmware job it concerns"),
+    "frame_id": (_INTEGER, "the audit frame that caused it"),
 }
 
 

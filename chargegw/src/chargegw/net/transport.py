@@ -11,30 +11,42 @@ a process read into one shared buffer (the decoder copies what it keeps before t
 callback returns), and write queues exist only while a peer is not keeping up.
 
 Hygiene: new connections beyond ``accept_rate`` per second or ``max_connections`` are
-closed at once. Frames are handed to the handler only as a token bucket per connection
-(``frame_rate``) and one per process (``process_frame_rate``) allow, whole frames only:
-what one read decodes beyond that waits in the connection's backlog, reading from it is
-paused (so at most one read's worth waits, the rest stays in TCP), and one timer per
-connection hands the backlog over as tokens refill. Nothing is dropped while the peer
-stays connected; once its transport is closing, the backlog is dropped and nothing more
-is handed over or written.
+closed at once, and so are connections from outside ``allowed_networks`` (before anything
+is read) and one more from a source address that already holds
+``max_unidentified_per_source`` connections that have not identified themselves. A
+connection identifies itself with its first complete valid frame (one the codec decodes;
+an ICCID preamble, a keepalive or garbage do not count); one that has not within
+``identify_timeout_s`` of its accept is closed. Connections are refused (closed) through
+:meth:`DeviceServer.refuse`: counted by rule, logged at debug level with an info summary
+at most every ``REFUSAL_SUMMARY_S``.
+
+Frames are handed to the handler only as a token bucket per connection (``frame_rate``)
+and one per process (``process_frame_rate``) allow, whole frames only: what one read
+decodes beyond that waits in the connection's backlog, reading from it is paused (so at
+most one read's worth waits, the rest stays in TCP), and one timer per connection hands
+the backlog over as tokens refill. Nothing is dropped while the peer stays connected;
+once its transport is closing, the backlog is dropped and nothing more is handed over
+or written.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
 import itertools
 import os
 import resource
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import structlog
 
+from chargegw.config import IPNetwork
 from chargegw.metrics import Metrics
-from chargeproto import Event, StreamDecoder
+from chargeproto import Event, MessageReceived, StreamDecoder
 
 log = structlog.get_logger("chargegw.net.transport")
 
@@ -47,7 +59,23 @@ _READ_BUFFER = 65536
 _MIN_TICK = 0.02
 #: file descriptors kept free for the database pool, listeners, logs ...
 FD_RESERVE = 200
+#: refusals are logged one by one at debug level, and summed up at info level at most
+#: this often (a flood of silent sockets must not flood the log)
+REFUSAL_SUMMARY_S = 10.0
 _ids = itertools.count(1)
+
+
+def source_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a peer connects from, as an allow-list sees it: an IPv4-mapped IPv6
+    address (``::ffff:10.1.2.3``, a dual-stack listener) is the IPv4 address; None if
+    ``host`` is not an IP address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -110,23 +138,37 @@ class DeviceLink(asyncio.BufferedProtocol):
         "_tokens_at",
         "_transport",
         "_write_paused",
+        "accepted_at",
         "close_reason",
         "closed",
         "driver_state",
         "errors",
         "iccid",
         "id",
+        "identified",
         "last_rx",
+        "notes",
+        "pending_iccid",
         "protocol",
         "remote",
         "server",
+        "source",
     )
 
     def __init__(self, server: DeviceServer) -> None:
         self.server = server
         self.id = f"{server.node_prefix}{next(_ids)}"
         self.remote = ""
+        #: the peer's address (IPv4-mapped IPv6 as IPv4), without the port
+        self.source = ""
+        self.accepted_at = time.monotonic()
+        #: a complete valid frame has arrived (see the module docstring)
+        self.identified = False
+        #: what the gateway noted about this connection once (not to log it again)
+        self.notes: set[str] | None = None
         self.iccid: str | None = None
+        #: an ICCID the gateway has not bound yet (see ``Gateway._iccid_waits``)
+        self.pending_iccid: str | None = None
         self.protocol: str | None = None
         #: protocol-specific state kept by the driver (heartbeat mode, ...)
         self.driver_state: dict[str, Any] = {}
@@ -157,10 +199,13 @@ class DeviceLink(asyncio.BufferedProtocol):
         self._transport = tcp = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        address = source_address(host)
+        self.source = host if address is None else str(address)
         tcp.set_write_buffer_limits(high=self.server.write_queue_limit)  # type: ignore[attr-defined]
-        refusal = self.server.admit(self)
+        refusal = self.server.admit(self, address)
         if refusal:
-            self.close(refusal)
+            self.server.refuse(self, refusal)
             return
         self.server.handler.on_open(self)
 
@@ -176,6 +221,9 @@ class DeviceLink(asyncio.BufferedProtocol):
         events = self._decoder.feed(server.read_view[:nbytes])
         if not events:
             return
+        if not self.identified and any(isinstance(e, MessageReceived) for e in events):
+            self.identified = True
+            server.drop_unidentified(self)
         if self._backlog is not None:
             # reading is paused while a backlog exists; a read already under way joins it
             self._backlog.extend(events)
@@ -287,6 +335,8 @@ class DeviceLink(asyncio.BufferedProtocol):
         """Closed or closing: ``closed`` tells the handler's per-event loop to stop, the
         backlog is dropped and its timer cancelled."""
         self.closed = True
+        if not self.identified:
+            self.server.drop_unidentified(self)
         if self._backlog is not None:
             self._backlog = None
             self.server.backlogs -= 1
@@ -319,6 +369,11 @@ class DeviceLink(asyncio.BufferedProtocol):
     def buffered(self) -> int:
         """Bytes received that do not form a complete frame yet."""
         return int(self._decoder.buffered)
+
+    @property
+    def reading_paused(self) -> bool:
+        """Reading from the peer is paused (for any reason)."""
+        return bool(self._reading_paused_by)
 
     @property
     def queued(self) -> int:
@@ -408,6 +463,9 @@ class DeviceServer:
         frame_rate: float = 0.0,
         process_frame_rate: float = 0.0,
         reuse_port: bool = False,
+        identify_timeout_s: float = 30.0,
+        max_unidentified_per_source: int = 0,
+        allowed_networks: Sequence[IPNetwork] = (),
     ) -> None:
         self.handler = handler
         self.metrics = metrics
@@ -434,6 +492,18 @@ class DeviceServer:
         self._tokens = accept_rate
         self._refill = time.monotonic()
         self._paused_all = False
+        self.identify_timeout_s = identify_timeout_s
+        self.max_unidentified_per_source = max_unidentified_per_source
+        self.allowed_networks = tuple(allowed_networks)
+        #: admitted connections not identified yet, oldest first (all share one deadline,
+        #: so the first one is always the next to expire), and their count per source
+        self._unidentified: dict[str, DeviceLink] = {}
+        self._unidentified_at: collections.Counter[str] = collections.Counter()
+        #: the one timer that closes connections past the identification deadline; armed
+        #: once the server runs on a loop (:meth:`start`)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._identify_timer: asyncio.TimerHandle | None = None
+        self._refusals = _RefusalLog()
 
     @property
     def listening(self) -> bool:
@@ -445,7 +515,7 @@ class DeviceServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: DeviceLink(self),
             host,
@@ -490,8 +560,21 @@ class DeviceServer:
         tokens = self._process_tokens + (now - self._process_tokens_at) * rate
         return max(0.0, (1.0 - tokens) / rate, self.backlogs / rate)
 
-    def admit(self, link: DeviceLink) -> str | None:
-        """Register a new connection, or say why it is refused."""
+    def admit(
+        self,
+        link: DeviceLink,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None,
+    ) -> str | None:
+        """Register a new connection (not identified yet), or name the rule that refuses
+        it. The rules that cost nothing come first: a connection refused by the allow-list
+        or the per-source cap does not spend the accept budget."""
+        if self.allowed_networks and (
+            address is None or not any(address in net for net in self.allowed_networks)
+        ):
+            return "network"
+        cap = self.max_unidentified_per_source
+        if cap and self._unidentified_at[link.source] >= cap:
+            return "per_source"
         now = time.monotonic()
         self._tokens = min(self.accept_rate, self._tokens + (now - self._refill) * self.accept_rate)
         self._refill = now
@@ -503,9 +586,68 @@ class DeviceServer:
         self.links[link.id] = link
         self.metrics.connections_accepted_total.inc()
         self.metrics.connections_current.set(len(self.links))
+        link.accepted_at = now
+        self._unidentified[link.id] = link
+        self._unidentified_at[link.source] += 1
+        self.metrics.device_connections_unidentified.set(len(self._unidentified))
+        self._arm_identify(now)
         if self._paused_all:
             link.pause_reading("database backlog")
         return None
+
+    def refuse(self, link: DeviceLink, rule: str, **context: Any) -> None:
+        """Close ``link`` for breaking ``rule`` (its close reason too): counted, logged."""
+        if link.closed:
+            return
+        self.metrics.device_connections_refused_total.labels(rule=rule).inc()
+        self._refusals.note(rule, link.remote, context)
+        link.close(rule)
+
+    def drop_unidentified(self, link: DeviceLink) -> None:
+        """``link`` identified itself or closed: it no longer counts as unidentified."""
+        if self._unidentified.pop(link.id, None) is None:
+            return
+        source = link.source
+        left = self._unidentified_at[source] - 1
+        if left > 0:
+            self._unidentified_at[source] = left
+        else:
+            del self._unidentified_at[source]
+        self.metrics.device_connections_unidentified.set(len(self._unidentified))
+
+    @property
+    def unidentified(self) -> int:
+        """Connections admitted that have not identified themselves yet."""
+        return len(self._unidentified)
+
+    def _arm_identify(self, now: float) -> None:
+        """Arm the identification timer for the oldest unidentified connection."""
+        if self._identify_timer is not None or self._loop is None or not self._unidentified:
+            return
+        oldest = next(iter(self._unidentified.values()))
+        wait = max(oldest.accepted_at + self.identify_timeout_s - now, 0.0)
+        self._identify_timer = self._loop.call_later(wait, self._expire_unidentified)
+
+    def _expire_unidentified(self) -> None:
+        """The timer: close every connection past the identification deadline."""
+        self._identify_timer = None
+        now = time.monotonic()
+        deadline = now - self.identify_timeout_s
+        while self._unidentified:
+            link = next(iter(self._unidentified.values()))
+            if link.accepted_at > deadline:
+                break
+            if link.reading_paused:
+                # we stopped reading (the database is backlogged): its first frame may be
+                # waiting in our socket buffer. Its deadline starts again, at the back of
+                # the queue (still in deadline order: every other one began earlier).
+                del self._unidentified[link.id]
+                link.accepted_at = now
+                self._unidentified[link.id] = link
+                continue
+            self.drop_unidentified(link)
+            self.refuse(link, "identify_timeout")
+        self._arm_identify(now)
 
     def forget(self, link: DeviceLink) -> bool:
         """Drop a closed connection; True if it had been admitted."""
@@ -537,6 +679,9 @@ class DeviceServer:
     def close_all(self, reason: str) -> None:
         for link in list(self.links.values()):
             link.close(reason)
+        if self._identify_timer is not None:
+            self._identify_timer.cancel()
+            self._identify_timer = None
 
     def shed(self, count: int, reason: str, keep: Any = None) -> int:
         """Close up to ``count`` connections (oldest first, skipping ``keep(link)``)."""
@@ -549,3 +694,28 @@ class DeviceServer:
             link.close(reason)
             closed += 1
         return closed
+
+
+class _RefusalLog:
+    """Refusals one by one at debug level; at info level the first after a quiet spell,
+    then a summary (counts by rule) at most every ``REFUSAL_SUMMARY_S``."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._next_summary = 0.0
+
+    def note(self, rule: str, remote: str, context: dict[str, Any]) -> None:
+        log.debug("device connection refused", rule=rule, remote=remote, **context)
+        self._counts[rule] += 1
+        now = time.monotonic()
+        if now < self._next_summary:
+            return
+        counts, self._counts = dict(self._counts), collections.Counter()
+        self._next_summary = now + REFUSAL_SUMMARY_S
+        log.info(
+            "device connections refused",
+            by_rule=counts,
+            last_rule=rule,
+            last_remote=remote,
+            **context,
+        )

@@ -114,6 +114,22 @@ def _not_empty(value: str) -> str:
 
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def peer_address(host: str | None) -> IPAddress | None:
+    """The address a peer connects from, as allow-lists and limits see it: an IPv4-mapped
+    IPv6 address (``::ffff:10.1.2.3``, a dual-stack listener) is the IPv4 address; None if
+    ``host`` is not an IP address."""
+    if not host:
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def parse_networks(text: str) -> tuple[IPNetwork, ...]:

@@ -12,7 +12,7 @@ import ipaddress
 import math
 import re
 
-from chargegw.config import Settings
+from chargegw.config import Settings, peer_address
 
 __all__ = [
     "CONTROL_PATH",
@@ -120,13 +120,10 @@ def address_key(host: str | None) -> str:
     an IPv6 one (an IPv4-mapped one as IPv4), else the host as given."""
     if not host:
         return "unknown"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+    address = peer_address(host)
+    if address is None:
         return host
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
         return str(ipaddress.IPv6Network((address, 64), strict=False))
     return str(address)
 

@@ -45,6 +45,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from chargegw.config import peer_address
 from chargegw.domain.refusals import ConflictError, InvalidError, NotFoundError
 from chargegw.store.database import Connection
 from chargegw.store.errors import DB_ERRORS
@@ -250,14 +251,9 @@ class ApiKeyInfo:
         """Whether a request from ``host`` (the client address) may use the key."""
         if self.allowed_networks is None:
             return True
-        if host is None:
+        address = peer_address(host)
+        if address is None:
             return False
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         return any(address in network for network in self.allowed_networks)
 
 

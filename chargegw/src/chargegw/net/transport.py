@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from chargegw.config import IPNetwork
+from chargegw.config import IPNetwork, peer_address
 from chargegw.metrics import Metrics
 from chargeproto import Event, MessageReceived, StreamDecoder
 
@@ -63,19 +63,6 @@ FD_RESERVE = 200
 #: this often (a flood of silent sockets must not flood the log)
 REFUSAL_SUMMARY_S = 10.0
 _ids = itertools.count(1)
-
-
-def source_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a peer connects from, as an allow-list sees it: an IPv4-mapped IPv6
-    address (``::ffff:10.1.2.3``, a dual-stack listener) is the IPv4 address; None if
-    ``host`` is not an IP address."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def bound_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -200,7 +187,7 @@ class DeviceLink(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
-        address = source_address(host)
+        address = peer_address(host)
         self.source = host if address is None else str(address)
         tcp.set_write_buffer_limits(high=self.server.write_queue_limit)  # type: ignore[attr-defined]
         refusal = self.server.admit(self, address)

@@ -188,3 +188,30 @@ async def test_devices_that_leave_are_forgotten(gateway: Gateway) -> None:
     await first(lambda: _async(not gateway.server.links), "every connection closed")
     await first(lambda: _async(not gateway.sessions.devices), "every device forgotten")
     assert gateway.metrics_devices_online() == 0
+
+
+async def test_drained_returns_under_steady_traffic(db_pool: asyncpg.Pool) -> None:
+    """``drained`` waits for the rows put before it, not for a pause in traffic: rows put
+    faster than the batches commit never keep it waiting."""
+    writer = BatchWriter(lambda: db_pool, Metrics(), interval_s=0.01)
+    writer.start()
+    stop = asyncio.Event()
+
+    async def chatter() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            writer.put_event(EventRow("dev-busy", datetime.now(UTC), "report", "tick", {"n": n}))
+            await asyncio.sleep(0)  # a row on every turn of the loop: never idle
+
+    traffic = asyncio.create_task(chatter())
+    try:
+        writer.put_device(DeviceRow("dev-first", protocol="bkv", online=True))
+        await asyncio.sleep(0.05)
+        for _ in range(3):
+            await asyncio.wait_for(writer.drained(), 10)
+        assert await db_pool.fetchval("SELECT count(*) FROM devices") == 1
+    finally:
+        stop.set()
+        await traffic
+        await writer.close()

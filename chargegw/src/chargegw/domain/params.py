@@ -1185,7 +1185,22 @@ class ParamsEngine:
                 by_device: dict[str, list[asyncpg.Record]] = {}
                 for row in rows:
                     by_device.setdefault(row["device_id"], []).append(row)
+                # a group another transaction holds (its ack being written) was skipped:
+                # the device's note waits for the next pass, or its report would be lost
+                busy = {
+                    r["device_id"]
+                    for r in await conn.fetch(
+                        """SELECT device_id, count(*) AS n FROM device_params
+                           WHERE device_id = ANY($1::text[]) AND desired IS NOT NULL
+                           GROUP BY device_id""",
+                        list(batch),
+                    )
+                    if r["n"] > len(by_device.get(r["device_id"], ()))
+                }
                 for device_id, note in batch.items():
+                    if device_id in busy:
+                        later[device_id] = note
+                        continue
                     if device_id not in by_device:
                         continue
                     if budget <= 0:

@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("chargegw")
 
+#: longest shutdown waits for the pool's connections to come back before cutting them
+POOL_CLOSE_S = 10.0
+
 
 class StartupError(Exception):
     """The gateway cannot start as configured; the message says which setting to change."""
@@ -343,7 +346,11 @@ class Gateway:
         await self.writer.close()
         await self.cluster.stop()
         if self.pool is not None:
-            await self.pool.close()
+            try:  # close waits for every connection to come back: bounded, then cut
+                await asyncio.wait_for(self.pool.close(), POOL_CLOSE_S)
+            except TimeoutError:
+                log.error("pool connections still in use at shutdown: terminated")
+                self.pool.terminate()
 
     # -- the cluster --
 

@@ -39,6 +39,7 @@ LAYERS = {
     "chargegw.app": 7,
     "chargegw.supervisor": 7,
     "chargegw.cli": 7,
+    "chargegw.ops": 7,
     "chargegw.__main__": 7,
 }
 KERNEL = 0

@@ -218,7 +218,7 @@ async def test_metrics_endpoint() -> None:
     metrics.frames_total.labels(protocol="ap3000", direction="in", command="0x01").inc()
     metrics.connections_closed_total.labels(reason="idle").inc()
     metrics.db_write_seconds.observe(0.004)
-    metrics.devices_online.set(7)
+    metrics.devices_online.labels(protocol="bkv").set(7)
     async with _client(ApiState(pool=None, metrics=metrics, readiness=_all_ready)) as client:
         response = await client.get("/metrics")
     assert response.status_code == 200
@@ -227,7 +227,7 @@ async def test_metrics_endpoint() -> None:
     assert "chargegw_connections_accepted_total 3.0" in text
     assert 'chargegw_frames_total{command="0x01",direction="in",protocol="ap3000"} 1.0' in text
     assert 'chargegw_connections_closed_total{reason="idle"} 1.0' in text
-    assert "chargegw_devices_online 7.0" in text
+    assert 'chargegw_devices_online{protocol="bkv"} 7.0' in text
     assert "chargegw_db_write_seconds_count 1.0" in text
     for name in (
         "chargegw_connections_current",

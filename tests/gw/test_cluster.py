@@ -23,12 +23,22 @@ import pytest
 from chargegw.domain.outbox import MAX_ATTEMPTS
 from chargesim import Faults, SimulatedAp3000Pile, Simulator
 
+from .metric_values import Monotonic, total, workers_with
 from .waiting import eventually, free_port, wait_http
 
 READ = "read_running_params1"  # 0x90: answered by the pile with the same msg id
 READ_CODE = 0x90
 #: processes start, and piles move between them, in seconds: wait long, poll gently
 WAIT_S, POLL_S = 45.0, 0.2
+#: counters summed over a node's workers: never lower in a later scrape, a worker killed
+NODE_COUNTERS = (
+    "chargegw_connections_accepted_total",
+    "chargegw_frames_total",
+    "chargegw_commands_sent_total",
+    "chargegw_commands_finished_total",
+    "chargegw_worker_starts_total",
+    "chargegw_event_loop_lag_seconds_count",
+)
 
 
 class Node:
@@ -59,6 +69,7 @@ class Node:
             "CHARGEGW_PROCESS_TIMEOUT_S": "3",
             "CHARGEGW_OUTBOX_SCAN_S": "1",
             "CHARGEGW_COMMAND_SPACING_S": "0.1",
+            "TMPDIR": str(self.tmp_path),  # the supervisor's metrics directory goes here
         }
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -155,6 +166,8 @@ async def node_a(db_dsn: str, tmp_path: Path) -> AsyncIterator[Node]:
         yield node
     finally:
         await node.stop()
+    # the supervisor removes its workers' metric files when it stops
+    assert not list(tmp_path.glob("chargegw-metrics-*"))
 
 
 async def test_commands_reach_the_process_holding_the_device_across_workers_and_nodes(
@@ -225,6 +238,15 @@ async def test_killed_worker_commands_are_delivered_exactly_once_after_reconnect
         )
         doomed = [p for p in fleet if sessions[p.pile_id]["owner"] == victim["owner"]]
         assert doomed
+        # one scrape of the node, whichever worker answers it, shows all of them
+        scrapes = Monotonic(node_a.base, NODE_COUNTERS)
+        for _ in range(4):
+            samples = await scrapes.scrape()
+            assert workers_with(samples, "chargegw_worker_up") == {"0", "1", "2"}
+            assert workers_with(samples, "chargegw_process_open_fds") == {"0", "1", "2"}
+            assert total(samples, "chargegw_devices_online") == len(fleet)
+            assert total(samples, "chargegw_connections_accepted_total") >= len(fleet)
+            assert samples[("chargegw_workers_configured", frozenset())] == 3
         sent: dict[int, SimulatedAp3000Pile] = {}
         for pile in doomed:
             for _ in range(3):
@@ -234,6 +256,12 @@ async def test_killed_worker_commands_are_delivered_exactly_once_after_reconnect
         os.kill(victim["pid"], signal.SIGKILL)
         for pile in doomed:  # and more while its piles are away
             sent[await command(node_a, pile.pile_id)] = pile
+        # its live gauges leave the scrape (the supervisor restarts it after a pause);
+        # the node's counters keep what the dead worker counted
+        survivors = {"0", "1", "2"} - {str(victim["worker"])}
+        await eventually(
+            scrapes.scrape, lambda now: workers_with(now, "chargegw_worker_up") == survivors
+        )
         rows = await eventually(
             lambda: statuses(db_dsn, list(sent)),
             lambda rows: all(r["status"] == "acked" for r in rows.values()),
@@ -262,6 +290,21 @@ async def test_killed_worker_commands_are_delivered_exactly_once_after_reconnect
             interval=POLL_S,
         )
         assert lost
+        restarted = await eventually(
+            scrapes.scrape,
+            lambda now: workers_with(now, "chargegw_worker_up") == {"0", "1", "2"},
+            timeout=WAIT_S,
+            interval=POLL_S,
+        )
+        worker = frozenset({("worker", str(victim["worker"]))})
+        assert restarted[("chargegw_worker_starts_total", worker)] == 2
+        commands = {"protocol": "ap3000", "command": READ}
+        finished = restarted[
+            ("chargegw_command_latency_seconds_count", frozenset(commands.items()))
+        ]
+        # every answer, whichever worker had it (the victim may die between its commit
+        # and its count: at most its piles' commands in flight)
+        assert finished >= len(sent) - len(doomed)
 
 
 async def test_a_drained_worker_hands_its_piles_to_the_others(node_a: Node, db_dsn: str) -> None:

@@ -101,7 +101,8 @@ def command_row(pool: asyncpg.Pool, command_id: int) -> Awaitable[asyncpg.Record
 def finished_count(gw: Gateway, status: str) -> float:
     """``chargegw_commands_finished_total`` of ``gw`` for 0x90 reads with ``status``."""
     value = gw.metrics.registry.get_sample_value(
-        "chargegw_commands_finished_total", {"command": READ, "status": status}
+        "chargegw_commands_finished_total",
+        {"protocol": "ap3000", "command": READ, "status": status},
     )
     return value or 0.0
 

@@ -11,6 +11,7 @@ from chargegw.app import Gateway
 from chargeproto import ap3000
 
 from .conftest import database_outage
+from .metric_values import sample
 from .piles import RawPile
 from .waiting import eventually
 
@@ -219,8 +220,14 @@ async def test_database_outage_keeps_piles_answered_and_loses_nothing(
         with pytest.raises((AssertionError, TimeoutError)):
             await pile.expect(ap3000.SettlementReply, timeout=0.5)
         assert pile.received == []
+        m = gateway.metrics
+        assert sample(m, "chargegw_settlements_waiting") == 1  # its ACK waits on the database
+        assert sample(m, "chargegw_db_write_failures_total") >= 1
     reply = await pile.expect(ap3000.SettlementReply, timeout=15)
     assert reply.msg_id == settlement.msg_id
+    assert sample(m, "chargegw_settlements_waiting") == 0
+    assert sample(m, "chargegw_settlements_committed_total", protocol="ap3000") == 1
+    assert sample(m, "chargegw_settlement_ingest_seconds_sum", protocol="ap3000") >= 0.5
     await gateway.writer.drained()
     assert gateway.readiness()["database"]
     rows = await fetch(

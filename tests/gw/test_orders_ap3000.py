@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -13,6 +14,7 @@ from chargegw.domain.outbox import MAX_ATTEMPTS
 from chargeproto import ap3000
 from chargesim import Ap3000Intervals, Faults, SimulatedAp3000Pile, Simulator
 
+from .metric_values import sample
 from .piles import RawPile
 from .waiting import eventually, eventually_json
 
@@ -23,6 +25,11 @@ PHY = "04000001"
 @pytest.fixture
 def gateway_settings() -> dict[str, Any]:
     return {"ack_timeout_s": 1.0, "command_spacing_s": 0.5}
+
+
+AP = {"protocol": "ap3000"}
+AP_START = {**AP, "command": "start"}
+START_ACKED = {**AP, "outcome": "acked"}
 
 
 async def _pile(gateway: Gateway, **options: Any) -> tuple[Simulator, SimulatedAp3000Pile]:
@@ -63,8 +70,16 @@ async def test_start_by_time_charges_reports_progress_and_settles(
         assert body["status"] == "pending" and len(order_no) == 32
         command = await eventually_json(api, f"/api/v1/commands/{command_id}", "status", {"acked"})
         assert command["result_code"] == 0 and command["attempts"] == 1
+        m = gateway.metrics
+        await eventually(lambda: sample(m, "chargegw_start_commands_total", **START_ACKED))
+        assert sample(m, "chargegw_commands_sent_total", protocol="ap3000", command="start") == 1
+        assert sample(m, "chargegw_command_latency_seconds_count", **AP_START) == 1
+        assert sample(m, "chargegw_devices_online", protocol="ap3000") == 1
         order = await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "time_limit" and order["stop_reason_code"] == 3
+        await eventually(lambda: sample(m, "chargegw_settlement_ingest_seconds_count", **AP))
+        assert sample(m, "chargegw_settlements_committed_total", **AP) == 1
+        assert sample(m, "chargegw_settlements_waiting") == 0
         assert order["duration_s"] == 600 and not order["device_initiated"]
         assert order["started_at"] and order["ended_at"]
         samples = (await api.get(f"/api/v1/orders/{order_no}/samples")).json()["items"]
@@ -113,6 +128,10 @@ async def test_refusal_fails_the_order_with_the_piles_reason(
             api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"}
         )
         assert order["failure_reason"] == "no charger plugged into the port"
+        refused = {**AP, "outcome": "refused"}
+        await eventually(
+            lambda: sample(gateway.metrics, "chargegw_start_commands_total", **refused)
+        )
 
 
 async def test_a_silent_pile_gets_one_resend_with_the_same_msg_id_then_dead(
@@ -133,6 +152,12 @@ async def test_a_silent_pile_gets_one_resend_with_the_same_msg_id_then_dead(
             api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"}
         )
         assert order["failure_reason"] == "no answer"
+        m = gateway.metrics
+        timeout = {**AP, "outcome": "timeout"}
+        await eventually(lambda: sample(m, "chargegw_start_commands_total", **timeout))
+        assert sample(m, "chargegw_commands_resent_total", **AP_START) == 1
+        assert sample(m, "chargegw_commands_sent_total", **AP_START) == 1
+        assert sample(m, "chargegw_command_latency_seconds_count", **AP_START) == 0
 
 
 async def test_a_pile_that_answers_only_the_resend_is_acked(
@@ -319,11 +344,17 @@ async def test_a_command_for_an_offline_device_dies_offline_with_an_event(
         api, f"/api/v1/commands/{body['command_id']}", "status", {"dead"}
     )
     assert command["dead_reason"] == "offline"
-    await gateway.writer.drained()
-    assert gateway.pool is not None
-    event = await gateway.pool.fetchrow(
-        "SELECT reason, detail FROM device_events WHERE kind = 'command_dead'"
-    )
+    pool = gateway.pool
+    assert pool is not None
+
+    async def dead_event() -> asyncpg.Record | None:
+        # put after the command's status commits: the API can say dead a moment before
+        await gateway.writer.drained()
+        return await pool.fetchrow(
+            "SELECT reason, detail FROM device_events WHERE kind = 'command_dead'"
+        )
+
+    event = await eventually(dead_event, what="the command_dead event")
     assert event is not None and event["reason"] == "offline"
 
 

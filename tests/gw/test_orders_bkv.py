@@ -13,6 +13,7 @@ from chargeproto import bkv
 from chargesim import Faults, Simulator
 from chargesim.bkv import BkvIntervals, SimulatedBkvGateway
 
+from .metric_values import sample
 from .piles import RawBkvGateway
 from .waiting import eventually, eventually_json
 
@@ -80,12 +81,19 @@ async def test_start_by_time_records_the_business_number_samples_and_settles_onc
         assert (start.socket, start.port, start.switch) == (1, 0, 1)
         assert (start.charge_mode, start.duration_min, start.energy_kwh) == (1, 5, 0.0)
         assert start.seq == command["correlation"] != 0
+        m, bkv_start = gateway.metrics, {"protocol": "bkv", "command": "start"}
+        acked = {"protocol": "bkv", "outcome": "acked"}
+        await eventually(lambda: sample(m, "chargegw_start_commands_total", **acked))
+        assert sample(m, "chargegw_command_latency_seconds_count", **bkv_start) == 1
 
         order = await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
         assert order["stop_reason"] == "time_limit" and order["stop_reason_code"] is None
         assert order["duration_s"] == 300 and order["business_no"] == 1
         assert not order["device_initiated"] and order["started_at"] and order["ended_at"]
         assert order["settlement"]["sub_cmd"] == 0x02
+        await eventually(
+            lambda: sample(m, "chargegw_settlements_committed_total", protocol="bkv"), what="bkv"
+        )
         samples = (await api.get(f"/api/v1/orders/{order_no}/samples")).json()["items"]
         assert samples and samples[-1]["energy_kwh"] >= samples[0]["energy_kwh"]
 
@@ -145,6 +153,10 @@ async def test_refusal_fails_the_order_with_the_result_text(
             api, f"/api/v1/orders/{body['order_no']}", "status", {"failed"}
         )
         assert order["failure_reason"] == "failed" and order["business_no"] is None
+        refused = {"protocol": "bkv", "outcome": "refused"}
+        await eventually(
+            lambda: sample(gateway.metrics, "chargegw_start_commands_total", **refused)
+        )
 
 
 async def test_silence_one_resend_with_the_same_seq_then_dead_and_reconciled_later(

@@ -9,6 +9,7 @@ from chargegw.app import Gateway
 from chargegw.domain.outbox import Priority
 from chargeproto import ap3000
 
+from .metric_values import sample
 from .piles import RawPile
 from .waiting import eventually
 
@@ -19,7 +20,7 @@ async def test_scan_expires_unheld_commands_and_purges_old_ones(gateway: Gateway
     await pool.execute(
         """INSERT INTO commands (device_id, protocol, name, priority, status, expires_at,
                                  finished_at)
-           VALUES ('04000001', 'ap3000', 'locate', 2, 'pending', now() - interval '1 s', NULL),
+           VALUES ('04000001', 'ap3000', 'start', 2, 'pending', now() - interval '1 s', NULL),
                   ('04000002', 'ap3000', 'locate', 2, 'pending', now() + interval '1 h', NULL),
                   ('04000003', 'ap3000', 'locate', 2, 'acked', now(), now() - interval '30 days'),
                   ('04000004', 'ap3000', 'locate', 2, 'acked', now(), now())"""
@@ -33,6 +34,9 @@ async def test_scan_expires_unheld_commands_and_purges_old_ones(gateway: Gateway
     await pool.execute(
         """INSERT INTO commands (device_id, protocol, name, priority, status, expires_at)
            VALUES ('04000005', 'ap3000', 'locate', 2, 'pending', now() - interval '1 s')"""
+    )
+    await pool.execute(
+        "UPDATE commands SET created_at = now() - interval '1 h' WHERE device_id = '04000002'"
     )
     await gateway.outbox.scan()
     rows = {
@@ -50,6 +54,11 @@ async def test_scan_expires_unheld_commands_and_purges_old_ones(gateway: Gateway
         "SELECT count(*) FROM device_events WHERE kind = 'command_dead' AND reason = 'offline'"
     )
     assert dead == 1
+    # the figures of the scan: what is left open, how old, and the start that expired
+    m = gateway.metrics
+    assert sample(m, "chargegw_outbox_backlog", status="pending") == 2
+    assert 3590 < sample(m, "chargegw_outbox_oldest_pending_seconds") < 3700
+    assert sample(m, "chargegw_start_commands_total", protocol="ap3000", outcome="offline") == 1
 
 
 @pytest.mark.settings(ack_timeout_s=0.2, command_spacing_s=0.0)

@@ -32,6 +32,7 @@ from chargegw.domain.orders import (
 )
 from chargegw.domain.outbox import CommandStatus, Finished, Outbox, OutboxHooks, OutboxSettings
 from chargegw.domain.ports import CardService
+from chargegw.domain.retention import purge_device_events
 from chargegw.domain.webhook_delivery import WebhookEngine, WebhookSettings
 from chargegw.drivers.ap3000 import Ap3000Driver
 from chargegw.drivers.ap3000_commands import Ap3000Commands
@@ -41,6 +42,7 @@ from chargegw.drivers.bkv_commands import BkvCommands
 from chargegw.metrics import Metrics
 from chargegw.net.sessions import Held, SessionRegistry
 from chargegw.net.transport import CONTROL, DeviceLink, DeviceServer, bound_socket
+from chargegw.process_health import ProcessHealth
 from chargegw.store.database import Connection, connect_pool, migrate, start_embedded
 from chargegw.store.errors import reason
 from chargegw.store.partitions import maintain
@@ -68,6 +70,22 @@ log = structlog.get_logger("chargegw")
 
 #: longest shutdown waits for the pool's connections to come back before cutting them
 POOL_CLOSE_S = 10.0
+#: how often partitions and the device event log are looked after (first: after the start)
+MAINTENANCE_EVERY_S = 3600.0
+MAINTENANCE_FIRST_S = 60.0
+
+
+def start_outcome(done: Finished) -> str:
+    """The ``outcome`` label of a finished start command (chargegw_start_commands_total)."""
+    if done.status is CommandStatus.ACKED:
+        return "acked"
+    if done.status is CommandStatus.FAILED:
+        return "refused"  # the pile answered no
+    if done.dead_reason == "no answer":
+        return "timeout"
+    if done.dead_reason == "offline":
+        return "offline"
+    return "failed"
 
 
 class StartupError(Exception):
@@ -199,7 +217,14 @@ class Gateway:
                 on_backlog=self._outbox_backlog,
                 on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
                 on_answered=self.sessions.ack_ok,
-                on_resend=lambda name: self.metrics.commands_resent_total.inc(),
+                on_oldest=self.metrics.outbox_oldest_pending_seconds.set,
+                on_purged=lambda n: self.metrics.housekeeping_done("commands", deleted=n),
+                on_sent=lambda protocol, name: self.metrics.commands_sent_total.labels(
+                    protocol, name
+                ).inc(),
+                on_resend=lambda protocol, name: self.metrics.commands_resent_total.labels(
+                    protocol, name
+                ).inc(),
             ),
             OutboxSettings.from_settings(settings),
             owner=self.cluster.owner,
@@ -288,6 +313,9 @@ class Gateway:
             "call-audit-upkeep",
         )
         self._spawn(self._maintenance(), "partition-maintenance")
+        self._spawn(
+            ProcessHealth(self.metrics, self.worker, self.settings.workers).run(), "process-health"
+        )
         if http:
             await self._start_http()
 
@@ -551,20 +579,43 @@ class Gateway:
     async def _maintain_partitions(self) -> None:
         assert self.pool is not None
         async with self.pool.acquire() as conn:
-            await maintain(
+            created, dropped = await maintain(
                 conn,
                 today=self.wall().date(),
                 retention_days=self.settings.audit_retention_days,
             )
+        partitions = self.metrics.housekeeping_partitions_total
+        partitions.labels(table="frames", action="created").inc(len(created))
+        partitions.labels(table="frames", action="dropped").inc(len(dropped))
+        self.metrics.housekeeping_done("audit_partitions")
+
+    async def _purge_device_events(self) -> None:
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            deleted = await purge_device_events(
+                conn, retention_days=self.settings.device_events_retention_days
+            )
+        if deleted:
+            log.info("expired device events deleted", count=deleted)
+        self.metrics.housekeeping_done("device_events", deleted=deleted or 0)
 
     async def _maintenance(self) -> None:
-        """Hourly: audit partitions ahead, expired ones dropped (retries while the DB is away)."""
+        """Hourly: audit partitions ahead, expired ones dropped; expired device events
+        deleted (each retried at the next turn after a failure)."""
+        jobs = (
+            ("audit_partitions", self._maintain_partitions),
+            ("device_events", self._purge_device_events),
+        )
+        delay = MAINTENANCE_FIRST_S  # a process restarted often still gets its turn
         while True:
-            await asyncio.sleep(3600)
-            try:
-                await self._maintain_partitions()
-            except Exception:
-                log.exception("audit partition maintenance failed, retrying in an hour")
+            await asyncio.sleep(delay)
+            delay = MAINTENANCE_EVERY_S
+            for job, run in jobs:
+                try:
+                    await run()
+                except Exception:
+                    self.metrics.housekeeping_failed(job)
+                    log.exception("housekeeping failed, retrying at the next turn", job=job)
 
     async def _sweeper(self) -> None:
         while True:
@@ -744,11 +795,21 @@ class Gateway:
                 reason=reason(exc),
             )
 
-        return await retry_while_connected(
-            lambda: self._settle_once(report, detail),
-            while_connected,
-            on_retry=retrying,
+        metrics = self.metrics
+        received = time.monotonic()
+        metrics.settlements_waiting.inc()
+        try:
+            settled = await retry_while_connected(
+                lambda: self._settle_once(report, detail),
+                while_connected,
+                on_retry=retrying,
+            )
+        finally:
+            metrics.settlements_waiting.dec()
+        metrics.settlement_ingest_seconds.labels(report.protocol).observe(
+            time.monotonic() - received
         )
+        return settled
 
     async def _settle_once(
         self,
@@ -762,7 +823,7 @@ class Gateway:
         if not settled.applied:
             self.metrics.settlements_duplicate_total.inc()
             return settled
-        self.metrics.settlements_committed_total.inc()
+        self.metrics.settlements_committed_total.labels(report.protocol).inc()
         if unpriced is not None:
             self.metrics.settlements_unpriced_total.inc()
         if settled.review_reason is not None or unpriced is not None:
@@ -829,12 +890,13 @@ class Gateway:
 
     async def _command_finished(self, done: Finished) -> None:
         """After a command's outcome is committed: metrics, events, the firmware engine."""
-        self.metrics.commands_finished_total.labels(
-            command=done.name, status=done.status.value
-        ).inc()
+        metrics = self.metrics
+        metrics.commands_finished_total.labels(done.protocol, done.name, done.status.value).inc()
         if done.outcome is not None:
             latency = (self.wall() - done.created_at).total_seconds()
-            self.metrics.command_latency_seconds.labels(command=done.name).observe(latency)
+            metrics.command_latency_seconds.labels(done.protocol, done.name).observe(latency)
+        if done.name == "start":
+            metrics.start_commands_total.labels(done.protocol, start_outcome(done)).inc()
         if done.status is CommandStatus.DEAD:
             reason = done.dead_reason or "unknown"
             self.metrics.commands_dead_total.labels(reason=reason).inc()

@@ -543,3 +543,182 @@ def bans_lift(ctx: click.Context, /, device_id: str, **flags: Any) -> None:
         click.echo(f"chargegw: device {device_id} is not banned", err=True)
         sys.exit(1)
     click.echo(f"lifted the ban on {device_id}")
+
+
+# ---------------------------------------------------------------- backup, restore, db
+
+
+def _ops_dsn(settings: Settings) -> str:
+    """The database of ``settings`` (the embedded server in ``data_dir`` without a DSN),
+    not migrated: backup, restore and stats leave the schema as they find it."""
+    from chargegw.store.database import start_embedded
+
+    return settings.dsn or start_embedded(settings.data_dir)
+
+
+_pg_bin_option = click.option(
+    "--pg-bin",
+    type=click.Path(exists=True, file_okay=False),
+    help="Directory of the pg_dump/pg_restore to use (default: the best fit found).",
+)
+
+
+@main.command()
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    help="New (or empty) directory for the backup (default ./chargegw-backup-<UTC time>).",
+)
+@_pg_bin_option
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def backup(
+    ctx: click.Context, /, output: str | None, pg_bin: str | None, as_json: bool, **flags: Any
+) -> None:
+    """Dump the database (one consistent snapshot) with a manifest of its row counts."""
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from chargegw.ops.backup import BackupError
+    from chargegw.ops.backup import backup as run_backup
+
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    target = Path(output or f"chargegw-backup-{datetime.now(UTC):%Y%m%dT%H%M%SZ}")
+    try:
+        manifest = asyncio.run(run_backup(_ops_dsn(settings), target, pg_bin=pg_bin))
+    except BackupError as exc:
+        click.echo(f"chargegw: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    rows = sum(manifest["tables"].values())
+    click.echo(
+        f"backup of {manifest['database']} in {target}: schema {manifest['schema_version']}, "
+        f"{len(manifest['tables'])} tables, {rows} rows, {manifest['dump_bytes']} bytes, "
+        f"{manifest['duration_s']:.1f} s ({manifest['pg_dump_version']})"
+    )
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True))
+@_pg_bin_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def restore(
+    ctx: click.Context, /, source: str, pg_bin: str | None, as_json: bool, **flags: Any
+) -> None:
+    """Restore the backup SOURCE (a directory made by `chargegw backup`) into an EMPTY
+    database, in one transaction; the row counts are checked against its manifest."""
+    from pathlib import Path
+
+    from chargegw.ops.backup import BackupError
+    from chargegw.ops.backup import restore as run_restore
+
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    try:
+        report = asyncio.run(run_restore(Path(source), _ops_dsn(settings), pg_bin=pg_bin))
+    except BackupError as exc:
+        click.echo(f"chargegw: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        rows = sum(max(r, 0) for _, r in report.counts.values())
+        click.echo(
+            f"restored into {report.database}: schema {report.schema_version}, "
+            f"{len(report.counts)} tables, {rows} rows, {report.duration_s:.1f} s"
+        )
+        for table in report.not_restored:
+            click.echo(f"  {table}: not restored (on purpose: message ids start afresh)")
+        for table, (want, got) in sorted(report.mismatched.items()):
+            click.echo(f"  {table}: {got} rows restored, the manifest says {want}", err=True)
+    if not report.ok:
+        click.echo("chargegw: the restored row counts differ from the manifest", err=True)
+        sys.exit(1)
+
+
+@main.group()
+def db() -> None:
+    """Look into the platform's database."""
+
+
+@db.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def db_stats(ctx: click.Context, /, as_json: bool, **flags: Any) -> None:
+    """Table sizes (total, heap, indexes), partitions with their ranges, live and dead
+    tuples, last (auto)vacuum and analyze."""
+    from chargegw.ops import dbstats
+    from chargegw.store.database import connect_pool
+
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+
+    async def go() -> dict[str, Any]:
+        pool = await connect_pool(_ops_dsn(settings), min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                return await dbstats.db_stats(conn)
+        finally:
+            await pool.close()
+
+    try:
+        stats = asyncio.run(go())
+    except Exception as exc:
+        click.echo(f"chargegw: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    click.echo(f"database {stats['database']}: {dbstats.human_bytes(stats['size_bytes'])}")
+    _table(dbstats.render_table(stats))
+    partitions = dbstats.render_partitions(stats)
+    if len(partitions) > 1:
+        click.echo("")
+        _table(partitions)
+
+
+# ---------------------------------------------------------------- doctor
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@click.option(
+    "--start-embedded",
+    is_flag=True,
+    help="Without a DSN: start the embedded PostgreSQL for the checks if it is not running "
+    "(it stops again when doctor exits, unless a gateway uses it).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    help="Worker processes the node runs (default: the `workers` setting).",
+)
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def doctor(ctx: click.Context, /, as_json: bool, start_embedded: bool, **flags: Any) -> None:
+    """Check what this node needs: open-file limit, ports, PostgreSQL (version, settings,
+    connections), clock, free disk, migrations. One line per check: ok, warn or fail,
+    what was found and the fix. Exit status 1 if a check failed."""
+    from chargegw.ops.doctor import run_checks
+
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    report = asyncio.run(run_checks(settings, start_embedded_server=start_embedded))
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(report.exit_status)

@@ -395,6 +395,12 @@ class Settings(BaseSettings):
         le=36500,
         description="days of audit frames kept (daily partitions are dropped after)",
     )
+    device_events_retention_days: Whole = Field(
+        90,
+        ge=1,
+        le=36500,
+        description="days of the device event log (`GET /api/v1/devices/{id}/events`) kept",
+    )
     ack_timeout_s: Positive = Field(
         15.0,
         description="a command unanswered this long is sent once more (same msg id), then it "

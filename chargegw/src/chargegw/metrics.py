@@ -9,11 +9,21 @@ attributes directly::
     metrics.frames_total.labels(protocol="ap3000", direction="in", command="0x01").inc()
     with metrics.db_write_seconds.time():
         ...
+
+Several worker processes (``chargegw serve --workers N``) share one exposition through
+prometheus-client's multiprocess mode: the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
+for its workers only; every value then lives in a per-process file in that directory and
+:meth:`Metrics.render` reads all of them (counters and histograms summed, dead workers'
+counts kept; gauges by their ``multiprocess_mode``: ``livesum`` for what each worker holds,
+``livemostrecent`` for a database-wide figure every worker computes, ``livemax`` for
+per-worker gauges labelled ``worker``). Without the variable each :class:`Metrics` keeps
+its values in memory, in its own registry. See docs/metrics.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,9 +32,22 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
-__all__ = ["Metrics"]
+__all__ = ["MULTIPROC_ENV", "Metrics"]
+
+#: the directory of the per-process value files; set by the supervisor for its workers
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: how a gauge's per-process values combine in one scrape (multiprocess mode only):
+#: SUM what each worker holds (its connections), take the MOST RECENT of a figure every
+#: worker computes from the shared database (not summed: each worker sees the whole), MAX
+#: of a per-worker gauge labelled ``worker`` (one live process per label). Only the
+#: ``live*`` modes: a dead worker's gauges vanish with it (mark_process_dead)
+SUM: Final = "livesum"
+RECENT: Final = "livemostrecent"
+MAX: Final = "livemax"
 
 #: batch writes (COPY of up to a few hundred rows) take milliseconds; outliers reach seconds
 _DB_WRITE_BUCKETS = (
@@ -108,11 +131,18 @@ class Metrics:
     ) -> None:
         """Create the metrics in ``registry`` (a new, private one by default)."""
         self._frame_children: dict[tuple[str, str, str], Any] = {}
+        # prometheus-client chose its value store when it was imported, from the same
+        # variable: files in this directory, or memory
+        self._multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self.registry = registry if registry is not None else CollectorRegistry()
         ns = namespace
         reg = self.registry
         self.connections_current = Gauge(
-            "connections_current", "Device TCP connections open now", namespace=ns, registry=reg
+            "connections_current",
+            "Device TCP connections open now",
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=SUM,
         )
         self.connections_accepted_total = Counter(
             "connections_accepted", "Device TCP connections accepted", namespace=ns, registry=reg
@@ -136,12 +166,14 @@ class Metrics:
             "Device connections that have not sent a complete valid frame yet",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=SUM,
         )
         self.device_registry_ids = Gauge(
             "device_registry_ids",
             "Device ids in the registry, as this process last loaded it",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=MAX,
         )
         self.device_unregistered_total = Counter(
             "device_unregistered",
@@ -177,7 +209,12 @@ class Metrics:
             registry=reg,
         )
         self.devices_online = Gauge(
-            "devices_online", "Devices currently online", namespace=ns, registry=reg
+            "devices_online",
+            "Devices currently online, by protocol",
+            ["protocol"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=SUM,
         )
         self.db_write_seconds = Histogram(
             "db_write_seconds",
@@ -194,12 +231,14 @@ class Metrics:
             "Batches waiting for the database writer",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=SUM,
         )
         self.db_buffered_rows = Gauge(
             "db_buffered_rows",
             "Rows held in memory until the database accepts them",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=SUM,
         )
         #: rows the database refused for their own values, kept in ``rejected_rows``
         self.db_rows_rejected_total = Counter(
@@ -209,11 +248,14 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        # zero from the start: an alert's increase() sees the first one (deploy/prometheus)
+        for table in ("gateways", "devices", "ports", "device_events", "frames", "device_sessions"):
+            self.db_rows_rejected_total.labels(table=table)
         #: commands finished, by command name and final status (acked, failed, dead)
         self.commands_finished_total = Counter(
             "commands_finished_total",
-            "Commands finished, by command and final status",
-            ["command", "status"],
+            "Commands finished, by protocol, command and final status",
+            ["protocol", "command", "status"],
             namespace=ns,
             registry=reg,
         )
@@ -232,19 +274,21 @@ class Metrics:
             ["status"],
             namespace=ns,
             registry=reg,
+            multiprocess_mode=RECENT,
         )
         #: commands sent a second time for want of an answer
         self.commands_resent_total = Counter(
             "commands_resent_total",
-            "Commands resent (same message id) after the ACK timeout",
+            "Commands resent (same message id) after the ACK timeout, by protocol and command",
+            ["protocol", "command"],
             namespace=ns,
             registry=reg,
         )
         #: from the API call to the pile's answer
         self.command_latency_seconds = Histogram(
             "command_latency_seconds",
-            "Time from a command's creation to the pile's answer",
-            ["command"],
+            "Time from a command's creation (the API call) to the pile's answer",
+            ["protocol", "command"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 15, 30, 60),
             namespace=ns,
             registry=reg,
@@ -252,7 +296,8 @@ class Metrics:
         #: settlements committed, and resends of an already committed one
         self.settlements_committed_total = Counter(
             "settlements_committed_total",
-            "Settlements (AP3000 0x03, BKV end reports) committed",
+            "Settlements (AP3000 0x03, BKV end reports) committed, by protocol",
+            ["protocol"],
             namespace=ns,
             registry=reg,
         )
@@ -290,6 +335,7 @@ class Metrics:
             "Event stream (SSE) subscribers connected to this process",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=SUM,
         )
         #: events written to event-stream clients (replayed and live)
         self.events_streamed_total = Counter(
@@ -311,6 +357,7 @@ class Metrics:
             "Committed events waiting for their id at the last sweep",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=RECENT,
         )
         #: from an event's time to its fan-out in this process
         self.event_fanout_delay_seconds = Histogram(
@@ -338,6 +385,8 @@ class Metrics:
         self._api_hygiene_metrics(ns, reg)
         self._api_key_metrics(ns, reg)
         self._webhook_metrics(ns, reg)
+        self._operations_metrics(ns, reg)
+        self._housekeeping_metrics(ns, reg)
 
     def _api_hygiene_metrics(self, ns: str, reg: CollectorRegistry) -> None:
         """Rate limits, body sizes and the call audit of the HTTP API."""
@@ -359,6 +408,7 @@ class Metrics:
             "Call audit rows held in memory until the database takes them",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=SUM,
         )
         self.api_audit_lost_total = Counter(
             "api_audit_lost",
@@ -367,6 +417,8 @@ class Metrics:
             namespace=ns,
             registry=reg,
         )
+        for reason in ("overflow", "shutdown", "rejected"):  # zero from the start, as above
+            self.api_audit_lost_total.labels(reason=reason)
 
     def _api_key_metrics(self, ns: str, reg: CollectorRegistry) -> None:
         """API keys (chargegw.domain.auth, chargegw.api.scopes)."""
@@ -416,6 +468,7 @@ class Metrics:
             ["subscription_id"],
             namespace=ns,
             registry=reg,
+            multiprocess_mode=RECENT,
         )
         #: attempts running in this process
         self.webhook_in_flight = Gauge(
@@ -423,6 +476,7 @@ class Metrics:
             "Webhook attempts in flight in this process",
             namespace=ns,
             registry=reg,
+            multiprocess_mode=SUM,
         )
         #: subscriptions disabled automatically, by ``reason`` (failing, gone)
         self.webhook_subscriptions_disabled_total = Counter(
@@ -433,6 +487,170 @@ class Metrics:
             registry=reg,
         )
 
+    def _operations_metrics(self, ns: str, reg: CollectorRegistry) -> None:
+        """What an operator's alerts and dashboards ask besides the above (issue 14):
+        command outcomes, backlog age, settlement ingest, process health."""
+        #: first attempts written to a pile (the denominator of the resend ratio)
+        self.commands_sent_total = Counter(
+            "commands_sent",
+            "Commands written to a pile (first attempt), by protocol and command",
+            ["protocol", "command"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: start commands by ``outcome``: acked, refused (the pile said no), timeout (no
+        #: answer to the send and the resend), offline (expired while the device was
+        #: offline), failed (anything else: cancelled, cannot encode, after_failed ...)
+        self.start_commands_total = Counter(
+            "start_commands",
+            "Start commands finished (AP3000 0x82, BKV start), by protocol and outcome",
+            ["protocol", "outcome"],
+            namespace=ns,
+            registry=reg,
+        )
+        #: age of the oldest open command in the whole outbox, at the last scan
+        self.outbox_oldest_pending_seconds = Gauge(
+            "outbox_oldest_pending_seconds",
+            "Age of the oldest open (pending or sent) command at the last outbox scan, 0 if none",
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=RECENT,
+        )
+        #: settlement reports received whose commit (and so the pile's ACK) is pending
+        self.settlements_waiting = Gauge(
+            "settlements_waiting",
+            "Settlement reports not committed yet: their ACK to the pile waits on the database",
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=SUM,
+        )
+        #: from a settlement report's arrival to its commit (retries included)
+        self.settlement_ingest_seconds = Histogram(
+            "settlement_ingest_seconds",
+            "Time from a settlement report's arrival to its commit, by protocol",
+            ["protocol"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            namespace=ns,
+            registry=reg,
+        )
+        # -- process health, per worker (chargegw.process_health samples them) --
+        self.worker_up = Gauge(
+            "worker_up",
+            "1 while the worker process runs",
+            ["worker"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=MAX,
+        )
+        self.workers_configured = Gauge(
+            "workers_configured",
+            "Worker processes the node is configured to run (--workers)",
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=MAX,
+        )
+        self.worker_starts_total = Counter(
+            "worker_starts",
+            "Times a worker process started, by worker index (restarts included)",
+            ["worker"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.event_loop_lag_seconds = Histogram(
+            "event_loop_lag_seconds",
+            "How late a periodic timer fires on the worker's event loop",
+            ["worker"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            namespace=ns,
+            registry=reg,
+        )
+        self.process_resident_memory_bytes = Gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of the worker process",
+            ["worker"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=MAX,
+        )
+        self.process_open_fds = Gauge(
+            "process_open_fds",
+            "Open file descriptors of the worker process",
+            ["worker"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=MAX,
+        )
+        self.process_max_fds = Gauge(
+            "process_max_fds",
+            "Open-file limit (soft RLIMIT_NOFILE) of the worker process",
+            ["worker"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=MAX,
+        )
+        self.process_cpu_seconds_total = Counter(
+            "process_cpu_seconds",
+            "CPU time (user and system) of the worker process",
+            ["worker"],
+            namespace=ns,
+            registry=reg,
+        )
+
+    def _housekeeping_metrics(self, ns: str, reg: CollectorRegistry) -> None:
+        """Scheduled data housekeeping (docs/operations.md, "Housekeeping"): each ``task``
+        (audit_partitions, device_events, events, commands, webhook_deliveries,
+        call_audit) runs in one process at a time; :meth:`housekeeping_done` counts it."""
+        self.housekeeping_runs_total = Counter(
+            "housekeeping_runs",
+            "Housekeeping passes of this process (finding another at work counts), by task, result",
+            ["task", "result"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.housekeeping_rows_deleted_total = Counter(
+            "housekeeping_rows_deleted",
+            "Rows deleted by housekeeping past their retention, by task",
+            ["task"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.housekeeping_partitions_total = Counter(
+            "housekeeping_partitions",
+            "Partitions created ahead or dropped past the retention, by table and action",
+            ["table", "action"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.housekeeping_last_success_timestamp_seconds = Gauge(
+            "housekeeping_last_success_timestamp_seconds",
+            "Unix time of the last housekeeping pass that completed, by task",
+            ["task"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=MAX,
+        )
+
+    def housekeeping_done(self, job: str, *, deleted: int = 0) -> None:
+        """A housekeeping pass of ``job`` completed, deleting ``deleted`` rows."""
+        self.housekeeping_runs_total.labels(task=job, result="ok").inc()
+        if deleted:
+            self.housekeeping_rows_deleted_total.labels(task=job).inc(deleted)
+        self.housekeeping_last_success_timestamp_seconds.labels(task=job).set_to_current_time()
+
+    def housekeeping_failed(self, job: str) -> None:
+        """A housekeeping pass of ``job`` failed (it is retried at its next turn)."""
+        self.housekeeping_runs_total.labels(task=job, result="failed").inc()
+
+    @property
+    def multiprocess_dir(self) -> str | None:
+        """The shared directory of the node's workers' values (None: this process only)."""
+        return self._multiprocess_dir
+
     def render(self) -> tuple[bytes, str]:
-        """The exposition of every metric and its content type, for ``GET /metrics``."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The exposition of every metric and its content type, for ``GET /metrics``:
+        with several workers, of all the node's workers (any of them answers)."""
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST

@@ -10,6 +10,12 @@ database, see outbox.py and cluster.py).
 A worker that dies is started again (with a growing pause if it keeps dying); its
 devices reconnect to the other workers meanwhile. SIGTERM or SIGINT to the supervisor
 drains every worker (service.Gateway.drain); a second signal stops them at once.
+
+Metrics: the supervisor makes a fresh directory for prometheus-client's multiprocess
+mode and names it to the workers (``PROMETHEUS_MULTIPROC_DIR``, in their environment
+only), so whichever worker answers ``GET /metrics`` reports all of them. When a worker
+dies its live gauges are removed (``mark_process_dead``); its counters stay, so sums over
+the node never go backwards. The directory is deleted when the supervisor exits.
 """
 
 from __future__ import annotations
@@ -18,16 +24,20 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 import structlog
+from prometheus_client import multiprocess
 
 from chargegw.config import Settings
 from chargegw.logs import configure_logging
+from chargegw.metrics import MULTIPROC_ENV
 from chargegw.net.transport import bound_socket
 
 log = structlog.get_logger("chargegw.supervisor")
@@ -65,6 +75,19 @@ def worker_main(values: dict[str, Any], index: int) -> None:
     asyncio.run(main())
 
 
+def _metrics_dir() -> str:
+    """A fresh directory for the workers' metric files (under ``$TMPDIR``)."""
+    try:
+        return tempfile.mkdtemp(prefix="chargegw-metrics-")
+    except OSError as exc:
+        from chargegw.app import StartupError
+
+        raise StartupError(
+            f"cannot create the workers' metrics directory ({exc.strerror or exc}); "
+            "point TMPDIR at a writable directory"
+        ) from None
+
+
 class Supervisor:
     """Starts, watches and stops the worker processes of one node."""
 
@@ -76,6 +99,8 @@ class Supervisor:
         self._failures: dict[int, int] = {}
         self._stopping = False
         self._reserved: list[socket.socket] = []
+        #: the workers' metric files (multiprocess mode), made fresh by :meth:`run`
+        self.metrics_dir: str | None = None
 
     def prepare(self) -> Settings:
         """Database and ports for the workers; returns the settings they run with."""
@@ -115,8 +140,16 @@ class Supervisor:
 
     def run(self) -> int:
         """Run the workers until a signal; returns the exit status."""
-        settings = self.prepare()
-        values = settings.model_dump()
+        # never a previous run's files: their counters would be added to this run's
+        self.metrics_dir = _metrics_dir()
+        try:
+            settings = self.prepare()
+            values = settings.model_dump()
+            return self._supervise(settings, values)
+        finally:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _supervise(self, settings: Settings, values: dict[str, Any]) -> int:
         signal.signal(signal.SIGTERM, self._signalled)
         signal.signal(signal.SIGINT, self._signalled)
         for index in range(settings.workers):
@@ -145,16 +178,33 @@ class Supervisor:
                     pause_s=pause,
                 )
                 del self._workers[index]
+                self._forget_metrics(process)
                 time.sleep(pause)
                 if not self._stopping:
                     self._start(index, values)
         return self._wait_for_workers(settings)
 
+    def _forget_metrics(self, process: BaseProcess) -> None:
+        """A dead worker's live gauges leave the node's scrape; its counters stay."""
+        if self.metrics_dir is not None and process.pid is not None:
+            multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+
     def _start(self, index: int, values: dict[str, Any]) -> None:
         process = self._context.Process(
             target=worker_main, args=(values, index), name=f"chargegw-worker-{index}"
         )
-        process.start()
+        # the spawned worker inherits the environment as it is now; the supervisor's own
+        # (and that of a test running it in-process) stays as it was
+        previous = os.environ.get(MULTIPROC_ENV)
+        if self.metrics_dir is not None:
+            os.environ[MULTIPROC_ENV] = self.metrics_dir
+        try:
+            process.start()
+        finally:
+            if previous is None:
+                os.environ.pop(MULTIPROC_ENV, None)
+            else:
+                os.environ[MULTIPROC_ENV] = previous
         self._workers[index] = process
         self._started[index] = time.monotonic()
         log.info("worker started", worker=index, pid=process.pid)

@@ -559,6 +559,15 @@ class CallAuditWriter:
         if self._metrics is not None:
             self._metrics.api_audit_unsaved.set(len(self._unsaved))
 
+    def purged(self, deleted: int | None) -> None:
+        """Count a purge pass in the housekeeping metrics (None: it failed)."""
+        if self._metrics is None:
+            return
+        if deleted is None:
+            self._metrics.housekeeping_failed("call_audit")
+        else:
+            self._metrics.housekeeping_done("call_audit", deleted=deleted)
+
 
 async def _insert(conn: Connection, rows: list[CallRecord]) -> None:
     await conn.copy_records_to_table(
@@ -586,8 +595,9 @@ async def upkeep(
         if current is not None and clock() >= schedule.next_purge:
             schedule.next_purge = clock() + PURGE_EVERY_S
             try:
-                await purge(current, retention_days)
+                writer.purged(await purge(current, retention_days))
             except store_errors.DB_ERRORS as exc:
+                writer.purged(None)
                 log.warning("call audit purge failed, retrying", reason=store_errors.reason(exc))
                 schedule.next_purge = clock() + RETRY_EVERY_S * 12
         await asyncio.sleep(RETRY_EVERY_S)

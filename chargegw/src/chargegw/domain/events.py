@@ -645,6 +645,7 @@ class EventHub:
                 break
         if total:
             log.info("expired events deleted", count=total, days=self.settings.retention_days)
+        self.metrics.housekeeping_done("events", deleted=total)
         return total
 
     # -- internals --
@@ -815,5 +816,6 @@ class EventHub:
             try:
                 await self.purge_expired()
             except DB_ERRORS as exc:
+                self.metrics.housekeeping_failed("events")
                 log.warning("event retention failed, retrying later", reason=reason(exc))
             await asyncio.sleep(RETENTION_EVERY_S)

@@ -119,6 +119,8 @@ class Finished:
     outcome: Outcome | None
     dead_reason: str | None
     created_at: datetime
+    #: the device's protocol (ap3000, bkv)
+    protocol: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +155,10 @@ def _ignore(_: object) -> None:
     pass
 
 
+def _ignore2(_: object, __: object) -> None:
+    pass
+
+
 @dataclasses.dataclass(frozen=True)
 class OutboxHooks:
     """The outbox's collaborators besides the database.
@@ -162,8 +168,11 @@ class OutboxHooks:
     attempt taken back: the last argument) and ``on_finish_tx`` run inside the transaction
     that records it, with its connection; ``on_result`` hears of a final state after the
     commit. The others feed metrics and device liveness: ``on_backlog`` (open commands by
-    status, each scan), ``on_timeout`` / ``on_answered`` (a device left a command
-    unanswered / answered one), ``on_resend`` (a command is sent a second time).
+    status, each scan), ``on_oldest`` (the age in seconds of the oldest open command, 0
+    if none, each scan), ``on_timeout`` / ``on_answered`` (a device left a command
+    unanswered / answered one), ``on_sent`` / ``on_resend`` (a command's bytes are written
+    the first time / a command is sent a second time: protocol and command name),
+    ``on_purged`` (finished commands past the retention deleted by a scan: how many).
     """
 
     link_of: Callable[[str], Link | None]
@@ -172,9 +181,12 @@ class OutboxHooks:
     on_finish_tx: Callable[[Connection, Finished], Awaitable[None]] | None = None
     on_result: Callable[[Finished], Awaitable[None]] | None = None
     on_backlog: Callable[[dict[str, int]], None] = _ignore
+    on_oldest: Callable[[float], None] = _ignore
     on_timeout: Callable[[str], None] = _ignore
     on_answered: Callable[[str], None] = _ignore
-    on_resend: Callable[[str], None] = _ignore
+    on_sent: Callable[[str, str], None] = _ignore2
+    on_resend: Callable[[str, str], None] = _ignore2
+    on_purged: Callable[[int], None] = _ignore
 
 
 @dataclasses.dataclass
@@ -363,18 +375,23 @@ class Outbox:
             self.wake(row["device_id"])
         await self.expire()
         counts = await pool.fetch(
-            """SELECT status, count(*) AS n FROM commands
-               WHERE status IN ('pending', 'sent') GROUP BY status"""
+            """SELECT status, count(*) AS n,
+                      extract(epoch FROM now() - min(created_at))::float8 AS oldest_s
+               FROM commands WHERE status IN ('pending', 'sent') GROUP BY status"""
         )
         self.hooks.on_backlog({"pending": 0, "sent": 0, **{r["status"]: r["n"] for r in counts}})
+        self.hooks.on_oldest(max((max(r["oldest_s"], 0.0) for r in counts), default=0.0))
         async with pool.acquire() as conn, conn.transaction():
             # one process purges at a time (concurrent deletes of the same rows only wait)
+            purged = 0
             if await conn.fetchval("SELECT pg_try_advisory_xact_lock(hashtext('chargegw.purge'))"):
-                await conn.execute(
+                done = await conn.execute(
                     """DELETE FROM commands WHERE status IN ('acked', 'failed', 'dead')
                        AND finished_at < now() - make_interval(secs => $1)""",
                     self.settings.retention_s,
                 )
+                purged = int(done.split()[-1])
+        self.hooks.on_purged(purged)
 
     async def expire(self) -> None:
         """Commands past their expiry whose device no live process holds: dead.
@@ -548,6 +565,8 @@ class Outbox:
             if self.hooks.write is not None:
                 self.hooks.write(link, frame, device_id, row["name"])
             slot.last_write = time.monotonic()
+            if attempts == 0:
+                self.hooks.on_sent(row["protocol"], row["name"])
         if waiting is None:  # the protocol defines no reply: done once written
             await self._finish(row, CommandStatus.ACKED, None, None)
             return True
@@ -562,7 +581,7 @@ class Outbox:
             outcome = await asyncio.wait_for(waiting.reply, self.settings.ack_timeout_s)
         except TimeoutError:
             if attempts == 0:
-                self.hooks.on_resend(row["name"])
+                self.hooks.on_resend(row["protocol"], row["name"])
             if attempts + 1 >= MAX_ATTEMPTS:
                 await self._finish(row, CommandStatus.DEAD, None, "no answer")
                 if own:
@@ -754,4 +773,5 @@ def _finished(
         outcome=outcome,
         dead_reason=dead_reason,
         created_at=row["created_at"],
+        protocol=row["protocol"],
     )

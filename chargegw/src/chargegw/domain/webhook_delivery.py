@@ -1082,6 +1082,7 @@ class WebhookEngine:
             try:
                 await self.housekeeping()
             except Exception as exc:
+                self.metrics.housekeeping_failed("webhook_deliveries")
                 self._database_failed(exc, "webhook housekeeping")
 
     async def housekeeping(self) -> None:
@@ -1098,6 +1099,9 @@ class WebhookEngine:
             counts = await webhooks.backlog(conn)
         labels = {str(k): v for k, v in counts.items()}
         for label in self._backlog_labels - labels.keys():
+            # with several workers (multiprocess mode) removing a label leaves its last
+            # value in the shared files: it reads 0 there instead of vanishing
+            self.metrics.webhook_backlog.labels(subscription_id=label).set(0)
             with contextlib.suppress(KeyError):
                 self.metrics.webhook_backlog.remove(label)
         for label, count in labels.items():
@@ -1117,6 +1121,7 @@ class WebhookEngine:
         total = 0
         async with pool.acquire(timeout=5) as conn:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _PURGE_LOCK):
+                self.metrics.housekeeping_done("webhook_deliveries")  # another one is at it
                 return 0
             try:
                 while True:
@@ -1130,6 +1135,7 @@ class WebhookEngine:
                 await conn.execute("SELECT pg_advisory_unlock($1)", _PURGE_LOCK)
         if total:
             log.info("finished webhook deliveries deleted", count=total)
+        self.metrics.housekeeping_done("webhook_deliveries", deleted=total)
         return total
 
     # -- the database --

@@ -241,7 +241,7 @@ class SessionRegistry:
         remaining = self._by_link.get(link.id, set())
         remaining.discard(device_id)
         if session.online:
-            self.metrics.devices_online.dec()
+            self.metrics.devices_online.labels(protocol=session.protocol).dec()
         log.info("device moved to another connection", device_id=device_id, old=link.id, why=why)
         self.on_gone(device_id)
         if not remaining and not link.closed:
@@ -310,7 +310,7 @@ class SessionRegistry:
     def _set_online(self, session: DeviceSession, wall: datetime, reason: str) -> None:
         session.online = True
         session.ack_timeouts = 0
-        self.metrics.devices_online.inc()
+        self.metrics.devices_online.labels(protocol=session.protocol).inc()
         self.writer.put_event(
             EventRow(
                 session.device_id,
@@ -325,7 +325,7 @@ class SessionRegistry:
 
     def _set_offline(self, session: DeviceSession, wall: datetime, reason: str) -> None:
         session.online = False
-        self.metrics.devices_online.dec()
+        self.metrics.devices_online.labels(protocol=session.protocol).dec()
         self.writer.put_device(
             DeviceRow(
                 session.device_id,

@@ -21,8 +21,8 @@ log = structlog.get_logger("chargegw.store")
 Connection: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 _MIGRATION = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
-#: serialises migrations across processes and nodes
-_MIGRATION_LOCK = 0x43484752  # "CHGR"
+#: serialises migrations across processes and nodes (and keeps them out of a backup)
+MIGRATION_LOCK = 0x43484752  # "CHGR"
 
 
 class DatabaseError(Exception):
@@ -49,7 +49,7 @@ def migrations() -> list[Migration]:
 
 async def migrate(conn: Connection) -> list[str]:
     """Apply the migrations not yet recorded; return the names applied. Forward only."""
-    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(
             """CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -73,7 +73,7 @@ async def migrate(conn: Connection) -> list[str]:
             log.info("migration applied", migration=migration.name)
         return applied
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
 
 
 def _runtime_dir() -> None:

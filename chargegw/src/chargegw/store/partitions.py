@@ -18,8 +18,9 @@ from chargegw.store.database import Connection
 log = structlog.get_logger("chargegw.partitions")
 
 _NAME = re.compile(r"^frames_(\d{8})$")
-#: serialises partition maintenance across processes and nodes
-_LOCK = 0x43484750  # "CHGP"
+#: serialises partition maintenance across processes and nodes (and keeps it out of a
+#: backup: a partition dropped while pg_dump runs would fail the dump)
+MAINTENANCE_LOCK = 0x43484750  # "CHGP"
 
 
 def partition_name(day: date) -> str:
@@ -79,7 +80,7 @@ async def maintain(
     """Create the partitions of today and the next days; drop the expired ones."""
     created: list[str] = []
     dropped: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", _LOCK)
+    await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
     try:
         for offset in range(days_ahead + 1):
             day = today + timedelta(days=offset)
@@ -94,5 +95,5 @@ async def maintain(
         cutoff, _ = _bounds(oldest)
         await conn.execute("DELETE FROM frames_default WHERE received_at < $1", cutoff)
     finally:
-        await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK)
+        await conn.execute("SELECT pg_advisory_unlock($1)", MAINTENANCE_LOCK)
     return created, dropped

@@ -23,9 +23,16 @@ from click.testing import CliRunner, Result
 from chargegw.api import billing, firmware, params
 from chargegw.app import Gateway
 from chargegw.cli import main
-from chargegw.ops.backup import DUMP_FILE, MANIFEST_FILE, BackupError, backup, restore
-from chargegw.store.database import migrations
-from chargegw.store.partitions import maintain
+from chargegw.ops.backup import (
+    DUMP_FILE,
+    ID_GAP,
+    MANIFEST_FILE,
+    BackupError,
+    backup,
+    restore,
+)
+from chargegw.store.database import MIGRATION_LOCK, migrate, migrations
+from chargegw.store.partitions import MAINTENANCE_LOCK, maintain
 from chargesim import SimulatedAp3000Pile, Simulator
 
 from .conftest import _with_database, settings_for
@@ -235,8 +242,14 @@ async def test_backup_under_traffic_restores_into_a_fresh_database_that_serves_o
             """SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) AS bound FROM pg_inherits i
                  JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'frames'::regclass"""
         )
+        # ids go on past the backup's: none issued after it is given again
+        last_event = await conn.fetchval("SELECT last_id FROM event_sequencer")
+        max_event = await conn.fetchval("SELECT max(id) FROM events")
+        next_command = await conn.fetchval("SELECT nextval('commands_command_id_seq')")
+        max_command = await conn.fetchval("SELECT max(command_id) FROM commands")
     finally:
         await conn.close()
+    assert last_event >= max_event + ID_GAP and next_command > max_command + ID_GAP
     assert sorted(r["relname"] for r in rows) == manifest["partitions"]["frames"]
     assert all(
         r["bound"].startswith("FOR VALUES FROM") for r in rows if r["relname"] != "frames_default"
@@ -434,3 +447,22 @@ async def test_cli_backup_restore_and_db_stats(
     table = await _cli("db", "stats", "--dsn", target)
     assert table.exit_code == 0, table.output
     assert "DEAD%" in table.output and today in table.output and "cards" in table.output
+
+
+async def test_a_gateway_starting_during_a_backup_does_not_wait_for_it(db_dsn: str) -> None:
+    """``chargegw backup`` holds the migration and maintenance locks shared for its whole
+    dump: a process starting meanwhile (nothing to migrate) goes on at once."""
+    backup_conn = await asyncpg.connect(db_dsn)
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        await backup_conn.execute("SELECT pg_advisory_lock_shared($1)", MIGRATION_LOCK)
+        await backup_conn.execute("SELECT pg_advisory_lock_shared($1)", MAINTENANCE_LOCK)
+        assert await asyncio.wait_for(migrate(conn), 5) == []
+        today = datetime.now(UTC).date()
+        skipped = await asyncio.wait_for(
+            maintain(conn, today=today, retention_days=30, wait=False), 5
+        )
+        assert skipped == ([], [])
+    finally:
+        await conn.close()
+        await backup_conn.close()

@@ -583,6 +583,7 @@ class Gateway:
                 conn,
                 today=self.wall().date(),
                 retention_days=self.settings.audit_retention_days,
+                wait=False,
             )
         partitions = self.metrics.housekeeping_partitions_total
         partitions.labels(table="frames", action="created").inc(len(created))

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -68,6 +68,13 @@ NOT_RESTORED = ("device_correlations",)
 _STDERR_SHOWN = 1500
 
 
+#: after a restore every id (events, commands, orders, ...) goes on this far past the
+#: backup's: the ids issued between the backup and the restore are never given again, so a
+#: client resuming from one (``after=``, ``Last-Event-ID``) or deduplicating by it misses
+#: nothing
+ID_GAP = 1_000_000_000
+
+
 class BackupError(Exception):
     """A backup or restore cannot be made; the message says why and what to do."""
 
@@ -75,17 +82,38 @@ class BackupError(Exception):
 # ---------------------------------------------------------------- helpers
 
 
+async def _skip_issued_ids(conn: asyncpg.Connection) -> None:
+    """Move every sequence, and the event id sequencer, ``ID_GAP`` past the backup's."""
+    async with conn.transaction():
+        for row in await conn.fetch(
+            """SELECT format('%I.%I', schemaname, sequencename) AS seq, last_value
+               FROM pg_sequences WHERE schemaname = current_schema()"""
+        ):
+            await conn.execute(
+                "SELECT setval($1::regclass, $2)", row["seq"], (row["last_value"] or 0) + ID_GAP
+            )
+        if await conn.fetchval("SELECT to_regclass('event_sequencer')") is not None:
+            await conn.execute("UPDATE event_sequencer SET last_id = last_id + $1", ID_GAP)
+
+
 def _libpq(dsn: str) -> tuple[str, dict[str, str]]:
     """The DSN for pg_dump/pg_restore without its password (which goes to PGPASSWORD,
     so it never shows in the process list), and the environment to run them with."""
     env = dict(os.environ)
     parts = urlsplit(dsn)
-    if parts.scheme not in ("postgres", "postgresql") or parts.password is None:
+    if parts.scheme not in ("postgres", "postgresql"):
         return dsn, env
-    env["PGPASSWORD"] = parts.password
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[1]}")), env
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    in_query = [value for key, value in query if key == "password"]
+    if in_query:  # ?password=... would show in the process list too
+        env["PGPASSWORD"] = in_query[-1]
+        parts = parts._replace(query=urlencode([(k, v) for k, v in query if k != "password"]))
+    if parts.password is not None:
+        env["PGPASSWORD"] = unquote(parts.password)  # asyncpg decodes it: so must we
+        netloc = parts.netloc.rsplit("@", 1)
+        user = netloc[0].split(":", 1)[0]
+        parts = parts._replace(netloc=f"{user}@{netloc[1]}")
+    return urlunsplit(parts), env
 
 
 async def _run(args: Sequence[str | Path], env: dict[str, str]) -> tuple[int, bytes, str]:
@@ -305,9 +333,10 @@ def read_manifest(source: Path) -> tuple[dict[str, Any], Path]:
     if problems:
         raise BackupError(f"the manifest {path} is not usable: " + "; ".join(problems))
     dump_file = manifest["dump_file"]
-    if "/" in dump_file or dump_file in ("", ".", ".."):
+    if "/" in dump_file or dump_file in ("", ".", "..") or dump_file.startswith("-"):
         raise BackupError(f"the manifest {path} names a dump outside its directory")
-    return manifest, path.parent / dump_file
+    # absolute: a relative name could reach pg_restore's arguments as an option
+    return manifest, path.parent.resolve() / dump_file
 
 
 def _refuse_newer(versions: Sequence[str], where: str) -> None:
@@ -471,6 +500,7 @@ async def restore(source: Path, dsn: str, *, pg_bin: str | Path | None = None) -
             counts[table] = (want, got)
         for table in sorted(restored_tables - set(manifest["tables"])):
             counts[table] = (-1, await _count(conn, table))
+        await _skip_issued_ids(conn)
     finally:
         await conn.close()
     return RestoreReport(

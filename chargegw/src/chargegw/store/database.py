@@ -47,8 +47,21 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+async def _all_applied(conn: Connection) -> bool:
+    if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
+        return False
+    done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    return all(m.version in done for m in migrations())
+
+
 async def migrate(conn: Connection) -> list[str]:
-    """Apply the migrations not yet recorded; return the names applied. Forward only."""
+    """Apply the migrations not yet recorded; return the names applied. Forward only.
+
+    A database with every migration applied is not locked: a running ``chargegw backup``
+    holds the lock shared for the whole dump, and a process starting meanwhile must not
+    wait for it."""
+    if await _all_applied(conn):
+        return []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(

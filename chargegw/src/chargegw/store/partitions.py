@@ -75,12 +75,25 @@ async def ensure_partition(conn: Connection, day: date) -> bool:
 
 
 async def maintain(
-    conn: Connection, *, today: date, retention_days: int, days_ahead: int = 2
+    conn: Connection,
+    *,
+    today: date,
+    retention_days: int,
+    days_ahead: int = 2,
+    wait: bool = True,
 ) -> tuple[list[str], list[str]]:
-    """Create the partitions of today and the next days; drop the expired ones."""
+    """Create the partitions of today and the next days; drop the expired ones.
+
+    With ``wait=False`` nothing is done while another process holds the maintenance lock
+    (a gateway doing it, or a ``chargegw backup`` holding it shared for its dump): the
+    partitions are made days ahead, the next pass catches up."""
     created: list[str] = []
     dropped: list[str] = []
-    await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+    if wait:
+        await conn.execute("SELECT pg_advisory_lock($1)", MAINTENANCE_LOCK)
+    elif not await conn.fetchval("SELECT pg_try_advisory_lock($1)", MAINTENANCE_LOCK):
+        log.info("partition maintenance skipped: another process or a backup holds it")
+        return created, dropped
     try:
         for offset in range(days_ahead + 1):
             day = today + timedelta(days=offset)

@@ -383,7 +383,9 @@ async def _database_problem(pool: asyncpg.Pool | None) -> tuple[str, bool] | Non
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
 async def metrics(request: Request) -> Response:
-    body, content_type = _state(request).metrics.render()
+    # off the event loop: in multiprocess mode a render reads every worker's files, and the
+    # loop also answers the piles
+    body, content_type = await asyncio.to_thread(_state(request).metrics.render)
     return Response(body, media_type=content_type)
 
 

@@ -466,3 +466,40 @@ async def test_a_gateway_starting_during_a_backup_does_not_wait_for_it(db_dsn: s
     finally:
         await conn.close()
         await backup_conn.close()
+
+
+async def test_commands_expired_since_the_backup_are_finished_not_sent_again(
+    db_pool: asyncpg.Pool, db_dsn: str, target: str, tmp_path: Path
+) -> None:
+    """A start still open at the backup whose expiry has passed by the restore is
+    finished dead (``restored``) and its order fails: the pile may have answered it after
+    the backup. One still within its expiry goes on as after a restart."""
+    await db_pool.execute(
+        "INSERT INTO devices (device_id, protocol) VALUES ('04000077', 'ap3000')"
+    )
+    await db_pool.execute(
+        """INSERT INTO orders (order_no, device_id, port, protocol, status)
+           VALUES ('OLD1', '04000077', 1, 'ap3000', 'starting')"""
+    )
+    await db_pool.execute(
+        """INSERT INTO commands (device_id, protocol, name, priority, status, expires_at,
+                                 order_no, correlation)
+           VALUES ('04000077', 'ap3000', 'start', 0, 'sent', now() - interval '1 hour',
+                   'OLD1', 7),
+                  ('04000077', 'ap3000', 'reboot', 0, 'pending', now() + interval '1 hour',
+                   NULL, NULL)"""
+    )
+    await backup(db_dsn, tmp_path / "b")
+    report = await restore(tmp_path / "b", target)
+    assert report.ok and report.commands_finished == 1
+    conn = await asyncpg.connect(target)
+    try:
+        rows = await conn.fetch("SELECT name, status, dead_reason FROM commands ORDER BY name")
+        order = await conn.fetchrow("SELECT status, failure_reason FROM orders")
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows] == [
+        ("reboot", "pending", None),
+        ("start", "dead", "restored"),
+    ]
+    assert tuple(order) == ("failed", "restored")

@@ -608,14 +608,28 @@ def backup(
 @click.argument("source", type=click.Path(exists=True))
 @_pg_bin_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--keep-open-commands",
+    is_flag=True,
+    help="Deliver the commands open at the backup when their piles connect even when "
+    "they have expired since, instead of finishing those dead (reason restored).",
+)
 @_dsn_option
 @_data_dir_option
 @click.pass_context
 def restore(
-    ctx: click.Context, /, source: str, pg_bin: str | None, as_json: bool, **flags: Any
+    ctx: click.Context,
+    /,
+    source: str,
+    pg_bin: str | None,
+    as_json: bool,
+    keep_open_commands: bool,
+    **flags: Any,
 ) -> None:
     """Restore the backup SOURCE (a directory made by `chargegw backup`) into an EMPTY
-    database, in one transaction; the row counts are checked against its manifest."""
+    database, in one transaction; the row counts are checked against its manifest. The
+    commands open at the backup that have expired since are finished dead (reason
+    restored): whether the piles answered them after the backup is unknown."""
     from pathlib import Path
 
     from chargegw.ops.backup import BackupError
@@ -624,7 +638,14 @@ def restore(
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, "warning")
     try:
-        report = asyncio.run(run_restore(Path(source), _ops_dsn(settings), pg_bin=pg_bin))
+        report = asyncio.run(
+            run_restore(
+                Path(source),
+                _ops_dsn(settings),
+                pg_bin=pg_bin,
+                keep_open_commands=keep_open_commands,
+            )
+        )
     except BackupError as exc:
         click.echo(f"chargegw: {exc}", err=True)
         sys.exit(1)
@@ -638,6 +659,11 @@ def restore(
         )
         for table in report.not_restored:
             click.echo(f"  {table}: not restored (on purpose: message ids start afresh)")
+        if report.commands_finished:
+            click.echo(
+                f"  {report.commands_finished} commands open at the backup and expired since "
+                "finished dead (restored)"
+            )
         for table, (want, got) in sorted(report.mismatched.items()):
             click.echo(f"  {table}: {got} rows restored, the manifest says {want}", err=True)
     if not report.ok:

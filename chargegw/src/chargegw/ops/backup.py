@@ -45,6 +45,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from chargegw import __version__
+from chargegw.domain.orders import transition
 from chargegw.ops.pgtools import PgTools, ToolsError, find_tools
 from chargegw.store.database import MIGRATION_LOCK, migrations
 from chargegw.store.partitions import MAINTENANCE_LOCK
@@ -75,11 +76,31 @@ _STDERR_SHOWN = 1500
 ID_GAP = 1_000_000_000
 
 
+#: the dead reason of the commands a restore finishes
+RESTORED = "restored"
+
+
 class BackupError(Exception):
     """A backup or restore cannot be made; the message says why and what to do."""
 
 
 # ---------------------------------------------------------------- helpers
+
+
+async def _finish_open_commands(conn: asyncpg.Connection) -> int:
+    """Finish the expired commands open at the backup (see :func:`restore`); how many."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            """UPDATE commands SET status = 'dead', dead_reason = $1, finished_at = now(),
+                                  claimed_by = NULL
+               WHERE status IN ('pending', 'sent') AND expires_at < now()
+               RETURNING command_id, name, order_no""",
+            RESTORED,
+        )
+        for row in rows:
+            if row["order_no"] is not None and row["name"] == "start":
+                await transition(conn, row["order_no"], "start_failed", failure_reason=RESTORED)
+    return len(rows)
 
 
 async def _skip_issued_ids(conn: asyncpg.Connection) -> None:
@@ -410,6 +431,8 @@ class RestoreReport:
     schema_version: str | None
     pg_restore_version: str
     duration_s: float
+    #: commands open at the backup and expired since, finished ``dead`` (``restored``)
+    commands_finished: int = 0
 
     @property
     def ok(self) -> bool:
@@ -425,12 +448,26 @@ class RestoreReport:
             "not_restored": self.not_restored,
             "pg_restore_version": self.pg_restore_version,
             "duration_s": self.duration_s,
+            "commands_finished": self.commands_finished,
         }
 
 
-async def restore(source: Path, dsn: str, *, pg_bin: str | Path | None = None) -> RestoreReport:
+async def restore(
+    source: Path,
+    dsn: str,
+    *,
+    pg_bin: str | Path | None = None,
+    keep_open_commands: bool = False,
+) -> RestoreReport:
     """Restore the backup ``source`` into the empty database of ``dsn``; every check that
-    can refuse runs before anything is written, and the restore is one transaction."""
+    can refuse runs before anything is written, and the restore is one transaction.
+
+    The commands open at the backup (``pending``, ``sent``) whose ``expires_at`` has
+    passed by now are finished ``dead`` with reason ``restored``, their starts' orders
+    ``start_failed``: whether a pile answered them after the backup is unknown, and
+    sending one again hours later could start a session twice. Those still within their
+    expiry go on as they would after a restart. ``keep_open_commands`` leaves them all to
+    be delivered."""
     started = time.monotonic()
     manifest, dump = read_manifest(Path(source))
     _refuse_newer(manifest["migrations"], "the backup")
@@ -501,6 +538,7 @@ async def restore(source: Path, dsn: str, *, pg_bin: str | Path | None = None) -
         for table in sorted(restored_tables - set(manifest["tables"])):
             counts[table] = (-1, await _count(conn, table))
         await _skip_issued_ids(conn)
+        finished = 0 if keep_open_commands else await _finish_open_commands(conn)
     finally:
         await conn.close()
     return RestoreReport(
@@ -511,6 +549,7 @@ async def restore(source: Path, dsn: str, *, pg_bin: str | Path | None = None) -
         schema_version=manifest.get("schema_version"),
         pg_restore_version=tools.version,
         duration_s=round(time.monotonic() - started, 3),
+        commands_finished=finished,
     )
 
 

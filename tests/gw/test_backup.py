@@ -474,9 +474,7 @@ async def test_commands_expired_since_the_backup_are_finished_not_sent_again(
     """A start still open at the backup whose expiry has passed by the restore is
     finished dead (``restored``) and its order fails: the pile may have answered it after
     the backup. One still within its expiry goes on as after a restart."""
-    await db_pool.execute(
-        "INSERT INTO devices (device_id, protocol) VALUES ('04000077', 'ap3000')"
-    )
+    await db_pool.execute("INSERT INTO devices (device_id, protocol) VALUES ('04000077', 'ap3000')")
     await db_pool.execute(
         """INSERT INTO orders (order_no, device_id, port, protocol, status)
            VALUES ('OLD1', '04000077', 1, 'ap3000', 'starting')"""

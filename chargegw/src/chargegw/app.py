@@ -900,7 +900,9 @@ class Gateway:
             metrics.start_commands_total.labels(done.protocol, start_outcome(done)).inc()
         if done.status is CommandStatus.DEAD:
             reason = done.dead_reason or "unknown"
-            self.metrics.commands_dead_total.labels(reason=reason).inc()
+            # the label takes the kind only ("cannot encode: <error>" carries free text)
+            kind = reason.split(":", 1)[0][:40]
+            self.metrics.commands_dead_total.labels(reason=kind).inc()
             # webhook-ready: the device's event log says which command died and why
             self.writer.put_event(
                 EventRow(

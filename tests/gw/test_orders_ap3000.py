@@ -387,3 +387,32 @@ async def test_stop_reason_families(
         )
         assert (order["stop_reason"], order["stop_reason_code"]) == (reason, code)
         assert order["stop_reason_text"]
+
+
+class _BrokenMetric:
+    """A metric whose value file can no longer be written (a full or wiped multiprocess
+    directory): a fault the suite cannot cause for real."""
+
+    def labels(self, *args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+
+async def test_a_metric_that_fails_costs_no_command(
+    gateway: Gateway, api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "commands_sent_total",
+        "commands_finished_total",
+        "command_latency_seconds",
+        "start_commands_total",
+    ):
+        monkeypatch.setattr(gateway.metrics, name, _BrokenMetric())
+    sim, _ = await _pile(gateway)
+    async with sim:
+        response = await api.post(
+            f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "time", "duration_min": 10}
+        )
+        assert response.status_code == 202, response.text
+        body = response.json()
+        await eventually_json(api, f"/api/v1/commands/{body['command_id']}", "status", {"acked"})
+        await eventually_json(api, f"/api/v1/orders/{body['order_no']}", "status", {"charging"})

@@ -39,7 +39,7 @@ from chargegw.drivers.ap3000_commands import Ap3000Commands
 from chargegw.drivers.base import command_label, retry_while_connected
 from chargegw.drivers.bkv import BkvDriver
 from chargegw.drivers.bkv_commands import BkvCommands
-from chargegw.metrics import Metrics
+from chargegw.metrics import Metrics, guarded, never_fails
 from chargegw.net.sessions import Held, SessionRegistry
 from chargegw.net.transport import CONTROL, DeviceLink, DeviceServer, bound_socket
 from chargegw.process_health import ProcessHealth
@@ -214,17 +214,21 @@ class Gateway:
                 on_sent_tx=self._command_sent_tx,
                 on_finish_tx=self._command_finished_tx,
                 on_result=self._command_finished,
-                on_backlog=self._outbox_backlog,
+                on_backlog=guarded(self._outbox_backlog),
                 on_timeout=lambda device_id: self.sessions.ack_timeout(device_id, self.wall()),
                 on_answered=self.sessions.ack_ok,
-                on_oldest=self.metrics.outbox_oldest_pending_seconds.set,
-                on_purged=lambda n: self.metrics.housekeeping_done("commands", deleted=n),
-                on_sent=lambda protocol, name: self.metrics.commands_sent_total.labels(
-                    protocol, name
-                ).inc(),
-                on_resend=lambda protocol, name: self.metrics.commands_resent_total.labels(
-                    protocol, name
-                ).inc(),
+                on_oldest=guarded(self.metrics.outbox_oldest_pending_seconds.set),
+                on_purged=guarded(lambda n: self.metrics.housekeeping_done("commands", deleted=n)),
+                on_sent=guarded(
+                    lambda protocol, name: self.metrics.commands_sent_total.labels(
+                        protocol, name
+                    ).inc()
+                ),
+                on_resend=guarded(
+                    lambda protocol, name: self.metrics.commands_resent_total.labels(
+                        protocol, name
+                    ).inc()
+                ),
             ),
             OutboxSettings.from_settings(settings),
             owner=self.cluster.owner,
@@ -798,7 +802,8 @@ class Gateway:
 
         metrics = self.metrics
         received = time.monotonic()
-        metrics.settlements_waiting.inc()
+        with never_fails():
+            metrics.settlements_waiting.inc()
         try:
             settled = await retry_while_connected(
                 lambda: self._settle_once(report, detail),
@@ -806,10 +811,12 @@ class Gateway:
                 on_retry=retrying,
             )
         finally:
-            metrics.settlements_waiting.dec()
-        metrics.settlement_ingest_seconds.labels(report.protocol).observe(
-            time.monotonic() - received
-        )
+            with never_fails():
+                metrics.settlements_waiting.dec()
+        with never_fails():
+            metrics.settlement_ingest_seconds.labels(report.protocol).observe(
+                time.monotonic() - received
+            )
         return settled
 
     async def _settle_once(
@@ -892,17 +899,19 @@ class Gateway:
     async def _command_finished(self, done: Finished) -> None:
         """After a command's outcome is committed: metrics, events, the firmware engine."""
         metrics = self.metrics
-        metrics.commands_finished_total.labels(done.protocol, done.name, done.status.value).inc()
-        if done.outcome is not None:
-            latency = (self.wall() - done.created_at).total_seconds()
-            metrics.command_latency_seconds.labels(done.protocol, done.name).observe(latency)
-        if done.name == "start":
-            metrics.start_commands_total.labels(done.protocol, start_outcome(done)).inc()
+        with never_fails():
+            status = done.status.value
+            metrics.commands_finished_total.labels(done.protocol, done.name, status).inc()
+            if done.outcome is not None:
+                latency = (self.wall() - done.created_at).total_seconds()
+                metrics.command_latency_seconds.labels(done.protocol, done.name).observe(latency)
+            if done.name == "start":
+                metrics.start_commands_total.labels(done.protocol, start_outcome(done)).inc()
         if done.status is CommandStatus.DEAD:
             reason = done.dead_reason or "unknown"
             # the label takes the kind only ("cannot encode: <error>" carries free text)
-            kind = reason.split(":", 1)[0][:40]
-            self.metrics.commands_dead_total.labels(reason=kind).inc()
+            with never_fails():
+                metrics.commands_dead_total.labels(reason=reason.split(":", 1)[0][:40]).inc()
             # webhook-ready: the device's event log says which command died and why
             self.writer.put_event(
                 EventRow(

@@ -22,9 +22,14 @@ its values in memory, in its own registry. See docs/metrics.md.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Any, Final
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Final, ParamSpec
 
+import structlog
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -35,7 +40,39 @@ from prometheus_client import (
     multiprocess,
 )
 
-__all__ = ["MULTIPROC_ENV", "Metrics"]
+__all__ = ["MULTIPROC_ENV", "Metrics", "guarded", "never_fails"]
+
+log = structlog.get_logger("chargegw.metrics")
+_P = ParamSpec("_P")
+#: a failing metric is logged at most this often
+_LOG_EVERY_S = 60.0
+_last_logged = [-_LOG_EVERY_S]
+
+
+@contextlib.contextmanager
+def never_fails() -> Iterator[None]:
+    """Run a metric update; should it raise (in multiprocess mode a value file that can
+    no longer be written: a full or wiped directory), log it and go on. A figure is never
+    worth a command, an ACK or a settlement."""
+    try:
+        yield
+    except Exception:
+        now = time.monotonic()
+        if now - _last_logged[0] >= _LOG_EVERY_S:
+            _last_logged[0] = now
+            log.exception("metric update failed, going on without it")
+
+
+def guarded(update: Callable[_P, object]) -> Callable[_P, None]:
+    """``update`` (a metric hook) run under :func:`never_fails`."""
+
+    @functools.wraps(update)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> None:
+        with never_fails():
+            update(*args, **kwargs)
+
+    return run
+
 
 #: the directory of the per-process value files; set by the supervisor for its workers
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

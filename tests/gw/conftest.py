@@ -47,10 +47,10 @@ def _with_database(dsn: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
-@pytest.fixture
-async def empty_db_dsn(pg_server_dsn: str) -> AsyncIterator[str]:
-    """A freshly created, empty database; dropped after the test."""
-    name = f"chargegw_test_{uuid.uuid4().hex[:12]}"
+@contextlib.asynccontextmanager
+async def fresh_database(pg_server_dsn: str, prefix: str = "chargegw_test") -> AsyncIterator[str]:
+    """A new empty database on the test server (its DSN), dropped at the end."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server_dsn)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
@@ -64,6 +64,13 @@ async def empty_db_dsn(pg_server_dsn: str) -> AsyncIterator[str]:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def empty_db_dsn(pg_server_dsn: str) -> AsyncIterator[str]:
+    """A freshly created, empty database; dropped after the test."""
+    async with fresh_database(pg_server_dsn) as dsn:
+        yield dsn
 
 
 @pytest.fixture

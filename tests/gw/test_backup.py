@@ -6,10 +6,8 @@ pg_dump), leaving the target as it was."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +33,7 @@ from chargegw.store.database import MIGRATION_LOCK, migrate, migrations
 from chargegw.store.partitions import MAINTENANCE_LOCK, maintain
 from chargesim import SimulatedAp3000Pile, Simulator
 
-from .conftest import _with_database, settings_for
+from .conftest import fresh_database, settings_for
 from .waiting import api_client, eventually, eventually_json
 
 CHARGING, SETTLING, OFFLINE = "04000001", "04000002", "04000003"
@@ -64,29 +62,10 @@ def gateway_settings() -> dict[str, Any]:
     return dict(FAST)
 
 
-@contextlib.asynccontextmanager
-async def fresh_database(pg_server_dsn: str) -> AsyncIterator[str]:
-    """A new empty database on the test server, dropped at the end."""
-    name = f"chargegw_restore_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield _with_database(pg_server_dsn, name)
-    finally:
-        admin = await asyncpg.connect(pg_server_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
 @pytest.fixture
 async def target(pg_server_dsn: str) -> AsyncIterator[str]:
     """An empty database to restore into."""
-    async with fresh_database(pg_server_dsn) as dsn:
+    async with fresh_database(pg_server_dsn, "chargegw_restore") as dsn:
         yield dsn
 
 

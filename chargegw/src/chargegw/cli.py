@@ -164,23 +164,9 @@ def migrate(ctx: click.Context, /, **flags: Any) -> None:
     """Apply the database migrations and exit."""
     settings = _settings(ctx, **flags)
     configure_logging(settings.log_format, settings.log_level)
-    from chargegw.store.database import connect_pool, start_embedded
     from chargegw.store.database import migrate as run_migrations
 
-    async def go() -> list[str]:
-        dsn = settings.dsn or await asyncio.to_thread(start_embedded, settings.data_dir)
-        pool = await connect_pool(dsn, min_size=1, max_size=1)
-        try:
-            async with pool.acquire() as conn:
-                return await run_migrations(conn)
-        finally:
-            await pool.close()
-
-    try:
-        applied = asyncio.run(go())
-    except Exception as exc:
-        click.echo(f"chargegw: {exc}", err=True)
-        sys.exit(1)
+    applied = _with_database(settings, run_migrations, migrate=False)
     click.echo("applied: " + ", ".join(applied) if applied else "database is up to date")
 
 
@@ -208,8 +194,9 @@ def config_settings() -> None:
 # ---------------------------------------------------------------- apikey
 
 
-def _with_database(settings: Settings, work: Any) -> Any:
-    """Run ``await work(conn)`` on the migrated database of ``settings``; exit 1 on failure."""
+def _with_database(settings: Settings, work: Any, *, migrate: bool = True) -> Any:
+    """Run ``await work(conn)`` on the database of ``settings`` (migrated first unless
+    ``migrate`` is false); exit 1 on failure."""
     from chargegw.store.database import connect_pool, start_embedded
     from chargegw.store.database import migrate as run_migrations
 
@@ -218,7 +205,8 @@ def _with_database(settings: Settings, work: Any) -> Any:
         pool = await connect_pool(dsn, min_size=1, max_size=1)
         try:
             async with pool.acquire() as conn:
-                await run_migrations(conn)
+                if migrate:
+                    await run_migrations(conn)
                 return await work(conn)
         finally:
             await pool.close()
@@ -685,24 +673,10 @@ def db_stats(ctx: click.Context, /, as_json: bool, **flags: Any) -> None:
     """Table sizes (total, heap, indexes), partitions with their ranges, live and dead
     tuples, last (auto)vacuum and analyze."""
     from chargegw.ops import dbstats
-    from chargegw.store.database import connect_pool
 
     settings = _settings(ctx.find_root(), **flags)
     configure_logging(settings.log_format, "warning")
-
-    async def go() -> dict[str, Any]:
-        pool = await connect_pool(_ops_dsn(settings), min_size=1, max_size=1)
-        try:
-            async with pool.acquire() as conn:
-                return await dbstats.db_stats(conn)
-        finally:
-            await pool.close()
-
-    try:
-        stats = asyncio.run(go())
-    except Exception as exc:
-        click.echo(f"chargegw: {exc}", err=True)
-        sys.exit(1)
+    stats = _with_database(settings, dbstats.db_stats, migrate=False)
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return

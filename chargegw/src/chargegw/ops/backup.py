@@ -47,7 +47,7 @@ import asyncpg
 from chargegw import __version__
 from chargegw.domain.orders import transition
 from chargegw.ops.pgtools import PgTools, ToolsError, find_tools
-from chargegw.store.database import MIGRATION_LOCK, migrations
+from chargegw.store.database import MIGRATION_LOCK, applied_migrations, migrations
 from chargegw.store.partitions import MAINTENANCE_LOCK
 
 __all__ = [
@@ -244,7 +244,7 @@ async def backup(dsn: str, output: Path, *, pg_bin: str | Path | None = None) ->
     conn = await _connect(dsn)
     try:
         major, server_version = await _server_major(conn)
-        if not await conn.fetchval("SELECT to_regclass('public.schema_migrations') IS NOT NULL"):
+        if await applied_migrations(conn) is None:
             raise BackupError(
                 "the database has no schema_migrations table: it is not a chargegw database "
                 "(check --dsn)"
@@ -259,10 +259,7 @@ async def backup(dsn: str, output: Path, *, pg_bin: str | Path | None = None) ->
             await conn.execute("SET LOCAL statement_timeout = 0")
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             taken_at: datetime = await conn.fetchval("SELECT now()")
-            applied = [
-                r["version"]
-                for r in await conn.fetch("SELECT version FROM schema_migrations ORDER BY version")
-            ]
+            applied = list(await applied_migrations(conn) or {})
             counts = {t: await _count(conn, t) for t in await _user_tables(conn)}
             partitions = await _partitions(conn)
             database = await conn.fetchval("SELECT current_database()")

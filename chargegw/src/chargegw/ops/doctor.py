@@ -49,7 +49,7 @@ import asyncpg
 
 from chargegw.config import Settings, env_var, mask_dsn
 from chargegw.net.transport import FD_RESERVE, bound_socket
-from chargegw.store.database import migrations, start_embedded
+from chargegw.store.database import applied_migrations, migrations, start_embedded
 
 __all__ = [
     "DB_CONNECTIONS_PER_WORKER",
@@ -586,15 +586,14 @@ async def _clock_check(conn: asyncpg.Connection[Any]) -> Check:
 async def _migrations_check(conn: asyncpg.Connection[Any]) -> Check:
     code = {m.version: m.name for m in migrations()}
     newest = max(code.values())
-    if not await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL"):
+    applied = await applied_migrations(conn)
+    if applied is None:
         return Check(
             "migrations",
             Status.FAIL,
             f"no migrations applied (this code has {len(code)}, up to {newest})",
             "chargegw migrate (chargegw serve also applies them at start)",
         )
-    rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
-    applied = {r["version"]: r["name"] for r in rows}
     unknown = [applied[v] for v in sorted(applied) if v not in code]
     missing = [code[v] for v in sorted(code) if v not in applied]
     if unknown:

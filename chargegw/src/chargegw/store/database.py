@@ -47,11 +47,13 @@ def migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
-async def _all_applied(conn: Connection) -> bool:
+async def applied_migrations(conn: Connection) -> dict[str, str] | None:
+    """The migrations recorded in the database, version -> name, in version order; None
+    when it has no ``schema_migrations`` table (not a chargegw database, or a new one)."""
     if await conn.fetchval("SELECT to_regclass('schema_migrations')") is None:
-        return False
-    done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-    return all(m.version in done for m in migrations())
+        return None
+    rows = await conn.fetch("SELECT version, name FROM schema_migrations ORDER BY version")
+    return {r["version"]: r["name"] for r in rows}
 
 
 async def migrate(conn: Connection) -> list[str]:
@@ -60,7 +62,8 @@ async def migrate(conn: Connection) -> list[str]:
     A database with every migration applied is not locked: a running ``chargegw backup``
     holds the lock shared for the whole dump, and a process starting meanwhile must not
     wait for it."""
-    if await _all_applied(conn):
+    done = await applied_migrations(conn)
+    if done is not None and all(m.version in done for m in migrations()):
         return []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
@@ -70,7 +73,7 @@ async def migrate(conn: Connection) -> list[str]:
                    name text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        done = await applied_migrations(conn) or {}
         applied = []
         for migration in migrations():
             if migration.version in done:

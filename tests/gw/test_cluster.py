@@ -69,6 +69,9 @@ class Node:
             "CHARGEGW_PROCESS_TIMEOUT_S": "3",
             "CHARGEGW_OUTBOX_SCAN_S": "1",
             "CHARGEGW_COMMAND_SPACING_S": "0.1",
+            # these tests send commands in bursts; each worker has 1/workers of a key's
+            # burst, so the rate limit (tested in test_request_hygiene.py) is off here
+            "CHARGEGW_CONTROL_RATE_PER_KEY": "0",
             "TMPDIR": str(self.tmp_path),  # the supervisor's metrics directory goes here
         }
         self.process = await asyncio.create_subprocess_exec(

@@ -39,6 +39,7 @@ from ._hex import parse_hex
 
 if TYPE_CHECKING:  # loaded on first use, see __getattr__
     from . import ap3000, bkv
+    from ._dissector import dissector_lua
     from ._record import from_record, to_record
     from ._stream import StreamDecoder
 
@@ -49,6 +50,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ap3000": (".ap3000", None),
     "bkv": (".bkv", None),
     "StreamDecoder": ("._stream", "StreamDecoder"),
+    "dissector_lua": ("._dissector", "dissector_lua"),
     "from_record": ("._record", "from_record"),
     "to_record": ("._record", "to_record"),
 }
@@ -99,6 +101,7 @@ __all__ = [
     "__version__",
     "ap3000",
     "bkv",
+    "dissector_lua",
     "from_record",
     "parse_hex",
     "to_record",

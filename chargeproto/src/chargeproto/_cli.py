@@ -574,6 +574,27 @@ def encode(json_messages: tuple[str, ...], file: TextIO | None) -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option(
+    "--out",
+    type=click.File("w", encoding="utf-8", lazy=False),
+    default="-",
+    show_default=True,
+    help="Write the Lua file here (- = standard output).",
+)
+def dissector(out: TextIO) -> None:
+    """Generate a Wireshark Lua dissector for AP3000 and BKV from the codec.
+
+    Load it with `tshark -X lua_script:FILE` or copy it into Wireshark's personal
+    plugins folder. It dissects TCP ports 8990 (AP3000) and 8991 (BKV), the ports of
+    `chargegw frames export --format pcap`, and finds both protocols on other ports
+    by their headers.
+    """
+    from ._dissector import dissector_lua
+
+    out.write(dissector_lua())
+
+
 def encode_record(record: Any) -> bytes:
     """A frame from a JSON object of the shape ``chargeproto decode`` prints.
 

@@ -40,6 +40,7 @@ LAYERS = {
     "chargegw.supervisor": 7,
     "chargegw.cli": 7,
     "chargegw.ops": 7,
+    "chargegw.replay": 7,
     "chargegw.__main__": 7,
 }
 KERNEL = 0

@@ -523,11 +523,13 @@ async def test_frames_window_direction_and_pagination(
         "id",
         "received_at",
         "connection_id",
+        "device_id",
         "direction",
         "protocol",
         "command",
         "hex",
         "error",
+        "decoded",
     }
     since = (now - dt.timedelta(days=4)).isoformat()
     assert len((await client.get(url, params={"since": since})).json()["items"]) == 13

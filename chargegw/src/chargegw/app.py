@@ -14,13 +14,15 @@ import asyncpg
 import structlog
 import uvicorn
 
-from chargegw import __version__
+from chargegw import __version__, causes
 from chargegw.audit import mask_frame, mask_iccid_hex, mask_text
+from chargegw.causes import Cause
 from chargegw.cluster.directory import Cluster, ProcessStats
 from chargegw.config import Settings, env_var, flag, parse_networks
 from chargegw.core import EventKind
 from chargegw.domain import billing, call_audit, device_registry, firmware, params
 from chargegw.domain.call_audit import CallAuditWriter
+from chargegw.domain.compliance import Compliance, Kind
 from chargegw.domain.events import EventHub, HubSettings
 from chargegw.domain.orders import (
     Settled,
@@ -43,6 +45,8 @@ from chargegw.metrics import Metrics, guarded, never_fails
 from chargegw.net.sessions import Held, SessionRegistry
 from chargegw.net.transport import CONTROL, DeviceLink, DeviceServer, bound_socket
 from chargegw.process_health import ProcessHealth
+from chargegw.quirks import QuirkBook
+from chargegw.store.causes import apply as apply_cause
 from chargegw.store.database import Connection, connect_pool, migrate, start_embedded
 from chargegw.store.errors import reason
 from chargegw.store.partitions import maintain
@@ -70,6 +74,8 @@ log = structlog.get_logger("chargegw")
 
 #: longest shutdown waits for the pool's connections to come back before cutting them
 POOL_CLOSE_S = 10.0
+#: the cause of what the liveness sweep changes
+_OFFLINE_SWEEP = Cause.timer(causes.OFFLINE_SWEEP)
 #: how often partitions and the device event log are looked after (first: after the start)
 MAINTENANCE_EVERY_S = 3600.0
 MAINTENANCE_FIRST_S = 60.0
@@ -205,12 +211,25 @@ class Gateway:
             held_gateways=self._held_gateways,
             on_reasserted=self._reasserted,
         )
+        #: the quirk profiles of the devices this process holds (docs/quirks.md)
+        self.quirks = QuirkBook.from_config(settings.quirk_profiles)
+        #: protocol deviations per device and firmware, flushed by an owned task
+        self.compliance = Compliance(
+            lambda: self.pool,
+            self.metrics,
+            flush_s=settings.compliance_flush_s,
+            heartbeat_s=settings.ap3000_heartbeat_s,
+            missing_heartbeat_periods=settings.compliance_missing_heartbeat_periods,
+            clock_drift_s=settings.compliance_clock_drift_s,
+            tolerates=self.quirks.tolerates,
+        )
         self.outbox = Outbox(
             lambda: self.pool,
             {"ap3000": Ap3000Commands(), "bkv": BkvCommands()},
             OutboxHooks(
                 link_of=self.sessions.link_of,
                 write=self._write_command,
+                frame_id=self.writer.frame_ids,
                 on_sent_tx=self._command_sent_tx,
                 on_finish_tx=self._command_finished_tx,
                 on_result=self._command_finished,
@@ -219,6 +238,7 @@ class Gateway:
                 on_answered=self.sessions.ack_ok,
                 on_oldest=guarded(self.metrics.outbox_oldest_pending_seconds.set),
                 on_purged=guarded(lambda n: self.metrics.housekeeping_done("commands", deleted=n)),
+                on_late_reply=self._late_reply,
                 on_sent=guarded(
                     lambda protocol, name: self.metrics.commands_sent_total.labels(
                         protocol, name
@@ -295,6 +315,8 @@ class Gateway:
         async with self.pool.acquire() as conn:
             await migrate(conn)
         await self._maintain_partitions()
+        # the first epoch of frame ids, before the first frame (the database answered)
+        await self.writer.frame_ids.start()
         self.writer.start()
         if self.registry.mode is not device_registry.RegistryMode.OFF:
             # known before the first device is served
@@ -310,6 +332,7 @@ class Gateway:
         firmware.engine_for(self)  # resumes the upgrades a restart interrupted
         params.engine_for(self)  # and the parameter jobs
         self._spawn(self._sweeper(), "liveness-sweeper")
+        self._spawn(self.compliance.run(), "compliance-flush")
         self._spawn(
             call_audit.upkeep(
                 self.call_audit, lambda: self.pool, self.settings.call_audit_retention_days
@@ -374,6 +397,10 @@ class Gateway:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:  # the counts since the last flush
+            await self.compliance.flush()
+        except Exception as exc:
+            log.warning("compliance counts of the last seconds not written", error=str(exc))
         await self.call_audit.close()  # rows of the last calls, before the pool goes
         await self.writer.close()
         await self.cluster.stop()
@@ -433,6 +460,8 @@ class Gateway:
         """The process no longer holds the device: drop what is kept per device (and the
         writer's memory of its row: it may come back on another connection soon)."""
         self.writer.forget("d", device_id)
+        self.compliance.forget(device_id)
+        self.quirks.forget(device_id)
         for driver in self.drivers.values():
             driver.forget(device_id)
 
@@ -514,6 +543,7 @@ class Gateway:
             start_param_job=functools.partial(params.start_ready, self),
             webhooks_allow_private=self.settings.webhooks_allow_private,
             wake_webhooks=self.webhooks.wake,
+            quirks=self.quirks,
         )
 
     async def _start_http(self) -> None:
@@ -626,7 +656,8 @@ class Gateway:
         while True:
             await asyncio.sleep(self.settings.liveness_check_s)
             now = self.now()
-            self.sessions.sweep(now, self.wall())
+            with causes.using(_OFFLINE_SWEEP):
+                self.sessions.sweep(now, self.wall())
             self.server.sweep_idle(now)
             self.metrics.batch_queue_depth.set(self.writer.backlog)
 
@@ -650,7 +681,14 @@ class Gateway:
                     self.sessions.bind_iccid(link, event.iccid)
                 self.writer.put_frame(
                     FrameRow(
-                        wall, link.id, None, "in", link.protocol, "iccid", mask_iccid_hex(event.raw)
+                        wall,
+                        link.id,
+                        None,
+                        "in",
+                        link.protocol,
+                        "iccid",
+                        mask_iccid_hex(event.raw),
+                        id=self.writer.frame_ids(),
                     )
                 )
                 log.info("ICCID", connection=link.id, iccid=mask_text(event.iccid))
@@ -678,27 +716,36 @@ class Gateway:
             if link.pending_iccid is not None:  # let in: its SIM now counts
                 iccid, link.pending_iccid = link.pending_iccid, None
                 self.sessions.bind_iccid(link, iccid)
+        frame_id = self.writer.frame_ids()
+        owner = (
+            device_id or getattr(message, "phy_id", None) or getattr(message, "gateway_id", None)
+        )
         self.writer.put_frame(
             FrameRow(
                 wall,
                 link.id,
-                device_id
-                or getattr(message, "phy_id", None)
-                or getattr(message, "gateway_id", None),
+                owner,
                 "in",
                 protocol,
                 command,
                 mask_frame(message, event.raw),
+                id=frame_id,
             )
         )
+        if owner is not None:
+            self.compliance.observe(link, owner, message, event.raw, command, frame_id, wall)
         if driver is None:
             log.warning("no driver for protocol", protocol=protocol, connection=link.id)
             return
+        # what the frame changes, here and in the tasks its handling starts, it causes
+        token = causes.enter_frame(frame_id)
         try:
             driver.on_message(link, message)
         except Exception:
             # a driver bug must not take the connection (or the server) down
             log.exception("driver failed on a frame", connection=link.id, command=command)
+        finally:
+            causes.leave(token)
 
     def _refused(self, link: DeviceLink, message: Any, device_id: str | None) -> bool:
         """Close a connection that speaks for a banned device (nothing is answered)."""
@@ -732,6 +779,7 @@ class Gateway:
         kind = getattr(event.error, "kind", "decode")
         self.metrics.decode_errors_total.labels(kind=kind).inc()
         link.errors += 1
+        frame_id = self.writer.frame_ids()
         self.writer.put_frame(
             FrameRow(
                 wall,
@@ -742,8 +790,10 @@ class Gateway:
                 None,
                 event.raw.hex(),
                 f"{kind}: {event.error}",
+                id=frame_id,
             )
         )
+        self.compliance.stream_error(link, event, frame_id, wall)
         if link.errors > self.settings.garbage_budget:
             log.warning(
                 "closing connection: too many decode errors", connection=link.id, errors=link.errors
@@ -752,9 +802,12 @@ class Gateway:
 
     def on_closed(self, link: DeviceLink, reason: str) -> None:
         wall = self.wall()
-        self.sessions.link_closed(link, reason, wall)
+        with causes.using(causes.of_close(reason)):
+            self.sessions.link_closed(link, reason, wall)
+        self.compliance.link_closed(link)
         gateway = link.driver_state.get("gateway")
         if gateway is not None:
+            self.quirks.forget(str(gateway))
             self.writer.put_gateway(
                 GatewayRow(
                     str(gateway),
@@ -827,9 +880,18 @@ class Gateway:
         assert self.pool is not None
         wall = self.wall()
         async with self.pool.acquire(timeout=5) as conn, conn.transaction():
+            await apply_cause(conn)  # the settlement's frame
             settled, unpriced = await billing.settle_and_price(conn, report, at=wall, detail=detail)
         if not settled.applied:
             self.metrics.settlements_duplicate_total.inc()
+            cause = causes.current()
+            self.compliance.record(
+                report.device_id,
+                report.protocol,
+                Kind.SETTLEMENT_RESEND,
+                f"settlement of port {report.port} resent after it was stored",
+                frame_id=None if cause is None else cause.frame_id,
+            )
             return settled
         self.metrics.settlements_committed_total.labels(report.protocol).inc()
         if unpriced is not None:
@@ -851,6 +913,7 @@ class Gateway:
         assert self.pool is not None
         wall = self.wall()
         async with self.pool.acquire() as conn, conn.transaction():
+            await apply_cause(conn)  # the report's frame
             order_no = await reported_charging(
                 conn,
                 protocol=protocol,
@@ -864,8 +927,12 @@ class Gateway:
 
     # -- outbox hooks --
 
-    def _write_command(self, link: Any, frame: bytes, device_id: str, name: str) -> None:
-        self.send(link, frame, device_id=device_id, command=name, priority=CONTROL)
+    def _write_command(
+        self, link: Any, frame: bytes, device_id: str, name: str, frame_id: int | None
+    ) -> None:
+        self.send(
+            link, frame, device_id=device_id, command=name, priority=CONTROL, frame_id=frame_id
+        )
 
     async def _command_sent_tx(
         self, conn: Connection, command_id: int, order_no: str | None, name: str, sent: bool
@@ -874,6 +941,12 @@ class Gateway:
         order moves in the same transaction."""
         if order_no is not None and name in ("start", "stop"):
             await transition(conn, order_no, f"{name}_{'sent' if sent else 'unsent'}")
+
+    def _late_reply(self, device_id: str, name: str) -> None:
+        """A device answered a command after its ACK timeout (the frame handled now)."""
+        self.compliance.record_current(
+            Kind.LATE_REPLY, f"reply to {name} after its {self.settings.ack_timeout_s:g} s timeout"
+        )
 
     def _outbox_backlog(self, counts: dict[str, int]) -> None:
         for status, count in counts.items():
@@ -938,7 +1011,11 @@ class Gateway:
         priority: int,
         message: Any = None,
         after_commit: bool = False,
+        frame_id: int | None = None,
     ) -> None:
+        """Write ``frame`` to the device (after the rows put so far are committed, with
+        ``after_commit``) and put its audit row, with ``frame_id`` if the caller took
+        one already (to name the frame as a cause), else a new id."""
         protocol = link.protocol or "ap3000"
 
         def write() -> None:
@@ -954,6 +1031,7 @@ class Gateway:
                 protocol,
                 command,
                 mask_frame(message, frame),
+                id=self.writer.frame_ids() if frame_id is None else frame_id,
             )
         )
         if after_commit:

@@ -1,5 +1,5 @@
 """The ``chargegw`` command: serve, migrate, config, apikey, nodes, rebalance, bans, sim,
-loadtest."""
+loadtest, replay, frames."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import click
 
 from chargegw.config import ConfigError, Settings, load_settings, reference
 from chargegw.logs import configure_logging
+from chargegw.replay.cli import replay_command
 
 #: commands that live in the chargesim tools distribution: name -> (module, attribute)
 _TOOLS = {
@@ -688,6 +689,48 @@ def db_stats(ctx: click.Context, /, as_json: bool, **flags: Any) -> None:
         _table(partitions)
 
 
+# ---------------------------------------------------------------- compliance
+
+
+@main.group()
+def compliance() -> None:
+    """Protocol compliance per firmware (docs/compliance.md)."""
+
+
+@compliance.command("report")
+@click.option("--protocol", type=click.Choice(["ap3000", "bkv"]), help="One protocol only.")
+@click.option("--firmware", help="One firmware version only.")
+@click.option("--device", "device_id", help="Only what this device showed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON instead of a table.")
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def compliance_report(
+    ctx: click.Context,
+    /,
+    protocol: str | None,
+    firmware: str | None,
+    device_id: str | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Score and top deviations per (protocol, device type, firmware), lowest first."""
+    from chargegw.domain.compliance import report
+    from chargegw.ops import compliance as render_compliance
+
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    items = _with_database(
+        settings,
+        lambda conn: report(conn, protocol=protocol, firmware=firmware, device_id=device_id),
+    )
+    if as_json:
+        click.echo(render_compliance.as_json(items))
+        return
+    for line in render_compliance.render(items):
+        click.echo(line)
+
+
 # ---------------------------------------------------------------- doctor
 
 
@@ -722,3 +765,211 @@ def doctor(ctx: click.Context, /, as_json: bool, start_embedded: bool, **flags: 
         for line in report.lines():
             click.echo(line)
     sys.exit(report.exit_status)
+
+
+# ---------------------------------------------------------------- replay
+
+main.add_command(replay_command)  # the logic lives in chargegw.replay
+
+
+# ---------------------------------------------------------------- explain
+
+
+@main.group()
+def explain() -> None:
+    """Explain an order or a device: its frames, transitions and their causes."""
+
+
+def _instant(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """An ISO 8601 time (no zone: UTC); a usage error otherwise."""
+    import datetime as dt
+
+    if value is None:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=dt.UTC)
+
+
+def _explain_options(command: Any) -> Any:
+    command = click.option("--json", "as_json", is_flag=True, help="Print the timeline as JSON.")(
+        command
+    )
+    command = click.option(
+        "--limit",
+        type=click.IntRange(1, 10000),
+        default=1000,
+        show_default=True,
+        help="At most this many items (the earliest).",
+    )(command)
+    return _data_dir_option(_dsn_option(command))
+
+
+def _print_timeline(found: Any, as_json: bool) -> None:
+    from chargegw.ops.explain import render
+
+    if as_json:
+        click.echo(found.model_dump_json(indent=2))
+    else:
+        click.echo(render(found), nl=False)
+
+
+@explain.command("order")
+@click.argument("order_no")
+@_explain_options
+@click.pass_context
+def explain_order_command(
+    ctx: click.Context, /, order_no: str, as_json: bool, limit: int, **flags: Any
+) -> None:
+    """The timeline of the order ORDER_NO, from shortly before it was created to shortly
+    after it settled. Exit status 1 if there is no such order."""
+    from chargegw.ops.explain import explain_order
+
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    found = _with_database(
+        settings, lambda conn: explain_order(conn, order_no, limit=limit), migrate=False
+    )
+    _print_timeline(found, as_json)
+
+
+@explain.command("device")
+@click.argument("device_id")
+@click.option(
+    "--since", callback=_instant, help="From this time (ISO 8601; default 24 h before --until)."
+)
+@click.option("--until", callback=_instant, help="Before this time (ISO 8601; default now).")
+@_explain_options
+@click.pass_context
+def explain_device_command(
+    ctx: click.Context,
+    /,
+    device_id: str,
+    since: Any,
+    until: Any,
+    as_json: bool,
+    limit: int,
+    **flags: Any,
+) -> None:
+    """The timeline of the device DEVICE_ID in a window. Exit status 1 if there is no
+    such device or the window is inverted."""
+    import datetime as dt
+
+    from chargegw.ops.explain import explain_device
+
+    until = until or dt.datetime.now(dt.UTC)
+    since = since or until - dt.timedelta(hours=24)
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    found = _with_database(
+        settings,
+        lambda conn: explain_device(conn, device_id, since=since, until=until, limit=limit),
+        migrate=False,
+    )
+    _print_timeline(found, as_json)
+
+
+# ---------------------------------------------------------------- frames
+
+
+@main.group()
+def frames() -> None:
+    """The audit log of frames."""
+
+
+@frames.command("export")
+@click.option(
+    "--device", "device_ids", multiple=True, help="A device (repeatable; a gateway id too)."
+)
+@click.option("--gateway", "gateway_id", help="A gateway: its own frames and its devices'.")
+@click.option("--connection", "connection_id", help="Only the frames of this connection.")
+@click.option("--since", callback=_instant, required=True, help="From this time (ISO 8601).")
+@click.option("--until", callback=_instant, required=True, help="Before this time (ISO 8601).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "pcap"]),
+    default="jsonl",
+    show_default=True,
+    help="A capture (JSON lines) or a pcap with synthetic TCP/IP headers.",
+)
+@click.option(
+    "--out", default="-", show_default=True, help="The file to write (-: standard output)."
+)
+@click.option(
+    "--with-state/--no-state",
+    default=True,
+    show_default=True,
+    help="End a jsonl capture with the devices' recorded state (orders, ports).",
+)
+@_dsn_option
+@_data_dir_option
+@click.pass_context
+def frames_export_command(
+    ctx: click.Context,
+    /,
+    device_ids: tuple[str, ...],
+    gateway_id: str | None,
+    connection_id: str | None,
+    since: Any,
+    until: Any,
+    fmt: str,
+    out: str,
+    with_state: bool,
+    **flags: Any,
+) -> None:
+    """Export the frames of devices in a window to a capture file (docs/replay.md).
+
+    Exit status 2 when a device or gateway is unknown, the window is inverted or the
+    file cannot be written (nothing is written then); 1 when the database fails."""
+    from chargegw.ops import frames_export as export
+
+    settings = _settings(ctx.find_root(), **flags)
+    configure_logging(settings.log_format, "warning")
+    try:
+        export.check_window(since, until)
+        export.check_output(out)
+    except export.ExportError as exc:
+        click.echo(f"chargegw frames export: {exc}", err=True)
+        sys.exit(2)
+
+    async def work(conn: Any) -> Any:
+        try:
+            await export.check_subjects(conn, device_ids, gateway_id)
+            return await export.export_frames(
+                conn,
+                device_ids=device_ids,
+                gateway_id=gateway_id,
+                connection_id=connection_id,
+                since=since,
+                until=until,
+            )
+        except export.ExportError as exc:
+            return exc
+
+    found = _with_database(settings, work, migrate=False)
+    try:
+        if isinstance(found, export.ExportError):
+            raise found
+        captured, state = found
+        head = export.export_header(
+            device_ids=device_ids,
+            gateway_id=gateway_id,
+            connection_id=connection_id,
+            since=since,
+            until=until,
+        )
+        count = export.write_export(
+            out,
+            captured,
+            fmt="pcap" if fmt == "pcap" else "jsonl",
+            head=head,
+            state=state if with_state else None,
+        )
+    except export.ExportError as exc:
+        click.echo(f"chargegw frames export: {exc}", err=True)
+        sys.exit(2)
+    if out != "-":
+        click.echo(f"{count} frames written to {out}", err=True)

@@ -34,6 +34,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from chargegw.quirks import QuirkConfigError, parse_profiles
+
 #: the environment variable of a setting is this + its name in upper case
 ENV_PREFIX: Final = "CHARGEGW_"
 #: ``CHARGEGW_*`` variables that are not settings: the config file, and the test and
@@ -218,6 +220,21 @@ Networks = Annotated[
     BeforeValidator(_networks),
     _Allowed("IP networks in CIDR notation separated by commas (10.0.0.0/8,2001:db8::/32)"),
 ]
+
+
+def _quirk_profiles(value: Any) -> Any:
+    try:
+        parse_profiles(value)
+    except QuirkConfigError as exc:
+        raise PydanticCustomError("quirk_profiles", "{problems}", {"problems": str(exc)}) from None
+    return value
+
+
+QuirkProfiles = Annotated[
+    list[dict[str, Any]],
+    BeforeValidator(_quirk_profiles),
+    _Allowed("a list of quirk profiles (docs/quirks.md)"),
+]
 RegistryMode = Literal["off", "log", "enforce"]
 LogFormat = Literal["console", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -377,6 +394,26 @@ class Settings(BaseSettings):
         3, description="consecutive command ACK timeouts before a device is marked offline"
     )
     liveness_check_s: Positive = Field(5.0, description="how often liveness is checked")
+    compliance_flush_s: Positive = Field(
+        5.0,
+        description="protocol deviations and frames counted per device are added to the "
+        "database this often (docs/compliance.md)",
+    )
+    compliance_missing_heartbeat_periods: Number = Field(
+        3.0,
+        ge=1,
+        description="an AP3000 pile that registered and sent no 0x21 within this many "
+        "heartbeat intervals counts a `missing_heartbeat`",
+    )
+    compliance_clock_drift_s: Positive = Field(
+        300.0,
+        description="a device time further than this from the server's counts a `clock_drift`",
+    )
+    quirk_profiles: QuirkProfiles = Field(
+        [],
+        description="quirk profiles to add, override (by name) or disable (`enabled: false`) "
+        "besides the shipped ones (docs/quirks.md); in the environment as JSON",
+    )
     batch_rows: Count = Field(
         500, description="database writes are batched: flushed at this many rows ..."
     )
@@ -759,6 +796,8 @@ def _problem(
             f"{_shown(other, values.get(other))}, {other_source.label})"
         )
     source = sources.get(name, default)
+    if error["type"] == "quirk_profiles":
+        return f"{source.key(name)} ({source.label}): {error['ctx']['problems']}"
     if name not in Settings.model_fields:
         known = set(Settings.model_fields)
         return f"{source.key(name)} ({source.label}): {_unknown(name, known)}"

@@ -132,6 +132,9 @@ class Metrics:
     frames_total: Counter
     #: undecodable input, by ``kind`` (checksum, length, resync, ...)
     decode_errors_total: Counter
+    #: deviations from the protocol devices showed, by ``protocol`` and ``kind``
+    #: (chargegw.domain.compliance; no device or firmware label: low cardinality)
+    protocol_deviations_total: Counter
     #: reads paused for exceeding a frame-rate limit, by scope (connection, process)
     frames_throttled_total: Counter
     devices_banned_total: Counter
@@ -229,6 +232,13 @@ class Metrics:
             "decode_errors",
             "Input that could not be decoded, by kind",
             ["kind"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.protocol_deviations_total = Counter(
+            "protocol_deviations",
+            "Deviations from the protocol devices showed, by protocol and kind",
+            ["protocol", "kind"],
             namespace=ns,
             registry=reg,
         )

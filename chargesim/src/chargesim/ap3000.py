@@ -455,6 +455,15 @@ class SimulatedAp3000Pile(SimulatedPile):
     # --- messages the pile builds --------------------------------------------------------
 
     def registration(self, msg_id: int) -> ap3000.Registration:
+        if self.faults.short_payloads:
+            return ap3000.Registration(
+                self.phy_id,
+                msg_id,
+                firmware_version=self.firmware_version,
+                port_count=len(self.ports),
+                virtual_id=0,
+                device_type=self.device_type,
+            )
         return ap3000.Registration(
             self.phy_id,
             msg_id,
@@ -543,6 +552,8 @@ class SimulatedAp3000Pile(SimulatedPile):
     # --- periodic tasks of a connection --------------------------------------------------
 
     async def _send_heartbeat(self) -> None:
+        if self.faults.omit_heartbeat:
+            return
         self._heartbeats_unanswered += 1
         await self.send_message(self.heartbeat(self.next_msg_id()))
 

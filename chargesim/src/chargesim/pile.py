@@ -111,6 +111,11 @@ class Faults:
     #: BKV: probability that a 0x1000/0x1004 fee-mode end report leaves out its optional
     #: tag 0x0A (``business_no`` ABSENT); decided once per report, every copy alike
     omit_optional_tags: float = 0.0
+    #: AP3000: never send the 0x21 heartbeat (firmware that registers and reports only)
+    omit_heartbeat: bool = False
+    #: AP3000: leave out the optional trailing fields, as older firmware does (0x20
+    #: without work mode and power-board version)
+    short_payloads: bool = False
 
 
 @dataclasses.dataclass(slots=True)

@@ -18,6 +18,7 @@ from fastapi import Depends, HTTPException, Request
 from chargegw.domain.events import EventHub
 from chargegw.domain.outbox import Outbox
 from chargegw.domain.refusals import ConflictError, NotFoundError, RequestError
+from chargegw.quirks import QuirkBook
 from chargegw.store.database import Connection
 
 if TYPE_CHECKING:
@@ -56,6 +57,9 @@ class ApiServices:
     webhooks_allow_private: bool = False
     #: the webhook engine looks for due deliveries now (a ping, a retry, a replay)
     wake_webhooks: Callable[[], None] = _nothing
+    #: the quirk profiles: the live ones of the devices this process holds, and the
+    #: configured ones to compute those of the others (GET /api/v1/devices/{id})
+    quirks: QuirkBook = dataclasses.field(default_factory=QuirkBook)
 
 
 def _state(request: Request) -> ApiState:
@@ -92,8 +96,19 @@ async def services(request: Request) -> ApiServices:
     return found
 
 
+_SHIPPED_QUIRKS = QuirkBook()
+
+
+async def quirks(request: Request) -> QuirkBook:
+    """The quirk profiles of the composition root; the shipped ones for an application
+    built without services (the read API alone)."""
+    found = _state(request).services
+    return _SHIPPED_QUIRKS if found is None else found.quirks
+
+
 Pool = Annotated[Database, Depends(database)]
 Services = Annotated[ApiServices, Depends(services)]
+Quirks = Annotated[QuirkBook, Depends(quirks)]
 
 
 def refused(exc: RequestError) -> HTTPException:

@@ -13,8 +13,9 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
-from chargegw.api.deps import Pool
+from chargegw.api.deps import Pool, Quirks
 from chargegw.api.errors import error_responses
+from chargegw.api.frames import Direction, FramePage, frame_page, frames_after, frames_window
 from chargegw.api.pagination import (
     DEFAULT_LIMIT,
     Cursor,
@@ -22,22 +23,19 @@ from chargegw.api.pagination import (
     check_window,
     decode_cursor,
     encode_cursor,
-    invalid,
     timestamp_key,
     utc,
 )
 from chargegw.core import EventKind
 from chargegw.domain import devices
-from chargegw.domain.devices import Device, DeviceDetail, DeviceEvent, Frame, Gateway
+from chargegw.domain.devices import Device, DeviceDetail, DeviceEvent, Gateway
+from chargegw.domain.frames import FrameQuery
 from chargegw.store.database import Connection
 
 __all__ = ["router"]
 
 #: waiting for a pooled connection longer than this means the database is unavailable
 ACQUIRE_TIMEOUT_S = 5.0
-#: frames are kept in daily partitions; a window is at most this long
-MAX_FRAMES_WINDOW = dt.timedelta(days=31)
-DEFAULT_FRAMES_WINDOW = dt.timedelta(hours=24)
 
 
 class Protocol(str, enum.Enum):
@@ -45,13 +43,6 @@ class Protocol(str, enum.Enum):
 
     AP3000 = "ap3000"
     BKV = "bkv"
-
-
-class Direction(str, enum.Enum):
-    """A frame received from a device (``in``) or sent to it (``out``)."""
-
-    IN = "in"
-    OUT = "out"
 
 
 class GatewayPage(BaseModel):
@@ -72,13 +63,6 @@ class EventPage(BaseModel):
     """A page of a device's event log."""
 
     items: list[DeviceEvent]
-    next_cursor: str | None
-
-
-class FramePage(BaseModel):
-    """A page of a device's audit frames."""
-
-    items: list[Frame]
     next_cursor: str | None
 
 
@@ -148,13 +132,17 @@ async def list_devices(
     summary="One device with its ports",
     responses=_NOT_FOUND,
 )
-async def get_device(pool: Pool, device_id: str) -> DeviceDetail:
-    """The device's last known state and the last reported state of each port."""
+async def get_device(pool: Pool, quirks: Quirks, device_id: str) -> DeviceDetail:
+    """The device's last known state, the last reported state of each port, and its
+    active quirk profiles."""
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         device = await devices.get_device(conn, device_id)
     if device is None:
         raise HTTPException(404, f"device {device_id} not found")
-    return device
+    active = quirks.known(device_id)
+    if active is None:
+        active = quirks.stored(device.protocol, device.device_type, device.firmware)
+    return device.model_copy(update={"quirks": list(active.names)})
 
 
 @router.get(
@@ -216,29 +204,12 @@ async def list_frames(
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> FramePage:
-    """Frames ordered by (received_at, id), oldest first, within a window of at most
-    31 days (the last 24 h by default)."""
-    until = utc(until) or dt.datetime.now(dt.UTC)
-    since = utc(since) or until - DEFAULT_FRAMES_WINDOW
-    check_window(since, until)
-    if until - since > MAX_FRAMES_WINDOW:
-        raise invalid(
-            "since", f"the window is longer than {MAX_FRAMES_WINDOW.days} days", since.isoformat()
-        )
-    after = None if cursor is None else timestamp_key(cursor, "frames")
+    """Frames ordered by (received_at, id), oldest first, each with its decoded record,
+    within a window of at most 31 days (the last 24 h by default); ``GET /api/v1/frames``
+    searches across devices."""
+    since, until = frames_window(since, until)
+    query = FrameQuery(since, until, device_ids=[device_id], direction=_value(direction))
+    after = frames_after(cursor)
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         await _require_device(conn, device_id)
-        page = await devices.list_frames(
-            conn,
-            device_id,
-            since=since,
-            until=until,
-            direction=_value(direction),
-            after=after,
-            limit=limit,
-        )
-    items = page.items
-    next_cursor = None
-    if page.more:
-        next_cursor = encode_cursor("frames", [items[-1].received_at.isoformat(), items[-1].id])
-    return FramePage(items=items, next_cursor=next_cursor)
+        return await frame_page(conn, query, after=after, limit=limit)

@@ -53,6 +53,7 @@ import structlog
 from fastapi import FastAPI, HTTPException, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from chargegw import causes
 from chargegw.api import errors
 from chargegw.api.limits import (
     SAFE_METHODS,
@@ -62,6 +63,7 @@ from chargegw.api.limits import (
     address_key,
     is_control,
 )
+from chargegw.causes import Cause
 from chargegw.domain import call_audit
 from chargegw.domain.call_audit import CallAuditWriter, CallRecord
 
@@ -479,6 +481,19 @@ class CallAuditMiddleware:
         supplied = _header(scope, b"x-request-id")
         request_id = supplied if supplied and _REQUEST_ID.match(supplied) else uuid.uuid4().hex
         header = (b"x-request-id", request_id.encode())
+        # what the call changes, it causes (events name the request id, as call_audit does)
+        with causes.using(Cause.api(request_id)):
+            await self._call(scope, receive, send, guard, request_id, header)
+
+    async def _call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        guard: Guard,
+        request_id: str,
+        header: tuple[bytes, bytes],
+    ) -> None:
         writer = guard.audit
         if writer is None:
 

@@ -10,11 +10,14 @@ from chargegw.api import (
     billing,
     cluster,
     commands,
+    compliance,
     events,
     firmware,
+    frames,
     keys,
     params,
     registry,
+    timeline,
     webhooks,
 )
 
@@ -28,5 +31,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     keys.router,
     events.router,
     audit.router,
+    frames.router,
+    compliance.router,
+    timeline.router,
     webhooks.router,
 )

@@ -21,12 +21,12 @@ the devices a request concerns, and every one it names must be allowed
 (:func:`check_subjects`). A request names devices by its path (``device_id``,
 ``gateway_id``, an ``order_no`` or ``command_id``, whose device is looked up), by the
 query parameters the route declares (``device_id``, ``gateway_id``, ``device_ids``,
-``gateway_ids``; several values or comma-separated lists), and by the fields its JSON
-body model declares (the same names, and a job's ``selector`` of ``device_ids``). A
-request that names none (a list of every order, a report over all devices, a selector
-by device type) is refused rather than filtered, except on the rows marked ``neutral``
-(the event-type catalogue): the list endpoints take a ``device_id`` or ``gateway_id``
-filter, and such a key passes its own.
+``gateway_ids``; several values or comma-separated lists; an ``order_no``, whose device
+is looked up), and by the fields its JSON body model declares (the same names, and a
+job's ``selector`` of ``device_ids``). A request that names none (a list of every order,
+a report over all devices, a selector by device type) is refused rather than filtered,
+except on the rows marked ``neutral`` (the event-type catalogue): the list endpoints
+take a ``device_id`` or ``gateway_id`` filter, and such a key passes its own.
 """
 
 from __future__ import annotations
@@ -206,9 +206,11 @@ async def collect_subjects(request: Request) -> Subjects:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute):
         return subjects
-    declared = _declared_query(route) & (_DEVICE_NAMES | _GATEWAY_NAMES)
+    declared = _declared_query(route) & (_DEVICE_NAMES | _GATEWAY_NAMES | {"order_no"})
     for name, value in request.query_params.multi_items():
-        if name in declared:
+        if name == "order_no" and name in declared:
+            subjects.orders.add(value.upper())
+        elif name in declared:
             subjects.add(name, value)
     fields = _declared_body(route)
     if fields & (_DEVICE_NAMES | _GATEWAY_NAMES | {"selector"}):

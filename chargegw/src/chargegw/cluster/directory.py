@@ -397,9 +397,11 @@ class Cluster:
             )
             if revived:
                 await conn.execute(
-                    """INSERT INTO device_events (device_id, at, kind, reason, detail)
+                    """INSERT INTO device_events (device_id, at, kind, reason, detail,
+                                                  cause_kind, cause_ref)
                        SELECT d, now(), 'online', 'ownership_reasserted',
-                              jsonb_build_object('owner', $2::text)
+                              jsonb_build_object('owner', $2::text),
+                              'system', 'ownership_reasserted'
                        FROM unnest($1::text[]) AS d""",
                     [r["device_id"] for r in revived],
                     self.owner,
@@ -673,10 +675,12 @@ async def _mark_offline(
     pairs = [(d, o) for d, o in zip(devices, owners, strict=True) if d in went]
     if pairs:
         await conn.execute(
-            """INSERT INTO device_events (device_id, at, kind, reason, detail)
+            """INSERT INTO device_events (device_id, at, kind, reason, detail,
+                                          cause_kind, cause_ref)
                SELECT d, now(), 'offline', $3,
                       CASE WHEN o IS NULL THEN '{}'::jsonb
-                           ELSE jsonb_build_object('owner', o) END
+                           ELSE jsonb_build_object('owner', o) END,
+                      'system', $3
                FROM unnest($1::text[], $2::text[]) AS u(d, o)""",
             [d for d, _ in pairs],
             [o for _, o in pairs],

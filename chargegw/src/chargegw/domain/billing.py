@@ -43,6 +43,7 @@ from chargegw.domain.ports import (
     StartParams,
     SwipeResult,
 )
+from chargegw.store.causes import apply as apply_cause
 from chargegw.store.database import Connection
 from chargegw.store.errors import is_unavailable
 from chargegw.store.values import safe_json
@@ -742,6 +743,7 @@ async def card_swipe(
         ):
             return SwipeResult(ACCOUNT_PORT_UNAVAILABLE, "port_busy", balance, rate_mode)
         order_no = new_order_no()
+        await apply_cause(conn)  # the swipe's frame
         try:
             async with conn.transaction():  # a savepoint: a concurrent start may win the port
                 await conn.execute(

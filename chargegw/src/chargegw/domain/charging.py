@@ -26,6 +26,7 @@ from chargegw.domain.orders import OPEN_STATUSES, OrderStatus, transition
 from chargegw.domain.outbox import CommandStatus, Priority
 from chargegw.domain.pages import Page, page_of
 from chargegw.domain.refusals import ConflictError, InvalidError, NotFoundError
+from chargegw.store.causes import apply as apply_cause
 from chargegw.store.database import Connection
 from chargeproto import EncodeError
 
@@ -358,6 +359,7 @@ class ChargingService:
         )
         if busy:
             raise ConflictError(f"port {order.port} has an open order {busy}")
+        await apply_cause(conn)  # the API call that opens it
         try:
             async with conn.transaction():
                 await conn.execute(
@@ -528,6 +530,7 @@ async def _lock_start(conn: Connection, command_id: int | None) -> _Start | None
 
 
 async def _cancel_start(conn: Connection, command_id: int, why: str) -> None:
+    await apply_cause(conn)  # the call that cancels it (and its order, next)
     await conn.execute(
         """UPDATE commands SET status = $3, dead_reason = $2, finished_at = now()
            WHERE command_id = $1 AND status = $4""",

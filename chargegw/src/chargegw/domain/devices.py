@@ -1,5 +1,5 @@
-"""The read model of gateways and devices: their last known state, ports, event log and
-audit frames, as the API shows them.
+"""The read model of gateways and devices: their last known state, ports and event log,
+as the API shows them (their audit frames: :mod:`chargegw.domain.frames`).
 
 Lists are keyset pages (:mod:`chargegw.domain.pages`) after the key of the previous
 page's last item; every query is bounded by ``QUERY_TIMEOUT_S``. ICCIDs leave masked.
@@ -83,6 +83,13 @@ class DeviceDetail(Device):
     """A device with the last reported state of each of its ports."""
 
     ports: list[Port]
+    quirks: list[str] = Field(
+        default_factory=list,
+        description="the quirk profiles active for the device (docs/quirks.md): those its "
+        "connection uses while it is held by this process, else those its stored type "
+        "and firmware match",
+        examples=[["ap3000-short-charge-reply"]],
+    )
 
 
 class DeviceEvent(BaseModel):
@@ -93,19 +100,6 @@ class DeviceEvent(BaseModel):
     kind: str = Field(examples=["offline"])
     reason: str | None = Field(examples=["heartbeat_timeout"])
     detail: dict[str, Any]
-
-
-class Frame(BaseModel):
-    """One frame of the audit log, received from or sent to a device."""
-
-    id: int
-    received_at: dt.datetime = Field(description="server time the frame was read or written")
-    connection_id: str
-    direction: str = Field(examples=["in"])
-    protocol: str | None
-    command: str | None
-    hex: str = Field(description="the frame's bytes; ICCIDs and card numbers masked")
-    error: str | None = Field(description="why the frame could not be decoded, if so")
 
 
 def mask_iccid(iccid: str | None) -> str | None:
@@ -235,30 +229,3 @@ async def list_events(
     rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
     items = [DeviceEvent(**{**dict(r), "detail": json_object(r["detail"])}) for r in rows]
     return page_of(items, limit)
-
-
-async def list_frames(
-    conn: Connection,
-    device_id: str,
-    *,
-    since: dt.datetime,
-    until: dt.datetime,
-    direction: str | None,
-    after: tuple[dt.datetime, int] | None,
-    limit: int,
-) -> Page[Frame]:
-    """A device's audit frames in ``[since, until)`` ordered by (received_at, id), after
-    the key ``after``."""
-    where = Where()
-    where.add("device_id = {}", device_id)
-    where.add("received_at >= {}", since)
-    where.add("received_at < {}", until)
-    if direction is not None:
-        where.add("direction = {}", direction)
-    if after is not None:
-        where.add("(received_at, id) > ({}, {})", *after)
-    query = f"""SELECT id, received_at, connection_id, direction, protocol, command, hex, error
-                  FROM frames {where.sql()}
-                 ORDER BY received_at, id {where.limit(limit)}"""
-    rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
-    return page_of([Frame(**dict(r)) for r in rows], limit)

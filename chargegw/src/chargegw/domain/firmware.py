@@ -77,6 +77,7 @@ from chargegw.domain.orders import OPEN_STATUSES
 from chargegw.domain.outbox import CommandStatus, Priority
 from chargegw.domain.passes import run_passes
 from chargegw.domain.ports import EngineContext, Inbound, MessageHooks
+from chargegw.store.causes import apply as apply_cause
 from chargegw.store.database import Connection
 from chargeproto import ABSENT, Message, ap3000, bkv
 
@@ -790,6 +791,7 @@ async def _withdraw(conn: Connection, command_ids: list[int | None], reason: str
     """Packets not sent yet are withdrawn; one on the wire is answered and ignored."""
     ids = [c for c in command_ids if c is not None]
     if ids:
+        await apply_cause(conn)  # the call that cancels the job, or what ended it
         await conn.execute(
             """UPDATE commands SET status = $3, dead_reason = $2, finished_at = now()
                WHERE command_id = ANY($1::bigint[]) AND status = $4""",

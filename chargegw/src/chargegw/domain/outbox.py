@@ -49,8 +49,11 @@ from typing import Any, Protocol
 import asyncpg
 import structlog
 
+from chargegw import causes
+from chargegw.causes import Cause
 from chargegw.config import Settings
 from chargegw.net.sessions import Link
+from chargegw.store.causes import apply as apply_cause
 from chargegw.store.database import Connection
 from chargegw.store.errors import is_unavailable, reason
 from chargegw.store.values import safe_json
@@ -60,6 +63,8 @@ log = structlog.get_logger("chargegw.domain.outbox")
 #: a command is written at most this often (the first send and one resend); the
 #: database refuses to count an attempt beyond it too
 MAX_ATTEMPTS = 2
+#: timed-out correlation keys remembered to recognise late replies (oldest forgotten)
+LATE_KEYS = 4096
 
 
 class Priority(enum.IntEnum):
@@ -88,6 +93,8 @@ class Outcome:
     result_code: int | None
     result_text: str | None
     reply: dict[str, Any]
+    #: what brought the reply (the reply's frame; :meth:`Outbox.on_reply` fills it in)
+    cause: Cause | None = None
 
 
 class CommandCodec(Protocol):
@@ -159,12 +166,18 @@ def _ignore2(_: object, __: object) -> None:
     pass
 
 
+def _no_frame_id() -> int | None:
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class OutboxHooks:
     """The outbox's collaborators besides the database.
 
     ``link_of`` names a device's open connection in this process (None: not here) and
-    ``write`` puts a frame on it. ``on_sent_tx`` (a command marked sent, or its unwritten
+    ``write`` puts a frame on it, with the id ``frame_id`` gave it (the command row
+    records it as ``sent_frame_id``, and it is the cause of what the send changes).
+    ``on_sent_tx`` (a command marked sent, or its unwritten
     attempt taken back: the last argument) and ``on_finish_tx`` run inside the transaction
     that records it, with its connection; ``on_result`` hears of a final state after the
     commit. The others feed metrics and device liveness: ``on_backlog`` (open commands by
@@ -172,11 +185,13 @@ class OutboxHooks:
     if none, each scan), ``on_timeout`` / ``on_answered`` (a device left a command
     unanswered / answered one), ``on_sent`` / ``on_resend`` (a command's bytes are written
     the first time / a command is sent a second time: protocol and command name),
-    ``on_purged`` (finished commands past the retention deleted by a scan: how many).
+    ``on_purged`` (finished commands past the retention deleted by a scan: how many),
+    ``on_late_reply`` (a reply came after its command's ACK timeout: device, command name).
     """
 
     link_of: Callable[[str], Link | None]
-    write: Callable[[Link, bytes, str, str], None] | None = None
+    write: Callable[[Link, bytes, str, str, int | None], None] | None = None
+    frame_id: Callable[[], int | None] = _no_frame_id
     on_sent_tx: Callable[[Connection, int, str | None, str, bool], Awaitable[None]] | None = None
     on_finish_tx: Callable[[Connection, Finished], Awaitable[None]] | None = None
     on_result: Callable[[Finished], Awaitable[None]] | None = None
@@ -187,6 +202,7 @@ class OutboxHooks:
     on_sent: Callable[[str, str], None] = _ignore2
     on_resend: Callable[[str, str], None] = _ignore2
     on_purged: Callable[[int], None] = _ignore
+    on_late_reply: Callable[[str, str], None] = _ignore2
 
 
 @dataclasses.dataclass
@@ -245,6 +261,9 @@ class Outbox:
         self._slots: dict[str, _LinkSlot] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        #: correlation keys whose wait timed out: key -> (device, command name), oldest
+        #: first, at most LATE_KEYS (a reply with one of them came too late)
+        self._late: dict[Any, tuple[str, str]] = {}
 
     # -- submitting --
 
@@ -266,7 +285,9 @@ class Outbox:
         ``after_command``: send it only once that command has an outcome. Every process
         hears of it when the transaction commits (``chargegw_outbox``); call :meth:`wake`
         after the commit too, so the local process does not wait for the notification.
+        The row's cause is the ambient one (``chargegw.causes``: the API call, the frame).
         """
+        await apply_cause(conn)
         await conn.execute("SELECT pg_notify('chargegw_outbox', $1)", device_id)
         command_id: int = await conn.fetchval(
             """INSERT INTO commands (device_id, protocol, name, params, priority, status,
@@ -318,9 +339,22 @@ class Outbox:
         waiting = self._open.get(key)
         if waiting is None or waiting.reply.done():
             return False
+        if outcome.cause is None:  # the frame being handled now
+            outcome = dataclasses.replace(outcome, cause=causes.current())
         # kept before anything else: a worker that fails to write it finishes with it
         self._answered[waiting.command_id] = outcome
         waiting.reply.set_result(outcome)
+        return True
+
+    def late_reply(self, key: Any) -> bool:
+        """A reply that answers no command in flight: True (and ``on_late_reply``) if it
+        answers one whose ACK timeout passed (resent since, or dead)."""
+        if not self._late:
+            return False
+        late = self._late.pop(key, None)
+        if late is None:
+            return False
+        self.hooks.on_late_reply(*late)
         return True
 
     def open_command(self, key: Any) -> _Open | None:
@@ -406,6 +440,7 @@ class Outbox:
             return
         while True:
             async with pool.acquire(timeout=5) as conn, conn.transaction():
+                await apply_cause(conn, _EXPIRED)
                 rows = await self._expire_some(conn)
             for row in rows:
                 await self._after_commit(_finished(row, CommandStatus.DEAD, None, "offline"))
@@ -444,6 +479,9 @@ class Outbox:
     # -- delivery, one worker per device with open commands --
 
     async def _worker(self, device_id: str) -> None:
+        # started while a frame or a call was handled, the worker outlives it: each of
+        # its steps names its own cause
+        causes.enter(None)
         event = self._wake[device_id]
         delay = 0.5
         try:
@@ -515,11 +553,17 @@ class Outbox:
         answered = self._answered.get(command_id)
         if answered is not None:  # answered before a write failed: finish with the answer
             status = CommandStatus.ACKED if answered.success else CommandStatus.FAILED
-            await self._finish(row, status, answered, None)
+            await self._finish(row, status, answered, None, answered.cause)
             return True
         codec = self.codecs.get(row["protocol"])
         if codec is None:
-            await self._finish(row, CommandStatus.DEAD, None, f"no driver for {row['protocol']}")
+            await self._finish(
+                row,
+                CommandStatus.DEAD,
+                None,
+                f"no driver for {row['protocol']}",
+                Cause.fault("no_driver"),
+            )
             return True
         link = self.hooks.link_of(device_id)
         if link is None:  # gone since the claim; the directory catches up, a reconnect wakes
@@ -532,14 +576,18 @@ class Outbox:
         own = params.get("phy_id", device_id) == device_id
         attempts = row["attempts"]
         if attempts >= MAX_ATTEMPTS:  # sent and resent, unanswered: a crash cut the wait
-            await self._finish(row, CommandStatus.DEAD, None, "no answer")
+            recovered = Cause.system(causes.RESTART_RECOVERY)
+            await self._finish(row, CommandStatus.DEAD, None, "no answer", recovered)
             if own:
-                self.hooks.on_timeout(device_id)
+                with causes.using(recovered):
+                    self.hooks.on_timeout(device_id)
             return True
         try:  # the correlation id only changes the id fields: check the rest first
             codec.encode_command(device_id, row["name"], params, row["correlation"] or 1)
         except Exception as exc:
-            await self._finish(row, CommandStatus.DEAD, None, f"cannot encode: {exc}")
+            await self._finish(
+                row, CommandStatus.DEAD, None, f"cannot encode: {exc}", Cause.fault("cannot_encode")
+            )
             return True
         waiting: _Open | None = None
         slot = self._slots.setdefault(link.id, _LinkSlot())
@@ -548,7 +596,8 @@ class Outbox:
             wait = slot.last_write + self.settings.spacing_s - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            correlation = await self._mark_sent(row, codec, params)
+            frame_id = self.hooks.frame_id()
+            correlation = await self._mark_sent(row, codec, params, frame_id)
             frame, key = codec.encode_command(device_id, row["name"], params, correlation)
             if link.closed:  # no bytes written: the attempt does not count
                 await self._unmark(row)
@@ -562,13 +611,14 @@ class Outbox:
                     asyncio.get_running_loop().create_future(),
                 )
                 self._open[key] = waiting
+                self._late.pop(key, None)
             if self.hooks.write is not None:
-                self.hooks.write(link, frame, device_id, row["name"])
+                self.hooks.write(link, frame, device_id, row["name"], frame_id)
             slot.last_write = time.monotonic()
             if attempts == 0:
                 self.hooks.on_sent(row["protocol"], row["name"])
         if waiting is None:  # the protocol defines no reply: done once written
-            await self._finish(row, CommandStatus.ACKED, None, None)
+            await self._finish(row, CommandStatus.ACKED, None, None, Cause.frame(frame_id))
             return True
         log.info(
             "command sent",
@@ -580,27 +630,36 @@ class Outbox:
         try:
             outcome = await asyncio.wait_for(waiting.reply, self.settings.ack_timeout_s)
         except TimeoutError:
+            if key is not None:
+                self._late[key] = (device_id, row["name"])
+                if len(self._late) > LATE_KEYS:
+                    del self._late[next(iter(self._late))]
             if attempts == 0:
                 self.hooks.on_resend(row["protocol"], row["name"])
             if attempts + 1 >= MAX_ATTEMPTS:
-                await self._finish(row, CommandStatus.DEAD, None, "no answer")
+                await self._finish(row, CommandStatus.DEAD, None, "no answer", _ACK_TIMEOUT)
                 if own:
-                    self.hooks.on_timeout(device_id)
+                    with causes.using(_ACK_TIMEOUT):
+                        self.hooks.on_timeout(device_id)
             return True  # the next round resends it (same correlation id)
         finally:
             self._open.pop(key, None)
         self.hooks.on_answered(device_id)
         status = CommandStatus.ACKED if outcome.success else CommandStatus.FAILED
-        await self._finish(row, status, outcome, None)
+        await self._finish(row, status, outcome, None, outcome.cause)
         return True
 
-    async def _mark_sent(self, row: asyncpg.Record, codec: CommandCodec, params: Any) -> int:
+    async def _mark_sent(
+        self, row: asyncpg.Record, codec: CommandCodec, params: Any, frame_id: int | None
+    ) -> int:
         """Mark the row sent (an attempt counted, a correlation id chosen on the first
-        send) with the order's move, in one transaction; returns the correlation id.
+        send, the frame that will carry it: ``frame_id``) with the order's move, caused
+        by that frame, in one transaction; returns the correlation id.
         Raises :class:`_LostError` if the row is not this process's to send any more."""
         pool = self._pool()
         assert pool is not None
         async with pool.acquire(timeout=5) as conn, conn.transaction():
+            await apply_cause(conn, Cause.frame(frame_id))
             correlation = row["correlation"]
             if correlation is None:
                 correlation = await conn.fetchval(
@@ -613,7 +672,7 @@ class Outbox:
                 )
             marked = await conn.fetchval(
                 f"""UPDATE commands SET status = 'sent', correlation = $3,
-                           attempts = attempts + 1, sent_at = now()
+                           attempts = attempts + 1, sent_at = now(), sent_frame_id = $5
                     WHERE command_id = $1 AND status IN ('pending', 'sent') AND {_OURS}
                       AND attempts < $4
                     RETURNING attempts""",
@@ -621,6 +680,7 @@ class Outbox:
                 self.owner,
                 correlation,
                 MAX_ATTEMPTS,
+                frame_id,
             )
             if marked is None:  # cancelled, taken over by the device's new owner, or
                 raise _LostError  # out of attempts (the next look gives it up)
@@ -641,6 +701,7 @@ class Outbox:
         assert pool is not None
         try:
             async with pool.acquire(timeout=5) as conn, conn.transaction():
+                await apply_cause(conn, Cause.fault(causes.CONNECTION_LOST))
                 left = await conn.fetchval(
                     """UPDATE commands SET attempts = attempts - 1,
                               status = CASE WHEN attempts = 1 THEN 'pending' ELSE status END
@@ -662,15 +723,17 @@ class Outbox:
         status: CommandStatus,
         outcome: Outcome | None,
         dead_reason: str | None,
+        cause: Cause | None,
     ) -> None:
         """Write the command's final state and its consequences (``on_finish_tx``) in one
-        transaction, retrying while the database is unavailable and the row is still
-        this process's; then run ``on_result``."""
+        transaction, caused by ``cause``, retrying while the database is unavailable and
+        the row is still this process's; then run ``on_result``."""
         done = _finished(row, status, outcome, dead_reason)
         delay = 0.5
         while True:
             try:
-                followers = await self._finish_tx(done, outcome)
+                with causes.using(cause):
+                    followers = await self._finish_tx(done, outcome)
                 break
             except Exception as exc:
                 if self._closing or not is_unavailable(exc):
@@ -708,6 +771,7 @@ class Outbox:
         # judgement: it needs the device too, as a new owner may still deliver it
         ours = _OURS if done.status is CommandStatus.DEAD else "claimed_by = $2"
         async with pool.acquire(timeout=5) as conn, conn.transaction():
+            await apply_cause(conn)  # the one :meth:`_finish` names
             finished = await conn.fetchval(
                 f"""UPDATE commands SET status = $3, finished_at = now(), result_code = $4,
                            result_text = $5, dead_reason = $6, reply = $7
@@ -759,6 +823,10 @@ class Outbox:
         for link_id, slot in list(self._slots.items()):
             if not slot.lock.locked() and slot.last_write < idle_before:
                 del self._slots[link_id]
+
+
+_ACK_TIMEOUT = Cause.timer(causes.ACK_TIMEOUT)
+_EXPIRED = Cause.timer(causes.COMMAND_EXPIRED)
 
 
 def _finished(

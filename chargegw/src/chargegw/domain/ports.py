@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
+from chargegw import causes
 from chargeproto import Message
 
 if TYPE_CHECKING:
@@ -54,6 +55,11 @@ class EngineContext(Protocol):
 # --- messages from the drivers ---------------------------------------------------------
 
 
+def _frame_being_handled() -> int | None:
+    cause = causes.current()
+    return None if cause is None else cause.frame_id
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Inbound(Generic[_M_co]):
     """A device's message, as a driver hands it to the handlers registered for its type.
@@ -72,6 +78,9 @@ class Inbound(Generic[_M_co]):
     answered: int | None
     #: send an answer to the device (encoded by the driver, with reply priority)
     reply: Callable[[Message], None]
+    #: the audit frame's id (``frames.id``): what the message changes, it causes (the
+    #: gateway makes it the ambient cause while the frame is handled, see chargegw.causes)
+    frame_id: int | None = dataclasses.field(default_factory=_frame_being_handled)
 
 
 #: a handler runs inside the driver's callback: quick, no awaiting (``ctx.run`` the rest)

@@ -22,6 +22,7 @@ from chargegw.drivers.base import (
     send_reply,
 )
 from chargegw.net.transport import DeviceLink
+from chargegw.quirks import ActiveQuirks, Switch, ap3000_device_type
 from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow
 from chargeproto import ABSENT, Direction, Message, ap3000
 
@@ -193,6 +194,7 @@ class Ap3000Driver:
         key = commands.reply_key(owner, m.command, m.msg_id)
         waiting = self.ctx.outbox.open_command(key)
         if waiting is None:
+            self.ctx.outbox.late_reply(key)  # counted if its command timed out
             return None
         self.ctx.outbox.on_reply(key, commands.outcome(m))
         return waiting.command_id
@@ -212,6 +214,7 @@ class Ap3000Driver:
         self._reply(link, ap3000.RegistrationReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
+        self._learn(device_id, m.device_type, m.firmware_version)
         wall = self.ctx.wall()
         attributes = {"virtual_id": m.virtual_id}
         if m.work_mode is not ABSENT:
@@ -231,6 +234,14 @@ class Ap3000Driver:
         )
         self.ctx.writer.put_event(
             EventRow(device_id, wall, EventKind.REGISTERED.value, None, _detail(m))
+        )
+
+    def _learn(self, device_id: str | None, device_type: int, firmware: int) -> ActiveQuirks:
+        """The quirk profiles of a pile whose type and firmware a frame told."""
+        if device_id is None:  # a host speaking for itself
+            return self.ctx.quirks.match(self.protocol, ap3000_device_type(device_type), None)
+        return self.ctx.quirks.learn(
+            device_id, self.protocol, ap3000_device_type(device_type), str(firmware)
         )
 
     def _heartbeat(self, link: DeviceLink, m: ap3000.Heartbeat, device_id: str | None) -> None:
@@ -291,11 +302,13 @@ class Ap3000Driver:
     def _legacy_heartbeat(
         self, link: DeviceLink, m: ap3000.LegacyHeartbeat, device_id: str | None
     ) -> None:
-        # answer 0x01 or 0x21, never both (ap3000.md 3): only devices without 0x21
+        quirks = self._learn(device_id, m.device_type, m.firmware_version)
+        # answer 0x01 or 0x21, never both (ap3000.md 3): only devices without 0x21 (by
+        # their quirk profile at once, else after LEGACY_AFTER of them in a row)
         if m.phy_id not in link.driver_state.get("modern", ()):
             counts = link.driver_state.setdefault("legacy_count", {})
             count = counts[m.phy_id] = counts.get(m.phy_id, 0) + 1
-            if count >= LEGACY_AFTER:
+            if count >= LEGACY_AFTER or quirks.has(Switch.ANSWER_LEGACY_HEARTBEAT):
                 self._reply(
                     link, ap3000.LegacyHeartbeatReply(m.phy_id, m.msg_id, result=0), device_id
                 )

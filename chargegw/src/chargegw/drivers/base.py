@@ -13,6 +13,7 @@ from chargegw.core import EventKind
 from chargegw.domain.orders import Settled, SettlementReport
 from chargegw.domain.ports import CardService, EngineContext, Handler, Inbound, M, SwipeResult
 from chargegw.net.transport import REPLY, DeviceLink
+from chargegw.quirks import QuirkBook
 from chargegw.store.errors import is_unavailable
 from chargegw.store.writer import BatchWriter, EventRow, GatewayRow
 from chargeproto import Message, bkv
@@ -28,6 +29,8 @@ class DriverContext(EngineContext, Protocol):
     writer: BatchWriter
     #: decides card swipes and balance queries
     cards: CardService
+    #: the quirk profiles of the devices (docs/quirks.md)
+    quirks: QuirkBook
 
     @property
     def owner(self) -> str:

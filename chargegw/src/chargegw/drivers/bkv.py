@@ -33,6 +33,7 @@ from chargegw.drivers.base import (
     send_reply,
 )
 from chargegw.net.transport import DeviceLink
+from chargegw.quirks import CONNECT_REPORT, Switch
 from chargegw.store.database import Connection
 from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow
 from chargeproto import ABSENT, Message, bkv
@@ -124,6 +125,7 @@ class BkvDriver:
             bkv.EventReport: self._event_report,
             bkv.CardSwipe: self._card_swipe,
             bkv.BalanceQuery: self._balance,
+            bkv.TlvContainer: self._container,
             **{cls: self._end_report for cls in _END_REPORTS},
         }
 
@@ -157,17 +159,7 @@ class BkvDriver:
         if handler is not None:
             handler(link, message)
         else:
-            up = message.direction is bkv.Heartbeat.direction
-            kind = EventKind.COMMAND_REPLY if up and message.seq else EventKind.REPORT
-            self.ctx.writer.put_event(
-                EventRow(
-                    device_id or message.gateway_id,
-                    wall,
-                    kind.value,
-                    type(message).__name__,
-                    _detail(message),
-                )
-            )
+            self._other(message, device_id, wall)
         if self.hooks.wants(type(message)):  # parameter read-backs, OTA verification ...
             for reported in _reported(message, device_id):
                 reply = partial(self._answer, link, reported)
@@ -232,6 +224,7 @@ class BkvDriver:
         key = commands.key_of(m)
         waiting = self.ctx.outbox.open_command(key)
         if waiting is None:
+            self.ctx.outbox.late_reply(key)  # counted if its command timed out
             return None
         result = commands.outcome(m)
         if isinstance(m, bkv.ChargeControlReply) and result.success:
@@ -417,7 +410,45 @@ class BkvDriver:
 
     # -- handlers --
 
+    def _other(self, message: bkv.BkvMessage, device_id: str | None, wall: datetime) -> None:
+        """A frame without a handler of its own: an event (answers to server commands,
+        unknown commands) for the command layer and the log."""
+        up = message.direction is bkv.Heartbeat.direction
+        kind = EventKind.COMMAND_REPLY if up and message.seq else EventKind.REPORT
+        self.ctx.writer.put_event(
+            EventRow(
+                device_id or message.gateway_id,
+                wall,
+                kind.value,
+                type(message).__name__,
+                _detail(message),
+            )
+        )
+
+    def _container(self, link: DeviceLink, m: bkv.TlvContainer) -> None:
+        """A 0x1000 container without a class. The 0x1013 a gateway sends after
+        connecting is a known connect report for gateways with that quirk profile
+        (docs/quirks.md); any other container is kept as an unknown one."""
+        wall = self.ctx.wall()
+        device_id = self.device_of(m)
+        if m.bkv_cmd == CONNECT_REPORT and self.ctx.quirks.active(m.gateway_id).has(
+            Switch.CONNECT_REPORT_0X1013
+        ):
+            self.ctx.writer.put_event(
+                EventRow(
+                    device_id or m.gateway_id,
+                    wall,
+                    EventKind.REPORT.value,
+                    "connect_report",
+                    _detail(m),
+                )
+            )
+            return
+        log.info("unknown 0x1000 container", gateway_id=m.gateway_id, bkv_cmd=m.bkv_cmd)
+        self._other(m, device_id, wall)
+
     def _heartbeat(self, link: DeviceLink, m: bkv.Heartbeat) -> None:
+        self.ctx.quirks.learn(m.gateway_id, self.protocol, "gateway", m.firmware_version or None)
         now = self.ctx.wall().astimezone(self.zone).replace(microsecond=0, tzinfo=None)
         self._reply(
             link, bkv.HeartbeatReply(m.gateway_id, m.seq, server_time=now.isoformat()), None
@@ -443,6 +474,8 @@ class BkvDriver:
             self._seen(link, m.gateway_id, device_id, wall, heartbeat=True)
             ports = socket.ports if socket.ports is not ABSENT else ()
             version = _present(socket.firmware_version)
+            firmware = None if version is None else str(version)
+            self.ctx.quirks.learn(device_id, self.protocol, "socket", firmware)
             self.ctx.writer.put_device(
                 DeviceRow(
                     device_id,
@@ -482,6 +515,7 @@ class BkvDriver:
 
     def _socket_state(self, link: DeviceLink, m: bkv.SocketState) -> None:
         device_id = bkv_device_id(m.gateway_id, m.socket)
+        self.ctx.quirks.learn(device_id, self.protocol, "socket", str(m.firmware_version))
         wall = self.ctx.wall()
         self.ctx.writer.put_device(
             DeviceRow(

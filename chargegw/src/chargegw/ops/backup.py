@@ -45,8 +45,10 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 
 from chargegw import __version__
+from chargegw.causes import RESTORE_RECOVERY, Cause
 from chargegw.domain.orders import transition
 from chargegw.ops.pgtools import PgTools, ToolsError, find_tools
+from chargegw.store.causes import apply as apply_cause
 from chargegw.store.database import MIGRATION_LOCK, applied_migrations, migrations
 from chargegw.store.partitions import MAINTENANCE_LOCK
 
@@ -74,6 +76,12 @@ _STDERR_SHOWN = 1500
 #: client resuming from one (``after=``, ``Last-Event-ID``) or deduplicating by it misses
 #: nothing
 ID_GAP = 1_000_000_000
+#: frame ids are ``epoch << 32 | counter`` (store/causes.py): their epoch sequence goes on
+#: by this many epochs instead (each gateway start takes one), so that ids stay in a
+#: bigint: the sequence ends at 2^31 - 1, room for 2047 restores
+EPOCH_GAP = 1 << 20
+#: sequences moved by their own gap
+_SEQUENCE_GAPS = {"frame_id_epochs": EPOCH_GAP}
 
 
 #: the dead reason of the commands a restore finishes
@@ -90,6 +98,7 @@ class BackupError(Exception):
 async def _finish_open_commands(conn: asyncpg.Connection) -> int:
     """Finish the expired commands open at the backup (see :func:`restore`); how many."""
     async with conn.transaction():
+        await apply_cause(conn, Cause.system(RESTORE_RECOVERY))
         rows = await conn.fetch(
             """UPDATE commands SET status = 'dead', dead_reason = $1, finished_at = now(),
                                   claimed_by = NULL
@@ -104,14 +113,17 @@ async def _finish_open_commands(conn: asyncpg.Connection) -> int:
 
 
 async def _skip_issued_ids(conn: asyncpg.Connection) -> None:
-    """Move every sequence, and the event id sequencer, ``ID_GAP`` past the backup's."""
+    """Move every sequence, and the event id sequencer, ``ID_GAP`` past the backup's
+    (the frame id epochs ``EPOCH_GAP``)."""
     async with conn.transaction():
         for row in await conn.fetch(
-            """SELECT format('%I.%I', schemaname, sequencename) AS seq, last_value
+            """SELECT format('%I.%I', schemaname, sequencename) AS seq, sequencename AS name,
+                      last_value
                FROM pg_sequences WHERE schemaname = current_schema()"""
         ):
+            gap = _SEQUENCE_GAPS.get(row["name"], ID_GAP)
             await conn.execute(
-                "SELECT setval($1::regclass, $2)", row["seq"], (row["last_value"] or 0) + ID_GAP
+                "SELECT setval($1::regclass, $2)", row["seq"], (row["last_value"] or 0) + gap
             )
         if await conn.fetchval("SELECT to_regclass('event_sequencer')") is not None:
             await conn.execute("UPDATE event_sequencer SET last_id = last_id + $1", ID_GAP)

@@ -60,7 +60,9 @@ import asyncpg
 import structlog
 
 from chargegw.audit import mask_text
+from chargegw.causes import current as current_cause
 from chargegw.metrics import Metrics
+from chargegw.store.causes import FrameIds
 from chargegw.store.database import Connection
 from chargegw.store.errors import describe, is_row_error, is_unavailable, reason, sqlstate
 from chargegw.store.values import safe_json, safe_text
@@ -132,6 +134,11 @@ class PortRow(NamedTuple):
     order_ref: str | None = None
     reported_at: datetime | None = None
     device_time: datetime | None = None
+    #: what changed the status (``chargegw.causes``; None: the ambient cause when put).
+    #: Stored only with a change of status: the row keeps its last change's cause
+    cause_kind: str | None = None
+    cause_ref: str | None = None
+    cause_frame_id: int | None = None
 
 
 class EventRow(NamedTuple):
@@ -142,10 +149,15 @@ class EventRow(NamedTuple):
     kind: str
     reason: str | None = None
     detail: dict[str, Any] | None = None
+    #: what caused it (``chargegw.causes``; None: the ambient cause when put)
+    cause_kind: str | None = None
+    cause_ref: str | None = None
+    cause_frame_id: int | None = None
 
 
 class FrameRow(NamedTuple):
-    """A ``frames`` row: one frame in or out, its bytes as (masked) hex."""
+    """A ``frames`` row: one frame in or out, its bytes as (masked) hex; ``id`` from the
+    writer's :attr:`BatchWriter.frame_ids` (None: the database gives one)."""
 
     received_at: datetime
     connection_id: str
@@ -155,6 +167,7 @@ class FrameRow(NamedTuple):
     command: str | None
     hex: str
     error: str | None = None
+    id: int | None = None
 
 
 def _columns(row_class: type[tuple[Any, ...]]) -> tuple[str, ...]:
@@ -203,6 +216,9 @@ class BindResult:
 
 #: columns that only say "seen again": a row differing only in these is not new
 _FRESHNESS = frozenset({"last_seen_at", "last_heartbeat_at", "reported_at", "device_time"})
+#: a state row's cause (the last columns of a row that has them): not part of its content
+#: (every frame has its own), kept from the row that changed the status
+_CAUSE = ("cause_kind", "cause_ref", "cause_frame_id")
 #: remembered rows before the memory of unchanged state is reset
 _MAX_REMEMBERED = 500_000
 
@@ -237,6 +253,7 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> s
 
     In tables with ``online``, an offline row (``online`` false) names the connection
     that went away and changes nothing unless the stored row still names it (or none).
+    In tables with a cause, the cause is stored only with a change of status.
     """
     names = ", ".join(columns)
     number = {column: f"${index}" for index, column in enumerate(columns, start=1)}
@@ -268,6 +285,12 @@ def _upsert_sql(table: str, columns: tuple[str, ...], key: tuple[str, ...]) -> s
             updates.append(
                 f"{column} = CASE WHEN {stale} THEN t.{column} "
                 f"ELSE COALESCE({param}, t.{column}) END"
+            )
+        elif column in _CAUSE:
+            status = number["status"]
+            updates.append(
+                f"{column} = CASE WHEN {status} IS NOT NULL AND {status} IS DISTINCT FROM "
+                f"t.status THEN {param} ELSE t.{column} END"
             )
         else:
             updates.append(f"{column} = COALESCE({param}, t.{column})")
@@ -308,6 +331,9 @@ class _StateTable(Generic[_Row]):
     #: positions of the connection-state columns and of the device-provided text columns
     connection_state: tuple[int, ...]
     texts: tuple[int, ...]
+    #: position of ``status`` and the number of cause columns closing the row (0: none)
+    status: int | None
+    causes: int
 
 
 def _state_table(
@@ -320,12 +346,16 @@ def _state_table(
         columns=columns,
         sql=_upsert_sql(table, columns, key),
         values=operator.attrgetter(*columns),
-        content=operator.attrgetter(*(c for c in columns if c not in _FRESHNESS)),
+        content=operator.attrgetter(
+            *(c for c in columns if c not in _FRESHNESS and c not in _CAUSE)
+        ),
         online=position.get("online"),
         connection=position.get("connection_id"),
         attributes=position.get("attributes"),
         connection_state=tuple(position[c] for c in _CONNECTION_STATE if c in position),
         texts=tuple(position[c] for c in _DEVICE_TEXT if c in position),
+        status=position.get("status"),
+        causes=len(_CAUSE) if columns[-len(_CAUSE) :] == _CAUSE else 0,
     )
 
 
@@ -362,6 +392,10 @@ def _merge(table: _StateTable[Any], old: _Values | None, new: _Values) -> _Value
     at = table.attributes
     if at is not None and old[at] and new[at] is not None:
         merged[at] = {**old[at], **new[at]}
+    status = table.status
+    if table.causes and status is not None and new[status] in (None, old[status]):
+        # the newer row did not change the status: the cause is the row's that did
+        merged[-table.causes :] = old[-table.causes :]
     return tuple(merged)
 
 
@@ -461,6 +495,8 @@ class BatchWriter:
         refresh_s: float = 0.0,
     ) -> None:
         self._pool_factory = pool_factory
+        #: the ids of the frames this process puts (started with the gateway)
+        self.frame_ids = FrameIds(pool_factory)
         #: unchanged state is written again after this long (0: always written)
         self.refresh_s = refresh_s
         self._remembered: dict[int, int] = {}
@@ -519,8 +555,13 @@ class BatchWriter:
                 self._pending.touched_ports[key] = row.reported_at
                 self._added()
             return
+        values = _PORTS.values(row)
+        if row.cause_kind is None:
+            cause = current_cause()
+            if cause is not None:
+                values = values[: -_PORTS.causes] + cause
         pending = self._pending.ports
-        pending[key] = _merge(_PORTS, pending.get(key), _PORTS.values(row))
+        pending[key] = _merge(_PORTS, pending.get(key), values)
         self._added()
 
     def touch_device(self, device_id: str, seen: datetime | None, beat: datetime | None) -> None:
@@ -554,13 +595,17 @@ class BatchWriter:
 
     def put_event(self, row: EventRow) -> None:
         """An event of a device (appended; ``detail`` is serialised now)."""
+        cause: tuple[Any, ...] = (row.cause_kind, row.cause_ref, row.cause_frame_id)
+        if row.cause_kind is None:
+            cause = current_cause() or cause
         self._pending.events.append(
-            (row.device_id, row.at, row.kind, row.reason, safe_json(row.detail or {}))
+            (row.device_id, row.at, row.kind, row.reason, safe_json(row.detail or {}), *cause)
         )
         self._added()
 
     def put_frame(self, row: FrameRow) -> None:
-        """A frame in or out (appended)."""
+        """A frame in or out (appended); its ``id`` from :attr:`frame_ids`, given by the
+        caller, which may name the frame as a cause before it is written."""
         self._pending.frames.append(_FRAME_VALUES(row))
         self._added()
 
@@ -625,6 +670,7 @@ class BatchWriter:
             except TimeoutError:
                 self._task.cancel()
                 log.error("writer stopped with unwritten rows", backlog=self.backlog)
+        await self.frame_ids.close()
 
     async def drained(self) -> None:
         """Wait until everything put so far is committed (tests, shutdown). Rows put
@@ -967,7 +1013,23 @@ async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> _
             "device_events", records=batch.events, columns=list(EVENT_COLUMNS)
         )
     if batch.frames:
-        await conn.copy_records_to_table(
-            "frames", records=batch.frames, columns=list(FRAME_COLUMNS)
-        )
+        await _copy_frames(conn, batch.frames)
     return written
+
+
+_FRAME_ID = FRAME_COLUMNS.index("id")
+_FRAME_COLUMNS_WITHOUT_ID = [c for c in FRAME_COLUMNS if c != "id"]
+
+
+async def _copy_frames(conn: Connection, frames: list[tuple[Any, ...]]) -> None:
+    """COPY the frames; those without an id (no epoch: a writer not started, or one used
+    up while the database was away) get theirs from the table's sequence."""
+    with_id = [f for f in frames if f[_FRAME_ID] is not None]
+    if with_id:
+        await conn.copy_records_to_table("frames", records=with_id, columns=list(FRAME_COLUMNS))
+    if len(with_id) < len(frames):
+        await conn.copy_records_to_table(
+            "frames",
+            records=[f[:_FRAME_ID] + f[_FRAME_ID + 1 :] for f in frames if f[_FRAME_ID] is None],
+            columns=_FRAME_COLUMNS_WITHOUT_ID,
+        )

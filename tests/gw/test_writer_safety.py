@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 
 from chargegw.app import Gateway
 from chargegw.metrics import Metrics
-from chargegw.store.writer import BatchWriter, DeviceRow, EventRow, GatewayRow
+from chargegw.store.writer import BatchWriter, DeviceRow, EventRow, FrameRow, GatewayRow
 from chargeproto import ap3000, bkv
 
 from .conftest import read_only_database
@@ -215,3 +215,28 @@ async def test_drained_returns_under_steady_traffic(db_pool: asyncpg.Pool) -> No
         stop.set()
         await traffic
         await writer.close()
+
+
+async def test_frames_of_a_batch_retried_after_an_unacknowledged_commit_are_not_refused(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """A batch retried although its COMMIT went through (the acknowledgement was lost)
+    carries frames already stored under the same in-process ids: they are recognised as
+    stored, the batch's other frames are written, and nothing goes to ``rejected_rows``."""
+    metrics = Metrics()
+    writer = BatchWriter(lambda: db_pool, metrics, interval_s=0.02)
+    writer.start()
+    try:
+        now = datetime.now(UTC)
+        first_copy = FrameRow(now, "c1", "dev-1", "in", "ap3000", "0x01", "aa", id=7 << 32 | 1)
+        writer.put_frame(first_copy)
+        await asyncio.wait_for(writer.drained(), 10)
+        writer.put_frame(first_copy)  # the retried batch: the same frame again ...
+        writer.put_frame(first_copy._replace(id=7 << 32 | 2, hex="bb"))  # ... and a new one
+        await asyncio.wait_for(writer.drained(), 10)
+    finally:
+        await writer.close()
+    assert writer.healthy
+    rows = await db_pool.fetch("SELECT id, hex FROM frames ORDER BY id")
+    assert [(r["id"], r["hex"]) for r in rows] == [(7 << 32 | 1, "aa"), (7 << 32 | 2, "bb")]
+    assert await db_pool.fetchval("SELECT count(*) FROM rejected_rows") == 0

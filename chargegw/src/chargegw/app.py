@@ -74,6 +74,8 @@ log = structlog.get_logger("chargegw")
 
 #: longest shutdown waits for the pool's connections to come back before cutting them
 POOL_CLOSE_S = 10.0
+#: the compliance counters' last flush at shutdown waits at most this long
+COMPLIANCE_FLUSH_S = 5.0
 #: the cause of what the liveness sweep changes
 _OFFLINE_SWEEP = Cause.timer(causes.OFFLINE_SWEEP)
 #: how often partitions and the device event log are looked after (first: after the start)
@@ -238,7 +240,7 @@ class Gateway:
                 on_answered=self.sessions.ack_ok,
                 on_oldest=guarded(self.metrics.outbox_oldest_pending_seconds.set),
                 on_purged=guarded(lambda n: self.metrics.housekeeping_done("commands", deleted=n)),
-                on_late_reply=self._late_reply,
+                on_late_reply=guarded(self._late_reply),
                 on_sent=guarded(
                     lambda protocol, name: self.metrics.commands_sent_total.labels(
                         protocol, name
@@ -397,12 +399,12 @@ class Gateway:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        try:  # the counts since the last flush
-            await self.compliance.flush()
-        except Exception as exc:
-            log.warning("compliance counts of the last seconds not written", error=str(exc))
         await self.call_audit.close()  # rows of the last calls, before the pool goes
         await self.writer.close()
+        try:  # the counts since the last flush, after the writer's rows; bounded
+            await asyncio.wait_for(self.compliance.flush(), COMPLIANCE_FLUSH_S)
+        except Exception as exc:
+            log.warning("compliance counts of the last seconds not written", error=str(exc))
         await self.cluster.stop()
         if self.pool is not None:
             try:  # close waits for every connection to come back: bounded, then cut
@@ -668,6 +670,15 @@ class Gateway:
         log.debug("connection opened", connection=link.id, remote=link.remote)
 
     def on_events(self, link: DeviceLink, events: list[Event]) -> None:
+        # a read handler or timer made while a frame was handled carries that frame's
+        # cause in its context: nothing here is caused by it
+        token = causes.enter(None)
+        try:
+            self._on_events(link, events)
+        finally:
+            causes.leave(token)
+
+    def _on_events(self, link: DeviceLink, events: list[Event]) -> None:
         wall = self.wall()
         for event in events:
             if link.closed:
@@ -733,7 +744,8 @@ class Gateway:
             )
         )
         if owner is not None:
-            self.compliance.observe(link, owner, message, event.raw, command, frame_id, wall)
+            with never_fails():  # a counter's fault must not cost the frame
+                self.compliance.observe(link, owner, message, event.raw, command, frame_id, wall)
         if driver is None:
             log.warning("no driver for protocol", protocol=protocol, connection=link.id)
             return
@@ -793,7 +805,8 @@ class Gateway:
                 id=frame_id,
             )
         )
-        self.compliance.stream_error(link, event, frame_id, wall)
+        with never_fails():
+            self.compliance.stream_error(link, event, frame_id, wall)
         if link.errors > self.settings.garbage_budget:
             log.warning(
                 "closing connection: too many decode errors", connection=link.id, errors=link.errors

@@ -592,8 +592,8 @@ class Compliance:
         database (an owned task of the gateway; a failed flush is retried next time)."""
         while True:
             await asyncio.sleep(self.flush_s)
-            self.check_missing()
             try:
+                self.check_missing()
                 await self.flush()
             except Exception as exc:
                 log.warning("compliance counts not written yet, retrying", error=str(exc))

@@ -747,7 +747,7 @@ class BatchWriter:
         self.healthy = False
         self.last_error = why
 
-    async def _write(self, batch: _Batch) -> _Batch | None:
+    async def _write(self, batch: _Batch, *, retried: bool = False) -> _Batch | None:
         """Write one batch in one transaction; returns what must be retried (None: done)."""
         pool = self._pool_factory()
         started = time.perf_counter()
@@ -760,6 +760,15 @@ class BatchWriter:
             if not is_row_error(exc) or pool is None:
                 self._holding(exc, batch.rows())
                 return batch
+            if (
+                not retried
+                and getattr(exc, "sqlstate", None) == "23505"
+                and await _drop_stored_frames(pool, batch)
+            ):
+                # a retry of a batch whose COMMIT went through unacknowledged: its frames
+                # (ids given in process) are stored already; the rest is written again
+                log.info("frames of a retried batch were stored already", rows=batch.rows())
+                return await self._write(batch, retried=True)
             # one row's values are refused: retrying the batch would block every later
             # row, so write row by row and set aside only the refused ones
             self._metrics.db_write_failures_total.inc()
@@ -1018,6 +1027,33 @@ async def _write_batch(conn: Connection, batch: _Batch, policy: FlapPolicy) -> _
 
 
 _FRAME_ID = FRAME_COLUMNS.index("id")
+_FRAME_AT = FRAME_COLUMNS.index("received_at")
+
+
+async def _drop_stored_frames(pool: asyncpg.Pool, batch: _Batch) -> bool:
+    """Remove from ``batch`` the frames whose (received_at, id) is stored already;
+    whether there were any. Errors count as none (the caller goes on as before)."""
+    keyed = [f for f in batch.frames if f[_FRAME_ID] is not None]
+    if not keyed:
+        return False
+    try:
+        async with pool.acquire(timeout=5) as conn:
+            rows = await conn.fetch(
+                """SELECT f.id, f.received_at FROM frames f
+                     JOIN unnest($1::bigint[], $2::timestamptz[]) AS k(id, at)
+                       ON f.id = k.id AND f.received_at = k.at""",
+                [f[_FRAME_ID] for f in keyed],
+                [f[_FRAME_AT] for f in keyed],
+            )
+    except Exception:
+        return False
+    stored = {(r["id"], r["received_at"]) for r in rows}
+    if not stored:
+        return False
+    batch.frames = [f for f in batch.frames if (f[_FRAME_ID], f[_FRAME_AT]) not in stored]
+    return True
+
+
 _FRAME_COLUMNS_WITHOUT_ID = [c for c in FRAME_COLUMNS if c != "id"]
 
 

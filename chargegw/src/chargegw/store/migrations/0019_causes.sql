@@ -19,6 +19,8 @@
 -- writer start (and per 2^32 frames). The epoch stays below 2^31 so the id stays a
 -- bigint; a restore moves this sequence by a small gap (ops/backup.py EPOCH_GAP).
 CREATE SEQUENCE frame_id_epochs AS bigint MINVALUE 1 MAXVALUE 2147483647 NO CYCLE;
+-- the first epoch lies above every id the database gave before (frames_id_seq)
+SELECT setval('frame_id_epochs', ((SELECT last_value FROM frames_id_seq) >> 32) + 1, false);
 
 ALTER TABLE events
     ADD COLUMN cause_kind text

@@ -44,6 +44,9 @@ TIMEOUT_S = 240.0
 STATE_DEPENDENT_422: dict[str, str] = {
     "GET /api/v1/devices/{device_id}/frames": "the window (31 days at most) ends now by default",
     "GET /api/v1/devices/{device_id}/timeline": "the window (31 days at most) ends now by default",
+    "GET /api/v1/devices/{device_id}/events": "since after until: a relation of two parameters",
+    "GET /api/v1/frames": "the named devices, gateway and order must exist; order_no or a "
+    "window; the window (31 days at most) ends now by default",
     "POST /api/v1/devices/{device_id}/commands": "the device's protocol names its commands",
     "POST /api/v1/devices/{device_id}/ports/{port}/start": "the device's port count",
     "POST /api/v1/devices/{device_id}/ports/{port}/stop": "the device's port count",

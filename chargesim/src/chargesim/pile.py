@@ -283,6 +283,8 @@ class SimulatedPile(abc.ABC):
         self._connection_count = 0
         self._tg: asyncio.TaskGroup | None = None
         self._zombies: collections.deque[asyncio.StreamWriter] = collections.deque()
+        #: set by :meth:`stopping` (a stop that cancels the pile's task)
+        self._stopping = False
         self._seen_commands: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
         self._replies: collections.OrderedDict[Hashable, list[bytes]] = collections.OrderedDict()
         self._record_pulse = asyncio.Event()
@@ -522,9 +524,18 @@ class SimulatedPile(abc.ABC):
             while self._zombies:
                 self._zombies.popleft().close()
 
+    def stopping(self) -> None:
+        """Say the pile is being stopped (its task is about to be cancelled): it does not
+        connect again even if the cancel is lost (Python 3.11's TaskGroup can swallow a
+        cancel that meets a failing child, here the session's)."""
+        self._stopping = True
+
     async def _connect_loop(self, host: str, port: int) -> None:
         failures = 0
+        self._stopping = False
         while True:
+            if self._stopping:
+                raise asyncio.CancelledError
             try:
                 async with asyncio.timeout(10.0):
                     reader, writer = await asyncio.open_connection(host, port)

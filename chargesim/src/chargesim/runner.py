@@ -162,6 +162,8 @@ class Simulator:
     async def stop(self) -> None:
         """Stop every pile and close their connections."""
         self._running = False
+        for pile in self._piles.values():
+            pile.stopping()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

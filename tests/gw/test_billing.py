@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from chargegw.api import billing as billing_api
 from chargegw.app import Gateway
-from chargegw.domain import billing
+from chargegw.domain import billing, billing_store
 from chargegw.domain.orders import SettlementReport, new_order_no, settle
 from chargeproto import ap3000
 
@@ -265,7 +265,7 @@ async def _day_of_orders(dsn: str, orders: list[tuple[Any, ...]]) -> None:
             "shortfall_cent": shortfall_total,
         }
         assert sum(item["amount_cent"] for item in report["items"]) == sum(expected)
-        rows = list(csv.DictReader(io.StringIO(billing.reconciliation_csv(report))))
+        rows = list(csv.DictReader(io.StringIO(billing_store.reconciliation_csv(report))))
         total = rows.pop()
         assert total["order_no"] == "TOTAL" and len(rows) == len(orders)
         for key in ("amount_cent", "card_charged_cent", "shortfall_cent"):

@@ -1,5 +1,5 @@
-"""The billing API: the card registry, rate plans per device, and the daily
-reconciliation export (JSON or CSV)."""
+"""The billing API: the card registry (its list is a keyset page like the other lists),
+rate plans per device, and the daily reconciliation export (JSON or CSV)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from chargegw.api.deps import Pool, refused
 from chargegw.api.errors import api_error, error_responses
+from chargegw.api.pagination import DEFAULT_LIMIT, Cursor, Limit, decode_cursor, encode_cursor
 from chargegw.domain import billing, billing_store
 from chargegw.domain.billing_store import (
     Card,
@@ -31,6 +32,14 @@ CARD_ID_PATTERN = r"^([0-9A-Fa-f]{2}){1,32}$"
 
 CardId = Annotated[
     str, Path(pattern=CARD_ID_PATTERN, description="card number in hex (whole bytes)")
+]
+CardPrefix = Annotated[
+    str | None,
+    Query(
+        pattern=r"^[0-9A-Fa-f]{1,64}$",
+        description="cards whose number starts with these hex digits (any case)",
+        examples=["0A1B"],
+    ),
 ]
 _T = TypeVar("_T")
 
@@ -78,6 +87,13 @@ class DevicePlanSet(BaseModel):
     plan: str
 
 
+class CardPage(BaseModel):
+    """A page of cards, by card number."""
+
+    items: list[Card]
+    next_cursor: str | None
+
+
 class RatePlanList(BaseModel):
     """Every rate plan, by name."""
 
@@ -123,6 +139,28 @@ async def create_card(pool: Pool, body: CardCreate) -> Card:
             )
         )
     return Card(**row)
+
+
+@router.get("/cards", summary="List cards, by card number")
+async def list_cards(
+    pool: Pool,
+    *,
+    q: CardPrefix = None,
+    status: Annotated[
+        Literal["active", "blocked"] | None, Query(description="only cards in this status")
+    ] = None,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> CardPage:
+    """Cards with their balances (not their transactions: see ``GET /cards/{card_id}``),
+    ordered by card number, optionally filtered by a number prefix (``q``) and status."""
+    after = None if cursor is None else decode_cursor(cursor, "cards", (str,))[0]
+    async with pool.acquire() as conn:
+        page = await billing_store.list_cards(
+            conn, prefix=q.upper() if q else None, status=status, after=after, limit=limit
+        )
+    next_cursor = encode_cursor("cards", [page.items[-1].card_id]) if page.more else None
+    return CardPage(items=page.items, next_cursor=next_cursor)
 
 
 @router.get(
@@ -240,7 +278,10 @@ async def get_device_plan(pool: Pool, device_id: str) -> DevicePlan:
         200: {
             "description": "The report: JSON, or CSV with `format=csv` (a header, one line "
             "per order, then a `TOTAL` line whose `inputs` column holds the number of "
-            "orders), as an attachment `reconciliation-<date>.csv`",
+            "orders), as an attachment `reconciliation-<date>.csv`. The CSV gives every "
+            "amount in cents and in yuan (`amount_cent`, `amount_yuan` ...); a cell that "
+            "would start with `=`, `+`, `-` or `@` starts with `'` (no spreadsheet "
+            "formulas)",
             "content": {"text/csv": {"schema": {"type": "string"}}},
         }
     },
@@ -255,7 +296,7 @@ async def reconciliation(
         report = await billing.reconciliation(conn, date)
     if format == "csv":
         return Response(
-            billing.reconciliation_csv(report),
+            billing_store.reconciliation_csv(report),
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": (

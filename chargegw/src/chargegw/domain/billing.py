@@ -920,34 +920,6 @@ async def reconciliation(conn: Connection, day: date) -> dict[str, Any]:
     return {"date": day.isoformat(), "currency": "CNY", "items": items, "totals": totals}
 
 
-def reconciliation_csv(report: Mapping[str, Any]) -> str:
-    """The report as CSV: a header, one line per order, then a ``TOTAL`` line (its
-    ``inputs`` column holds the number of orders)."""
-    import csv
-    import io
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(REPORT_COLUMNS)
-    for item in report["items"]:
-        writer.writerow(
-            [
-                json.dumps(item[key], sort_keys=True)
-                if key == "inputs"
-                else ("" if item[key] is None else item[key])
-                for key in REPORT_COLUMNS
-            ]
-        )
-    totals = report["totals"]
-    total_row = {key: "" for key in REPORT_COLUMNS}
-    total_row["order_no"] = "TOTAL"
-    total_row["inputs"] = json.dumps({"orders": totals["orders"]})
-    for key in TOTAL_COLUMNS[1:]:
-        total_row[key] = str(totals[key])
-    writer.writerow([total_row[key] for key in REPORT_COLUMNS])
-    return buffer.getvalue()
-
-
 def _json(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
         loaded: dict[str, Any] = json.loads(value)

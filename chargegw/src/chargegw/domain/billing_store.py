@@ -1,17 +1,25 @@
-"""The billing API's repository: rate plans and the plans of devices, and the typed
-views of cards and the reconciliation report (whose SQL and rules are in
-:mod:`chargegw.domain.billing`)."""
+"""The billing API's repository: rate plans and the plans of devices, the list of cards,
+the typed views of cards and the reconciliation report (whose SQL and rules are in
+:mod:`chargegw.domain.billing`), and the report's CSV form."""
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
+from chargegw.domain.billing import REPORT_COLUMNS, TOTAL_COLUMNS
+from chargegw.domain.pages import Page, Where, page_of
 from chargegw.domain.refusals import InvalidError, NotFoundError
 from chargegw.store.database import Connection
+
+#: a list query waits at most this long
+QUERY_TIMEOUT_S = 10.0
 
 
 def _json(raw: Any) -> Any:
@@ -154,3 +162,97 @@ async def set_device_plan(conn: Connection, device_id: str, plan: str) -> None:
         device_id,
         plan,
     )
+
+
+# -- cards --
+
+_CARD_COLUMNS = "card_id, status, balance_cent, holder, created_at, updated_at"
+
+
+async def list_cards(
+    conn: Connection,
+    *,
+    prefix: str | None,
+    status: str | None,
+    after: str | None,
+    limit: int,
+) -> Page[Card]:
+    """Cards ordered by card id, after the card ``after``: those whose id starts with
+    ``prefix`` (upper-case hex) and in ``status``, when given."""
+    where = Where()
+    if prefix:
+        where.add("starts_with(card_id, {})", prefix)
+    if status is not None:
+        where.add("status = {}", status)
+    if after is not None:
+        where.add("card_id > {}", after)
+    query = f"""SELECT {_CARD_COLUMNS} FROM cards {where.sql()}
+                ORDER BY card_id {where.limit(limit)}"""
+    rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
+    return page_of([Card(**dict(r)) for r in rows], limit)
+
+
+# -- the reconciliation as CSV --
+
+#: the cent columns that get a yuan column beside them
+_MONEY_COLUMNS = frozenset(TOTAL_COLUMNS[1:])
+#: the CSV's columns: the report's, each amount in cents followed by the same in yuan
+CSV_COLUMNS: tuple[str, ...] = tuple(
+    name
+    for column in REPORT_COLUMNS
+    for name in (
+        (column, column.removesuffix("_cent") + "_yuan") if column in _MONEY_COLUMNS else (column,)
+    )
+)
+#: a cell starting with one of these is a formula to a spreadsheet (CSV injection)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def yuan(cents: int) -> str:
+    """Cents as yuan with two decimals, exactly: 12345 -> ``123.45``, -5 -> ``-0.05``."""
+    sign = "-" if cents < 0 else ""
+    whole, fraction = divmod(abs(int(cents)), 100)
+    return f"{sign}{whole}.{fraction:02d}"
+
+
+def csv_cell(value: Any) -> str:
+    """A value as a CSV cell a spreadsheet shows as text: ``None`` is empty, and a value
+    that starts like a formula (``=``, ``+``, ``-``, ``@``, a tab or a carriage return)
+    gets a leading ``'``."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def reconciliation_csv(report: Mapping[str, Any]) -> str:
+    """The report as CSV (:data:`CSV_COLUMNS`): a header, one line per order (``inputs``
+    as JSON), then a ``TOTAL`` line with the totals in their columns and
+    ``{"orders": n}`` in ``inputs``. Amounts are in cents and in yuan; every cell is
+    safe from CSV injection (:func:`csv_cell`)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+
+    def row(values: Mapping[str, Any]) -> list[str]:
+        cells: dict[str, Any] = {}
+        for column in REPORT_COLUMNS:
+            value = values.get(column)
+            if column == "inputs" and not isinstance(value, str):
+                value = json.dumps(value, sort_keys=True, ensure_ascii=False)
+            cells[column] = value
+            if column in _MONEY_COLUMNS:
+                cells[column.removesuffix("_cent") + "_yuan"] = yuan(int(value or 0))
+        return [csv_cell(cells[name]) for name in CSV_COLUMNS]
+
+    for item in report["items"]:
+        writer.writerow(row(item))
+    totals = report["totals"]
+    writer.writerow(
+        row(
+            {
+                "order_no": "TOTAL",
+                "inputs": json.dumps({"orders": totals["orders"]}),
+                **{key: int(totals[key]) for key in _MONEY_COLUMNS},
+            }
+        )
+    )
+    return buffer.getvalue()

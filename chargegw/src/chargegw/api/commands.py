@@ -17,7 +17,7 @@ from chargegw.api.deps import Pool, Services, refused
 from chargegw.api.errors import api_error, error_responses
 from chargegw.api.pagination import DEFAULT_LIMIT, Cursor, Limit, encode_cursor, timestamp_key, utc
 from chargegw.core import split_device_id
-from chargegw.domain import auth, charging
+from chargegw.domain import auth, charging, orders
 from chargegw.domain.charging import (
     ChargingService,
     CommandRecord,
@@ -27,7 +27,13 @@ from chargegw.domain.charging import (
     OrderSample,
     Queued,
 )
-from chargegw.domain.orders import OrderStatus, new_order_no
+from chargegw.domain.orders import (
+    OrderFilter,
+    OrderStatus,
+    StartMode,
+    StopReason,
+    new_order_no,
+)
 from chargegw.domain.refusals import InvalidError, RequestError
 from chargegw.drivers import ap3000_commands, bkv_commands
 
@@ -121,7 +127,11 @@ def _accepted(queued: Queued) -> Accepted:
 
 
 def _key_scope(request: Request) -> str:
-    """Whose idempotency keys a request uses: a digest of its API key ('' without one)."""
+    """Whose idempotency keys a request uses: a digest of its API key ('' without one);
+    a console session's is that of the key it was opened with."""
+    session_key_hash: str | None = getattr(request.state, "session_key_hash", None)
+    if session_key_hash is not None:
+        return session_key_hash
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header[:7].lower() == "bearer " else ""
     return auth.hash_key(token) if token else ""
@@ -359,28 +369,43 @@ async def list_orders(
         bool | None,
         Query(description="only orders marked for review (unpriced, foreign order id)"),
     ] = None,
+    stop_reason: Annotated[
+        StopReason | None,
+        Query(description="only sessions that ended for this (protocol-neutral) reason"),
+    ] = None,
+    start_mode: Annotated[
+        StartMode | None,
+        Query(description="only sessions started this way (online: the API)"),
+    ] = None,
+    device_initiated: Annotated[
+        bool | None,
+        Query(description="true: only sessions the device started on its own; false: none of them"),
+    ] = None,
     cursor: Cursor = None,
     limit: Limit = DEFAULT_LIMIT,
 ) -> OrderPage:
     """Orders by creation time, newest first, with cursor pagination like the other
-    lists."""
+    lists. The filters combine (all must hold); an unknown ``status``, ``stop_reason`` or
+    ``start_mode`` is a 422."""
     before = None if cursor is None else timestamp_key(cursor, "orders", str)
+    filters = OrderFilter(
+        device_id=device_id,
+        status=status,
+        since=utc(since),
+        until=utc(until),
+        review=review,
+        stop_reason=stop_reason,
+        start_mode=start_mode,
+        device_initiated=device_initiated,
+    )
     async with pool.acquire() as conn:
-        page = await charging.list_orders(
-            conn,
-            device_id=device_id,
-            status=status,
-            since=utc(since),
-            until=utc(until),
-            review=review,
-            before=before,
-            limit=limit,
-        )
+        page = await orders.list_orders(conn, filters, before=before, limit=limit)
+    items = [OrderRecord(**dict(row)) for row in page.items]
     next_cursor = None
     if page.more:
-        last = page.items[-1]
+        last = items[-1]
         next_cursor = encode_cursor("orders", [last.created_at.isoformat(), last.order_no])
-    return OrderPage(items=page.items, next_cursor=next_cursor)
+    return OrderPage(items=items, next_cursor=next_cursor)
 
 
 @router.post(

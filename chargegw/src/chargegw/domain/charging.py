@@ -24,7 +24,6 @@ from pydantic import BaseModel, Field, field_validator
 
 from chargegw.domain.orders import OPEN_STATUSES, OrderStatus, transition
 from chargegw.domain.outbox import CommandStatus, Priority
-from chargegw.domain.pages import Page, page_of
 from chargegw.domain.refusals import ConflictError, InvalidError, NotFoundError
 from chargegw.store.causes import apply as apply_cause
 from chargegw.store.database import Connection
@@ -187,40 +186,6 @@ async def order_samples(conn: Connection, order_no: str) -> list[OrderSample]:
         order_no,
     )
     return [OrderSample(**dict(r)) for r in rows]
-
-
-async def list_orders(
-    conn: Connection,
-    *,
-    device_id: str | None,
-    status: OrderStatus | None,
-    since: dt.datetime | None,
-    until: dt.datetime | None,
-    review: bool | None,
-    before: tuple[dt.datetime, str] | None,
-    limit: int,
-) -> Page[OrderRecord]:
-    """Orders newest first (created in ``[since, until)``), after the key ``before``
-    (created_at, order_no) of the previous page; ``review``: marked for review or not."""
-    rows = await conn.fetch(
-        f"""SELECT {_ORDER_COLUMNS} FROM orders
-           WHERE ($1::text IS NULL OR device_id = $1)
-             AND ($2::text IS NULL OR status = $2)
-             AND ($3::timestamptz IS NULL OR created_at >= $3)
-             AND ($4::timestamptz IS NULL OR created_at < $4)
-             AND ($5::timestamptz IS NULL OR (created_at, order_no) < ($5, $6))
-             AND ($8::bool IS NULL OR (review_reason IS NOT NULL) = $8)
-           ORDER BY created_at DESC, order_no DESC LIMIT $7""",
-        device_id,
-        None if status is None else status.value,
-        since,
-        until,
-        None if before is None else before[0],
-        None if before is None else before[1],
-        limit + 1,
-        review,
-    )
-    return page_of([OrderRecord(**dict(r)) for r in rows], limit)
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from chargegw.domain.pages import Page, Where, page_of
 from chargegw.store.database import Connection
 
 log = structlog.get_logger("chargegw.domain.orders")
@@ -76,7 +77,39 @@ def next_status(current: OrderStatus, event: str) -> OrderStatus | None:
     return TRANSITIONS.get((current, event))
 
 
-#: protocol-neutral stop reasons; the raw code and vendor text are kept beside
+class StartMode(str, enum.Enum):
+    """How a session was started: by the API, a card, a code, or at the device."""
+
+    ONLINE = "online"
+    CARD = "card"
+    CODE = "code"
+    DEVICE = "device"
+
+
+class StopReason(str, enum.Enum):
+    """Why a session ended, the same words for every protocol (the drivers' vendor codes
+    map to these; ``unknown`` where a report gives no honest reason)."""
+
+    FULL = "full"
+    MAX_DURATION = "max_duration"
+    TIME_LIMIT = "time_limit"
+    ENERGY_LIMIT = "energy_limit"
+    UNPLUGGED = "unplugged"
+    OVERLOAD = "overload"
+    SERVER_STOP = "server_stop"
+    LOW_POWER = "low_power"
+    OVER_TEMPERATURE = "over_temperature"
+    OVER_VOLTAGE = "over_voltage"
+    UNDER_VOLTAGE = "under_voltage"
+    USER_STOP = "user_stop"
+    EXTERNAL_STOP = "external_stop"
+    CARD_STOP = "card_stop"
+    FAULT = "fault"
+    UNKNOWN = "unknown"
+
+
+#: protocol-neutral stop reasons (:class:`StopReason` values); the raw code and vendor
+#: text are kept beside
 AP3000_STOP_REASONS: dict[int, str] = {
     0x01: "full",
     0x02: "max_duration",
@@ -590,3 +623,62 @@ async def note_session(
         business_no,
         started_at,
     )
+
+
+def _plain(value: enum.Enum | None) -> Any:
+    return None if value is None else value.value
+
+
+@dataclasses.dataclass(frozen=True)
+class OrderFilter:
+    """Which orders a list holds; None: any. ``since`` and ``until`` bound the creation
+    time (``[since, until)``); ``review``: marked for review or not."""
+
+    device_id: str | None = None
+    status: OrderStatus | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    review: bool | None = None
+    stop_reason: StopReason | None = None
+    start_mode: StartMode | None = None
+    device_initiated: bool | None = None
+
+    def where(self) -> Where:
+        """The conditions, on the columns of ``orders``."""
+        where = Where()
+        for column, value in (
+            ("device_id", self.device_id),
+            ("status", _plain(self.status)),
+            ("stop_reason", _plain(self.stop_reason)),
+            ("start_mode", _plain(self.start_mode)),
+            ("device_initiated", self.device_initiated),
+        ):
+            if value is not None:
+                where.add(f"{column} = {{}}", value)
+        if self.since is not None:
+            where.add("created_at >= {}", self.since)
+        if self.until is not None:
+            where.add("created_at < {}", self.until)
+        if self.review is not None:
+            where.add("(review_reason IS NOT NULL) = {}", self.review)
+        return where
+
+
+async def list_orders(
+    conn: Connection,
+    filters: OrderFilter,
+    *,
+    before: tuple[datetime, str] | None,
+    limit: int,
+) -> Page[asyncpg.Record]:
+    """The rows of the orders ``filters`` admits, newest first (creation time, then order
+    number), after the key ``before`` (created_at, order_no) of the previous page."""
+    where = filters.where()
+    if before is not None:
+        where.add("(created_at, order_no) < ({}, {})", *before)
+    rows = await conn.fetch(
+        f"SELECT * FROM orders {where.sql()} "
+        f"ORDER BY created_at DESC, order_no DESC {where.limit(limit)}",
+        *where.args,
+    )
+    return page_of(rows, limit)

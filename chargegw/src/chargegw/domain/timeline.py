@@ -464,6 +464,7 @@ def _settlement_item(row: asyncpg.Record) -> TimelineItem:
             "amount_cent": row["charged_cent"],
             "card_charged_cent": row["card_charged_cent"],
             "shortfall_cent": row["shortfall_cent"],
+            "inputs": None if row["inputs"] is None else _json(row["inputs"]),
         }
     figures["charge"] = charge
     parts = [f"order {row['order_no']} settled"]
@@ -557,7 +558,7 @@ _SETTLEMENT_SQL = """
            o.energy_kwh, o.max_power_w, o.stop_reason, o.stop_reason_code, o.stop_reason_text,
            o.failure_reason, o.amount_cent, o.business_no,
            c.plan, c.kind AS charge_kind, c.amount_cent AS charged_cent, c.card_charged_cent,
-           c.shortfall_cent,
+           c.shortfall_cent, c.inputs,
            coalesce(c.computed_at, o.updated_at) AS settled_at
       FROM orders o LEFT JOIN order_charges c USING (order_no)
      WHERE o.status = 'settled' AND {where}

@@ -30,6 +30,19 @@ def typecheck(session: nox.Session) -> None:
 
 
 @nox.session
+def screenshots(session: nox.Session) -> None:
+    """The console's browser tests, saving the screenshots of docs/console.md."""
+    session.run(
+        *UV_RUN,
+        "pytest",
+        "tests/console",
+        *session.posargs,
+        env={"CHARGEGW_SCREENSHOTS": "docs/console"},
+        external=True,
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Codec benchmarks (AP3000, BKV); each writes its section of docs/benchmarks.md."""
     for script in ("benchmarks/bench_ap3000.py", "benchmarks/bench_bkv.py"):

@@ -10,7 +10,7 @@ chargegw's layers, lowest first; a module may import its own layer and the ones 
 3 domain   chargegw.domain
 4 drivers  chargegw.drivers
 5 cluster  chargegw.cluster
-6 api      chargegw.api
+6 api      chargegw.api, chargegw.console
 7 entry    chargegw.app (composition root), supervisor, cli, __main__
 
 and besides: drivers never import the engines (params, firmware, billing), which register
@@ -36,6 +36,7 @@ LAYERS = {
     "chargegw.drivers": 4,
     "chargegw.cluster": 5,
     "chargegw.api": 6,
+    "chargegw.console": 6,
     "chargegw.app": 7,
     "chargegw.supervisor": 7,
     "chargegw.cli": 7,

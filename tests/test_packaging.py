@@ -50,6 +50,15 @@ def test_chargegw_wheel_has_license_and_docs_assets(chargegw_wheel: zipfile.ZipF
         "redoc/LICENSE",
     ):
         assert f"chargegw/api/static/{asset}" in names, asset
+    # the console: its templates, modules, styles and catalogue, nothing from a CDN
+    for asset in (
+        "templates/base.html",
+        "static/js/core.js",
+        "static/js/pages/device.js",
+        "static/console.css",
+        "catalogue/common.yaml",
+    ):
+        assert f"chargegw/console/{asset}" in names, asset
 
 
 def test_chargegw_wheel_carries_no_tools(chargegw_wheel: zipfile.ZipFile) -> None:

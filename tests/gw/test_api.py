@@ -271,6 +271,7 @@ async def test_openapi_documents_every_path(offline_client: httpx.AsyncClient) -
         "protocol",
         "online",
         "gateway_id",
+        "q",
         "limit",
         "cursor",
     }
@@ -405,6 +406,8 @@ async def test_devices_filters(client: httpx.AsyncClient, db_pool: asyncpg.Pool)
         "signal_strength": None,
         "temperature_c": None,
         "voltage_v": 228.5,
+        "qr_number": "13544000",
+        "iccid": None,
     }
     assert first["next_cursor"] is not None
 

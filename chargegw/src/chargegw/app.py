@@ -549,7 +549,8 @@ class Gateway:
         )
 
     async def _start_http(self) -> None:
-        from chargegw.api.app import ApiState, create_app
+        from chargegw import console
+        from chargegw.api.app import ApiState, ConsoleConfig, create_app
         from chargegw.api.guard import Guard, HttpLimits
         from chargegw.api.routers import ROUTERS
         from chargegw.domain import auth
@@ -569,11 +570,21 @@ class Gateway:
             auth_required=required,
             services=self.api_services(),
             guard=Guard(HttpLimits.from_settings(self.settings), audit=self.call_audit),
+            console=ConsoleConfig(
+                session_lifetime_s=self.settings.console_session_lifetime_s,
+                idle_timeout_s=self.settings.console_idle_timeout_s,
+                timezone=self.settings.device_timezone,
+                process_timeout_s=self.settings.process_timeout_s,
+            ),
+            local_hosts=None
+            if required
+            else frozenset({"127.0.0.1", "localhost", "::1", host.lower()}),
         )
         if required:  # key changes (revocations) reach this process's key cache at once
             self.key_listener = auth.KeyListener(lambda: self.dsn, self.api_state.key_cache)
             self._spawn(self.key_listener.run(), "api-key-listener")
         app = create_app(self.api_state, routers=ROUTERS)
+        console.install(app)
         config = uvicorn.Config(
             app,
             host=host,

@@ -458,6 +458,13 @@ class Settings(BaseSettings):
         description="API keys accepted besides those created with `chargegw apikey create` "
         "(comma-separated); with none at all the HTTP API listens on 127.0.0.1 only",
     )
+    console_session_lifetime_s: Positive = Field(
+        12 * 3600.0,
+        description="a console sign-in lasts at most this long (docs/console.md)",
+    )
+    console_idle_timeout_s: Positive = Field(
+        3600.0, description="a console session unused this long ends"
+    )
     http_max_body_bytes: Count = Field(
         1024 * 1024,
         description="largest HTTP request body; a larger one is refused with 413 before it is "

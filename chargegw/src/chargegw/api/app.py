@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any
@@ -54,12 +55,12 @@ from chargegw.api.errors import (
     RETRY_AFTER_S,
     error_responses,
 )
-from chargegw.domain import auth, readiness
+from chargegw.domain import auth, console_sessions, readiness
 from chargegw.domain.devices import mask_iccid
 from chargegw.metrics import Metrics
 from chargegw.store import errors as store_errors
 
-__all__ = ["ApiState", "DatabaseStatus", "create_app", "mask_iccid"]
+__all__ = ["ApiState", "ConsoleConfig", "DatabaseStatus", "create_app", "mask_iccid"]
 
 log = structlog.get_logger("chargegw.api.app")
 
@@ -119,6 +120,20 @@ class DatabaseStatus:
         self.failed_requests = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ConsoleConfig:
+    """The operator console's settings (docs/console.md)."""
+
+    #: a sign-in lasts at most this long
+    session_lifetime_s: float = 12 * 3600.0
+    #: a session unused this long ends
+    idle_timeout_s: float = 3600.0
+    #: the time zone the console shows times in (and "today" of the overview)
+    timezone: str = "Asia/Shanghai"
+    #: a gateway process silent this long is dead (the overview's ``node_silent`` alert)
+    process_timeout_s: float = 20.0
+
+
 def _no_reasons() -> dict[str, str]:
     return {}
 
@@ -158,6 +173,10 @@ class ApiState:
     #: request hygiene: body sizes, failed authentications, rate limits, the call audit
     #: (:mod:`chargegw.api.guard`); the defaults of the settings, without an audit
     guard: guard.Guard = dataclasses.field(default_factory=guard.Guard)
+    #: the operator console's sessions and time zone
+    console: ConsoleConfig = dataclasses.field(default_factory=ConsoleConfig)
+    #: without keys: the ``Host`` names requests may carry (loopback); None: any
+    local_hosts: frozenset[str] | None = None
 
 
 class DatabaseUnavailableError(Exception):
@@ -226,8 +245,17 @@ _UNAUTHENTICATED = frozenset(
         auth.Reason.SIGNATURE_INVALID,
         auth.Reason.SIGNATURE_STALE,
         auth.Reason.SIGNATURE_REPLAYED,
+        auth.Reason.SESSION_EXPIRED,
     }
 )
+
+#: the console's session cookie (:mod:`chargegw.console`); a request without
+#: ``Authorization`` that carries it is authenticated by its session
+SESSION_COOKIE = "chargegw_session"
+#: the header a console request that changes something repeats the session's CSRF token in
+CSRF_HEADER = "x-csrf-token"
+#: a console session opened while the API runs without keys (localhost mode)
+LOCAL_SESSION = "local"
 
 
 async def require_api_key(
@@ -248,15 +276,95 @@ async def require_api_key(
     refusal; the call audit and the rate limits read both.
     """
     state = _state(request)
-    if not state.auth_required:
-        request.state.api_key = auth.LOCAL_KEY
-        return
     try:
+        if credentials is None:  # what a browser sends by itself: a cookie, or nothing
+            _check_origin(request)
+        if not state.auth_required:
+            check_local_host(request, state)
+            request.state.api_key = auth.LOCAL_KEY
+            return
+        token = request.cookies.get(SESSION_COOKIE) if credentials is None else None
+        if token:
+            info, session = await _session_key(request, state, token)
+            request.state.api_key = info
+            request.state.session_key_hash = session.key_hash
+            if request.method not in scopes.READS and not hmac.compare_digest(
+                request.headers.get(CSRF_HEADER, "").encode(), session.csrf_token.encode()
+            ):
+                raise auth.KeyRefusedError(
+                    auth.Reason.CSRF,
+                    f"missing or wrong {CSRF_HEADER} header for this console session",
+                    key_id=info.key_id,
+                )
+            await _authorize(request, state, info)
+            return
         info = await _authenticate(request, state, credentials)
         request.state.api_key = info
         await _authorize(request, state, info)
     except auth.KeyRefusedError as exc:
         raise _refused(request, state, exc) from None
+
+
+def _check_origin(request: Request) -> None:
+    """Refuse a change a browser sends from another site (a cross-site form or script):
+    ``Sec-Fetch-Site`` says so, or an ``Origin`` that is not this host. API clients send
+    neither header."""
+    if request.method in scopes.READS:
+        return
+    site = request.headers.get("sec-fetch-site")
+    if site is None:  # an older browser: its Origin must be this host
+        origin = request.headers.get("origin")
+        foreign = origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}"
+    else:
+        foreign = site in ("cross-site", "same-site")
+    if foreign:
+        raise auth.KeyRefusedError(
+            auth.Reason.CSRF, "a change sent from another site is refused (cross-site request)"
+        )
+
+
+def check_local_host(request: Request, state: ApiState) -> None:
+    """Without keys the API answers loopback clients only: refuse a ``Host`` that is not a
+    loopback name, or the browser of a web page whose name was rebound to 127.0.0.1 (DNS
+    rebinding) could use it. ``ApiState.local_hosts`` None: no check (in-process tests)."""
+    if state.local_hosts is None:
+        return
+    host = request.headers.get("host", "")
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name.strip("[]").lower() not in state.local_hosts:
+        raise auth.KeyRefusedError(
+            auth.Reason.NETWORK,
+            f"without API keys the gateway answers loopback addresses only, not host {host!r}",
+        )
+
+
+async def _session_key(
+    request: Request, state: ApiState, token: str
+) -> tuple[auth.ApiKeyInfo, console_sessions.Session]:
+    """The key behind a console session, as it is now (revoked, expired: refused)."""
+    if state.pool is None:
+        raise DatabaseUnavailableError(_NO_POOL)
+    async with state.pool.acquire(timeout=auth.LOOKUP_TIMEOUT_S) as conn:
+        session = await console_sessions.session_for(
+            conn, token, idle_timeout_s=state.console.idle_timeout_s
+        )
+    if session is None or session.key_hash == LOCAL_SESSION:
+        raise auth.KeyRefusedError(
+            auth.Reason.SESSION_EXPIRED, "the console session has ended: sign in again"
+        )
+    try:
+        info = await auth.authenticate_hash(
+            state.pool, state.api_keys, session.key_hash, cache=state.key_cache
+        )
+    except auth.NeedsDatabaseError:
+        raise DatabaseUnavailableError(_NO_POOL) from None
+    if info.hmac_required:  # its calls must be signed: a cookie cannot sign
+        raise auth.KeyRefusedError(
+            auth.Reason.SIGNATURE_MISSING,
+            "this key requires signed requests: it cannot be used in the console",
+            key_id=info.key_id,
+        )
+    return info, session
 
 
 async def _authenticate(

@@ -10,7 +10,7 @@ import datetime as dt
 import enum
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel
 
 from chargegw.api.deps import Pool, Quirks
@@ -67,6 +67,7 @@ class EventPage(BaseModel):
 
 
 _NOT_FOUND = error_responses((404, "No such device"))
+_NO_GATEWAY = error_responses((404, "No such gateway"))
 
 router = APIRouter(prefix="/api/v1")
 
@@ -100,6 +101,21 @@ async def list_gateways(
     return GatewayPage(items=items, next_cursor=next_cursor)
 
 
+@router.get(
+    "/gateways/{gateway_id}",
+    tags=["gateways"],
+    summary="One gateway",
+    responses=_NO_GATEWAY,
+)
+async def get_gateway(pool: Pool, gateway_id: Annotated[str, Path(max_length=64)]) -> Gateway:
+    """A gateway's connection, SIM (ICCID masked), firmware text and device count."""
+    async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        gateway = await devices.get_gateway(conn, gateway_id)
+    if gateway is None:
+        raise HTTPException(404, f"gateway {gateway_id} not found")
+    return gateway
+
+
 @router.get("/devices", tags=["devices"], summary="List devices")
 async def list_devices(
     pool: Pool,
@@ -107,10 +123,20 @@ async def list_devices(
     protocol: Protocol | None = None,
     online: bool | None = None,
     gateway_id: Annotated[str | None, Query(max_length=64)] = None,
+    q: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            description="search: a device or gateway id (or its start), the number under "
+            "an AP3000 pile's QR code, the URL of its QR code, or the last digits (4 or "
+            "more) of an ICCID",
+            examples=["13544000"],
+        ),
+    ] = None,
     limit: Limit = DEFAULT_LIMIT,
     cursor: Cursor = None,
 ) -> DevicePage:
-    """Devices ordered by device id, optionally filtered."""
+    """Devices ordered by device id, optionally filtered and searched."""
     after = None if cursor is None else decode_cursor(cursor, "devices", (str,))[0]
     async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
         page = await devices.list_devices(
@@ -120,6 +146,7 @@ async def list_devices(
             gateway_id=gateway_id,
             after=after,
             limit=limit,
+            q=q,
         )
     items = page.items
     next_cursor = encode_cursor("devices", [items[-1].device_id]) if page.more else None

@@ -64,7 +64,7 @@ from chargegw.api.limits import (
     is_control,
 )
 from chargegw.causes import Cause
-from chargegw.domain import call_audit
+from chargegw.domain import auth, call_audit
 from chargegw.domain.call_audit import CallAuditWriter, CallRecord
 
 if TYPE_CHECKING:
@@ -368,6 +368,8 @@ class FailedAuthMiddleware:
                 message["type"] == "http.response.start"
                 and message["status"] == 401
                 and not state.get(AUTHENTICATED)
+                # an ended console session guessed nothing (its token was valid once)
+                and state.get("auth_failure") is not auth.Reason.SESSION_EXPIRED
                 and limiter.failed(address, guard.clock())
             ):
                 log.warning(

@@ -15,6 +15,7 @@ from chargegw.api import (
     firmware,
     frames,
     keys,
+    overview,
     params,
     registry,
     timeline,
@@ -35,4 +36,5 @@ ROUTERS: tuple[APIRouter, ...] = (
     compliance.router,
     timeline.router,
     webhooks.router,
+    overview.router,
 )

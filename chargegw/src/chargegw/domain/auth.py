@@ -164,6 +164,10 @@ class Reason(enum.StrEnum):
     NETWORK = "network"
     SCOPE = "scope"
     DEVICE = "device"
+    #: a console session that is unknown, expired or idle too long
+    SESSION_EXPIRED = "session_expired"
+    #: a change through a console session without its CSRF token, or a cross-site one
+    CSRF = "csrf"
 
 
 class KeyRefusedError(Exception):
@@ -721,7 +725,21 @@ async def authenticate(
     configured_key = _matching_configured(configured, presented)
     if configured_key is not None:
         return configured_info(configured_key)
-    key_hash = hash_key(presented)
+    return await authenticate_hash(pool, (), hash_key(presented), cache=cache)
+
+
+async def authenticate_hash(
+    pool: asyncpg.Pool | None,
+    configured: Iterable[str],
+    key_hash: str,
+    *,
+    cache: KeyCache,
+) -> ApiKeyInfo:
+    """Who holds the key whose :func:`hash_key` is ``key_hash``: what a console session
+    keeps instead of the key. Refusals and errors as :func:`authenticate`."""
+    for key in configured:
+        if hmac.compare_digest(hash_key(key), key_hash):
+            return configured_info(key)
     cached = cache.get(key_hash)
     if cached is not None:
         return cached

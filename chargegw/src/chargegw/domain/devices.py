@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -59,6 +60,55 @@ class Device(BaseModel):
     signal_strength: int | None
     temperature_c: int | None
     voltage_v: float | None
+    qr_number: str | None = Field(
+        None,
+        description="AP3000: the number printed under the pile's QR code (the physical id "
+        "without its type byte, in decimal); null for BKV",
+        examples=["13544000"],
+    )
+    iccid: str | None = Field(
+        None,
+        description="SIM ICCID of the device, masked: first 6 and last 4 characters kept",
+        examples=["898604**********4815"],
+    )
+
+
+def qr_number(protocol: str, device_id: str) -> str | None:
+    """The number under an AP3000 pile's QR code (ap3000 physical id ``04CEAA40``:
+    ``CEAA40`` in decimal, 13544000); None for other devices."""
+    if protocol != "ap3000" or len(device_id) != 8:
+        return None
+    try:
+        return str(int(device_id[2:], 16))
+    except ValueError:
+        return None
+
+
+def _device_fields(row: Any) -> dict[str, Any]:
+    values = dict(row)
+    values["iccid"] = mask_iccid(values.get("iccid"))
+    values["qr_number"] = qr_number(values["protocol"], values["device_id"])
+    return values
+
+
+_HEX = re.compile(r"[0-9A-Fa-f]{8}")
+
+
+def search_terms(q: str) -> tuple[str, str | None, str | None]:
+    """What a search for ``q`` matches: a LIKE prefix of ids (wildcards escaped); the id
+    suffix of an AP3000 QR number (digits: ``13544000`` gives ``CEAA40``); the device id of
+    a QR code's URL (its last 8 hex digits are the id in wire order: ``40aace04`` is
+    ``04CEAA40``)."""
+    q = q.strip()
+    like = q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    suffix = None
+    if q.isdigit() and len(q) <= 8 and int(q) < 1 << 24:
+        suffix = "%06X" % int(q)
+    from_url = None
+    parts = [p for p in re.split(r"[/?#=&]", q) if _HEX.fullmatch(p)] if "/" in q else []
+    if parts:
+        from_url = bytes.fromhex(parts[-1])[::-1].hex().upper()
+    return like, suffix, from_url
 
 
 class Port(BaseModel):
@@ -146,9 +196,23 @@ async def list_gateways(
     return page_of(items, limit)
 
 
+async def get_gateway(conn: Connection, gateway_id: str) -> Gateway | None:
+    """One gateway (ICCID masked); None if it is not known."""
+    row = await conn.fetchrow(
+        """SELECT g.gateway_id, g.protocol, g.online, g.iccid, g.imei, g.firmware,
+                  g.remote_addr, g.connected_at, g.last_seen_at,
+                  (SELECT count(*) FROM devices d WHERE d.gateway_id = g.gateway_id)
+                      AS device_count
+             FROM gateways g WHERE g.gateway_id = $1""",
+        gateway_id,
+        timeout=QUERY_TIMEOUT_S,
+    )
+    return None if row is None else Gateway(**{**dict(row), "iccid": mask_iccid(row["iccid"])})
+
+
 _DEVICE_COLUMNS = """device_id, protocol, gateway_id, phy_id, socket_no, device_type,
     firmware, port_count, online, offline_reason, last_seen_at, last_heartbeat_at,
-    signal_strength, temperature_c, voltage_v"""
+    signal_strength, temperature_c, voltage_v, iccid"""
 
 
 async def list_devices(
@@ -159,9 +223,26 @@ async def list_devices(
     gateway_id: str | None,
     after: str | None,
     limit: int,
+    q: str | None = None,
 ) -> Page[Device]:
-    """Devices ordered by device id, after the device ``after``, optionally filtered."""
+    """Devices ordered by device id, after the device ``after``, optionally filtered;
+    ``q`` searches (:func:`search_terms`): a device or gateway id prefix, an AP3000 QR
+    number or QR code URL, the last digits of an ICCID."""
     where = Where()
+    if q is not None and q.strip():
+        like, suffix, from_url = search_terms(q)
+        where.add(
+            """(device_id ILIKE {} || '%' OR gateway_id ILIKE {} || '%'
+                OR (length({}) >= 4 AND iccid LIKE '%' || {})
+                OR (protocol = 'ap3000' AND substr(device_id, 3) = {})
+                OR device_id = {})""",
+            like,
+            like,
+            like,
+            like,
+            suffix,
+            from_url,
+        )
     if protocol is not None:
         where.add("protocol = {}", protocol)
     if online is not None:
@@ -173,7 +254,7 @@ async def list_devices(
     query = f"""SELECT {_DEVICE_COLUMNS} FROM devices {where.sql()}
                 ORDER BY device_id {where.limit(limit)}"""
     rows = await conn.fetch(query, *where.args, timeout=QUERY_TIMEOUT_S)
-    return page_of([Device(**dict(r)) for r in rows], limit)
+    return page_of([Device(**_device_fields(r)) for r in rows], limit)
 
 
 async def get_device(conn: Connection, device_id: str) -> DeviceDetail | None:
@@ -192,7 +273,7 @@ async def get_device(conn: Connection, device_id: str) -> DeviceDetail | None:
         device_id,
         timeout=QUERY_TIMEOUT_S,
     )
-    return DeviceDetail(**dict(row), ports=[Port(**dict(p)) for p in ports])
+    return DeviceDetail(**_device_fields(row), ports=[Port(**dict(p)) for p in ports])
 
 
 async def device_exists(conn: Connection, device_id: str) -> bool:

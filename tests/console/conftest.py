@@ -51,6 +51,8 @@ class Console:
     admin_key: str | None
     contexts: list[BrowserContext] = dataclasses.field(default_factory=list)
     sims: list[Simulator] = dataclasses.field(default_factory=list)
+    #: uncaught errors of the pages' modules and CSP refusals: the test fails with them
+    page_errors: list[str] = dataclasses.field(default_factory=list)
 
     async def api(
         self, method: str, path: str, key: str | None = None, **kw: Any
@@ -82,6 +84,13 @@ class Console:
         self.contexts.append(context)
         page = await context.new_page()
         page.set_default_timeout(15_000)
+        page.on("pageerror", lambda error: self.page_errors.append(f"uncaught: {error}"))
+        page.on(
+            "console",
+            lambda message: self.page_errors.append(message.text)
+            if "Content Security Policy" in message.text
+            else None,
+        )
         await page.goto(self.base + "/console/")
         if self.admin_key is not None:
             await sign_in(page, key or self.admin_key)
@@ -159,6 +168,7 @@ async def _console(db_dsn: str, overrides: dict[str, Any], keys: bool) -> AsyncI
         console = Console(gateway, base, browser, ADMIN_KEY if keys else None)
         try:
             yield console
+            assert not console.page_errors, console.page_errors
         finally:
             for context in console.contexts:
                 await context.close()

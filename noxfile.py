@@ -44,7 +44,10 @@ def screenshots(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Codec benchmarks (AP3000, BKV); each writes its section of docs/benchmarks.md."""
+    """Codec benchmarks (AP3000, BKV) and the gateway's hot path per frame; each writes
+    its section of docs/benchmarks.md. The hot path also counts instructions per frame
+    under valgrind (callgrind) and fails above benchmarks/hotpath_budget.json; arguments
+    after `--` go to the codec benchmarks only."""
     for script in ("benchmarks/bench_ap3000.py", "benchmarks/bench_bkv.py"):
         session.run(
             *UV_RUN,
@@ -55,6 +58,15 @@ def bench(session: nox.Session) -> None:
             *session.posargs,
             external=True,
         )
+    session.run(
+        *UV_RUN,
+        "python",
+        "benchmarks/bench_hotpath.py",
+        "--write",
+        "docs/benchmarks.md",
+        "--check",
+        external=True,
+    )
 
 
 @nox.session(name="bench-webhooks")

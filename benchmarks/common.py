@@ -63,6 +63,27 @@ def machine_name() -> str:
     return f"{model or 'unknown CPU'} ({cores} logical CPUs), {system}"
 
 
+def commit_id(root: Path | None = None) -> str:
+    """The commit checked out in ``root`` (default: this repository), read from ``.git``
+    without running git; "unknown" if there is none. Uncommitted changes are not seen."""
+    git = (root or Path(__file__).resolve().parent.parent) / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head  # detached
+        ref = head[len("ref: ") :]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip()
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except (OSError, IndexError):
+        pass
+    return "unknown"
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace the ``## ...`` section of ``path`` that ``section`` starts with (or append it)."""
     heading = section.split("\n", 1)[0]

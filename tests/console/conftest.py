@@ -87,9 +87,11 @@ class Console:
         page.on("pageerror", lambda error: self.page_errors.append(f"uncaught: {error}"))
         page.on(
             "console",
-            lambda message: self.page_errors.append(message.text)
-            if "Content Security Policy" in message.text
-            else None,
+            lambda message: (
+                self.page_errors.append(message.text)
+                if "Content Security Policy" in message.text
+                else None
+            ),
         )
         await page.goto(self.base + "/console/")
         if self.admin_key is not None:

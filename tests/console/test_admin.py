@@ -6,12 +6,12 @@ forbidden page for a key without the admin scope."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from playwright.async_api import ConsoleMessage, Error, Page, expect
+from playwright.async_api import Page, expect
 
 from tests.console.conftest import Console, assert_accessible, screenshot
 from tests.gw.waiting import eventually
@@ -48,35 +48,8 @@ async def receiver() -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-#: uncaught errors and CSP refusals of the pages of the current test
-_ERRORS: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_page_errors() -> Iterator[None]:
-    _ERRORS.clear()
-    yield
-    assert not _ERRORS, _ERRORS
-
-
-def _no_script_errors(page: Page) -> None:
-    """Note an uncaught error of the page's modules or a CSP refusal (an inline style,
-    script or handler would be one): the test fails with it."""
-
-    def on_console(message: ConsoleMessage) -> None:
-        if "Content Security Policy" in message.text:
-            _ERRORS.append(message.text)
-
-    def on_error(error: Error) -> None:
-        _ERRORS.append(f"uncaught: {error}")
-
-    page.on("console", on_console)
-    page.on("pageerror", on_error)
-
-
 async def _admin(console: Console, *, lang: str = "zh", tab: str = "") -> Page:
     page = await console.page(lang=lang)
-    _no_script_errors(page)
     await page.goto(f"{console.base}/console/admin{'#' + tab if tab else ''}")
     return page
 

@@ -5,11 +5,9 @@ its CSV link, and live refreshes from the event stream."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
-from playwright.async_api import ConsoleMessage, Error, Page, expect
+from playwright.async_api import Page, expect
 
 from chargegw.domain.orders import new_order_no
 from chargesim import SimulatedAp3000Pile
@@ -18,37 +16,10 @@ from tests.console.conftest import Console, assert_accessible, screenshot
 CARD = "0A1B2C3D"
 
 
-#: uncaught errors and CSP refusals of the pages of the current test
-_ERRORS: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_page_errors() -> Iterator[None]:
-    _ERRORS.clear()
-    yield
-    assert not _ERRORS, _ERRORS
-
-
-def _no_script_errors(page: Page) -> None:
-    """Note an uncaught error of the page's modules or a CSP refusal (an inline style,
-    script or handler would be one): the test fails with it."""
-
-    def on_console(message: ConsoleMessage) -> None:
-        if "Content Security Policy" in message.text:
-            _ERRORS.append(message.text)
-
-    def on_error(error: Error) -> None:
-        _ERRORS.append(f"uncaught: {error}")
-
-    page.on("console", on_console)
-    page.on("pageerror", on_error)
-
-
 async def _billing(
     console: Console, key: str | None = None, *, lang: str = "zh", tab: str = ""
 ) -> Page:
     page = await console.page(key, lang=lang)
-    _no_script_errors(page)
     await page.goto(f"{console.base}/console/billing{'#' + tab if tab else ''}")
     return page
 

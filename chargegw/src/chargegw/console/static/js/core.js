@@ -277,9 +277,9 @@ export function formValues(form) {
 
 /**
  * A form that calls the API: `action(values)` returns a promise; errors are shown on the
- * form, `done(result)` runs after success.
+ * form by `place(form, err)` (`showError` unless given), `done(result)` runs after success.
  */
-export function onSubmit(form, action, done = () => {}) {
+export function onSubmit(form, action, done = () => {}, { place = showError } = {}) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     clearErrors(form);
@@ -289,11 +289,42 @@ export function onSubmit(form, action, done = () => {}) {
       const result = await action(formValues(form));
       if (result !== false) await done(result);
     } catch (err) {
-      if (err instanceof ApiError) showError(form, err); else throw err;
+      if (err instanceof ApiError) place(form, err); else throw err;
     } finally {
       if (button) button.disabled = false;
     }
   });
+}
+
+// ------------------------------------------------------------------ tabs
+
+/**
+ * The page's tabs (`[role=tab]` with `aria-controls`): click or arrow keys select one,
+ * its panel shows, the URL's hash names it (so a reload or a link opens that tab).
+ */
+export function setupTabs() {
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  function selectTab(tab, focus = false) {
+    for (const other of tabs) {
+      const selected = other === tab;
+      other.setAttribute("aria-selected", String(selected));
+      other.tabIndex = selected ? 0 : -1;
+      document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
+    }
+    if (focus) tab.focus();
+    const name = tab.id.replace(/^tab-/, "");
+    if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
+  }
+  tabs.forEach((tab, index) => {
+    tab.addEventListener("click", () => selectTab(tab));
+    tab.addEventListener("keydown", (event) => {
+      const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+      if (!step) return;
+      event.preventDefault();
+      selectTab(tabs[(index + step + tabs.length) % tabs.length], true);
+    });
+  });
+  if (tabs.length) selectTab(tabs.find((tab) => `#${tab.id.replace(/^tab-/, "")}` === location.hash) || tabs[0]);
 }
 
 // ------------------------------------------------------------------ live updates

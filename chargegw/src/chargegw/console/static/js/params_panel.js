@@ -8,7 +8,7 @@
 
 import {
   api, h, fill, t, tv, fmtTime, fmtUnit, hasScope, onEvent, onReconnect,
-  ApiError, clearErrors, notify, link,
+  ApiError, clearErrors, notify, link, onSubmit,
 } from "./core.js";
 
 const U16 = 65535;
@@ -286,19 +286,7 @@ export function placeError(form, err, { resolve = null } = {}) {
 
 /** Submit `form` with `action()`; API errors are placed on the form (`placeError`). */
 export function onApiSubmit(form, action, options = {}) {
-  form.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    clearErrors(form);
-    const button = form.querySelector("button[type=submit]");
-    if (button) button.disabled = true;
-    try {
-      await action();
-    } catch (err) {
-      if (err instanceof ApiError) placeError(form, err, options); else throw err;
-    } finally {
-      if (button) button.disabled = false;
-    }
-  });
+  onSubmit(form, () => action(), () => {}, { place: (f, err) => placeError(f, err, options) });
 }
 
 // ------------------------------------------------------------------ live re-reads

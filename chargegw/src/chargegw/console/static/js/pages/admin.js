@@ -4,7 +4,7 @@
 // through the API; ban and webhook events refresh their sections live.
 import {
   ApiError, api, clearErrors, config, confirmAction, debounce, fill, fmtTime, h, link, notify,
-  onEvent, onReconnect, onSubmit, showError, t, table, tv,
+  onEvent, onReconnect, onSubmit, setupTabs, showError, t, table, tv,
 } from "../core.js";
 
 const PAGE = 100;
@@ -119,30 +119,7 @@ function showSecret(holder, { title, note, value, label, extra = null }) {
 
 // ------------------------------------------------------------------ tabs
 
-const tabs = [...document.querySelectorAll('[role="tab"]')];
-
-function selectTab(tab, focus = false) {
-  for (const other of tabs) {
-    const selected = other === tab;
-    other.setAttribute("aria-selected", String(selected));
-    other.tabIndex = selected ? 0 : -1;
-    document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
-  }
-  if (focus) tab.focus();
-  const name = tab.id.replace(/^tab-/, "");
-  if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
-}
-
-tabs.forEach((tab, index) => {
-  tab.addEventListener("click", () => selectTab(tab));
-  tab.addEventListener("keydown", (event) => {
-    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
-    if (!step) return;
-    event.preventDefault();
-    selectTab(tabs[(index + step + tabs.length) % tabs.length], true);
-  });
-});
-selectTab(tabs.find((tab) => `#${tab.id.replace(/^tab-/, "")}` === location.hash) || tabs[0]);
+setupTabs();
 
 // ------------------------------------------------------------------ API keys
 

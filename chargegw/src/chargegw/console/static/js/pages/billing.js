@@ -6,8 +6,8 @@
 // Money is entered in yuan: an input marked `data-money` holds yuan and is sent in cents.
 // Inputs are named after the API's fields, so an API error lands next to its input.
 import {
-  ApiError, api, config, confirmAction, debounce, fill, fmtDuration, fmtMoney, fmtTime, fmtUnit, h,
-  hasScope, link, notify, onEvent, onReconnect, onSubmit, t, table, tv,
+  ApiError, api, config, confirmAction, debounce, fill, fmtDuration, fmtMoney, fmtTime, fmtUnit,
+  h, hasScope, link, notify, onEvent, onReconnect, onSubmit, setupTabs, t, table, tv,
 } from "../core.js";
 
 const PAGE = 100;
@@ -85,30 +85,7 @@ function todayUtc() {
 
 // ------------------------------------------------------------------ tabs
 
-const tabs = [...document.querySelectorAll('[role="tab"]')];
-
-function selectTab(tab, focus = false) {
-  for (const other of tabs) {
-    const selected = other === tab;
-    other.setAttribute("aria-selected", String(selected));
-    other.tabIndex = selected ? 0 : -1;
-    document.getElementById(other.getAttribute("aria-controls")).hidden = !selected;
-  }
-  if (focus) tab.focus();
-  const name = tab.id.replace(/^tab-/, "");
-  if (location.hash !== `#${name}`) history.replaceState(null, "", `#${name}`);
-}
-
-tabs.forEach((tab, index) => {
-  tab.addEventListener("click", () => selectTab(tab));
-  tab.addEventListener("keydown", (event) => {
-    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
-    if (!step) return;
-    event.preventDefault();
-    selectTab(tabs[(index + step + tabs.length) % tabs.length], true);
-  });
-});
-selectTab(tabs.find((tab) => `#${tab.id.replace(/^tab-/, "")}` === location.hash) || tabs[0]);
+setupTabs();
 
 // ------------------------------------------------------------------ cards
 

@@ -21,6 +21,8 @@ from chargegw.domain import auth
 from chargegw.domain.devices import qr_number, search_terms
 from chargegw.metrics import Metrics
 
+from .conftest import database_outage, read_only_database
+
 ADMIN = "cgw_console-sessions-admin-key-0123456789"
 CONSOLE = Path(console.__file__).parent
 
@@ -354,3 +356,29 @@ async def test_the_overview_counts_and_alerts(
     codes = {a["code"]: a for a in data["alerts"]}
     assert codes["outbox_backlog"]["values"]["open"] == 1
     assert data["charging"] == 0 and data["settlements_today"]["count"] == 0
+
+
+async def test_a_session_keeps_reading_while_the_database_is_read_only(
+    client: httpx.AsyncClient, db_pool: asyncpg.Pool, pg_server_dsn: str, db_dsn: str
+) -> None:
+    await _sign_in(client)
+    # idle past the touch interval: the next request would write last_used_at
+    await db_pool.execute("UPDATE console_sessions SET last_used_at = now() - interval '5 min'")
+    async with read_only_database(pg_server_dsn, db_dsn, db_pool):
+        assert (await client.get("/api/v1/devices")).status_code == 200
+        assert (await client.get("/console/devices")).status_code == 200
+        # a change is refused for the database, not for the session
+        refused = await client.post("/console/login", data={"api_key": ADMIN})
+        assert refused.status_code == 503
+    assert (await client.get("/api/v1/devices")).status_code == 200
+
+
+async def test_a_session_during_a_database_outage_is_503_not_a_refusal(
+    client: httpx.AsyncClient, pg_server_dsn: str, db_dsn: str
+) -> None:
+    await _sign_in(client)
+    async with database_outage(pg_server_dsn, db_dsn):
+        response = await client.get("/api/v1/devices")
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "database_unavailable"
+    assert (await client.get("/api/v1/devices")).status_code == 200

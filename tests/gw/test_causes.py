@@ -144,6 +144,12 @@ async def test_an_ap3000_session_names_the_cause_of_every_change(
     assert (command["cause_kind"], command["cause_frame_id"]) == ("frame", acked["frame_id"])
     order = await pool.fetchrow("SELECT * FROM orders WHERE order_no = $1", order_no)
     assert order is not None and order["cause_frame_id"] == settled["frame_id"]
+    # each progress sample names its 0x06 report
+    progress = [e for e in events if e["type"] == "order.progress"]
+    assert progress, [dict(e) for e in events]
+    for event in progress:
+        _frame(event, "in")
+        assert event["f_command"] == "0x06" and event["order_no"] == order_no, dict(event)
     # the pile's reports move its port; its login brings it online; the drop, offline
     ports = [e for e in events if e["type"] == "port.status_changed"]
     assert ports and all(p["f_direction"] == "in" for p in ports)

@@ -34,6 +34,53 @@ def _decode_errors(gw: Gateway) -> float:
     return sum(s.value for s in family.samples if s.name.endswith("_total"))
 
 
+async def test_a_repeated_heartbeat_restores_what_another_report_changed(
+    gateway: Gateway,
+) -> None:
+    """A heartbeat equal to the last one skips building its rows; a 0x06 in between
+    changed the port, so the next equal heartbeat writes its status again."""
+    pile = await RawPile("04CEAA41").connect(gateway.server.port)
+    await pile.register()
+    await pile.expect(ap3000.RegistrationReply)
+
+    async def status() -> tuple[str, int]:
+        await gateway.writer.drained()
+        row = await fetchrow(
+            gateway,
+            "SELECT status, status_code FROM ports WHERE device_id = $1 AND port = 1",
+            "04CEAA41",
+        )
+        assert row is not None
+        return row["status"], row["status_code"]
+
+    for _ in range(2):  # the second is a repeat
+        await pile.heartbeat((1, 0))
+        await pile.expect(ap3000.HeartbeatReply)
+    assert await status() == ("charging", 1)
+    await pile.send(
+        ap3000.PowerHeartbeat(
+            pile.phy_id,
+            pile.next_id(),
+            port=0,
+            status=2,
+            duration_s=60,
+            energy_kwh=0.01,
+            start_mode=0,
+            power_w=0.0,
+            max_power_w=0.0,
+            min_power_w=0.0,
+            avg_power_w=0.0,
+            order_id="00" * 16,
+            period_energy_raw=0,
+            peak_power_w=0.0,
+        )
+    )
+    await eventually(status, lambda s: s == ("occupied", 2), what="the 0x06 status")
+    await pile.heartbeat((1, 0))  # equal to the heartbeat before the 0x06
+    await pile.expect(ap3000.HeartbeatReply)
+    assert await status() == ("charging", 1)
+
+
 async def test_pile_registers_heartbeats_and_is_seen(gateway: Gateway) -> None:
     pile = await RawPile("04CEAA40").connect(gateway.server.port)
     await pile.register()

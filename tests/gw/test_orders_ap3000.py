@@ -56,6 +56,49 @@ async def _offline(gateway: Gateway, sim: Simulator) -> None:
     await eventually(lambda: gateway.sessions.link_of(PHY) is None, what=f"{PHY} gone")
 
 
+async def test_every_progress_report_is_a_sample_caused_by_its_frame(
+    gateway: Gateway, api: httpx.AsyncClient
+) -> None:
+    """The first 0x06 of a session checks the order in full; the later ones, the order
+    known charging, add the sample alone: each still one sample and one order.progress
+    event naming its report, and a settlement ends the shortcut."""
+    intervals = Ap3000Intervals(power_heartbeat_s=20.0)
+    sim, _ = await _pile(gateway, intervals=intervals)
+    async with sim:
+        body = (
+            await api.post(f"/api/v1/devices/{PHY}/ports/1/start", json={"mode": "full"})
+        ).json()
+        order_no = body["order_no"]
+        await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"charging"})
+        pool = gateway.pool
+        assert pool is not None
+
+        async def reported() -> bool:
+            count = await pool.fetchval(
+                "SELECT count(*) FROM order_samples WHERE order_no = $1", order_no
+            )
+            return bool(count >= 4)
+
+        await eventually(reported, what="four progress samples")
+        assert (PHY, 1) in gateway._progressing
+        response = await api.post(f"/api/v1/devices/{PHY}/ports/1/stop")
+        assert response.status_code == 202, response.text
+        await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+        assert (PHY, 1) not in gateway._progressing
+        await gateway.writer.drained()
+        samples = await pool.fetch(
+            "SELECT id, at FROM order_samples WHERE order_no = $1 ORDER BY id", order_no
+        )
+        events = await pool.fetch(
+            """SELECT e.cause_kind, f.direction, f.command FROM events e
+               LEFT JOIN frames f ON f.id = e.frame_id
+               WHERE e.type = 'order.progress' AND e.order_no = $1""",
+            order_no,
+        )
+    assert len(events) == len(samples) >= 4
+    assert {tuple(e) for e in events} == {("frame", "in", "0x06")}
+
+
 async def test_start_by_time_charges_reports_progress_and_settles(
     gateway: Gateway, api: httpx.AsyncClient
 ) -> None:

@@ -99,3 +99,31 @@ def test_refresh_zero_writes_every_time() -> None:
         )
         assert writer.pending("devices")["04000001"]["last_seen_at"] == seen  # upserted
     assert not writer.pending_touches("devices")
+
+
+def test_a_repeated_report_is_known_until_a_row_of_its_device_changes() -> None:
+    """``repeated`` lets a driver skip building the rows of a report equal to the last
+    one; any changed row of the device (another report's), or ``forget``, ends that."""
+    writer = _writer(3600.0)
+    same, key = writer.repeated("04000001", (0, 0), 18, 30, 220.0)
+    assert not same
+    writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0))
+    writer.remember_repeat("04000001", key)
+    assert writer.repeated("04000001", (0, 0), 18, 30, 220.0) == (True, key)
+    assert not writer.repeated("04000001", (0, 1), 18, 30, 220.0)[0]  # other content
+    assert not writer.repeated("04000002", (0, 0), 18, 30, 220.0)[0]  # another device
+    # the same row again changes nothing; another report's changed row does
+    writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0))
+    assert writer.repeated("04000001", (0, 0), 18, 30, 220.0)[0]
+    writer.put_port(PortRow("04000001", 1, status="charging", power_w=180.0))
+    assert not writer.repeated("04000001", (0, 0), 18, 30, 220.0)[0]
+    writer.remember_repeat("04000001", key)
+    writer.put_device(DeviceRow("04000001", protocol="ap3000", firmware="7"))
+    assert not writer.repeated("04000001", (0, 0), 18, 30, 220.0)[0]
+    writer.remember_repeat("04000001", key)
+    writer.forget("p", ("04000001", 2))
+    assert not writer.repeated("04000001", (0, 0), 18, 30, 220.0)[0]
+    # without a refresh period every row is written: nothing is ever a repeat
+    plain = _writer(0.0)
+    plain.remember_repeat("04000001", plain.repeated("04000001", 1)[1])
+    assert not plain.repeated("04000001", 1)[0]

@@ -25,6 +25,7 @@ from chargegw.domain.call_audit import CallAuditWriter
 from chargegw.domain.compliance import Compliance, Kind
 from chargegw.domain.events import EventHub, HubSettings
 from chargegw.domain.orders import (
+    OrderStatus,
     Settled,
     SettlementReport,
     add_sample,
@@ -80,6 +81,9 @@ COMPLIANCE_FLUSH_S = 5.0
 _OFFLINE_SWEEP = Cause.timer(causes.OFFLINE_SWEEP)
 #: how often partitions and the device event log are looked after (first: after the start)
 MAINTENANCE_EVERY_S = 3600.0
+#: an order found charging takes its progress samples without the full check (port
+#: lock, order lookup, transition) for this long
+PROGRESS_MEMO_S = 60.0
 MAINTENANCE_FIRST_S = 60.0
 
 
@@ -290,6 +294,11 @@ class Gateway:
         self._http: uvicorn.Server | None = None
         #: the API's documentation page, once the HTTP server runs
         self.http_url: str | None = None
+        #: the time of the read whose frames are being handled (see ``wall``)
+        self._read_wall: datetime | None = None
+        #: (device, port) -> (its report's order reference, order number, until when):
+        #: orders found charging by ``order_progress`` (its fast path)
+        self._progressing: dict[tuple[str, int], tuple[str, str, float]] = {}
 
     # -- clock (one place, so tests and drivers agree) --
 
@@ -297,7 +306,9 @@ class Gateway:
         return time.monotonic()
 
     def wall(self) -> datetime:
-        return datetime.now(UTC)
+        """Now, UTC; while the frames of one read are handled, the read's time (one
+        clock reading for every row and reply they cause in the loop's turn)."""
+        return self._read_wall or datetime.now(UTC)
 
     @property
     def owner(self) -> str:
@@ -690,7 +701,13 @@ class Gateway:
             causes.leave(token)
 
     def _on_events(self, link: DeviceLink, events: list[Event]) -> None:
-        wall = self.wall()
+        wall = self._read_wall = self.wall()
+        try:
+            self._handle_events(link, events, wall)
+        finally:
+            self._read_wall = None
+
+    def _handle_events(self, link: DeviceLink, events: list[Event], wall: datetime) -> None:
         for event in events:
             if link.closed:
                 return
@@ -903,6 +920,7 @@ class Gateway:
     ) -> Settled:
         assert self.pool is not None
         wall = self.wall()
+        self._progressing.pop((report.device_id, report.port), None)
         async with self.pool.acquire(timeout=5) as conn, conn.transaction():
             await apply_cause(conn)  # the settlement's frame
             settled, unpriced = await billing.settle_and_price(conn, report, at=wall, detail=detail)
@@ -936,6 +954,14 @@ class Gateway:
     ) -> None:
         assert self.pool is not None
         wall = self.wall()
+        key, order_ref = (device_id, port), order_no
+        known = self._progressing.get(key)
+        if known is not None and known[0] == order_ref and known[2] > time.monotonic():
+            # the order is charging already (seen so within PROGRESS_MEMO_S): the sample
+            # only, one statement, no lock (a settled order takes late samples too)
+            async with self.pool.acquire() as conn:
+                await add_sample(conn, known[1], wall, sample, cause=causes.current())
+            return
         async with self.pool.acquire() as conn, conn.transaction():
             await apply_cause(conn)  # the report's frame
             order_no = await reported_charging(
@@ -943,11 +969,18 @@ class Gateway:
                 protocol=protocol,
                 device_id=device_id,
                 port=port,
-                order_ref=order_no,
+                order_ref=order_ref,
                 start_mode=start_mode,
                 at=wall,
             )
             await add_sample(conn, order_no, wall, sample)
+            status = await conn.fetchval("SELECT status FROM orders WHERE order_no = $1", order_no)
+        if status == OrderStatus.CHARGING.value:
+            if len(self._progressing) >= 100_000:
+                self._progressing.clear()
+            self._progressing[key] = (order_ref, order_no, time.monotonic() + PROGRESS_MEMO_S)
+        else:
+            self._progressing.pop(key, None)
 
     # -- outbox hooks --
 

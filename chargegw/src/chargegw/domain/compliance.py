@@ -319,6 +319,9 @@ class Compliance:
         self._pending: dict[str, _Device] = {}
         self._awaiting: dict[str, _Awaiting] = {}
         self._plans: dict[type[Message], _Plan] = {}
+        self._short_texts: dict[tuple[type[Message], tuple[bool, ...]], str] = {}
+        #: the deviation counter's child per (protocol, kind), looked up once
+        self._deviation_counters: dict[tuple[str, str], Any] = {}
         # the frame being handled (for deviations found while a driver handles it)
         self._cur_device: _Device | None = None
         self._cur_message: Message | None = None
@@ -361,8 +364,7 @@ class Compliance:
         if plan.unknown:
             self._deviation(dev, Kind.UNKNOWN_COMMAND, f"command {command} is not in the protocol")
         if plan.short_field is not None and getattr(message, plan.short_field) is ABSENT:
-            missing = [name for name in plan.optional if getattr(message, name) is ABSENT]
-            self._deviation(dev, Kind.SHORT_PAYLOAD, f"{cls.__name__} without {', '.join(missing)}")
+            self._deviation(dev, Kind.SHORT_PAYLOAD, self._short_text(cls, plan, message))
         if plan.trailing and message.trailing_hex:  # type: ignore[attr-defined]
             extra = len(message.trailing_hex) // 2  # type: ignore[attr-defined]
             self._deviation(dev, Kind.LONG_PAYLOAD, f"{extra} bytes after the last field")
@@ -390,6 +392,17 @@ class Compliance:
             self._awaiting.pop(owner, None)
         elif cls is ap3000.Registration:
             self._expect_heartbeat(link, owner, message)
+
+    def _short_text(self, cls: type[Message], plan: _Plan, message: Message) -> str:
+        """``<Class> without <the optional fields absent>`` (the text is kept per set of
+        absent fields: a pile sends the same short layout every time)."""
+        absent = tuple(getattr(message, name) is ABSENT for name in plan.optional)
+        key = (cls, absent)
+        text = self._short_texts.get(key)
+        if text is None:
+            missing = [name for name, gone in zip(plan.optional, absent, strict=True) if gone]
+            text = self._short_texts[key] = f"{cls.__name__} without {', '.join(missing)}"
+        return text
 
     def stream_error(
         self, link: Any, event: StreamError, frame_id: int | None, wall: dt.datetime
@@ -583,7 +596,12 @@ class Compliance:
             tally.examples.insert(0, example)
             del tally.examples[EXAMPLES:]
         with never_fails():
-            self.metrics.protocol_deviations_total.labels(dev.protocol, kind.value).inc()
+            key = (dev.protocol, kind.value)
+            counter = self._deviation_counters.get(key)
+            if counter is None:
+                labels = self.metrics.protocol_deviations_total.labels
+                counter = self._deviation_counters[key] = labels(*key)
+            counter.inc()
 
     # -- the flush --
 

@@ -252,7 +252,17 @@ class Ap3000Driver:
         if device_id is None:
             return
         wall = self.ctx.wall()
-        self.ctx.writer.put_device(
+        writer = self.ctx.writer
+        # heartbeats repeat: one the same as the last (its rows unchanged since) only
+        # moves the ports' report times, as putting its rows again would
+        same, key = writer.repeated(
+            device_id, m.ports, m.signal_strength, m.temperature_c, m.voltage_v
+        )
+        if same:
+            for p in m.ports:
+                writer.touch_port((device_id, p.port + 1), wall)
+            return
+        writer.put_device(
             DeviceRow(
                 device_id,
                 protocol=self.protocol,
@@ -272,6 +282,7 @@ class Ap3000Driver:
             wall,
             power_w=lambda p, status: 0.0 if status is PortStatus.IDLE else None,
         )
+        writer.remember_repeat(device_id, key)
 
     def _put_ports(
         self,

@@ -119,6 +119,8 @@ class Hooks:
 
 
 _LABELS: dict[type[Message], str] = {}
+_BKV_LABELS: dict[tuple[int, int | None], str] = {}
+_MAX_BKV_LABELS = 4096
 
 
 def command_label(message: Message) -> str:
@@ -127,11 +129,15 @@ def command_label(message: Message) -> str:
     if cached is not None:
         return cached
     if isinstance(message, bkv.BkvMessage):
-        key = bkv.message_key(message)
-        label = f"0x{message.wire_command:04x}"
-        if key is None:
-            return label
-        return f"{label}/0x{key:04x}" if message.wire_command == 0x1000 else f"{label}/0x{key:02x}"
+        wire, key = message.wire_command, bkv.message_key(message)
+        label = _BKV_LABELS.get((wire, key))
+        if label is None:
+            label = f"0x{wire:04x}"
+            if key is not None:
+                label += f"/0x{key:04x}" if wire == 0x1000 else f"/0x{key:02x}"
+            if len(_BKV_LABELS) < _MAX_BKV_LABELS:  # unknown ids from a device: bounded
+                _BKV_LABELS[(wire, key)] = label
+        return label
     code = getattr(message, "unknown_command", None)
     if code is not None:
         return f"0x{code:02x}"

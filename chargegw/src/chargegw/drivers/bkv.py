@@ -83,9 +83,7 @@ def _reported(message: bkv.BkvMessage, device_id: str | None) -> list[str | None
     return [bkv_device_id(message.gateway_id, n) for n in numbers if isinstance(n, int)]
 
 
-def _jack_status(status_bits: int | None) -> PortStatus:
-    if status_bits is None:
-        return PortStatus.UNKNOWN
+def _status_of(status_bits: int) -> PortStatus:
     flags = bkv.status_flags(status_bits)
     if not flags["online"]:
         return PortStatus.UNKNOWN
@@ -94,11 +92,30 @@ def _jack_status(status_bits: int | None) -> PortStatus:
     return PortStatus.IDLE
 
 
+def _text_of(status_bits: int) -> str:
+    flags = bkv.status_flags(status_bits)
+    return ", ".join(name for name, on in flags.items() if on) or "none"
+
+
+#: both per status byte, worked out once (every status cluster carries them)
+_STATUS_OF_BYTE = tuple(_status_of(bits) for bits in range(256))
+_TEXT_OF_BYTE = tuple(_text_of(bits) for bits in range(256))
+
+
+def _jack_status(status_bits: int | None) -> PortStatus:
+    if status_bits is None:
+        return PortStatus.UNKNOWN
+    if 0 <= status_bits < 256:
+        return _STATUS_OF_BYTE[status_bits]
+    return _status_of(status_bits)
+
+
 def _flags_text(status_bits: int | None) -> str | None:
     if status_bits is None:
         return None
-    flags = bkv.status_flags(status_bits)
-    return ", ".join(name for name, on in flags.items() if on) or "none"
+    if 0 <= status_bits < 256:
+        return _TEXT_OF_BYTE[status_bits]
+    return _text_of(status_bits)
 
 
 class BkvDriver:

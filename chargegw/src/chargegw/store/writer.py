@@ -500,12 +500,18 @@ class BatchWriter:
         #: unchanged state is written again after this long (0: always written)
         self.refresh_s = refresh_s
         self._remembered: dict[int, int] = {}
+        #: device -> key of its last periodic report whose rows were put (``repeated``)
+        self._repeats: dict[str, int] = {}
         self._metrics = metrics
         self.batch_rows = batch_rows
         self.interval_s = interval_s
         self.limit = limit
         self._pending = _Batch()
         self._failed: _Batch | None = None
+        #: puts since the last take (at least the pending rows: puts coalesce) and the
+        #: rows of the failed batch: the cheap test of ``_added``
+        self._puts = 0
+        self._failed_rows = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -545,6 +551,8 @@ class BatchWriter:
             return
         pending = self._pending.devices
         pending[key] = _merge(_DEVICES, pending.get(key), _DEVICES.values(row))
+        if self._repeats:
+            self._repeats.pop(key, None)
         self._added()
 
     def put_port(self, row: PortRow) -> None:
@@ -562,6 +570,8 @@ class BatchWriter:
                 values = values[: -_PORTS.causes] + cause
         pending = self._pending.ports
         pending[key] = _merge(_PORTS, pending.get(key), values)
+        if self._repeats:
+            self._repeats.pop(row.device_id, None)
         self._added()
 
     def touch_device(self, device_id: str, seen: datetime | None, beat: datetime | None) -> None:
@@ -619,6 +629,37 @@ class BatchWriter:
         ports): something else wrote that row, so the next put is written whatever it
         holds."""
         self._remembered.pop(hash((table, key)), None)
+        self._repeats.pop(key if table == "d" else key[0] if table == "p" else None, None)
+
+    def repeated(self, device_id: str, *content: Any) -> tuple[bool, int]:
+        """Whether a device's periodic report made of ``content`` repeats the last one
+        remembered with :meth:`remember_repeat`, and the key to remember it by.
+
+        True means: the rows that report put have not changed since (any changed row
+        of the device's forgets the memory), so putting them again would only move
+        their timestamps (:meth:`touch_port`). The key changes every half
+        ``refresh_s`` (per device phase): the rows are still put, and so rewritten,
+        within the refresh period. Never True without a refresh period.
+        """
+        if self.refresh_s <= 0:
+            return False, 0
+        phase = (hash(device_id) % 997) / 997
+        key = hash((content, int(time.monotonic() * 2.0 / self.refresh_s + phase)))
+        return self._repeats.get(device_id) == key, key
+
+    def remember_repeat(self, device_id: str, key: int) -> None:
+        """The report of ``key`` (:meth:`repeated`) has put its rows."""
+        if self.refresh_s <= 0:
+            return
+        if len(self._repeats) >= _MAX_REMEMBERED:
+            self._repeats.clear()
+        self._repeats[device_id] = key
+
+    def touch_port(self, key: tuple[str, int], reported_at: datetime) -> None:
+        """Move only the port's ``reported_at`` forward (what :meth:`put_port` does with
+        a row equal to the last one put), for a report :meth:`repeated` found repeated."""
+        self._pending.touched_ports[key] = reported_at
+        self._added()
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every row put so far is committed."""
@@ -647,6 +688,12 @@ class BatchWriter:
 
     def _added(self) -> None:
         self._idle.clear()
+        puts = self._puts = self._puts + 1
+        upper = puts + self._failed_rows  # never below the backlog
+        if upper < self.batch_rows and upper <= self.limit:
+            return
+        if puts & 63 and self._wake.is_set():
+            return  # a flush is due already: the overload test every 64 puts is enough
         backlog = self.backlog
         if backlog >= self.batch_rows:
             self._wake.set()
@@ -716,6 +763,7 @@ class BatchWriter:
                         return
             else:
                 self._failed = retry
+                self._failed_rows = retry.rows()
                 delay = min(max(delay * 2, 0.5), 5.0)
                 if self._closing and delay >= 5.0:
                     return
@@ -726,8 +774,10 @@ class BatchWriter:
         """The rows to write next: a failed batch first, with newer rows folded in."""
         batch = self._failed or _Batch()
         self._failed = None
+        self._failed_rows = 0
         batch.absorb(self._pending)
         self._pending = _Batch()
+        self._puts = 0
         return batch
 
     def _holding(self, exc: BaseException, rows: int) -> None:

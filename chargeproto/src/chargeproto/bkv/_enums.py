@@ -55,10 +55,14 @@ def status_flags(status_bits: int) -> dict[str, bool]:
     true when their bit is 0 (the polarity the guide's 0x98 annotation implies). Real
     gateways set bit 5 in normal end reports (bkv.md 15): keep ``status_bits``.
     """
-    return {
-        name: bool(status_bits & mask) == when_set
-        for name, (mask, when_set) in STATUS_FLAGS.items()
-    }
+    return dict(_FLAGS_OF_BYTE[status_bits & 0xFF])
+
+
+#: the flags of every status byte, worked out once (a copy is returned per call)
+_FLAGS_OF_BYTE: Final[tuple[Mapping[str, bool], ...]] = tuple(
+    {name: bool(bits & mask) == when_set for name, (mask, when_set) in STATUS_FLAGS.items()}
+    for bits in range(256)
+)
 
 
 def status_bits_from_flags(**flags: bool) -> int:

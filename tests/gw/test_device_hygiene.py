@@ -172,6 +172,41 @@ async def test_unidentified_connections_per_source_address_are_capped(
         await pile.close()
 
 
+@pytest.mark.settings(device_max_unidentified_per_source=1, overload_lag_s=0.2)
+async def test_a_worker_behind_holds_no_silence_against_connections_and_says_so(
+    gateway: Gateway, silent: list[Silent], api: httpx.AsyncClient
+) -> None:
+    """While the event loop lags (overload), connections may be silent only because the
+    worker has not read them: the per-source cap does not refuse them; /readyz and the
+    metrics say the worker is behind until the lag stays low."""
+    port = gateway.server.port
+    await _open(silent, port)
+    await eventually(lambda: unidentified(gateway) == 1)
+    gateway._loop_lag(0.5)  # as the process-health probe reports a late wake-up
+    assert (
+        gateway.metrics.registry.get_sample_value(
+            "chargegw_worker_behind", {"worker": str(gateway.worker)}
+        )
+        == 1
+    )
+    ready = await api.get("/readyz")
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["checks"]["load"] is False and "0.50 s behind" in body["reasons"]["load"]
+    more = await _open(silent, port)
+    await eventually(lambda: unidentified(gateway) == 2)
+    assert refused(gateway, "per_source") == 0
+    assert not await more.closed_by_server(timeout=0.3)
+    for lag in (0.15, 0.05, 0.05, 0.05):  # 0.15: not below half the limit, starts over
+        gateway._loop_lag(lag)
+    assert gateway.server.behind
+    gateway._loop_lag(0.05)
+    assert not gateway.server.behind
+    assert (await api.get("/readyz")).json()["checks"]["load"] is True
+    await _open(silent, port)  # caught up: the cap holds again
+    await eventually(lambda: refused(gateway, "per_source") == 1)
+
+
 # ---------------------------------------------------------------- network allow-list
 
 

@@ -159,6 +159,7 @@ async def api_client(
 
     state.setdefault("auth_required", False)
     state.setdefault("services", gateway.api_services())
+    state.setdefault("reasons", gateway.readiness_reasons)
     api_state = ApiState(
         pool=gateway.pool, metrics=gateway.metrics, readiness=gateway.readiness, **state
     )

@@ -84,6 +84,9 @@ MAINTENANCE_EVERY_S = 3600.0
 #: an order found charging takes its progress samples without the full check (port
 #: lock, order lookup, transition) for this long
 PROGRESS_MEMO_S = 60.0
+#: lag measures (0.5 s apart) below half of ``overload_lag_s`` before a worker that was
+#: behind counts as caught up
+_CAUGHT_UP_TICKS = 4
 MAINTENANCE_FIRST_S = 60.0
 
 
@@ -294,6 +297,10 @@ class Gateway:
         self._http: uvicorn.Server | None = None
         #: the API's documentation page, once the HTTP server runs
         self.http_url: str | None = None
+        #: the event loop's latest lag, and the measures below half the overload lag
+        #: in a row while behind (see ``_loop_lag``)
+        self._lag = 0.0
+        self._calm_ticks = 0
         #: the time of the read whose frames are being handled (see ``wall``)
         self._read_wall: datetime | None = None
         #: (device, port) -> (its report's order reference, order number, until when):
@@ -354,7 +361,10 @@ class Gateway:
         )
         self._spawn(self._maintenance(), "partition-maintenance")
         self._spawn(
-            ProcessHealth(self.metrics, self.worker, self.settings.workers).run(), "process-health"
+            ProcessHealth(
+                self.metrics, self.worker, self.settings.workers, on_lag=self._loop_lag
+            ).run(),
+            "process-health",
         )
         if http:
             await self._start_http()
@@ -619,7 +629,27 @@ class Gateway:
         return {
             "database": self.pool is not None and self.writer.healthy,
             "listener": self.server.listening,
+            "load": not self.server.behind,
         }
+
+    def _loop_lag(self, lag: float) -> None:
+        """The event loop's latest lag: behind (overloaded) from ``overload_lag_s``, no
+        longer after ``_CAUGHT_UP_TICKS`` measures below half of it."""
+        self._lag = lag
+        limit = self.settings.overload_lag_s
+        server = self.server
+        if lag >= limit:
+            self._calm_ticks = 0
+            if not server.behind:
+                server.behind = True
+                self.metrics.worker_behind.labels(str(self.worker)).set(1)
+                log.warning("event loop behind: answering late", lag_s=round(lag, 3))
+        elif server.behind:
+            self._calm_ticks = self._calm_ticks + 1 if lag < limit / 2 else 0
+            if self._calm_ticks >= _CAUGHT_UP_TICKS:
+                server.behind = False
+                self.metrics.worker_behind.labels(str(self.worker)).set(0)
+                log.info("event loop caught up", lag_s=round(lag, 3))
 
     def readiness_reasons(self) -> dict[str, str]:
         """Why the checks of :meth:`readiness` fail, by check."""
@@ -632,6 +662,11 @@ class Gateway:
             )
         if not self.server.listening:
             reasons["listener"] = "the device listener is not accepting connections"
+        if self.server.behind:
+            reasons["load"] = (
+                f"event loop {self._lag:.2f} s behind (overload_lag_s "
+                f"{self.settings.overload_lag_s:g}): devices are answered late"
+            )
         return reasons
 
     async def _maintain_partitions(self) -> None:

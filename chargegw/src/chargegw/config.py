@@ -347,6 +347,13 @@ class Settings(BaseSettings):
         description="a device connection that sent no complete valid frame this long after "
         "it was accepted is closed (`identify_timeout`)",
     )
+    overload_lag_s: Positive = Field(
+        0.25,
+        description="event-loop lag from which a worker counts as behind (overloaded): "
+        "`/readyz` fails its `load` check, `chargegw_worker_behind` is 1, and connections "
+        "not read yet are not held to `device_identify_timeout_s` or the per-source cap; "
+        "it is no longer behind after 2 s below half of this",
+    )
     device_max_unidentified_per_source: CountOrZero = Field(
         512,
         description="device connections from one source address that have not identified "

@@ -581,6 +581,15 @@ class Metrics:
             registry=reg,
         )
         # -- process health, per worker (chargegw.process_health samples them) --
+        self.worker_behind = Gauge(
+            "worker_behind",
+            "1 while the worker's event loop lags past overload_lag_s: it answers devices "
+            "late and takes no new device connections' silence against them",
+            ["worker"],
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=MAX,
+        )
         self.worker_up = Gauge(
             "worker_up",
             "1 while the worker process runs",

@@ -14,6 +14,7 @@ import asyncio
 import os
 import resource
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -54,8 +55,11 @@ class ProcessHealth:
         *,
         tick_s: float = 0.5,
         sample_s: float = 5.0,
+        on_lag: Callable[[float], None] | None = None,
     ) -> None:
         self.tick_s = tick_s
+        #: told every lag measured (the gateway's overload state follows it)
+        self.on_lag = on_lag
         self.sample_s = sample_s
         label = str(worker)
         self._lag = metrics.event_loop_lag_seconds.labels(label)
@@ -100,6 +104,9 @@ class ProcessHealth:
                     next_sample = now + self.sample_s
                 asked = time.monotonic()
                 await asyncio.sleep(self.tick_s)
-                self._lag.observe(max(time.monotonic() - asked - self.tick_s, 0.0))
+                lag = max(time.monotonic() - asked - self.tick_s, 0.0)
+                self._lag.observe(lag)
+                if self.on_lag is not None:
+                    self.on_lag(lag)
         finally:
             self._up.set(0)

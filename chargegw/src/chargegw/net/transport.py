@@ -481,6 +481,10 @@ class DeviceServer:
         self._paused_all = False
         self.identify_timeout_s = identify_timeout_s
         self.max_unidentified_per_source = max_unidentified_per_source
+        #: the event loop is behind (set by the gateway): connections may be silent
+        #: because we have not read them yet, so neither the identification deadline
+        #: nor the per-source cap holds it against them
+        self.behind = False
         self.allowed_networks = tuple(allowed_networks)
         #: admitted connections not identified yet, oldest first (all share one deadline,
         #: so the first one is always the next to expire), and their count per source
@@ -560,7 +564,7 @@ class DeviceServer:
         ):
             return "network"
         cap = self.max_unidentified_per_source
-        if cap and self._unidentified_at[link.source] >= cap:
+        if cap and not self.behind and self._unidentified_at[link.source] >= cap:
             return "per_source"
         now = time.monotonic()
         self._tokens = min(self.accept_rate, self._tokens + (now - self._refill) * self.accept_rate)
@@ -624,10 +628,11 @@ class DeviceServer:
             link = next(iter(self._unidentified.values()))
             if link.accepted_at > deadline:
                 break
-            if link.reading_paused:
-                # we stopped reading (the database is backlogged): its first frame may be
-                # waiting in our socket buffer. Its deadline starts again, at the back of
-                # the queue (still in deadline order: every other one began earlier).
+            if link.reading_paused or self.behind:
+                # we stopped reading (the database is backlogged) or read late (the loop
+                # is behind): its first frame may be waiting in our socket buffer. Its
+                # deadline starts again, at the back of the queue (still in deadline
+                # order: every other one began earlier).
                 del self._unidentified[link.id]
                 link.accepted_at = now
                 self._unidentified[link.id] = link

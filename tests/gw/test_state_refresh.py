@@ -127,3 +127,24 @@ def test_a_repeated_report_is_known_until_a_row_of_its_device_changes() -> None:
     plain = _writer(0.0)
     plain.remember_repeat("04000001", plain.repeated("04000001", 1)[1])
     assert not plain.repeated("04000001", 1)[0]
+
+
+def test_forgetting_a_device_forgets_its_ports_and_its_last_report() -> None:
+    """A device that comes back (from another connection or process, whose rows may
+    have changed meanwhile) gets its port rows written again, equal or not."""
+    writer = _writer(3600.0)
+    port = ("04000001", 1)
+    writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0))
+    same, key = writer.repeated("04000001", 1)
+    writer.remember_repeat("04000001", key)
+    writer._take()
+    writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0))
+    assert port not in writer.pending("ports")  # unchanged: a touch at most
+    writer.forget("d", "04000001")
+    assert not writer.repeated("04000001", 1)[0]
+    writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0))
+    assert writer.pending("ports")[port]["status"] == "idle"
+    writer.put_port(PortRow("04000002", 1, status="idle", voltage_v=220.0))
+    writer._take()
+    writer.put_port(PortRow("04000002", 1, status="idle", voltage_v=220.0))
+    assert not writer.pending("ports")  # another device's memory stays

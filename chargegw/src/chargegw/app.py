@@ -28,6 +28,7 @@ from chargegw.domain.orders import (
     OrderStatus,
     Settled,
     SettlementReport,
+    add_charging_sample,
     add_sample,
     note_business_no,
     reported_charging,
@@ -991,12 +992,18 @@ class Gateway:
         wall = self.wall()
         key, order_ref = (device_id, port), order_no
         known = self._progressing.get(key)
-        if known is not None and known[0] == order_ref and known[2] > time.monotonic():
-            # the order is charging already (seen so within PROGRESS_MEMO_S): the sample
-            # only, one statement, no lock (a settled order takes late samples too)
+        cause = causes.current()
+        if (
+            known is not None
+            and known[0] == order_ref
+            and known[2] > time.monotonic()
+            and cause is not None
+        ):
+            # the order was charging (found so within PROGRESS_MEMO_S): the sample alone
+            # if it still is, one statement; else the full check below
             async with self.pool.acquire() as conn:
-                await add_sample(conn, known[1], wall, sample, cause=causes.current())
-            return
+                if await add_charging_sample(conn, known[1], wall, sample, cause):
+                    return
         async with self.pool.acquire() as conn, conn.transaction():
             await apply_cause(conn)  # the report's frame
             order_no = await reported_charging(

@@ -604,7 +604,8 @@ _SAMPLE_WITH_CAUSE = f"""
                set_config('chargegw.cause_ref', coalesce($9, ''), true),
                set_config('chargegw.cause_frame_id', coalesce($10::bigint::text, ''), true))
     INSERT INTO order_samples ({_SAMPLE_COLUMNS})
-    SELECT $1, $2, $3, $4, $5, $6, $7 FROM cause"""
+    SELECT $1, $2, $3, $4, $5, $6, $7 FROM cause
+    WHERE EXISTS (SELECT 1 FROM orders WHERE order_no = $1 AND status = 'charging')"""
 
 
 async def add_sample(
@@ -612,13 +613,11 @@ async def add_sample(
     order_no: str,
     at: datetime,
     sample: Mapping[str, Any],
-    *,
-    cause: Cause | None = None,
 ) -> None:
     """One progress sample of a running order (duration, energy, power, voltage,
-    current; absent values are NULL); with ``cause``, that cause is applied in the
-    same statement (one round trip where a transaction would take four)."""
-    values = (
+    current; absent values are NULL)."""
+    await conn.execute(
+        f"INSERT INTO order_samples ({_SAMPLE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         order_no,
         at,
         sample.get("duration_s"),
@@ -627,13 +626,28 @@ async def add_sample(
         sample.get("voltage_v"),
         sample.get("current_a"),
     )
-    if cause is None:
-        await conn.execute(
-            f"INSERT INTO order_samples ({_SAMPLE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            *values,
-        )
-    else:
-        await conn.execute(_SAMPLE_WITH_CAUSE, *values, cause.kind, cause.ref, cause.frame_id)
+
+
+async def add_charging_sample(
+    conn: Connection, order_no: str, at: datetime, sample: Mapping[str, Any], cause: Cause
+) -> bool:
+    """:func:`add_sample` if the order is ``charging`` now, with ``cause`` applied, in
+    one statement (one round trip where a transaction takes four). False if the order
+    is not charging (nothing added: check it in full)."""
+    status = await conn.execute(
+        _SAMPLE_WITH_CAUSE,
+        order_no,
+        at,
+        sample.get("duration_s"),
+        sample.get("energy_kwh"),
+        sample.get("power_w"),
+        sample.get("voltage_v"),
+        sample.get("current_a"),
+        cause.kind,
+        cause.ref,
+        cause.frame_id,
+    )
+    return bool(status == "INSERT 0 1")
 
 
 async def note_session(

@@ -255,8 +255,13 @@ class Ap3000Driver:
         writer = self.ctx.writer
         # heartbeats repeat: one the same as the last (its rows unchanged since) only
         # moves the ports' report times, as putting its rows again would
+        celsius = m.temperature_c  # as on the wire (unsigned): -1 and -2 hash alike
         same, key = writer.repeated(
-            device_id, m.ports, m.signal_strength, m.temperature_c, m.voltage_v
+            device_id,
+            m.ports,
+            m.signal_strength,
+            None if celsius is None else celsius + 65,
+            m.voltage_v,
         )
         if same:
             for p in m.ports:

@@ -502,6 +502,8 @@ class BatchWriter:
         self._remembered: dict[int, int] = {}
         #: device -> key of its last periodic report whose rows were put (``repeated``)
         self._repeats: dict[str, int] = {}
+        #: device -> how often it was forgotten (part of its ports' stamps)
+        self._forgotten: dict[str, int] = {}
         self._metrics = metrics
         self.batch_rows = batch_rows
         self.interval_s = interval_s
@@ -595,7 +597,9 @@ class BatchWriter:
         # one int per row: the content and the refresh period it was written in (each
         # key with its own phase, so the rewrites of many devices do not coincide)
         period = int(time.monotonic() / self.refresh_s + (slot % 997) / 997)
-        stamp = hash((_content(table.content(row)), period))
+        # a port's memory ends with its device's (``forget("d")``): the generation
+        forgotten = self._forgotten.get(key[0], 0) if self._forgotten and table is _PORTS else 0
+        stamp = hash((_content(table.content(row)), period, forgotten))
         if self._remembered.get(slot) == stamp:
             return True
         if len(self._remembered) >= _MAX_REMEMBERED:
@@ -629,7 +633,14 @@ class BatchWriter:
         ports): something else wrote that row, so the next put is written whatever it
         holds."""
         self._remembered.pop(hash((table, key)), None)
-        self._repeats.pop(key if table == "d" else key[0] if table == "p" else None, None)
+        if table == "d":  # and its ports' (their keys are not enumerable: a generation)
+            if len(self._forgotten) >= _MAX_REMEMBERED:
+                self._forgotten.clear()
+                self._remembered.clear()  # stamps of older generations must not match
+            self._forgotten[key] = self._forgotten.get(key, 0) + 1
+            self._repeats.pop(key, None)
+        elif table == "p":
+            self._repeats.pop(key[0], None)
 
     def repeated(self, device_id: str, *content: Any) -> tuple[bool, int]:
         """Whether a device's periodic report made of ``content`` repeats the last one
@@ -639,7 +650,9 @@ class BatchWriter:
         of the device's forgets the memory), so putting them again would only move
         their timestamps (:meth:`touch_port`). The key changes every half
         ``refresh_s`` (per device phase): the rows are still put, and so rewritten,
-        within the refresh period. Never True without a refresh period.
+        within one and a half refresh periods (and a report interval). Never True
+        without a refresh period. ``content`` should hold no negative integers: in
+        CPython -1 and -2 hash alike (give the wire values, unsigned).
         """
         if self.refresh_s <= 0:
             return False, 0

@@ -505,6 +505,13 @@ def decode_items(
     empty); at the first item that shows otherwise it starts over with the general
     :func:`decode_record`, which records the order. Raises what ``parse_items`` raises.
     """
+    payload = bytes(buf[start:end])
+    known = _DECODED.get((cls, payload))
+    if known is not None:  # the same items as a recent frame (periodic reports repeat)
+        build_known: Any = cls
+        kwargs_known, raw_known = known
+        cached: _R = build_known(**head, **kwargs_known, raw_items=raw_known, tlv_order=())
+        return cached
     tag_map: Mapping[int, TagSpec] = cls.TAG_MAP  # type: ignore[attr-defined]
     plain: Mapping[int, tuple[str, int, int, int, bytes]] = cls.PLAIN  # type: ignore[attr-defined]
     position: Mapping[int, int] = cls.TAG_POSITION  # type: ignore[attr-defined]
@@ -553,8 +560,21 @@ def decode_items(
         off = nxt
     kwargs = cls.assemble(values)  # type: ignore[attr-defined]
     build: Any = cls
-    result: _R = build(**head, **kwargs, raw_items=tuple(raw), tlv_order=())
+    items = tuple(raw)
+    result: _R = build(**head, **kwargs, raw_items=items, tlv_order=())
+    if all(type(v) in _SHAREABLE for v in kwargs.values()):
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        _DECODED[(cls, payload)] = (kwargs, items)
     return result
+
+
+#: the decoded arguments of recent payloads, by (class, payload bytes): a gateway's
+#: periodic status reports repeat byte for byte. Only immutable values are kept (the
+#: records are frozen; nested records come as tuples of them); bounded, cleared when full
+_DECODED: dict[tuple[type, bytes], tuple[dict[str, Any], tuple[TlvItem, ...]]] = {}
+_DECODED_MAX = 2048
+_SHAREABLE = frozenset({int, float, str, bytes, bool, tuple, type(None)})
 
 
 def default_layout(

@@ -90,7 +90,11 @@ def write_section(path: Path, section: str) -> None:
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     start = text.find(heading)
     if start >= 0:
-        end = text.find("\n## ", start + 1)
+        # up to the next heading or section marker (``<!-- load:begin -->`` ...)
+        ends = [
+            i for i in (text.find("\n## ", start + 1), text.find("\n<!--", start + 1)) if i >= 0
+        ]
+        end = min(ends) if ends else -1
         text = text[:start] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"

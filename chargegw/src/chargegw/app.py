@@ -43,7 +43,7 @@ from chargegw.drivers.ap3000_commands import Ap3000Commands
 from chargegw.drivers.base import command_label, retry_while_connected
 from chargegw.drivers.bkv import BkvDriver
 from chargegw.drivers.bkv_commands import BkvCommands
-from chargegw.metrics import Metrics, guarded, never_fails
+from chargegw.metrics import Metrics, guarded, never_fails, update_failed
 from chargegw.net.sessions import Held, SessionRegistry
 from chargegw.net.transport import CONTROL, DeviceLink, DeviceServer, bound_socket
 from chargegw.process_health import ProcessHealth
@@ -808,8 +808,10 @@ class Gateway:
             )
         )
         if owner is not None:
-            with never_fails():  # a counter's fault must not cost the frame
+            try:  # a counter's fault must not cost the frame (never_fails, inlined)
                 self.compliance.observe(link, owner, message, event.raw, command, frame_id, wall)
+            except Exception:
+                update_failed()
         if driver is None:
             log.warning("no driver for protocol", protocol=protocol, connection=link.id)
             return

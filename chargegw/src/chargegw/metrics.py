@@ -57,10 +57,16 @@ def never_fails() -> Iterator[None]:
     try:
         yield
     except Exception:
-        now = time.monotonic()
-        if now - _last_logged[0] >= _LOG_EVERY_S:
-            _last_logged[0] = now
-            log.exception("metric update failed, going on without it")
+        update_failed()
+
+
+def update_failed() -> None:
+    """What :func:`never_fails` does with the exception being handled (for a per-frame
+    ``try``/``except``, where a context manager per call costs more than the update)."""
+    now = time.monotonic()
+    if now - _last_logged[0] >= _LOG_EVERY_S:
+        _last_logged[0] = now
+        log.exception("metric update failed, going on without it")
 
 
 def guarded(update: Callable[_P, object]) -> Callable[_P, None]:

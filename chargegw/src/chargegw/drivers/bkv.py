@@ -97,6 +97,7 @@ def _text_of(status_bits: int) -> str:
     return ", ".join(name for name, on in flags.items() if on) or "none"
 
 
+_CHARGING_BIT = 0x10  # the jack status byte's charging bit (bkv.md 10.1)
 #: both per status byte, worked out once (every status cluster carries them)
 _STATUS_OF_BYTE = tuple(_status_of(bits) for bits in range(256))
 _TEXT_OF_BYTE = tuple(_text_of(bits) for bits in range(256))
@@ -411,7 +412,7 @@ class BkvDriver:
             business_no = _present(jack.business_no)
             if not isinstance(port, int) or not isinstance(bits, int):
                 continue
-            if not bkv.status_flags(bits)["charging"] or not business_no:
+            if not bits & _CHARGING_BIT or not business_no:  # status_flags' "charging"
                 continue
             minutes = _present(jack.duration_min)
             sample = {
@@ -493,7 +494,20 @@ class BkvDriver:
             version = _present(socket.firmware_version)
             firmware = None if version is None else str(version)
             self.ctx.quirks.learn(device_id, self.protocol, "socket", firmware)
-            self.ctx.writer.put_device(
+            writer = self.ctx.writer
+            # a socket's report repeats while it idles: one the same as the last (its
+            # rows unchanged since) only moves its jacks' report times. The flag tells
+            # -1 from -2 (in CPython they hash alike; temperatures go below zero)
+            same, key = writer.repeated(device_id, socket, socket.temperature_c == -1)
+            if same:
+                for jack in ports:
+                    port = _present(jack.port)
+                    if isinstance(port, int):
+                        writer.touch_port((device_id, port + 1), wall)
+                self._jacks_reported(link, device_id, ports)
+                self._query_answered(device_id, m)
+                continue
+            writer.put_device(
                 DeviceRow(
                     device_id,
                     protocol=self.protocol,
@@ -526,6 +540,7 @@ class BkvDriver:
                         reported_at=wall,
                     )
                 )
+            writer.remember_repeat(device_id, key)
             self._jacks_reported(link, device_id, ports)
             self._query_answered(device_id, m)
         self._reply(link, self._ack(bkv.StatusClusterAck, m, result=OK), None)

@@ -39,6 +39,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["MULTIPROC_ENV", "Metrics", "guarded", "never_fails"]
 
@@ -58,6 +60,21 @@ def never_fails() -> Iterator[None]:
         yield
     except Exception:
         update_failed()
+
+
+class _FlushFirst(Collector):
+    """A collector with no metrics of its own: collecting it flushes the frames counted
+    in memory (see :meth:`Metrics.frame`), so a scrape or a test reads exact counts."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        self._metrics.flush_frames()
+        return iter(())
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # described as empty: registering it calls nothing else
 
 
 def update_failed() -> None:
@@ -164,25 +181,42 @@ class Metrics:
     #: call audit rows that could not be stored (logged instead), by ``reason``
     api_audit_lost_total: Counter
 
+    #: frames counted since the last :meth:`flush_frames`, by label set
+    _frame_counts: dict[tuple[str, str, str], int]
+
     def frame(self, protocol: str, direction: str, command: str) -> None:
-        """Count one frame (the labelled child is looked up once per label set)."""
+        """Count one frame. Counted here and added to ``frames_total`` by
+        :meth:`flush_frames` (before every collection of the registry, and every second
+        by the gateway for the other workers' scrapes): an increment of the counter
+        itself takes a lock, and in multiprocess mode writes a file, twice per frame."""
         key = (protocol, direction, command)
-        child = self._frame_children.get(key)
-        if child is None:
-            child = self._frame_children[key] = self.frames_total.labels(*key)
-        child.inc()
+        counts = self._frame_counts
+        counts[key] = counts.get(key, 0) + 1
+
+    def flush_frames(self) -> None:
+        """Add the frames counted since the last flush to ``frames_total``."""
+        counts = self._frame_counts
+        self._frame_counts = {}
+        for key, count in counts.items():
+            child = self._frame_children.get(key)
+            if child is None:
+                child = self._frame_children[key] = self.frames_total.labels(*key)
+            child.inc(count)
 
     def __init__(
         self, namespace: str = "chargegw", registry: CollectorRegistry | None = None
     ) -> None:
         """Create the metrics in ``registry`` (a new, private one by default)."""
         self._frame_children: dict[tuple[str, str, str], Any] = {}
+        self._frame_counts = {}
         # prometheus-client chose its value store when it was imported, from the same
         # variable: files in this directory, or memory
         self._multiprocess_dir = os.environ.get(MULTIPROC_ENV) or None
         self.registry = registry if registry is not None else CollectorRegistry()
         ns = namespace
         reg = self.registry
+        # first in the registry: collected before the counters, it adds what was counted
+        reg.register(_FlushFirst(self))
         self.connections_current = Gauge(
             "connections_current",
             "Device TCP connections open now",

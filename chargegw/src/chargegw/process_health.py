@@ -62,6 +62,7 @@ class ProcessHealth:
         self.on_lag = on_lag
         self.sample_s = sample_s
         label = str(worker)
+        self._metrics = metrics
         self._lag = metrics.event_loop_lag_seconds.labels(label)
         self._rss = metrics.process_resident_memory_bytes.labels(label)
         self._fds = metrics.process_open_fds.labels(label)
@@ -106,6 +107,8 @@ class ProcessHealth:
                 await asyncio.sleep(self.tick_s)
                 lag = max(time.monotonic() - asked - self.tick_s, 0.0)
                 self._lag.observe(lag)
+                # the frames counted in memory, for the scrapes other workers answer
+                self._metrics.flush_frames()
                 if self.on_lag is not None:
                     self.on_lag(lag)
         finally:

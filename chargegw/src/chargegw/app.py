@@ -217,6 +217,7 @@ class Gateway:
             shed=lambda count: self.server.shed(count, "rebalance", keep=self._busy),
             superseded=self._superseded,
             held=self.sessions.held,
+            held_count=self.sessions.held_count,
             knows=self.sessions.devices.__contains__,
             held_gateways=self._held_gateways,
             on_reasserted=self._reasserted,

@@ -197,6 +197,10 @@ class SessionRegistry:
             if s.db_since is not None and not s.link.closed
         ]
 
+    def held_count(self) -> int:
+        """How many devices :meth:`held` lists (without building the list)."""
+        return sum(1 for s in self.devices.values() if s.db_since is not None and not s.link.closed)
+
     def bind_iccid(self, link: Link, iccid: str) -> None:
         """A SIM announced itself; an older connection with the same SIM is stale."""
         link.iccid = iccid

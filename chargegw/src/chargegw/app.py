@@ -364,7 +364,11 @@ class Gateway:
         self._spawn(self._maintenance(), "partition-maintenance")
         self._spawn(
             ProcessHealth(
-                self.metrics, self.worker, self.settings.workers, on_lag=self._loop_lag
+                self.metrics,
+                self.worker,
+                self.settings.workers,
+                on_lag=self._loop_lag,
+                gc_full_s=self.settings.gc_full_s,
             ).run(),
             "process-health",
         )

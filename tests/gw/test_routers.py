@@ -202,3 +202,52 @@ async def test_stop_on_a_port_the_device_lacks_is_422_like_start(
     assert (await client.post(url.format(2, "stop"))).status_code == 409  # no open order
     assert (await client.post("/api/v1/devices/0400000A/ports/1/stop")).status_code == 404
     assert await gateway.pool.fetchval("SELECT count(*) FROM commands") == 0
+
+
+def _flat_routes(routers: list[Any]) -> list[Any]:
+    from fastapi.routing import APIRoute
+
+    return [route for router in routers for route in router.routes if isinstance(route, APIRoute)]
+
+
+def test_match_order_keeps_which_route_answers() -> None:
+    """The read API is matched early (the device detail is the most frequent call), and
+    every request still reaches the route it reached with the read API matched last:
+    sample paths fill each parameter with "x" and with every literal segment that another
+    route has at that position (``/api/v1/devices/registry``)."""
+    from chargegw.api import devices
+    from chargegw.api.app import _paths_overlap, match_order
+
+    assert _paths_overlap("/api/v1/devices/{device_id}", "/api/v1/devices/registry")
+    assert not _paths_overlap("/api/v1/devices/{device_id}", "/api/v1/devices/{d}/events")
+    assert not _paths_overlap("/api/v1/orders", "/api/v1/devices")
+    assert _paths_overlap("/static/{rest:path}", "/static/a/b")
+    ordered = match_order(ROUTERS, devices.router)
+    assert sorted(map(id, ordered)) == sorted(map(id, [*ROUTERS, devices.router]))
+    assert ordered.index(devices.router) < len(ordered) // 2
+    before = _flat_routes([*ROUTERS, devices.router])
+    after = _flat_routes(ordered)
+    literals: dict[int, set[str]] = {}
+    for route in before:
+        for i, segment in enumerate(route.path.split("/")):
+            if "{" not in segment:
+                literals.setdefault(i, set()).add(segment)
+    samples: set[tuple[str, str]] = set()
+    for route in before:
+        segments = route.path.split("/")
+        for method in route.methods:
+            samples.add((method, "/".join("x" if "{" in s else s for s in segments)))
+            for i, segment in enumerate(segments):
+                for literal in literals.get(i, ()) if "{" in segment else ():
+                    filled = [literal if j == i else ("x" if "{" in s else s)
+                              for j, s in enumerate(segments)]  # fmt: skip
+                    samples.add((method, "/".join(filled)))
+
+    def answering(routes: list[Any], method: str, path: str) -> Any:
+        return next(
+            (r.endpoint for r in routes if r.path_regex.match(path) and method in r.methods),
+            None,
+        )
+
+    for method, path in sorted(samples):
+        assert answering(after, method, path) is answering(before, method, path), (method, path)

@@ -41,6 +41,7 @@ import asyncpg
 import structlog
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Security
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -603,6 +604,39 @@ def _bound_integers_in_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _paths_overlap(a: str, b: str) -> bool:
+    """Whether one request path can match both route paths: segment by segment, equal
+    or a parameter on either side (a ``:path`` parameter takes the rest)."""
+    left, right = a.strip("/").split("/"), b.strip("/").split("/")
+    for x, y in zip(left, right, strict=False):
+        if x.endswith(":path}") or y.endswith(":path}"):
+            return True
+        if x != y and "{" not in x and "{" not in y:
+            return False
+    return len(left) == len(right)
+
+
+def match_order(routers: Sequence[APIRouter], read_api: APIRouter) -> list[APIRouter]:
+    """The order routes are matched in, one by one: ``routers`` in their order, and the
+    read API right after the last of them with a path one of its paths can also match,
+    so theirs keeps winning (a literal ``GET /api/v1/devices/registry`` over
+    ``/api/v1/devices/{device_id}``), and every router keeps its order with the others.
+    The device detail and list, the most frequent calls, are then tried after 47 routes
+    rather than after nearly all (83): matching the routes ahead of them was about a third
+    of a device detail's time in the application."""
+    read_paths = [route.path for route in read_api.routes if isinstance(route, APIRoute)]
+
+    def overlaps(router: APIRouter) -> bool:
+        return any(
+            not isinstance(route, APIRoute)
+            or any(_paths_overlap(route.path, read) for read in read_paths)
+            for route in router.routes
+        )
+
+    at = max((i + 1 for i, router in enumerate(routers) if overlaps(router)), default=0)
+    return [*routers[:at], read_api, *routers[at:]]
+
+
 def create_app(state: ApiState, routers: Sequence[APIRouter] = ()) -> FastAPI:
     """The read API over ``state``, plus ``routers``, all behind the API-key check.
 
@@ -638,9 +672,7 @@ def create_app(state: ApiState, routers: Sequence[APIRouter] = ()) -> FastAPI:
         **_UNAVAILABLE,
         **guard.RESPONSES,
     }
-    # the resource routers first: a literal path of theirs (GET /api/v1/devices/registry)
-    # must win over a path parameter of the read API (/api/v1/devices/{device_id})
-    for router in (*routers, devices.router):
+    for router in match_order(routers, devices.router):
         app.include_router(router, dependencies=protected, responses=documented)
     add_docs(app)
     _bound_integers_in_openapi(app)

@@ -257,23 +257,37 @@ async def list_devices(
     return page_of([Device(**_device_fields(r)) for r in rows], limit)
 
 
+#: the columns of a port (:class:`Port`'s fields), in the order the detail selects them
+_PORT_COLUMNS = (
+    "port",
+    "status",
+    "status_code",
+    "status_text",
+    "power_w",
+    "voltage_v",
+    "current_a",
+    "energy_kwh",
+    "temperature_c",
+    "reported_at",
+)
+
+
 async def get_device(conn: Connection, device_id: str) -> DeviceDetail | None:
-    """A device with its ports; None if it is not known."""
+    """A device with its ports; None if it is not known. One query: the ports come as
+    an array of rows beside the device's columns (the most frequent API read)."""
     row = await conn.fetchrow(
-        f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = $1",
+        f"""SELECT {_DEVICE_COLUMNS},
+                   ARRAY(SELECT ROW({", ".join(_PORT_COLUMNS)}) FROM ports p
+                          WHERE p.device_id = d.device_id ORDER BY p.port) AS ports
+              FROM devices d WHERE device_id = $1""",
         device_id,
         timeout=QUERY_TIMEOUT_S,
     )
     if row is None:
         return None
-    ports = await conn.fetch(
-        """SELECT port, status, status_code, status_text, power_w, voltage_v, current_a,
-                  energy_kwh, temperature_c, reported_at
-             FROM ports WHERE device_id = $1 ORDER BY port""",
-        device_id,
-        timeout=QUERY_TIMEOUT_S,
-    )
-    return DeviceDetail(**_device_fields(row), ports=[Port(**dict(p)) for p in ports])
+    fields = _device_fields(row)
+    ports = [Port(**dict(zip(_PORT_COLUMNS, p, strict=True))) for p in fields.pop("ports")]
+    return DeviceDetail(**fields, ports=ports)
 
 
 async def device_exists(conn: Connection, device_id: str) -> bool:

@@ -135,7 +135,7 @@ def test_forgetting_a_device_forgets_its_ports_and_its_last_report() -> None:
     writer = _writer(3600.0)
     port = ("04000001", 1)
     writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0))
-    same, key = writer.repeated("04000001", 1)
+    _, key = writer.repeated("04000001", 1)
     writer.remember_repeat("04000001", key)
     writer._take()
     writer.put_port(PortRow("04000001", 1, status="idle", voltage_v=220.0))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from chargesim.loadtest import http as httpload
+from chargesim.loadtest import overload
 from chargesim.loadtest.runner import LoadOptions, LoadTestError, parse_addrs, run_loadtest
 
 
@@ -20,6 +23,17 @@ def _settings(values: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"expected NAME=VALUE, not {item!r}", param_hint="--set")
         out[name.strip().lower()] = value
     return out
+
+
+def _http_spec(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> httpload.HttpLoadSpec | None:
+    if value is None:
+        return None
+    try:
+        return httpload.parse_spec(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _command_line() -> list[str]:
@@ -60,14 +74,47 @@ def summary(report: dict[str, Any]) -> list[str]:
                 f"  storm: {storm['dropped']} dropped, {storm['back_online']} back, all back "
                 f"after {storm['all_back_after_s']} s"
             )
+        if run.get("overload"):
+            lines.extend(_overload_lines(run["overload"]))
         if latency and latency["probes"]:
             total = latency["legs_ms"]["total"]
             lines.append(
                 f"  API latency to ack: p50 {total['p50']} ms, p99 {total['p99']} ms, "
                 f"max {total['max']} ms ({latency['outcomes']})"
             )
+        if run.get("http_load"):
+            lines.extend(httpload.summary_lines(run["http_load"]))
     if "ratios" in report:
         lines.append(f"chargegw / baseline: {report['ratios']}")
+    return lines
+
+
+def _overload_lines(result: dict[str, Any]) -> list[str]:
+    capacity, verdicts, phases = result["capacity"], result["verdicts"], result["phases"]
+    how = f"measured, limited by {capacity['limited_by']}" if capacity["measured"] else "given"
+    lines = [f"  overload profile: capacity {capacity['frames_per_s']} answered frames/s ({how})"]
+    for name in overload.PHASES:
+        phase = phases.get(name)
+        if phase is None:
+            continue
+        rtt = phase["heartbeat_rtt_ms"]
+        lines.append(
+            f"    {name}: offered {phase['offered_per_s']}/s, sent {phase['sent_per_s']}/s, "
+            f"answered {phase['answered_per_s']}/s; online {phase['online_min']}-"
+            f"{phase['online_max']}, disconnects {phase['disconnects']}; heartbeat p50/p99 "
+            f"{rtt['p50']}/{rtt['p99']} ms, unanswered {phase['heartbeats_unanswered']}; "
+            f"server CPU {phase['server_cpu_percent']}%"
+        )
+    lines.append(
+        f"  verdicts: all piles held {verdicts['all_piles_held']}, round trip under "
+        f"{overload.RTT_LIMIT_MS:g} ms after {verdicts['rtt_recovered_after_s']} s, recovered "
+        f"within {overload.RECOVERY_LIMIT_S:g} s {verdicts['recovered_within_30s']}"
+        + ("" if result["completed"] else " (the profile did not complete)")
+    )
+    if verdicts["overload_reached"] is False:
+        lines.append(
+            f"  not an overload: the piles sent {verdicts['overload_sent_share']}x the capacity"
+        )
     return lines
 
 
@@ -115,9 +162,8 @@ def summary(report: dict[str, Any]) -> list[str]:
     "--duration",
     "duration_s",
     type=click.FloatRange(1),
-    default=60.0,
-    show_default=True,
-    help="Length of the load against each server, seconds (a hard cap).",
+    help="Length of the load against each server, seconds (a hard cap). Default: 60; "
+    "with --profile overload, what its phases may need.",
 )
 @click.option(
     "--ramp",
@@ -146,11 +192,47 @@ def summary(report: dict[str, Any]) -> list[str]:
     help="Dropped piles reconnect within this many seconds.",
 )
 @click.option(
+    "--profile",
+    type=click.Choice(overload.PROFILES),
+    default=overload.PROFILES[0],
+    show_default=True,
+    help="steady: ramp, steady load, optional storm. overload: once all piles are online, "
+    "measure the capacity, offer 150 % of it, then 50 % (docs/loadtest.md).",
+)
+@click.option(
+    "--capacity",
+    type=click.FloatRange(0, min_open=True),
+    metavar="FRAMES_PER_S",
+    help="With --profile overload: the server's capacity in answered frames/s (no search).",
+)
+@click.option(
+    "--overload-s",
+    type=click.FloatRange(1),
+    default=60.0,
+    show_default=True,
+    help="With --profile overload: seconds at 150 % of the capacity.",
+)
+@click.option(
+    "--recover-s",
+    type=click.FloatRange(overload.RTT_HOLD_S),
+    default=45.0,
+    show_default=True,
+    help="With --profile overload: seconds at 50 % of the capacity, after the overload.",
+)
+@click.option(
     "--latency-probes",
     type=click.IntRange(0),
     default=0,
     show_default=True,
     help="API commands issued during the steady phase (AP3000 locate, BKV query).",
+)
+@click.option(
+    "--http-load",
+    metavar="SPEC",
+    callback=_http_spec,
+    help="An open-loop HTTP load on the API in the steady phase: `default` or KEY=VALUE,... "
+    "(detail, list, orders, start: requests/s; stop_after, duration, delay: s; page, "
+    "processes, connections, timeout). See docs/loadtest.md.",
 )
 @click.option("--target", help="HOST:PORT of a running server's device port.")
 @click.option("--api", help="Base URL of the running server's HTTP API.")
@@ -239,6 +321,7 @@ def loadtest(source_addrs: str, settings: tuple[str, ...], **options: Any) -> No
     Either start the servers (--start chargegw|baseline|both) or point at one that runs
     (--target, --api). See docs/loadtest.md.
     """
+    duration_s: float | None = options.pop("duration_s")
     try:
         opts = LoadOptions(
             source_addrs=parse_addrs(source_addrs),
@@ -246,6 +329,10 @@ def loadtest(source_addrs: str, settings: tuple[str, ...], **options: Any) -> No
             server_pids=tuple(options.pop("server_pids")),
             **options,
         )
+        if duration_s is not None:
+            opts.duration_s = duration_s
+        elif opts.profile == "overload":
+            opts.duration_s = math.ceil(overload.planned_length_s(opts))
         report = asyncio.run(run_loadtest(opts, argv=_command_line()))
     except LoadTestError as exc:
         raise click.ClickException(str(exc)) from None

@@ -2,8 +2,10 @@
 
 Run by the load-test runner as ``python -m chargesim.loadtest.piles CONFIG_JSON``; it
 talks JSON Lines: control on stdin (``{"cmd": "start"}``, ``{"cmd": "storm", "count": N,
-"window": S}``, ``{"cmd": "stop"}``), figures on stdout (``ready``, ``stats`` every
-second, ``commands`` with the receive times of the server's commands, ``final``).
+"window": S}``, ``{"cmd": "rate", "accel": X}``, ``{"cmd": "rtt"}``, ``{"cmd": "stop"}``),
+figures on stdout (``ready``, ``stats`` at every whole second with the heartbeat round
+trips of that second, ``commands`` with the receive times of the server's commands,
+``rate``, ``rtt``: the heartbeat round-trip histogram so far, ``final``).
 
 What makes it cheap per pile: each pile is one slotted object that is also its
 connection's protocol (no task, no coroutine while connected); every timer of every pile
@@ -43,6 +45,8 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)
 _READ_BUFFER: Final = 65536
 _U16: Final = 0xFFFF
 _COMMANDS_PER_LINE: Final = 200
+#: heartbeats of one pile awaiting their reply that are remembered (the rest go unmeasured)
+_AWAITED_MAX: Final = 32
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -141,7 +145,11 @@ class TimerWheel:
 
     def schedule(self, pile: LoadPile, delay_s: float) -> None:
         """Fire ``pile`` in ``delay_s`` seconds (at the next tick at the earliest)."""
-        tick = max(self._tick_of(self.loop.time() + delay_s), self._current + 1)
+        due = self.loop.time() + delay_s
+        tick = max(self._tick_of(due), self._current + 1)
+        pile.due = due
+        if tick == pile.timer_tick:  # moved within its tick: the entry stands
+            return
         pile.timer_tick = tick
         bucket = self._buckets.get(tick)
         if bucket is None:
@@ -176,8 +184,11 @@ class LoadPile(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
         "addr",
         "decoder",
         "delay",
+        "due",
         "failures",
         "gen",
+        "hb_awaited",
+        "hb_id",
         "hb_sent_at",
         "ident",
         "number",
@@ -199,10 +210,16 @@ class LoadPile(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
         self.decoder: Any = None
         self.state = IDLE
         self.timer_tick = -1
+        #: loop time the pending timer is due at
+        self.due = 0.0
         self.failures = 0
         self.since = 0.0
         self.online = False
+        #: the oldest heartbeat awaiting its reply: when it was sent (0: none) and its id
         self.hb_sent_at = 0.0
+        self.hb_id = 0
+        #: later heartbeats awaiting theirs, oldest first: (sent at, id)
+        self.hb_awaited: list[tuple[float, int]] | None = None
         #: dropped by a reconnect storm and not online again yet
         self.storm = False
         #: reconnect delay chosen by a storm (negative: none)
@@ -262,6 +279,53 @@ class LoadPile(asyncio.BufferedProtocol, metaclass=abc.ABCMeta):
     def answer(self, message: Message) -> list[bytes | bytearray]:
         """The frames that answer a server command (none: ignored)."""
 
+    def heartbeat_sent(self, hb_id: int) -> None:
+        """Note a heartbeat just written (``hb_id``: its AP3000 msg id; 0 for BKV)."""
+        now = time.monotonic()
+        counters = self.gen.counters
+        counters.heartbeats += 1
+        if not self.hb_sent_at:
+            self.hb_sent_at, self.hb_id = now, hb_id
+            return
+        counters.heartbeats_unanswered += 1
+        awaited = self.hb_awaited
+        if awaited is None:
+            self.hb_awaited = [(now, hb_id)]
+        elif len(awaited) < _AWAITED_MAX:
+            awaited.append((now, hb_id))
+
+    def heartbeat_answered(self, hb_id: int | None) -> None:
+        """Record the round trip of the heartbeat a reply answers: the one with ``hb_id``
+        (AP3000 echoes the msg id; older ones still awaited are given up), or, for
+        ``None`` (BKV replies echo seq 0), the oldest: the server answers in order."""
+        if not self.hb_sent_at:
+            return
+        sent_at = self.hb_sent_at
+        awaited = self.hb_awaited
+        if hb_id is not None and hb_id != self.hb_id:
+            if awaited is None:
+                return
+            for index, (at, pending_id) in enumerate(awaited):
+                if pending_id == hb_id:
+                    sent_at = at
+                    del awaited[: index + 1]
+                    break
+            else:
+                return  # not a heartbeat of ours (one sent to answer a 0x81 query)
+        self.gen.record_rtt((time.monotonic() - sent_at) * 1000.0)
+        if awaited:
+            self.hb_sent_at, self.hb_id = awaited.pop(0)
+            if not awaited:
+                self.hb_awaited = None
+        else:
+            self.hb_sent_at, self.hb_awaited = 0.0, None
+
+    def awaited(self) -> int:
+        """Heartbeats sent and not answered yet."""
+        if not self.hb_sent_at:
+            return 0
+        return 1 + (len(self.hb_awaited) if self.hb_awaited else 0)
+
     def write(self, data: bytes | bytearray, count: int) -> None:
         """Send ``count`` frames in one write."""
         transport = self.transport
@@ -298,40 +362,31 @@ class Ap3000LoadPile(LoadPile):
         t = self.gen.ap
         _, _, iccid = frames.ap3000_identity(self.number, t.ports)
         self.reg_id = self.next_id()
-        data = b"".join(
-            (
-                iccid,
-                t.registration.build(self.ident, self.reg_id),
-                t.time_request.build(self.ident, self.next_id()),
-                t.heartbeat.build(self.ident, self.next_id()),
-            )
-        )
-        self.hb_sent_at = time.monotonic()
-        self.gen.counters.heartbeats += 1
+        registration = t.registration.build(self.ident, self.reg_id)
+        time_request = t.time_request.build(self.ident, self.next_id())
+        hb_id = self.next_id()
+        data = b"".join((iccid, registration, time_request, t.heartbeat.build(self.ident, hb_id)))
         self.write(data, 3)
+        self.heartbeat_sent(hb_id)
 
     def beat(self) -> None:
         gen = self.gen
-        counters = gen.counters
-        if self.hb_sent_at:
-            counters.heartbeats_unanswered += 1
-        frame = gen.ap.heartbeat.build(self.ident, self.next_id())
+        hb_id = self.next_id()
+        frame = gen.ap.heartbeat.build(self.ident, hb_id)
         if not self.online:  # 0x20 again, same msg id, until answered (ap3000.md 3)
-            counters.registrations_resent += 1
+            gen.counters.registrations_resent += 1
             frame = gen.ap.registration.build(self.ident, self.reg_id) + frame
             self.write(frame, 2)
         else:
             self.write(frame, 1)
-        counters.heartbeats += 1
-        self.hb_sent_at = time.monotonic()
+        self.heartbeat_sent(hb_id)
 
     def on_message(self, message: Message) -> None:
         kind = type(message)
         gen = self.gen
         if kind is ap3000.HeartbeatReply:
-            if self.hb_sent_at:
-                gen.rtt.add((time.monotonic() - self.hb_sent_at) * 1000.0)
-                self.hb_sent_at = 0.0
+            assert isinstance(message, ap3000.HeartbeatReply)
+            self.heartbeat_answered(message.msg_id)
         elif kind is ap3000.RegistrationReply:
             assert isinstance(message, ap3000.RegistrationReply)
             if message.msg_id == self.reg_id and message.result == 0 and not self.online:
@@ -396,31 +451,24 @@ class BkvLoadPile(LoadPile):
         parts.extend(r.build(self.ident) for r in t.connect_reports)
         parts.extend(s.build(self.ident) for s in t.status_clusters)
         self.beats = 0
-        self.hb_sent_at = time.monotonic()
-        self.gen.counters.heartbeats += 1
         self.write(b"".join(parts), len(parts))
+        self.heartbeat_sent(0)
 
     def beat(self) -> None:
         gen = self.gen
-        counters = gen.counters
-        if self.hb_sent_at:
-            counters.heartbeats_unanswered += 1
         t = gen.bk
         parts = [t.heartbeat.build(self.ident, 0, self._iccid())]
         self.beats += 1
         if self.beats % gen.status_every == 0:
             parts.extend(s.build(self.ident) for s in t.status_clusters)
-        counters.heartbeats += 1
-        self.hb_sent_at = time.monotonic()
         self.write(b"".join(parts), len(parts))
+        self.heartbeat_sent(0)
 
     def on_message(self, message: Message) -> None:
         kind = type(message)
         gen = self.gen
         if kind is bkv.HeartbeatReply:
-            if self.hb_sent_at:
-                gen.rtt.add((time.monotonic() - self.hb_sent_at) * 1000.0)
-                self.hb_sent_at = 0.0
+            self.heartbeat_answered(None)
             if not self.online:
                 gen.set_online(self)
         elif kind is bkv.StatusClusterAck:
@@ -476,13 +524,23 @@ def _correlation(message: Message) -> int | None:
 class Generator:
     """All piles of one process, their timer wheel and their counters."""
 
-    def __init__(self, config: GeneratorConfig, out: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        out: Callable[[dict[str, Any]], None],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """``loop``: the running one by default (a test passes one with its own clock)."""
         self.config = config
         self.out = out
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.rng = random.Random(config.seed)
         self.counters = Counters()
+        #: heartbeat round trips since the start, and since the last stats line
         self.rtt = Histogram()
+        self.rtt_window = Histogram()
+        #: time acceleration now (``rate`` changes it)
+        self.accel = config.accel
         self.ap = frames.Ap3000Frames(config.ap3000_ports)
         self.bk = frames.BkvFrames(config.bkv_sockets)
         frames.check_templates(self.ap, self.bk, max(config.ap3000_start, config.bkv_start))
@@ -514,7 +572,27 @@ class Generator:
     def spread(self, pile_s: float) -> float:
         """Real seconds for ``pile_s`` pile seconds, with jitter."""
         jitter = self.config.jitter
-        return pile_s / self.config.accel * (1.0 + self.rng.uniform(-jitter, jitter))
+        return pile_s / self.accel * (1.0 + self.rng.uniform(-jitter, jitter))
+
+    def set_rate(self, accel: float) -> int:
+        """Change the time acceleration of every pile at once; return the piles moved.
+
+        The time left to each connected pile's next beat is scaled by old / new: the
+        piles keep their phases, so the offered rate steps to the new one without a
+        burst or a gap, and every later beat (status clusters too) follows the new
+        interval. Connection attempts and backoffs are real time and stay as they are.
+        """
+        if not accel > 0:
+            raise ValueError(f"accel must be positive, not {accel}")
+        factor = self.accel / accel
+        self.accel = accel
+        now = self.loop.time()
+        moved = 0
+        for pile in self.piles:
+            if pile.state == CONNECTED and pile.timer_tick >= 0:
+                self.wheel.schedule(pile, max(0.0, pile.due - now) * factor)
+                moved += 1
+        return moved
 
     def backoff(self, failures: int) -> float:
         c = self.config
@@ -526,7 +604,11 @@ class Generator:
             return
         if pile.state == CONNECTED:
             pile.beat()
-            self.wheel.schedule(pile, self.spread(pile.interval_s()))
+            # from when this beat was due, not from the tick that fired it: the tick's
+            # lateness would lengthen every interval (by 25 ms on average, a tenth of a
+            # 250 ms interval); a pile late by more than an interval does not catch up
+            due = pile.due + self.spread(pile.interval_s())
+            self.wheel.schedule(pile, max(0.0, due - self.loop.time()))
         elif pile.state in (IDLE, WAITING):
             self.connect(pile)
 
@@ -568,7 +650,7 @@ class Generator:
         pile.state = CONNECTED
         pile.since = self.loop.time()
         pile.decoder = pile.new_decoder()
-        pile.hb_sent_at = 0.0
+        pile.hb_sent_at, pile.hb_awaited = 0.0, None
         if self.stopping:
             assert pile.transport is not None
             pile.transport.abort()
@@ -594,6 +676,7 @@ class Generator:
         pile.transport = None
         pile.decoder = None
         pile.timer_tick = -1
+        pile.hb_sent_at, pile.hb_awaited = 0.0, None
         if self.stopping:
             pile.state = STOPPED
             return
@@ -676,6 +759,7 @@ class Generator:
             "piles": len(self.piles),
             "connected": self.connected,
             "online": self.online,
+            "accel": self.accel,
             **dataclasses.asdict(self.counters),
             "storm_last_back": self.storm_last_back,
             "rss_kib": rss_kib(),
@@ -689,15 +773,35 @@ class Generator:
             self.out({"type": "commands", "items": self.commands[at : at + _COMMANDS_PER_LINE]})
         self.commands = []
 
-    def flush(self, kind: str = "stats") -> None:
+    def record_rtt(self, ms: float) -> None:
+        """One heartbeat round trip, in milliseconds."""
+        self.rtt.add(ms)
+        self.rtt_window.add(ms)
+
+    def flush(self, window_end: float) -> None:
+        """Report the commands, then a stats line that closes the window ending at
+        ``window_end``: its round trips, and the heartbeats awaiting a reply now."""
         self.flush_commands()
-        self.out(self.snapshot(kind))
+        line = self.snapshot("stats")
+        line["window_end"] = window_end
+        line["rtt_window"] = self.rtt_window.to_json()
+        line["heartbeats_awaited"] = sum(pile.awaited() for pile in self.piles)
+        self.rtt_window = Histogram()
+        self.out(line)
 
 
 async def _stats_loop(gen: Generator) -> None:
+    # on whole multiples of the interval (wall clock), so that the windows of every
+    # generator end together and the runner can add them up second by second
+    interval = gen.config.stats_interval_s
+    due = (time.time() // interval + 1) * interval
     while True:
-        await asyncio.sleep(gen.config.stats_interval_s)
-        gen.flush()
+        await asyncio.sleep(max(0.0, due - time.time()))
+        gen.flush(due)
+        due += interval
+        now = time.time()
+        if due <= now:  # this process fell behind by a whole window: skip it
+            due = (now // interval + 1) * interval
 
 
 #: Linux: choose the source port at connect(), not at bind(); without it every bind to
@@ -757,6 +861,11 @@ async def run(config: GeneratorConfig) -> None:
             elif name == "storm":
                 dropped = gen.storm(int(command["count"]), float(command["window"]))
                 _print({"type": "storm", "t": time.time(), "dropped": dropped})
+            elif name == "rate":
+                moved = gen.set_rate(float(command["accel"]))
+                _print({"type": "rate", "t": time.time(), "accel": gen.accel, "moved": moved})
+            elif name == "rtt":  # the round trips so far, to cut windows out of
+                _print({"type": "rtt", "t": time.time(), "rtt": gen.rtt.to_json()})
             elif name == "stop":
                 break
     finally:

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import itertools
 import json
 import math
@@ -35,7 +36,8 @@ from typing import Any, Final
 import httpx
 
 from chargegw.core import bkv_device_id
-from chargesim.loadtest import frames
+from chargesim.loadtest import frames, overload
+from chargesim.loadtest import http as httpload
 from chargesim.loadtest.piles import GeneratorConfig
 from chargesim.loadtest.stats import (
     Histogram,
@@ -81,6 +83,12 @@ class LoadOptions:
     storm_piles: int | None = None
     storm_window_s: float = 10.0
     latency_probes: int = 0
+    #: ``steady`` (ramp, steady, optional storm) or ``overload`` (:mod:`.overload`)
+    profile: str = overload.PROFILES[0]
+    #: frames/s the server answers at most (``overload``; None: measured)
+    capacity: float | None = None
+    overload_s: float = 60.0
+    recover_s: float = 45.0
     target: str | None = None
     api: str | None = None
     api_key: str | None = None
@@ -100,6 +108,8 @@ class LoadOptions:
     #: a markdown file whose load-test section (docs/benchmarks.md) is rewritten
     benchmarks: str | None = None
     quiet: bool = False
+    #: an open-loop HTTP load on the API during the steady phase (:mod:`.http`)
+    http_load: httpload.HttpLoadSpec | None = None
 
     def check(self) -> None:
         """Raise :class:`LoadTestError` for options that cannot work together."""
@@ -119,12 +129,39 @@ class LoadOptions:
             raise LoadTestError("--storm-at must fall inside --duration")
         if self.latency_probes and self.start is None and self.api is None:
             raise LoadTestError("--latency-probes needs --api (or --start chargegw)")
+        if self.http_load is not None and (
+            self.start == "baseline" or (self.start is None and self.api is None)
+        ):
+            raise LoadTestError("--http-load needs --api (or --start chargegw)")
         if self.accel <= 0:
             raise LoadTestError("--accel must be positive")
         if not self.source_addrs:
             raise LoadTestError("--source-addrs names no address")
         if self.workers < 1:
             raise LoadTestError("--workers must be at least 1")
+        self._check_profile()
+
+    def _check_profile(self) -> None:
+        if self.profile not in overload.PROFILES:
+            raise LoadTestError(f"--profile is one of {', '.join(overload.PROFILES)}")
+        if self.profile != "overload":
+            return
+        if self.storm_at_s is not None or self.latency_probes:
+            raise LoadTestError("--profile overload takes no --storm-at or --latency-probes")
+        if self.capacity is not None and self.capacity <= 0:
+            raise LoadTestError("--capacity must be positive")
+        if self.overload_s <= 0 or self.recover_s < overload.RTT_HOLD_S:
+            raise LoadTestError(
+                f"--overload-s must be positive and --recover-s at least "
+                f"{overload.RTT_HOLD_S:g} s (the round trip must hold that long)"
+            )
+        need = overload.planned_length_s(self)
+        if self.duration_s < need:
+            raise LoadTestError(
+                f"--profile overload may need {need:g} s (ramp, settle, capacity search, "
+                f"overload, recovery): give --duration {math.ceil(need)} or more, or leave "
+                "it out"
+            )
 
     @property
     def bkv_piles(self) -> int:
@@ -244,6 +281,9 @@ class GeneratorProcess:
         self.final: dict[str, Any] | None = None
         self.storms: list[dict[str, Any]] = []
         self.commands: list[dict[str, Any]] = []
+        #: one per stats line: the counters and round trips of that second
+        self.windows: list[overload.Window] = []
+        self.rtt_marks: list[dict[str, Any]] = []
         self.stderr: collections.deque[str] = collections.deque(maxlen=40)
         self._ready = asyncio.Event()
         self._done = asyncio.Event()
@@ -279,11 +319,14 @@ class GeneratorProcess:
                     self.ready = item
                     self._ready.set()
                 elif kind == "stats":
+                    self.windows.append(overload.window_of(self.latest or None, item))
                     self.latest = item
                 elif kind == "commands":
                     self.commands.extend(item["items"])
                 elif kind == "storm":
                     self.storms.append(item)
+                elif kind == "rtt":
+                    self.rtt_marks.append(item)
                 elif kind == "final":
                     self.final = self.latest = item
         finally:
@@ -661,6 +704,8 @@ class Phase:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.rng = random.Random(opts.seed)
         self.http: httpx.AsyncClient | None = None
+        #: the HTTP load's window (``--http-load``), started with the steady phase
+        self.http_task: asyncio.Task[dict[str, Any]] | None = None
 
     async def run(self) -> dict[str, Any]:
         """Start the generators, run the load, return this phase's report."""
@@ -675,9 +720,10 @@ class Phase:
                 await gen.wait_ready(60.0)
             return await self._load()
         finally:
-            for task in self._tasks:
+            tasks = [*self._tasks, *([self.http_task] if self.http_task else [])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(g.stop() for g in self.gens), return_exceptions=True)
             if self.http is not None:
                 await self.http.aclose()
@@ -707,6 +753,7 @@ class Phase:
         storm: dict[str, Any] | None = None
         gen_rss_online: list[int] | None = None
         next_status = t0 + _STATUS_EVERY_S
+        profile = self._overload_profile(t0, idle["cpu_s"])
         tick = t0
         while True:
             tick += 1.0
@@ -724,10 +771,17 @@ class Phase:
             if steady_start is None and steady_due and storm is None:
                 steady_start = await self._snapshot()
                 self._start_probes(steady_start.t, storm_at or end)
+                self._start_http(storm_at or end)
             if storm_at is not None and storm is None and now >= storm_at:
                 if steady_start is not None and steady_end is None:
                     steady_end = await self._snapshot()
                 storm = await self._storm(now)
+            if profile is not None:
+                await profile.tick(now, sample["cpu_s"], steady_due)
+                if profile.left_base and steady_start is not None and steady_end is None:
+                    steady_end = await self._snapshot()  # the steady window: the base rate
+                if profile.done:
+                    break
             if now >= next_status:
                 next_status += _STATUS_EVERY_S
                 self._status(now - t0, totals, sample)
@@ -738,12 +792,15 @@ class Phase:
             if self.server.proc is not None and self.server.proc.returncode is not None:
                 self.log(f"{self.server.kind} exited: {_tail(self.server.output)}")
                 break
+        if profile is not None:
+            await profile.close()
         if steady_start is not None and steady_end is None:
             steady_end = await self._snapshot()
         latency = await self._probe_results()
+        http = await self._http_results(t0)
         for gen in self.gens:
             await gen.stop()
-        return self._report(
+        report = self._report(
             t0=t0,
             idle=idle,
             steady=(steady_start, steady_end),
@@ -752,6 +809,25 @@ class Phase:
             latency=latency,
             gen_rss=(gen_rss_ready, gen_rss_online),
         )
+        if self.opts.http_load is not None and self.server.api is not None:
+            report["http_load"] = http or {"error": "the HTTP load did not run (no time for it)"}
+        if profile is not None:
+            report["overload"] = profile.report([g.final or g.latest for g in self.gens])
+        return report
+
+    def _overload_profile(self, t0: float, cpu_s: float) -> overload.OverloadProfile | None:
+        """The driver of ``--profile overload``, started; None for the steady profile."""
+        opts = self.opts
+        if opts.profile != "overload":
+            return None
+        profile = overload.OverloadProfile(
+            self,
+            t0,
+            accel_for=functools.partial(accel_for_rate, opts),
+            offered_at=lambda accel: offered_rate(dataclasses.replace(opts, accel=accel)),
+        )
+        profile.start(cpu_s)
+        return profile
 
     def _record(self, at: float, sample: dict[str, Any], totals: dict[str, int]) -> None:
         previous = self.timeline[-1] if self.timeline else None
@@ -947,6 +1023,103 @@ class Phase:
                     out[command_id] = response.json()
         return out
 
+    # --- the HTTP load ----------------------------------------------------------------------
+
+    def _start_http(self, stop: float) -> None:
+        spec = self.opts.http_load
+        if spec is None or self.server.api is None:
+            return
+        # room for the load processes to start, the quiet window, and the last answers
+        room = stop - time.time() - spec.delay_s - spec.timeout_s - 5.0
+        if room < 5.0:
+            self.log("no time left for the HTTP load in the steady phase")
+            return
+        if room < spec.duration_s:
+            self.log(f"HTTP load shortened to {room:.0f} s to fit the steady phase")
+            spec = dataclasses.replace(spec, duration_s=float(math.floor(room)))
+        self.http_task = asyncio.create_task(self._http_window(spec))
+
+    async def _http_window(self, spec: httpload.HttpLoadSpec) -> dict[str, Any]:
+        """Start the load processes, mark the round trips, run the load, mark again."""
+        opts = self.opts
+        fleet = httpload.Fleet(
+            opts.id_start, opts.ap3000_piles, opts.ap3000_ports, opts.bkv_piles, opts.bkv_sockets
+        )
+        assert self.server.api is not None
+        load = httpload.HttpLoad(spec, self.server.api, self.server.api_key, fleet, opts.seed)
+        try:
+            await load.start()
+            before = await self._rtt_mark()
+            go = time.time() + spec.delay_s
+            self.log(f"HTTP load in {spec.delay_s:g} s, for {spec.duration_s:g} s")
+            running = asyncio.create_task(load.run(go))
+            await asyncio.sleep(max(0.0, go - time.time()))
+            start = await self._rtt_mark()
+            await asyncio.sleep(max(0.0, go + spec.duration_s - time.time()))
+            end = await self._rtt_mark()
+            results = await running
+        except (httpload.HttpLoadError, TimeoutError, OSError, ValueError) as exc:
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            await load.close()
+        return {
+            "spec": spec,
+            "go": go,
+            "results": results,
+            "rtt": httpload.window_rtt(before, start, end, spec.delay_s),
+        }
+
+    async def _rtt_mark(self) -> Histogram:
+        """The heartbeat round trips of every generator so far, merged."""
+        seen = [len(g.rtt_marks) for g in self.gens]
+        for gen in self.gens:
+            await gen.send({"cmd": "rtt"})
+        async with asyncio.timeout(10.0):
+            while any(len(g.rtt_marks) <= n for g, n in zip(self.gens, seen, strict=True)):
+                await asyncio.sleep(0.01)
+        total = Histogram()
+        for gen in self.gens:
+            total.merge(Histogram.from_json(gen.rtt_marks[-1]["rtt"]))
+        return total
+
+    async def _http_results(self, t0: float) -> dict[str, Any] | None:
+        """The HTTP load's report, once its commands are finished (or 20 s have passed)."""
+        if self.http_task is None:
+            return None
+        spec = self.opts.http_load
+        assert spec is not None
+        try:
+            window = await asyncio.wait_for(self.http_task, spec.timeout_s + 60.0)
+        except TimeoutError:
+            return {"error": "the HTTP load did not finish"}
+        if "error" in window:
+            return window
+        ids = [c["command_id"] for r in window["results"] for c in r["commands"]]
+        deadline = time.time() + 20.0
+        while True:
+            rows = await self._command_rows(ids)
+            pending = [i for i in ids if rows.get(i, {}).get("status") not in _FINAL_STATUSES]
+            if not pending or time.time() >= deadline:
+                break
+            await asyncio.sleep(0.5)
+        go, run_spec = window["go"] - t0, window["spec"]
+
+        def cpu(start: float, stop: float) -> float | None:
+            used = [
+                e["server_cpu_percent"]
+                for e in self.timeline
+                if e.get("server_cpu_percent") is not None and start < e["t"] <= stop
+            ]
+            return round(sum(used) / len(used), 1) if used else None
+
+        return httpload.http_report(
+            run_spec,
+            window["results"],
+            rows,
+            rtt=window["rtt"],
+            server_cpu_percent=(cpu(go - run_spec.delay_s, go), cpu(go, go + run_spec.duration_s)),
+        )
+
     # --- the phase's report ----------------------------------------------------------------
 
     def _report(
@@ -1113,6 +1286,12 @@ def offered_rate(opts: LoadOptions) -> float:
     status_every = max(1, round(opts.bkv_status_s / opts.bkv_heartbeat_s))
     per_beat = 1.0 + opts.bkv_sockets / status_every
     return ap3000 + opts.bkv_piles * opts.accel / opts.bkv_heartbeat_s * per_beat
+
+
+def accel_for_rate(opts: LoadOptions, frames_per_s: float) -> float:
+    """The ``--accel`` at which the piles of ``opts`` offer ``frames_per_s`` (the offered
+    rate is proportional to it)."""
+    return frames_per_s / offered_rate(dataclasses.replace(opts, accel=1.0))
 
 
 def _per(value: float | None, count: int | None) -> float | None:
@@ -1299,7 +1478,10 @@ async def _run(
     if opts.report:
         Path(opts.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
         say(f"report written to {opts.report}")
-    if opts.benchmarks:
+    if opts.benchmarks and opts.http_load is not None:  # its own section, not the load's
+        httpload.update_section(opts.benchmarks, report)
+        say(f"HTTP load section of {opts.benchmarks} updated")
+    elif opts.benchmarks:
         from chargesim.loadtest.markdown import update_section
 
         update_section(opts.benchmarks, report)

@@ -41,10 +41,12 @@ background passes). Three things stand in for the outside world:
   asyncpg's binary encoding of those rows is not: it happens inside
   ``copy_records_to_table``/``executemany`` of a live protocol (the table's column
   types introspected from the server), which cannot be driven without a PostgreSQL;
-* ``Gateway.order_progress`` (one transaction per 0x06 frame of a charging port, seven
-  round trips: BEGIN, the cause, a port lock, the order lookup, the order row locked
-  ``FOR UPDATE``, the sample INSERT, COMMIT) is replaced by a coroutine that returns at
-  once: the task it runs in is created and run, the round trips are not. Frame ids come
+* ``Gateway.order_progress`` (per 0x06 frame of a charging port: once a minute the full
+  check in a transaction, BEGIN, the cause, a port lock, the order lookup, the order
+  row locked ``FOR UPDATE``, the sample INSERT, the status, COMMIT; in between one
+  statement, the cause and the sample if the order is still charging) is replaced by a
+  coroutine that returns at once: the task it runs in is created and run, the round
+  trips are not. Frame ids come
   from an epoch set by hand (``FrameIds._use``), not from the database.
 
 Starting a real gateway on a throwaway database and driving its connection objects was
@@ -869,8 +871,9 @@ def markdown(
         "pool behind the batch writer recording what each flush hands to asyncpg (method and",
         "limits: the module docstring of `benchmarks/bench_hotpath.py`). Not included: the",
         "kernel and the event loop's own work per read, asyncpg's encoding of the rows, the",
-        "database, and for 0x06 the order transaction each charging report starts (7",
-        "round trips per frame, outside the batches). Steady state: set-up and a warm-up",
+        "database, and for 0x06 the progress sample each charging report writes (one",
+        "statement, outside the batches; the full order check once a minute). Steady state:",
+        "set-up and a warm-up",
         "frame per device first, frames round robin over the devices. Baseline: the load test's",
         "struct-only server (`chargesim.loadtest.baseline`) in the same harness; its replies",
         "are compared byte for byte with the gateway's.",

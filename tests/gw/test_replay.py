@@ -21,7 +21,7 @@ from chargegw.capture import parse_lines, read_capture, write_capture
 from chargegw.cli import main
 from chargegw.replay.engine import live_refusal, replay
 from chargegw.replay.report import Outcome, ReplayReport
-from chargeproto import ap3000
+from chargeproto import ap3000, bkv
 from chargesim import SimulatedAp3000Pile, Simulator
 from chargesim.bkv import BkvIntervals, SimulatedBkvGateway
 
@@ -99,6 +99,14 @@ async def test_export_then_replay_yields_no_difference(
             assert response.status_code == 202, response.text
             order_no = response.json()["order_no"]
             await eventually_json(api, f"/api/v1/orders/{order_no}", "status", {"settled"})
+
+        def every_end_report_answered() -> bool:
+            # a copy resent before the first ACK arrived is answered too: closing before
+            # that answer is written would leave a report without its reply in the capture
+            acks = box.received_messages(bkv.CardEndAck) + box.received_messages(bkv.FeeModeEndAck)
+            return len(acks) >= box.bkv_stats.end_reports_sent
+
+        await eventually(every_end_report_answered, what="an answer to every end report sent")
     await gateway.writer.drained()
     assert gateway.pool is not None
     async with gateway.pool.acquire() as conn:

@@ -125,6 +125,16 @@ async def get(node: Node, path: str) -> dict[str, Any]:
     return body
 
 
+def _exited(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent counts: its sockets are
+    closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
 async def command(node: Node, device_id: str) -> int:
     async with httpx.AsyncClient(base_url=node.base, timeout=10) as client:
         response = await client.post(
@@ -257,6 +267,9 @@ async def test_killed_worker_commands_are_delivered_exactly_once_after_reconnect
         # the first of each pile's commands is in flight (the piles answer after 1 s)
         await eventually(lambda: all(received_ids(p) for p in doomed), interval=0.02)
         os.kill(victim["pid"], signal.SIGKILL)
+        # gone, its sockets closed: a new API connection can no longer land on its
+        # listening socket (SO_REUSEPORT) and be reset
+        await eventually(lambda: _exited(victim["pid"]), timeout=WAIT_S, interval=0.02)
         for pile in doomed:  # and more while its piles are away
             sent[await command(node_a, pile.pile_id)] = pile
         # its live gauges leave the scrape (the supervisor restarts it after a pause);

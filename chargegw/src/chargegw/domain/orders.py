@@ -608,6 +608,19 @@ _SAMPLE_WITH_CAUSE = f"""
     WHERE EXISTS (SELECT 1 FROM orders WHERE order_no = $1 AND status = 'charging')"""
 
 
+def _sample_values(order_no: str, at: datetime, sample: Mapping[str, Any]) -> tuple[Any, ...]:
+    """A sample's values in the order of ``_SAMPLE_COLUMNS`` (absent values are NULL)."""
+    return (
+        order_no,
+        at,
+        sample.get("duration_s"),
+        sample.get("energy_kwh"),
+        sample.get("power_w"),
+        sample.get("voltage_v"),
+        sample.get("current_a"),
+    )
+
+
 async def add_sample(
     conn: Connection,
     order_no: str,
@@ -618,13 +631,7 @@ async def add_sample(
     current; absent values are NULL)."""
     await conn.execute(
         f"INSERT INTO order_samples ({_SAMPLE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        order_no,
-        at,
-        sample.get("duration_s"),
-        sample.get("energy_kwh"),
-        sample.get("power_w"),
-        sample.get("voltage_v"),
-        sample.get("current_a"),
+        *_sample_values(order_no, at, sample),
     )
 
 
@@ -634,19 +641,7 @@ async def add_charging_sample(
     """:func:`add_sample` if the order is ``charging`` now, with ``cause`` applied, in
     one statement (one round trip where a transaction takes four). False if the order
     is not charging (nothing added: check it in full)."""
-    status = await conn.execute(
-        _SAMPLE_WITH_CAUSE,
-        order_no,
-        at,
-        sample.get("duration_s"),
-        sample.get("energy_kwh"),
-        sample.get("power_w"),
-        sample.get("voltage_v"),
-        sample.get("current_a"),
-        cause.kind,
-        cause.ref,
-        cause.frame_id,
-    )
+    status = await conn.execute(_SAMPLE_WITH_CAUSE, *_sample_values(order_no, at, sample), *cause)
     return bool(status == "INSERT 0 1")
 
 

@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 
 from chargegw.app import Gateway
+from chargegw.domain.devices import get_device, get_gateway
 from chargeproto import ap3000
 
 from .conftest import database_outage
@@ -79,6 +80,44 @@ async def test_a_repeated_heartbeat_restores_what_another_report_changed(
     await pile.heartbeat((1, 0))  # equal to the heartbeat before the 0x06
     await pile.expect(ap3000.HeartbeatReply)
     assert await status() == ("charging", 1)
+
+
+async def test_a_repeated_heartbeat_moves_one_time_for_its_ports_and_gateway(
+    gateway: Gateway,
+) -> None:
+    """An equal heartbeat updates one row: its device's (last seen, ports reported). The
+    API still shows each port reported, and the pile's gateway seen, at that heartbeat."""
+    pile = await RawPile("04CEAA42").connect(gateway.server.port)
+    await pile.register()
+    await pile.expect(ap3000.RegistrationReply)
+    for _ in range(2):  # the second is a repeat
+        await pile.heartbeat((0, 1))
+        await pile.expect(ap3000.HeartbeatReply)
+    raw = await fetch(
+        gateway, "SELECT reported_at FROM ports WHERE device_id = $1 ORDER BY port", "04CEAA42"
+    )
+    device = await fetchrow(gateway, "SELECT * FROM devices WHERE device_id = $1", "04CEAA42")
+    assert device is not None and device["reported_ports"] == 0b11
+    second = device["ports_reported_at"]
+    assert second is not None and all(p["reported_at"] < second for p in raw)
+    gw_row = await fetchrow(gateway, "SELECT * FROM gateways WHERE gateway_id = $1", "04CEAA42")
+    assert gw_row is not None and gw_row["last_seen_at"] is None  # the device's stands in
+    assert gateway.pool is not None
+    async with gateway.pool.acquire() as conn:
+        detail = await get_device(conn, "04CEAA42")
+        seen = await get_gateway(conn, "04CEAA42")
+    assert detail is not None and [p.reported_at for p in detail.ports] == [second, second]
+    assert [p.status for p in detail.ports] == ["idle", "charging"]
+    assert seen is not None and seen.last_seen_at == device["last_seen_at"] >= second
+    # ports the report did not cover (bit clear, past 31, no mask) keep their own time
+    own = await fetch(
+        gateway,
+        """SELECT port_reported_at($1, p, m, $2) AS at
+             FROM (VALUES (2, 1), (32, -1), (1, NULL)) AS v(p, m)""",
+        raw[0]["reported_at"],
+        second,
+    )
+    assert [r["at"] for r in own] == [raw[0]["reported_at"]] * 3
 
 
 async def test_pile_registers_heartbeats_and_is_seen(gateway: Gateway) -> None:

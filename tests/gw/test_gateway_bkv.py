@@ -11,6 +11,7 @@ import pytest
 
 from chargegw.api.app import ApiState, create_app
 from chargegw.app import Gateway
+from chargegw.domain.devices import get_device
 from chargeproto import bkv
 
 from .piles import RawBkvGateway
@@ -75,6 +76,26 @@ async def test_status_cluster_is_acked_exactly_and_sockets_become_devices(
         assert [p["port"] for p in body["ports"]] == [1, 2]
         listed = (await client.get("/api/v1/devices", params={"protocol": "bkv"})).json()
         assert [d["device_id"] for d in listed["items"]] == ["82231214002700-1"]
+    await box.close()
+
+
+async def test_a_repeated_status_cluster_moves_one_time_per_socket(gateway: Gateway) -> None:
+    """The same status cluster again updates the socket's device row only; its jacks
+    read as reported then."""
+    box = await RawBkvGateway().connect(gateway.server.port)
+    for _ in range(2):  # the second is a repeat
+        await box.send_raw(VECTORS["bkv_0x1000_0x1017_status_cluster"])
+        await box.expect(bkv.StatusClusterAck)
+    device_id = "82231214002700-1"
+    device = await fetchrow(gateway, "SELECT * FROM devices WHERE device_id = $1", device_id)
+    assert device is not None and device["reported_ports"] == 0b11
+    second = device["ports_reported_at"]
+    raw = await fetch(gateway, "SELECT reported_at FROM ports WHERE device_id = $1", device_id)
+    assert second is not None and all(p["reported_at"] < second for p in raw)
+    assert gateway.pool is not None
+    async with gateway.pool.acquire() as conn:
+        detail = await get_device(conn, device_id)
+    assert detail is not None and [p.reported_at for p in detail.ports] == [second, second]
     await box.close()
 
 

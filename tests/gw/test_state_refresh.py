@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from chargegw.metrics import Metrics
-from chargegw.store.writer import BatchWriter, DeviceRow, GatewayRow, PortRow
+from chargegw.store.writer import BatchWriter, DeviceRow, GatewayRow, PortRow, port_mask
 
 from .waiting import eventually
 
@@ -148,3 +148,9 @@ def test_forgetting_a_device_forgets_its_ports_and_its_last_report() -> None:
     writer._take()
     writer.put_port(PortRow("04000002", 1, status="idle", voltage_v=220.0))
     assert not writer.pending("ports")  # another device's memory stays
+
+
+def test_a_port_mask_covers_ports_1_to_31() -> None:
+    assert port_mask([1, 2]) == 0b11
+    assert port_mask([3, 0, 32, 200, -1]) == 0b100
+    assert port_mask([]) == 0

@@ -272,9 +272,12 @@ async def recorded_state(
         timeout=QUERY_TIMEOUT_S,
     )
     ports = await conn.fetch(
-        """SELECT device_id, port, status, status_code, reported_at
-             FROM ports WHERE device_id = ANY($1::text[])
-            ORDER BY device_id, port""",
+        """SELECT p.device_id, p.port, p.status, p.status_code,
+                  port_reported_at(p.reported_at, p.port, d.reported_ports,
+                                   d.ports_reported_at) AS reported_at
+             FROM ports p JOIN devices d USING (device_id)
+            WHERE p.device_id = ANY($1::text[])
+            ORDER BY p.device_id, p.port""",
         ids,
         timeout=QUERY_TIMEOUT_S,
     )

@@ -23,7 +23,7 @@ from chargegw.drivers.base import (
 )
 from chargegw.net.transport import DeviceLink
 from chargegw.quirks import ActiveQuirks, Switch, ap3000_device_type
-from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow
+from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow, port_mask
 from chargeproto import ABSENT, Direction, Message, ap3000
 
 log = structlog.get_logger("chargegw.ap3000")
@@ -167,7 +167,13 @@ class Ap3000Driver:
             state["gateway"] = current
             state["host"] = is_host
             gateway_connected(self.ctx, link, current, protocol=self.protocol, wall=wall)
-        self.ctx.writer.put_gateway(GatewayRow(current, protocol=self.protocol, last_seen_at=wall))
+        # a pile that is its own gateway: its device's time stands for the gateway's
+        # (the API reads the greater), one row update per frame instead of two
+        itself = current == message.phy_id and not is_host
+        if not itself:
+            self.ctx.writer.put_gateway(
+                GatewayRow(current, protocol=self.protocol, last_seen_at=wall)
+            )
         return str(current)
 
     # -- replies and updates --
@@ -264,8 +270,7 @@ class Ap3000Driver:
             m.voltage_v,
         )
         if same:
-            for p in m.ports:
-                writer.touch_port((device_id, p.port + 1), wall)
+            writer.touch_ports(device_id, wall)
             return
         writer.put_device(
             DeviceRow(
@@ -276,6 +281,7 @@ class Ap3000Driver:
                 signal_strength=m.signal_strength,
                 temperature_c=m.temperature_c,
                 voltage_v=m.voltage_v,
+                reported_ports=port_mask(p.port + 1 for p in m.ports),
             )
         )
         # 0x21 reports no port power: an idle port draws none, a busy one is unknown

@@ -35,7 +35,7 @@ from chargegw.drivers.base import (
 from chargegw.net.transport import DeviceLink
 from chargegw.quirks import CONNECT_REPORT, Switch
 from chargegw.store.database import Connection
-from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow
+from chargegw.store.writer import DeviceRow, EventRow, GatewayRow, PortRow, port_mask
 from chargeproto import ABSENT, Message, bkv
 
 log = structlog.get_logger("chargegw.bkv")
@@ -500,10 +500,7 @@ class BkvDriver:
             # -1 from -2 (in CPython they hash alike; temperatures go below zero)
             same, key = writer.repeated(device_id, socket, socket.temperature_c == -1)
             if same:
-                for jack in ports:
-                    port = _present(jack.port)
-                    if isinstance(port, int):
-                        writer.touch_port((device_id, port + 1), wall)
+                writer.touch_ports(device_id, wall)
                 self._jacks_reported(link, device_id, ports)
                 self._query_answered(device_id, m)
                 continue
@@ -517,6 +514,9 @@ class BkvDriver:
                     port_count=len(ports) or None,
                     temperature_c=_present(socket.temperature_c),
                     signal_strength=_present(socket.signal_strength),
+                    reported_ports=port_mask(
+                        port + 1 for jack in ports if isinstance(port := _present(jack.port), int)
+                    ),
                 )
             )
             for jack in ports:

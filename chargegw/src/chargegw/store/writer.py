@@ -24,8 +24,10 @@ State that did not change is not written again: a device, gateway or port row wi
 same values as the last one put for the same key is not upserted again until
 ``refresh_s`` has passed. Only its timestamps (``last_seen_at``, ``last_heartbeat_at``,
 ``reported_at``) move, and those are *touched*: one ``UPDATE ... FROM unnest(...)`` per
-table and batch, far cheaper than an upsert per row. A heartbeat that says "still here,
-nothing new" costs its audit rows and a touch.
+table and batch, far cheaper than an upsert per row. A periodic report that repeats the
+last one moves one time for all its ports, on the device (``touch_ports``; the API reads a
+port's time as the greater of its own and its device's). A heartbeat that says "still
+here, nothing new" costs its audit rows and one touch of its device.
 
 A state row is compared with the last row put for the same key (whatever its columns),
 so a row that undoes a change in between (offline, online, offline again) is written.
@@ -52,7 +54,7 @@ import dataclasses
 import json
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
@@ -115,7 +117,21 @@ class DeviceRow(NamedTuple):
     signal_strength: int | None = None
     temperature_c: int | None = None
     voltage_v: float | None = None
+    #: the ports its periodic report covers (bit ``port - 1``): a repeat of the report
+    #: moves their report time on the device (``BatchWriter.touch_ports``)
+    reported_ports: int | None = None
     attributes: dict[str, Any] | None = None
+
+
+def port_mask(ports: Iterable[int]) -> int:
+    """``DeviceRow.reported_ports`` of a report of ``ports`` (1-based). Ports past 31
+    (no real device has them) are not covered: their time moves only when the report's
+    rows are put again (at least every ``refresh_s``)."""
+    mask = 0
+    for port in ports:
+        if 1 <= port <= 31:
+            mask |= 1 << (port - 1)
+    return mask
 
 
 class PortRow(NamedTuple):
@@ -432,8 +448,9 @@ class _Batch:
     #: directory rows: a device's latest bind (key: device id) and its releases (key:
     #: device id and connection id); binds are written before releases
     sessions: dict[Any, SessionRow] = dataclasses.field(default_factory=dict)
-    #: timestamps only: key -> (last_seen_at, last_heartbeat_at) / reported_at
-    touched_devices: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    #: timestamps only: key -> (last_seen_at, last_heartbeat_at, ports_reported_at) /
+    #: last_seen_at / reported_at
+    touched_devices: dict[str, tuple[Any, Any, Any]] = dataclasses.field(default_factory=dict)
     touched_gateways: dict[str, Any] = dataclasses.field(default_factory=dict)
     touched_ports: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)
     callbacks: list[Callable[[], None]] = dataclasses.field(default_factory=list)
@@ -463,9 +480,13 @@ class _Batch:
         self.frames.extend(newer.frames)
         for session in newer.sessions.values():
             _add_session(self.sessions, session)
-        for did, (seen, beat) in newer.touched_devices.items():
-            old = self.touched_devices.get(did, (None, None))
-            self.touched_devices[did] = (_later(seen, old[0]), _later(beat, old[1]))
+        for did, (seen, beat, ports) in newer.touched_devices.items():
+            old = self.touched_devices.get(did, (None, None, None))
+            self.touched_devices[did] = (
+                _later(seen, old[0]),
+                _later(beat, old[1]),
+                _later(ports, old[2]),
+            )
         self.touched_gateways.update(newer.touched_gateways)
         self.touched_ports.update(newer.touched_ports)
         self.callbacks.extend(newer.callbacks)
@@ -576,14 +597,22 @@ class BatchWriter:
             self._repeats.pop(row.device_id, None)
         self._added()
 
-    def touch_device(self, device_id: str, seen: datetime | None, beat: datetime | None) -> None:
-        """Move only the device's ``last_seen_at``/``last_heartbeat_at`` forward."""
+    def touch_device(
+        self,
+        device_id: str,
+        seen: datetime | None,
+        beat: datetime | None,
+        ports: datetime | None = None,
+    ) -> None:
+        """Move only the device's ``last_seen_at``/``last_heartbeat_at`` (and
+        ``ports_reported_at``: :meth:`touch_ports`) forward."""
         touched = self._pending.touched_devices
         old = touched.get(device_id)
         if old is not None:
             seen = _later(seen, old[0])
             beat = _later(beat, old[1])
-        touched[device_id] = (seen, beat)
+            ports = _later(ports, old[2])
+        touched[device_id] = (seen, beat, ports)
         self._added()
 
     def _unchanged(self, table: _StateTable[_Row], key: Any, row: _Row) -> bool:
@@ -648,7 +677,7 @@ class BatchWriter:
 
         True means: the rows that report put have not changed since (any changed row
         of the device's forgets the memory), so putting them again would only move
-        their timestamps (:meth:`touch_port`). The key changes every half
+        their timestamps (:meth:`touch_ports`). The key changes every half
         ``refresh_s`` (per device phase): the rows are still put, and so rewritten,
         within one and a half refresh periods (and a report interval). Never True
         without a refresh period. ``content`` should hold no negative integers: in
@@ -668,11 +697,12 @@ class BatchWriter:
             self._repeats.clear()
         self._repeats[device_id] = key
 
-    def touch_port(self, key: tuple[str, int], reported_at: datetime) -> None:
-        """Move only the port's ``reported_at`` forward (what :meth:`put_port` does with
-        a row equal to the last one put), for a report :meth:`repeated` found repeated."""
-        self._pending.touched_ports[key] = reported_at
-        self._added()
+    def touch_ports(self, device_id: str, reported_at: datetime) -> None:
+        """The ports of a report :meth:`repeated` found repeated were reported again at
+        ``reported_at``: one timestamp on the device (``ports_reported_at``, for the
+        ports of its ``reported_ports``) instead of one per port, as putting its rows
+        again would."""
+        self.touch_device(device_id, None, None, reported_at)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` after every row put so far is committed."""
@@ -1039,12 +1069,13 @@ async def _write_touches(conn: Connection, batch: _Batch) -> None:
         await conn.execute(
             """UPDATE devices d SET
                    last_seen_at = GREATEST(d.last_seen_at, v.seen),
-                   last_heartbeat_at = GREATEST(d.last_heartbeat_at, v.beat)
-               FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[]) AS v(id, seen, beat)
+                   last_heartbeat_at = GREATEST(d.last_heartbeat_at, v.beat),
+                   ports_reported_at = GREATEST(d.ports_reported_at, v.ports)
+               FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[],
+                           $4::timestamptz[]) AS v(id, seen, beat, ports)
                WHERE d.device_id = v.id""",
             ids,
-            [batch.touched_devices[i][0] for i in ids],
-            [batch.touched_devices[i][1] for i in ids],
+            *(list(column) for column in zip(*batch.touched_devices.values(), strict=True)),
         )
     if batch.touched_gateways:
         await conn.execute(

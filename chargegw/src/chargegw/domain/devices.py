@@ -169,9 +169,11 @@ def json_object(value: Any) -> dict[str, Any]:
 
 
 #: a gateway's last word: an AP3000 pile that is its own gateway moves only its device's
-#: time (one row update per frame instead of two)
+#: time (one row update per frame instead of two); a pile now behind a host is not its own
+#: gateway any more
 _GATEWAY_SEEN = """GREATEST(g.last_seen_at, (SELECT d.last_seen_at FROM devices d
-                                      WHERE d.device_id = g.gateway_id)) AS last_seen_at"""
+                                      WHERE d.device_id = g.gateway_id
+                                        AND d.gateway_id = g.gateway_id)) AS last_seen_at"""
 
 
 async def list_gateways(

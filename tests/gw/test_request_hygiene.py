@@ -90,6 +90,53 @@ async def _healthy(served: Served) -> None:
     assert (await served.client.get("/api/v1/devices", headers=_as())).status_code == 200
 
 
+# ---------------------------------------------------------------- requests in flight
+
+
+@pytest.mark.settings(http_max_in_flight=2)
+async def test_past_its_requests_in_flight_a_worker_answers_503_busy_at_once(
+    served: Served,
+) -> None:
+    """Two requests in progress (their bodies still arriving) fill the cap: the next is
+    answered 503 ``busy`` without waiting, health, readiness and metrics are served, and
+    an event stream, answering already, holds no slot."""
+    release = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b'{"card_no":'
+        await release.wait()
+        yield b'"HOLD0001"}'
+
+    async with served.client.stream(
+        "GET", "/api/v1/events/stream", headers=_as()
+    ) as stream:  # answered at once: not in flight any more
+        assert stream.status_code == 200
+        held = [
+            asyncio.create_task(
+                served.client.post("/api/v1/cards", content=slow_body(), headers=_as())
+            )
+            for _ in range(2)
+        ]
+
+        await eventually(
+            lambda: served.metric("chargegw_api_requests_in_flight"), lambda n: n == 2
+        )
+
+        async def busy() -> httpx.Response:
+            return await served.client.get("/api/v1/devices", headers=_as())
+
+        refused = await busy()
+        error = _error(refused, 503, "busy")
+        assert refused.headers["Retry-After"] == "1" and error["retry_after_s"] == 1
+        for path in ("/healthz", "/readyz", "/metrics"):
+            assert (await served.client.get(path)).status_code in (200, 503), path
+        assert (await served.client.get("/healthz")).status_code == 200
+        assert served.metric("chargegw_api_busy_total") >= 1
+        release.set()
+        assert all(r.status_code < 500 for r in await asyncio.gather(*held))
+    assert (await busy()).status_code == 200
+
+
 # ---------------------------------------------------------------- body sizes
 
 

@@ -479,6 +479,13 @@ class Settings(BaseSettings):
     console_idle_timeout_s: Positive = Field(
         3600.0, description="a console session unused this long ends"
     )
+    http_max_in_flight: CountOrZero = Field(
+        64,
+        description="HTTP requests one worker process serves at a time; one more is answered "
+        "503 `busy` with `Retry-After: 1` at once, so an API overload cannot starve the "
+        "devices' frames of the event loop (health, readiness and metrics are always served); "
+        "`0` = no cap",
+    )
     http_max_body_bytes: Count = Field(
         1024 * 1024,
         description="largest HTTP request body; a larger one is refused with 413 before it is "

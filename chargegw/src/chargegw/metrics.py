@@ -174,6 +174,8 @@ class Metrics:
     #: HTTP requests answered 429, by ``scope``: key, global (control calls), auth (a
     #: source address blocked after failed authentications)
     api_rate_limited_total: Counter
+    api_busy_total: Counter
+    api_in_flight: Gauge
     #: HTTP requests answered 413: the body was larger than allowed
     api_body_too_large_total: Counter
     #: call audit rows held in memory until the database takes them
@@ -481,6 +483,19 @@ class Metrics:
             "api_rate_limited",
             "HTTP requests refused with 429, by scope (key, global, auth)",
             ["scope"],
+            namespace=ns,
+            registry=reg,
+        )
+        self.api_in_flight = Gauge(
+            "api_requests_in_flight",
+            "HTTP requests being served (until their answer starts)",
+            namespace=ns,
+            registry=reg,
+            multiprocess_mode=SUM,
+        )
+        self.api_busy_total = Counter(
+            "api_busy",
+            "HTTP requests answered 503 busy: the process served `http_max_in_flight` already",
             namespace=ns,
             registry=reg,
         )

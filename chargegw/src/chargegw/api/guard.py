@@ -2,8 +2,13 @@
 rate limits of control calls, and the audit trail of calls (docs/partners.md, "Limits"
 and "Audit").
 
-:func:`install` puts three ASGI middlewares around an application, outermost first:
+:func:`install` puts four ASGI middlewares around an application, outermost first:
 
+- :class:`InFlightMiddleware`: a process serving ``http_max_in_flight`` requests answers
+  the next one 503 ``busy`` with ``Retry-After: 1`` at once, so an API overload is refused
+  cheaply instead of queueing on the event loop the devices' frames share. A request is
+  in progress until its answer starts (an event stream holds no slot). Health,
+  readiness and metrics are always served.
 - :class:`CallAuditMiddleware` gives every answer an ``X-Request-Id`` and records the
   calls to audit (:func:`audited`) through :class:`~chargegw.domain.call_audit.CallAuditWriter`
   before their answer is sent: every call that is not GET/HEAD/OPTIONS made with a key
@@ -89,6 +94,8 @@ log = structlog.get_logger("chargegw.api.guard")
 #: the request and answer bytes kept to read a JSON body for the audit row
 CAPTURE_LIMIT = 64 * 1024
 #: paths open without a key; blocked addresses still reach them
+#: served whatever the load: what monitoring and orchestrators ask
+_ALWAYS_SERVED = ("/healthz", "/readyz", "/metrics")
 OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc", "/static")
 #: what :func:`admit` and the middlewares note in the request's state
 AUTHENTICATED = "chargegw_authenticated"
@@ -330,6 +337,52 @@ class BodyLimitMiddleware:
                 raise
             body = errors.from_detail(413, _too_large_detail(limit))
             await _respond(scope, receive, send, 413, body, {})
+
+
+class InFlightMiddleware:
+    """503 ``busy`` past ``max_in_flight`` requests in this process (see the module doc)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(_ALWAYS_SERVED):
+            await self.app(scope, receive, send)
+            return
+        api = _api_state(scope)
+        cap = api.guard.limits.max_in_flight
+        if cap and self.in_flight >= cap:
+            api.metrics.api_busy_total.inc()
+            body = errors.error_body(
+                503,
+                f"the server is busy ({cap} requests in progress in this process); retry after 1 s",
+                code="busy",
+                retry_after_s=1,
+            )
+            await _respond(scope, receive, send, 503, body, {"Retry-After": "1"})
+            return
+        # in flight until the answer starts: an event stream or a download that goes on
+        # sending holds no slot
+        gauge = api.metrics.api_in_flight
+        self.in_flight += 1
+        gauge.inc()
+        held = True
+
+        async def started(message: Message) -> None:
+            nonlocal held
+            if held and message["type"] == "http.response.start":
+                held = False
+                self.in_flight -= 1
+                gauge.dec()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, started)
+        finally:
+            if held:
+                self.in_flight -= 1
+                gauge.dec()
 
 
 class FailedAuthMiddleware:
@@ -576,7 +629,9 @@ class CallAuditMiddleware:
 
 
 def install(app: FastAPI) -> None:
-    """Add the middlewares of this module to ``app`` (after its others: outermost)."""
+    """Add the middlewares of this module to ``app`` (after its others: outermost; the
+    last added is the outermost)."""
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(FailedAuthMiddleware)
     app.add_middleware(CallAuditMiddleware)
+    app.add_middleware(InFlightMiddleware)

@@ -54,6 +54,8 @@ class HttpLimits:
     control_burst_per_key: int = 40
     control_rate_global: float = 500.0
     all_writes: bool = False
+    #: requests served at a time by this process (0: no cap)
+    max_in_flight: int = 0
     #: worker processes of the node: the control rates are divided among them
     workers: int = 1
 
@@ -70,6 +72,7 @@ class HttpLimits:
             control_burst_per_key=settings.control_burst_per_key,
             control_rate_global=settings.control_rate_global,
             all_writes=settings.rate_limit_all_writes,
+            max_in_flight=settings.http_max_in_flight,
             workers=settings.workers,
         )
 

@@ -118,9 +118,7 @@ async def test_past_its_requests_in_flight_a_worker_answers_503_busy_at_once(
             for _ in range(2)
         ]
 
-        await eventually(
-            lambda: served.metric("chargegw_api_requests_in_flight"), lambda n: n == 2
-        )
+        await eventually(lambda: served.metric("chargegw_api_requests_in_flight"), lambda n: n == 2)
 
         async def busy() -> httpx.Response:
             return await served.client.get("/api/v1/devices", headers=_as())

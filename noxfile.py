@@ -100,7 +100,7 @@ LOAD_DEFAULT = (
 )  # fmt: skip
 
 
-#: `nox -s load -- overload`: the overload profile (about 4 minutes): 20,000 piles on two
+#: `nox -s load -- overload`: the overload profile (about 4-6 minutes): 20,000 piles on two
 #: workers at accel 10 (about 1,800 frames/s) until all are online; then the capacity
 #: search, 150 % of the capacity for 60 s, 50 % for 45 s
 LOAD_OVERLOAD_DEFAULT = (

@@ -163,7 +163,8 @@ async def test_too_many_workers_for_postgresql(pg_server_dsn: str) -> None:
         limit = int(await conn.fetchval("SHOW max_connections"))
     finally:
         await conn.close()
-    workers = min(limit // doctor.DB_CONNECTIONS_PER_WORKER + 1, 256)
+    per_worker = doctor.db_connections_per_worker(_local(pg_server_dsn))
+    workers = min(limit // per_worker + 1, 256)
     settings = _local(pg_server_dsn, workers=workers)
     check = _by_name(await run_checks(settings))["pg-connections"]
     assert check.status is Status.FAIL, check

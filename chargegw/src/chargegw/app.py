@@ -333,7 +333,7 @@ class Gateway:
                 data_dir=self.settings.data_dir,
             )
             self.dsn = await asyncio.to_thread(start_embedded, self.settings.data_dir)
-        self.pool = await connect_pool(self.dsn)
+        self.pool = await connect_pool(self.dsn, max_size=self.settings.db_pool_size)
         async with self.pool.acquire() as conn:
             await migrate(conn)
         await self._maintain_partitions()

@@ -266,6 +266,12 @@ class Settings(BaseSettings):
         AfterValidator(_dsn),
         _Allowed("empty (the embedded PostgreSQL) or a postgresql:// URL"),
     ] = Field("", description="PostgreSQL DSN; empty = start the embedded server in `data_dir`")
+    db_pool_size: Count = Field(
+        10,
+        description="database connections of one worker process's pool (device state, the "
+        "outbox, the HTTP API); the cluster directory and the listeners open 5 more. "
+        "PostgreSQL's `max_connections` must hold them for every worker (`chargegw doctor`)",
+    )
     data_dir: Annotated[str, AfterValidator(_not_empty), _Allowed("a directory")] = Field(
         "./chargegw-data", description="where the embedded PostgreSQL keeps its files"
     )

@@ -52,7 +52,7 @@ from chargegw.net.transport import FD_RESERVE, bound_socket
 from chargegw.store.database import applied_migrations, migrations, start_embedded
 
 __all__ = [
-    "DB_CONNECTIONS_PER_WORKER",
+    "DB_CONNECTIONS_BESIDES_POOL",
     "MIN_DEVICE_CONNECTIONS",
     "MIN_SERVER_VERSION",
     "Check",
@@ -73,10 +73,9 @@ _END_OF_LIFE: Final = {
     17: dt.date(2029, 11, 8),
     18: dt.date(2030, 11, 14),
 }
-#: database connections one worker opens at most: its pool (10, store.database.connect_pool),
-#: the cluster directory's own pool (2) and three LISTEN connections (cluster, API keys,
-#: events)
-DB_CONNECTIONS_PER_WORKER: Final = 15
+#: database connections one worker opens besides its pool (``db_pool_size``): the cluster
+#: directory's own pool (2) and three LISTEN connections (cluster, API keys, events)
+DB_CONNECTIONS_BESIDES_POOL: Final = 5
 #: connections kept free for the command-line tools (migrate, backup, doctor) and psql
 DB_CONNECTIONS_TOOLS: Final = 5
 #: with ``max_connections`` 0, fewer device connections than this per worker is a failure
@@ -464,15 +463,20 @@ async def _settings_of(conn: asyncpg.Connection[Any]) -> dict[str, str]:
     return {r["name"]: r["setting"] for r in rows}
 
 
+def db_connections_per_worker(settings: Settings) -> int:
+    """Database connections one worker process opens at most."""
+    return settings.db_pool_size + DB_CONNECTIONS_BESIDES_POOL
+
+
 async def _connection_check(
-    conn: asyncpg.Connection[Any], pg: dict[str, str], workers: int
+    conn: asyncpg.Connection[Any], pg: dict[str, str], workers: int, per_worker: int
 ) -> Check:
     limit = int(pg["max_connections"])
     reserved = int(pg.get("superuser_reserved_connections", "0")) + int(
         pg.get("reserved_connections", "0")
     )
     available = limit - reserved
-    needed = workers * DB_CONNECTIONS_PER_WORKER + DB_CONNECTIONS_TOOLS
+    needed = workers * per_worker + DB_CONNECTIONS_TOOLS
     in_use = int(
         await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
@@ -480,7 +484,7 @@ async def _connection_check(
     )
     detail = (
         f"max_connections {limit} ({available} for ordinary users, {in_use} in use now); "
-        f"this node's {workers} worker(s) open up to {workers * DB_CONNECTIONS_PER_WORKER}, "
+        f"this node's {workers} worker(s) open up to {workers * per_worker}, "
         f"plus {DB_CONNECTIONS_TOOLS} for tools"
     )
     if needed > available:
@@ -489,7 +493,8 @@ async def _connection_check(
             Status.FAIL,
             detail,
             f"raise PostgreSQL's max_connections to at least {needed + reserved} times the "
-            "nodes that share it (a restart of PostgreSQL), or run fewer workers",
+            "nodes that share it (a restart of PostgreSQL), or run fewer workers or a "
+            "smaller db_pool_size",
         )
     return Check("pg-connections", Status.OK, detail + "; every node on it needs as many")
 
@@ -746,7 +751,9 @@ async def _database_checks(
         pg = await _settings_of(conn)
         checks = [
             _version_check(version_num, version, dt.datetime.now(dt.UTC).date()),
-            await _connection_check(conn, pg, settings.workers),
+            await _connection_check(
+                conn, pg, settings.workers, db_connections_per_worker(settings)
+            ),
             _durability_check(pg),
             _wal_check(pg),
             _autovacuum_check(pg),

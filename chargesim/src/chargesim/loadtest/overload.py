@@ -63,8 +63,11 @@ SATURATED_P99_MS: Final = 1000.0
 SENT_SHARE: Final = 0.85
 #: the overload counts as reached when the piles sent this multiple of the capacity
 OVERLOADED_SHARE: Final = round(OVERLOAD_SHARE * SENT_SHARE, 3)
-#: after the capacity search, wait at most this long for the round trip to come back
-COOLDOWN_S: Final = 15.0
+#: after the capacity search, wait at most this long for the round trip to come back (its
+#: last step, at twice a rate the server could answer, leaves a backlog that 50 % drains
+#: in about as long as the step ran over: a recovery measured after a shorter cooldown
+#: would include the search's backlog)
+COOLDOWN_S: Final = 90.0
 COOLDOWN_HOLD_S: Final = 3.0
 #: no pile beats more often than this (the wheel's tick is 50 ms; the gateway limits
 #: frames per connection): a rate that needs more is capped

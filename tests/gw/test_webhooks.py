@@ -539,6 +539,51 @@ async def test_events_of_one_device_from_concurrent_transactions_go_in_event_id_
     assert [r["id"] for r in by_pk] == [2, 1]  # written first, committed last
 
 
+async def test_queued_events_of_one_device_go_in_event_id_order(
+    gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
+) -> None:
+    """Behind an open delivery, two transactions write an event of the same device at
+    once and commit in the opposite order: both rows wait ``queued``, the row written
+    first (smaller delivery id) has the larger event id, and the events still reach the
+    receiver in event id order."""
+    await subscribe(hooks, receiver, "/queued", event_types=["device.*"])
+    await gateway.webhooks.close()  # nothing is claimed until both have committed
+    emit_sql = "SELECT emit_event('device.alarm', 'C1', NULL, NULL, NULL, NULL, '{}')"
+    pool = pool_of(gateway)
+    await pool.execute(emit_sql)  # the open head of the queue
+    first, second = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
+    try:
+        written_first = first.transaction()
+        await written_first.start()
+        await first.execute(emit_sql)
+        written_second = second.transaction()
+        await written_second.start()
+        await second.execute(emit_sql)
+        second_pk = await second.fetchval("SELECT max(pk) FROM events")
+        await written_second.commit()
+        await eventually(lambda: second.fetchval("SELECT id FROM events WHERE pk = $1", second_pk))
+        await written_first.commit()
+    finally:
+        await first.close()
+        await second.close()
+    statuses = await pool.fetch("SELECT status FROM webhook_deliveries ORDER BY id")
+    assert [r["status"] for r in statuses] == ["pending", "queued", "queued"]
+    await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NOT NULL"),
+        lambda n: n == 3,
+    )
+    successor = Gateway(settings_for(db_dsn, **FAST))
+    await successor.start(http=False)
+    try:
+        await eventually(lambda: len(receiver.on("/queued")) == 3)
+    finally:
+        await successor.stop()
+    ids = [r.body["data"]["id"] for r in receiver.on("/queued")]
+    assert ids == sorted(ids), ids
+    by_pk = await pool.fetch("SELECT id FROM events ORDER BY pk")
+    assert [r["id"] for r in by_pk] == [1, 3, 2]  # written second, committed last
+
+
 async def test_a_slow_receiver_does_not_delay_a_fast_one(
     gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver
 ) -> None:

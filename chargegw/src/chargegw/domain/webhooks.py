@@ -6,9 +6,10 @@ gateway); one delivery of a queue is in flight at a time, the one whose event ha
 smallest id, so a device's events reach the receiver in the order of their ids while
 other devices go on. A row inserted while its queue has an open row waits ``queued``
 (out of the due index: a queue blocked behind a failing head costs nothing however long
-it grows) and is made ``pending`` when the rows ahead are done. Two rows inserted at once
-by concurrent transactions may both be ``pending``: their events' ids (commit order)
-decide which goes first. States (``DeliveryStatus``), and the
+it grows) and is made ``pending`` when the rows ahead are done: the one whose event has
+the smallest id (``_NEXT``), as rows inserted by concurrent transactions can have
+delivery ids in the other order. Two rows inserted at once by concurrent transactions
+may both be ``pending``: their events' ids (commit order) decide which goes first. States (``DeliveryStatus``), and the
 only transitions the code makes (:data:`MACHINE`)::
 
     (insert) --behind an open row--> queued --the row ahead finished--> pending
@@ -925,11 +926,11 @@ async def _delivered(
                    AND d.claimed_by = $1 AND d.status IN ({_SUCCEED_FROM})
                 RETURNING d.id, d.subscription_id, d.ordering_key),
             nexts AS (
-                SELECT (SELECT q.id FROM webhook_deliveries q
-                         WHERE q.subscription_id = done.subscription_id
-                           AND q.ordering_key = done.ordering_key
-                           AND q.status IN ({_OPEN_SQL}) AND q.id > done.id
-                         ORDER BY q.id LIMIT 1) AS id
+                SELECT ({
+            _NEXT.format(
+                sub="done.subscription_id", key="done.ordering_key", after="AND q.id > done.id"
+            )
+        }) AS id
                   FROM done),
             promoted AS (
                 UPDATE webhook_deliveries p SET status = {_PROMOTE_TO}
@@ -1090,6 +1091,20 @@ async def _finish_mixed(
     )
 
 
+#: the open row of a queue whose turn is next: the smallest event id (commit order) among
+#: its first NEXT_WINDOW open rows by delivery id. Rows inserted by concurrent
+#: transactions can have delivery ids in the other order than their events' ids, and
+#: only a few at once; the window keeps the choice one index range, however long a queue
+#: grew behind a failing head. Rows of unsequenced events come last (they commit later).
+NEXT_WINDOW = 64
+_NEXT = f"""SELECT w.id FROM (SELECT q.id, q.event_pk FROM webhook_deliveries q
+                             WHERE q.subscription_id = {{sub}} AND q.ordering_key = {{key}}
+                               AND q.status IN ({_OPEN_SQL}) {{after}}
+                             ORDER BY q.id LIMIT {NEXT_WINDOW}) w
+              LEFT JOIN events we ON we.pk = w.event_pk
+             ORDER BY we.id NULLS LAST, w.id LIMIT 1"""
+
+
 async def promote_queues(conn: Connection, queues: Sequence[tuple[int, str]]) -> int:
     """Make the next row of each queue (subscription, ordering key) pending, if its first
     open row is queued; the number made pending. Finishing a head does this for the rows
@@ -1100,10 +1115,7 @@ async def promote_queues(conn: Connection, queues: Sequence[tuple[int, str]]) ->
         f"""WITH done AS (
                 UPDATE webhook_deliveries d SET status = {_PROMOTE_TO}
                  WHERE d.id IN (
-                       SELECT (SELECT q.id FROM webhook_deliveries q
-                                WHERE q.subscription_id = k.sub AND q.ordering_key = k.key
-                                  AND q.status IN ({_OPEN_SQL})
-                                ORDER BY q.id LIMIT 1)
+                       SELECT ({_NEXT.format(sub="k.sub", key="k.key", after="")})
                          FROM unnest($1::bigint[], $2::text[]) AS k(sub, key))
                    AND d.status IN ({_PROMOTE_FROM})
                 RETURNING 1)
@@ -1137,7 +1149,10 @@ async def promote_orphans(conn: Connection) -> int:
             done AS (
                 UPDATE webhook_deliveries d SET status = {_PROMOTE_TO}
                   FROM heads h
-                 WHERE d.id = h.id AND h.status IN ({_PROMOTE_FROM})
+                 WHERE d.id = ({
+            _NEXT.format(sub="h.subscription_id", key="h.ordering_key", after="")
+        })
+                   AND h.status IN ({_PROMOTE_FROM})
                    AND d.status IN ({_PROMOTE_FROM})
                 RETURNING 1)
             SELECT count(*) FROM done"""

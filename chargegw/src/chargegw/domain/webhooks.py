@@ -9,8 +9,9 @@ other devices go on. A row inserted while its queue has an open row waits ``queu
 it grows) and is made ``pending`` when the rows ahead are done: the one whose event has
 the smallest id (``_NEXT``), as rows inserted by concurrent transactions can have
 delivery ids in the other order. Two rows inserted at once by concurrent transactions
-may both be ``pending``: their events' ids (commit order) decide which goes first. States (``DeliveryStatus``), and the
-only transitions the code makes (:data:`MACHINE`)::
+may both be ``pending``: their events' ids (commit order) decide which goes first.
+States (``DeliveryStatus``), and the only transitions the code makes
+(:data:`MACHINE`)::
 
     (insert) --behind an open row--> queued --the row ahead finished--> pending
     (insert) --at the head--> pending --claim--> delivering --2xx--> delivered

@@ -35,5 +35,9 @@ async def run_passes(
                 )
             else:
                 log.exception(f"{what} pass failed, retrying")
+        # asyncio.timeout, not wait_for: in Python 3.11 wait_for returns normally when it
+        # is cancelled just as the event is set, and the cancellation is lost (the task
+        # then never ends: a gateway stopping waited for it forever)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wakeup.wait(), interval_s())
+            async with asyncio.timeout(interval_s()):
+                await wakeup.wait()

@@ -779,8 +779,9 @@ class BatchWriter:
     async def _run(self) -> None:
         delay = 0.0
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay or self.interval_s)
+            with contextlib.suppress(TimeoutError):  # not wait_for: see domain/passes.py
+                async with asyncio.timeout(delay or self.interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             batch = self._take()
             if batch.rows() == 0 and not batch.callbacks:

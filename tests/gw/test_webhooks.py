@@ -495,6 +495,45 @@ async def test_bad_receivers_fail_cleanly_are_retried_and_delay_no_one_else(
         assert sub["enabled"] and sub["failing_since"] is None and sub["last_success_at"], sub
 
 
+_EMIT_C1 = "SELECT emit_event('device.alarm', 'C1', NULL, NULL, NULL, NULL, '{}')"
+
+
+async def _emit_committing_in_opposite_order(db_dsn: str) -> None:
+    """Two transactions each write an event of device C1; the second commits first and
+    is sequenced (the smaller id) before the first commits."""
+    first, second = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
+    try:
+        written_first = first.transaction()
+        await written_first.start()
+        await first.execute(_EMIT_C1)
+        written_second = second.transaction()
+        await written_second.start()
+        await second.execute(_EMIT_C1)
+        second_pk = await second.fetchval("SELECT max(pk) FROM events")
+        await written_second.commit()
+        await eventually(lambda: second.fetchval("SELECT id FROM events WHERE pk = $1", second_pk))
+        await written_first.commit()
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _deliver_all(
+    db_dsn: str, pool: asyncpg.Pool, receiver: Receiver, path: str, count: int
+) -> None:
+    """Once all ``count`` events are sequenced, a fresh gateway delivers them to ``path``."""
+    await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NOT NULL"),
+        lambda n: n == count,
+    )
+    successor = Gateway(settings_for(db_dsn, **FAST))
+    await successor.start(http=False)
+    try:
+        await eventually(lambda: len(receiver.on(path)) == count)
+    finally:
+        await successor.stop()
+
+
 async def test_events_of_one_device_from_concurrent_transactions_go_in_event_id_order(
     gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
 ) -> None:
@@ -503,36 +542,11 @@ async def test_events_of_one_device_from_concurrent_transactions_go_in_event_id_
     follow the commits, and so does the delivery."""
     await subscribe(hooks, receiver, "/order", event_types=["device.*"])
     await gateway.webhooks.close()  # nothing is claimed until both have committed
-    first, second = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
-    try:
-        emit_sql = "SELECT emit_event('device.alarm', 'C1', NULL, NULL, NULL, NULL, '{}')"
-        written_first = first.transaction()
-        await written_first.start()
-        await first.execute(emit_sql)
-        written_second = second.transaction()
-        await written_second.start()
-        await second.execute(emit_sql)
-        second_pk = await second.fetchval("SELECT max(pk) FROM events")
-        await written_second.commit()
-        # the second is sequenced before the first commits: it gets the smaller id
-        await eventually(lambda: second.fetchval("SELECT id FROM events WHERE pk = $1", second_pk))
-        await written_first.commit()
-    finally:
-        await first.close()
-        await second.close()
+    await _emit_committing_in_opposite_order(db_dsn)
     pool = pool_of(gateway)
     statuses = await pool.fetch("SELECT status FROM webhook_deliveries ORDER BY id")
     assert [r["status"] for r in statuses] == ["pending", "pending"]
-    await eventually(
-        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NOT NULL"),
-        lambda n: n == 2,
-    )
-    successor = Gateway(settings_for(db_dsn, **FAST))
-    await successor.start(http=False)
-    try:
-        await eventually(lambda: len(receiver.on("/order")) == 2)
-    finally:
-        await successor.stop()
+    await _deliver_all(db_dsn, pool, receiver, "/order", 2)
     ids = [r.body["data"]["id"] for r in receiver.on("/order")]
     assert ids == sorted(ids), ids
     by_pk = await pool.fetch("SELECT id FROM events ORDER BY pk")
@@ -548,36 +562,12 @@ async def test_queued_events_of_one_device_go_in_event_id_order(
     receiver in event id order."""
     await subscribe(hooks, receiver, "/queued", event_types=["device.*"])
     await gateway.webhooks.close()  # nothing is claimed until both have committed
-    emit_sql = "SELECT emit_event('device.alarm', 'C1', NULL, NULL, NULL, NULL, '{}')"
     pool = pool_of(gateway)
-    await pool.execute(emit_sql)  # the open head of the queue
-    first, second = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
-    try:
-        written_first = first.transaction()
-        await written_first.start()
-        await first.execute(emit_sql)
-        written_second = second.transaction()
-        await written_second.start()
-        await second.execute(emit_sql)
-        second_pk = await second.fetchval("SELECT max(pk) FROM events")
-        await written_second.commit()
-        await eventually(lambda: second.fetchval("SELECT id FROM events WHERE pk = $1", second_pk))
-        await written_first.commit()
-    finally:
-        await first.close()
-        await second.close()
+    await pool.execute(_EMIT_C1)  # the open head of the queue
+    await _emit_committing_in_opposite_order(db_dsn)
     statuses = await pool.fetch("SELECT status FROM webhook_deliveries ORDER BY id")
     assert [r["status"] for r in statuses] == ["pending", "queued", "queued"]
-    await eventually(
-        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NOT NULL"),
-        lambda n: n == 3,
-    )
-    successor = Gateway(settings_for(db_dsn, **FAST))
-    await successor.start(http=False)
-    try:
-        await eventually(lambda: len(receiver.on("/queued")) == 3)
-    finally:
-        await successor.stop()
+    await _deliver_all(db_dsn, pool, receiver, "/queued", 3)
     ids = [r.body["data"]["id"] for r in receiver.on("/queued")]
     assert ids == sorted(ids), ids
     by_pk = await pool.fetch("SELECT id FROM events ORDER BY pk")

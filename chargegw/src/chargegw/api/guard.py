@@ -93,10 +93,10 @@ log = structlog.get_logger("chargegw.api.guard")
 
 #: the request and answer bytes kept to read a JSON body for the audit row
 CAPTURE_LIMIT = 64 * 1024
-#: paths open without a key; blocked addresses still reach them
 #: served whatever the load: what monitoring and orchestrators ask
 _ALWAYS_SERVED = ("/healthz", "/readyz", "/metrics")
-OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/redoc", "/static")
+#: paths open without a key; blocked addresses still reach them
+OPEN_PATHS = (*_ALWAYS_SERVED, "/openapi.json", "/docs", "/redoc", "/static")
 #: what :func:`admit` and the middlewares note in the request's state
 AUTHENTICATED = "chargegw_authenticated"
 AUTH_BLOCKED = "chargegw_auth_blocked"

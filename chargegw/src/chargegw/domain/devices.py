@@ -278,11 +278,11 @@ _PORT_COLUMNS = (
     "temperature_c",
     "reported_at",
 )
-#: the ports' columns as the detail selects them: a port's report time is its own or its
-#: device's for the ports its last periodic report covered (migration 0023)
-_PORT_SELECT = ", ".join(_PORT_COLUMNS[:-1]) + (
-    ", port_reported_at(p.reported_at, p.port, d.reported_ports, d.ports_reported_at)"
-)
+#: a port's report time (``ports p`` joined to ``devices d``): its own, or its device's
+#: for the ports the device's last periodic report covered (migration 0023)
+PORT_REPORTED_AT = "port_reported_at(p.reported_at, p.port, d.reported_ports, d.ports_reported_at)"
+#: the ports' columns as the detail selects them
+_PORT_SELECT = ", ".join((*_PORT_COLUMNS[:-1], PORT_REPORTED_AT))
 
 
 async def get_device(conn: Connection, device_id: str) -> DeviceDetail | None:

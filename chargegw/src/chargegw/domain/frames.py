@@ -27,6 +27,7 @@ from typing import Any
 import asyncpg
 from pydantic import BaseModel, Field
 
+from chargegw.domain.devices import PORT_REPORTED_AT
 from chargegw.domain.pages import Page, Where, page_of
 from chargegw.domain.timeline import ORDER_MARGIN, decode_frame
 from chargegw.store.database import Connection
@@ -272,9 +273,8 @@ async def recorded_state(
         timeout=QUERY_TIMEOUT_S,
     )
     ports = await conn.fetch(
-        """SELECT p.device_id, p.port, p.status, p.status_code,
-                  port_reported_at(p.reported_at, p.port, d.reported_ports,
-                                   d.ports_reported_at) AS reported_at
+        f"""SELECT p.device_id, p.port, p.status, p.status_code,
+                   {PORT_REPORTED_AT} AS reported_at
              FROM ports p JOIN devices d USING (device_id)
             WHERE p.device_id = ANY($1::text[])
             ORDER BY p.device_id, p.port""",

@@ -7,7 +7,7 @@ smallest id, so a device's events reach the receiver in the order of their ids w
 other devices go on. A row inserted while its queue has an open row waits ``queued``
 (out of the due index: a queue blocked behind a failing head costs nothing however long
 it grows) and is made ``pending`` when the rows ahead are done: the one whose event has
-the smallest id (``_NEXT``), as rows inserted by concurrent transactions can have
+the smallest id (``_next_open``), as rows inserted by concurrent transactions can have
 delivery ids in the other order. Two rows inserted at once by concurrent transactions
 may both be ``pending``: their events' ids (commit order) decide which goes first.
 States (``DeliveryStatus``), and the only transitions the code makes
@@ -915,6 +915,7 @@ async def _delivered(
 ) -> list[tuple[int, int, str]]:
     """Record successes still claimed by ``owner``, and make the next row of each of
     their queues pending, in one statement; (id, subscription, ordering key) of each."""
+    next_open = _next_open("done.subscription_id", "done.ordering_key", "AND q.id > done.id")
     rows = await conn.fetch(
         f"""WITH done AS (
                 UPDATE webhook_deliveries d
@@ -927,11 +928,7 @@ async def _delivered(
                    AND d.claimed_by = $1 AND d.status IN ({_SUCCEED_FROM})
                 RETURNING d.id, d.subscription_id, d.ordering_key),
             nexts AS (
-                SELECT ({
-            _NEXT.format(
-                sub="done.subscription_id", key="done.ordering_key", after="AND q.id > done.id"
-            )
-        }) AS id
+                SELECT ({next_open}) AS id
                   FROM done),
             promoted AS (
                 UPDATE webhook_deliveries p SET status = {_PROMOTE_TO}
@@ -1098,9 +1095,14 @@ async def _finish_mixed(
 #: only a few at once; the window keeps the choice one index range, however long a queue
 #: grew behind a failing head. Rows of unsequenced events come last (they commit later).
 NEXT_WINDOW = 64
-_NEXT = f"""SELECT w.id FROM (SELECT q.id, q.event_pk FROM webhook_deliveries q
-                             WHERE q.subscription_id = {{sub}} AND q.ordering_key = {{key}}
-                               AND q.status IN ({_OPEN_SQL}) {{after}}
+
+
+def _next_open(sub: str, key: str, after: str = "") -> str:
+    """The SQL of a queue's next open row (see :data:`NEXT_WINDOW`), the queue named by
+    the expressions ``sub`` and ``key``; ``after`` adds a condition on ``q``."""
+    return f"""SELECT w.id FROM (SELECT q.id, q.event_pk FROM webhook_deliveries q
+                             WHERE q.subscription_id = {sub} AND q.ordering_key = {key}
+                               AND q.status IN ({_OPEN_SQL}) {after}
                              ORDER BY q.id LIMIT {NEXT_WINDOW}) w
               LEFT JOIN events we ON we.pk = w.event_pk
              ORDER BY we.id NULLS LAST, w.id LIMIT 1"""
@@ -1116,7 +1118,7 @@ async def promote_queues(conn: Connection, queues: Sequence[tuple[int, str]]) ->
         f"""WITH done AS (
                 UPDATE webhook_deliveries d SET status = {_PROMOTE_TO}
                  WHERE d.id IN (
-                       SELECT ({_NEXT.format(sub="k.sub", key="k.key", after="")})
+                       SELECT ({_next_open("k.sub", "k.key")})
                          FROM unnest($1::bigint[], $2::text[]) AS k(sub, key))
                    AND d.status IN ({_PROMOTE_FROM})
                 RETURNING 1)
@@ -1150,9 +1152,7 @@ async def promote_orphans(conn: Connection) -> int:
             done AS (
                 UPDATE webhook_deliveries d SET status = {_PROMOTE_TO}
                   FROM heads h
-                 WHERE d.id = ({
-            _NEXT.format(sub="h.subscription_id", key="h.ordering_key", after="")
-        })
+                 WHERE d.id = ({_next_open("h.subscription_id", "h.ordering_key")})
                    AND h.status IN ({_PROMOTE_FROM})
                    AND d.status IN ({_PROMOTE_FROM})
                 RETURNING 1)

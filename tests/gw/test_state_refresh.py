@@ -7,7 +7,14 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 
 from chargegw.metrics import Metrics
-from chargegw.store.writer import BatchWriter, DeviceRow, GatewayRow, PortRow, port_mask
+from chargegw.store.writer import (
+    BatchWriter,
+    DeviceRow,
+    GatewayRow,
+    PortRow,
+    _Batch,
+    port_mask,
+)
 
 from .waiting import eventually
 
@@ -88,6 +95,19 @@ async def test_touches_move_timestamps_forward_only(db_pool: asyncpg.Pool) -> No
         assert gateway == t1
     finally:
         await writer.close()
+
+
+def test_a_failed_batch_keeps_the_latest_port_report_time_of_its_touches() -> None:
+    """A batch the database refused is written again with the rows put meanwhile: each
+    device's touched times (port report time included) keep the later of the two."""
+    t0 = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
+    t1, t2 = t0 + timedelta(minutes=3), t0 + timedelta(minutes=6)
+    failed, newer = _Batch(), _Batch()
+    failed.touched_devices["04000001"] = (t1, t1, t2)
+    newer.touched_devices["04000001"] = (t2, None, t1)
+    newer.touched_devices["04000002"] = (None, None, t0)
+    failed.absorb(newer)
+    assert failed.touched_devices == {"04000001": (t2, t1, t2), "04000002": (None, None, t0)}
 
 
 def test_refresh_zero_writes_every_time() -> None:

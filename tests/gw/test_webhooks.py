@@ -574,6 +574,82 @@ async def test_queued_events_of_one_device_go_in_event_id_order(
     assert [r["id"] for r in by_pk] == [1, 3, 2]  # written second, committed last
 
 
+async def test_a_row_written_pending_waits_for_an_earlier_event_still_queued(
+    gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
+) -> None:
+    """Transaction A writes an event behind an open head (its row waits ``queued``); the
+    head finishes before A commits (so nothing promotes A's row); transaction B then
+    writes an event, sees no open row and writes it ``pending``; A commits first. A's
+    event has the smaller id and still reaches the receiver first."""
+    await subscribe(hooks, receiver, "/mixed", event_types=["device.*"])
+    await gateway.webhooks.close()  # nothing is claimed until both have committed
+    pool = pool_of(gateway)
+    await pool.execute(_EMIT_C1)  # the open head of the queue
+    a, b = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
+    try:
+        in_a = a.transaction()
+        await in_a.start()
+        await a.execute(_EMIT_C1)  # queued behind the head
+        # the head finishes (as finish() would: it cannot see A's row to promote it)
+        await pool.execute(
+            "UPDATE webhook_deliveries SET status = 'delivered', finished_at = now()"
+            " WHERE id = (SELECT min(id) FROM webhook_deliveries)"
+        )
+        in_b = b.transaction()
+        await in_b.start()
+        await b.execute(_EMIT_C1)  # sees no open row: pending
+        a_pk = await a.fetchval("SELECT max(pk) FROM events")
+        await in_a.commit()
+        await eventually(lambda: pool.fetchval("SELECT id FROM events WHERE pk = $1", a_pk))
+        await in_b.commit()
+    finally:
+        await a.close()
+        await b.close()
+    statuses = await pool.fetch("SELECT status FROM webhook_deliveries ORDER BY id")
+    assert [r["status"] for r in statuses] == ["delivered", "queued", "pending"]
+    await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NOT NULL"),
+        lambda n: n == 3,
+    )
+    successor = Gateway(settings_for(db_dsn, **FAST))
+    await successor.start(http=False)
+    try:
+        await asyncio.sleep(1.0)  # five polls: B's row is not taken while A's is next
+        assert receiver.on("/mixed") == []
+        await successor.webhooks.housekeeping()  # the sweep (every 10 s) finds A's row
+        await eventually(lambda: len(receiver.on("/mixed")) == 2)
+    finally:
+        await successor.stop()
+    ids = [r.body["data"]["id"] for r in receiver.on("/mixed")]
+    assert ids == [2, 3], ids
+
+
+async def test_a_replay_queues_behind_what_its_device_has_open(
+    gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
+) -> None:
+    """A replay of older events goes after the live deliveries its device already has
+    open, although their events have larger ids."""
+    made = await subscribe(hooks, receiver, "/behind", event_types=["device.*"])
+    await gateway.webhooks.close()  # nothing is claimed until the replay is queued
+    pool = pool_of(gateway)
+    for _ in range(3):
+        await pool.execute(_EMIT_C1)
+    await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NOT NULL"),
+        lambda n: n == 3,
+    )
+    answer = await hooks.post(f"/api/v1/webhooks/{made['id']}/replay", json={"after_event_id": 0})
+    assert answer.status_code == 202 and answer.json()["deliveries"] == 3, answer.text
+    successor = Gateway(settings_for(db_dsn, **FAST))
+    await successor.start(http=False)
+    try:
+        await eventually(lambda: len(receiver.on("/behind")) == 6)
+    finally:
+        await successor.stop()
+    ids = [r.body["data"]["id"] for r in receiver.on("/behind")]
+    assert ids == [1, 2, 3, 1, 2, 3], ids
+
+
 async def test_a_slow_receiver_does_not_delay_a_fast_one(
     gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver
 ) -> None:

@@ -7,9 +7,11 @@ smallest id, so a device's events reach the receiver in the order of their ids w
 other devices go on. A row inserted while its queue has an open row waits ``queued``
 (out of the due index: a queue blocked behind a failing head costs nothing however long
 it grows) and is made ``pending`` when the rows ahead are done: the one whose event has
-the smallest id (``_next_open``), as rows inserted by concurrent transactions can have
-delivery ids in the other order. Two rows inserted at once by concurrent transactions
-may both be ``pending``: their events' ids (commit order) decide which goes first.
+the smallest id (``_next_open``; a replay's rows after the live ones), as rows inserted
+by concurrent transactions can have delivery ids in the other order. Rows inserted at
+once by concurrent transactions may both be ``pending``, or one ``pending`` and one
+``queued``: only the queue's next row (by event id) is claimed, and a queued next row
+that nobody promoted is found by :func:`promote_orphans`.
 States (``DeliveryStatus``), and the only transitions the code makes
 (:data:`MACHINE`)::
 
@@ -166,7 +168,9 @@ def _one(event: DeliveryEvent) -> tuple[str, str]:
 
 
 _OPEN_SQL = _sql_list(OPEN)
-#: the rows of a queue that may be in flight or next: never more than a few
+#: the rows of a queue that may be in flight or next: never more than a few. A lookup of
+#: the one in flight says "in here, not pending" (not "= delivering"): the index of every
+#: claim of the subscription would serve that too, and scan them all per row
 _HEADS_SQL = _sql_list((_S.PENDING, _S.DELIVERING))
 _FINISHED_SQL = _sql_list(FINISHED)
 _CLAIM_TO, _CLAIM_FROM = _one(_E.CLAIM)
@@ -177,6 +181,27 @@ _CANCEL_TO, _CANCEL_FROM = _one(_E.CANCEL)
 _PROMOTE_TO, _PROMOTE_FROM = _one(_E.PROMOTE)
 _RETRY_TO, _RETRY_FROM = _one(_E.RETRY)
 _DELIVERING = f"'{_S.DELIVERING.value}'"
+_PENDING = f"'{_S.PENDING.value}'"
+
+
+#: the open row of a queue whose turn is next: the smallest event id (commit order) among
+#: its first NEXT_WINDOW open rows by delivery id, a replay's rows after the others (a
+#: replay queues behind what its device already has open). Rows inserted by concurrent
+#: transactions can have delivery ids in the other order than their events' ids, and
+#: only a few at once; the window keeps the choice one index range, however long a queue
+#: grew behind a failing head. Rows of unsequenced events come last (they commit later).
+NEXT_WINDOW = 64
+
+
+def _next_open(sub: str, key: str, after: str = "") -> str:
+    """The SQL of a queue's next open row (see :data:`NEXT_WINDOW`), the queue named by
+    the expressions ``sub`` and ``key``; ``after`` adds a condition on ``q``."""
+    return f"""SELECT w.id FROM (SELECT q.id, q.event_pk, q.origin FROM webhook_deliveries q
+                             WHERE q.subscription_id = {sub} AND q.ordering_key = {key}
+                               AND q.status IN ({_OPEN_SQL}) {after}
+                             ORDER BY q.id LIMIT {NEXT_WINDOW}) w
+              LEFT JOIN events we ON we.pk = w.event_pk
+             ORDER BY w.origin = 'replay', we.id NULLS LAST, w.id LIMIT 1"""
 
 
 # ---------------------------------------------------------------- secrets and retries
@@ -731,15 +756,13 @@ picked AS MATERIALIZED (
            AND d.next_attempt_at <= now()
            AND (d.event_pk IS NULL OR e.pk IS NULL OR e.id IS NOT NULL)
            AND (SELECT 1 FROM webhook_deliveries h
-                  LEFT JOIN events he ON he.pk = h.event_pk
                  WHERE h.subscription_id = d.subscription_id
                    AND h.ordering_key = d.ordering_key
-                   AND h.status IN ({_HEADS_SQL})
+                   AND h.status IN ({_HEADS_SQL}) AND h.status <> {_PENDING}
                    AND h.id <> d.id
-                   AND (h.status = {_DELIVERING}
-                        OR he.id < e.id
-                        OR (he.id IS NULL AND e.id IS NULL AND h.id < d.id))
                  ORDER BY h.id LIMIT 1) IS NULL
+           AND (e.pk IS NULL
+                OR d.id = ({_next_open("d.subscription_id", "d.ordering_key")}))
          ORDER BY d.next_attempt_at, d.id
          LIMIT greatest(s.room, 0)
      ) c
@@ -1089,25 +1112,6 @@ async def _finish_mixed(
     )
 
 
-#: the open row of a queue whose turn is next: the smallest event id (commit order) among
-#: its first NEXT_WINDOW open rows by delivery id. Rows inserted by concurrent
-#: transactions can have delivery ids in the other order than their events' ids, and
-#: only a few at once; the window keeps the choice one index range, however long a queue
-#: grew behind a failing head. Rows of unsequenced events come last (they commit later).
-NEXT_WINDOW = 64
-
-
-def _next_open(sub: str, key: str, after: str = "") -> str:
-    """The SQL of a queue's next open row (see :data:`NEXT_WINDOW`), the queue named by
-    the expressions ``sub`` and ``key``; ``after`` adds a condition on ``q``."""
-    return f"""SELECT w.id FROM (SELECT q.id, q.event_pk FROM webhook_deliveries q
-                             WHERE q.subscription_id = {sub} AND q.ordering_key = {key}
-                               AND q.status IN ({_OPEN_SQL}) {after}
-                             ORDER BY q.id LIMIT {NEXT_WINDOW}) w
-              LEFT JOIN events we ON we.pk = w.event_pk
-             ORDER BY we.id NULLS LAST, w.id LIMIT 1"""
-
-
 async def promote_queues(conn: Connection, queues: Sequence[tuple[int, str]]) -> int:
     """Make the next row of each queue (subscription, ordering key) pending, if its first
     open row is queued; the number made pending. Finishing a head does this for the rows
@@ -1129,10 +1133,22 @@ async def promote_queues(conn: Connection, queues: Sequence[tuple[int, str]]) ->
     return promoted
 
 
+#: the due pending rows :func:`promote_orphans` looks behind, oldest first, per call
+ORPHAN_SCAN = 1000
+
+
 async def promote_orphans(conn: Connection) -> int:
-    """Make pending the first row of every queue whose first open row is queued: a row
-    queued behind a head that finished while the row's transaction was still open has no
-    one else to promote it. One index probe per queue (a skip scan), not per row."""
+    """Make pending the next row (:func:`_next_open`) of every queue where it waits
+    ``queued`` with no one left to promote it; the number made pending. Two ways to get
+    there, both a head finishing while a row's transaction was still open:
+
+    - the queue's first open row is queued (it saw the head; the head's finish did not
+      see it): one index probe per queue (a skip scan), not per row;
+    - a row written later saw no open row and went ``pending``, but the queued row's
+      event committed first: the claim does not take the pending row while the queued
+      one is next, so the queued one is found behind the oldest due pending rows (those
+      the claim left), at most :data:`ORPHAN_SCAN` per call.
+    """
     promoted: int = await conn.fetchval(
         f"""WITH RECURSIVE heads AS (
                 (SELECT subscription_id, ordering_key, id, status FROM webhook_deliveries
@@ -1149,11 +1165,25 @@ async def promote_orphans(conn: Connection) -> int:
                             > (h.subscription_id, h.ordering_key)
                       ORDER BY d.subscription_id, d.ordering_key, d.id LIMIT 1) n
             ),
+            queued_first AS (
+                SELECT ({_next_open("h.subscription_id", "h.ordering_key")}) AS id
+                  FROM heads h
+                 WHERE h.status IN ({_PROMOTE_FROM})
+            ),
+            waiting AS (
+                SELECT DISTINCT subscription_id, ordering_key
+                  FROM (SELECT p.subscription_id, p.ordering_key FROM webhook_deliveries p
+                         WHERE p.status = {_PENDING} AND p.next_attempt_at <= now()
+                         ORDER BY p.next_attempt_at LIMIT {ORPHAN_SCAN}) oldest
+            ),
+            queued_behind AS (
+                SELECT ({_next_open("w.subscription_id", "w.ordering_key")}) AS id
+                  FROM waiting w
+            ),
             done AS (
                 UPDATE webhook_deliveries d SET status = {_PROMOTE_TO}
-                  FROM heads h
-                 WHERE d.id = ({_next_open("h.subscription_id", "h.ordering_key")})
-                   AND h.status IN ({_PROMOTE_FROM})
+                 WHERE d.id IN (SELECT id FROM queued_first
+                                UNION SELECT id FROM queued_behind)
                    AND d.status IN ({_PROMOTE_FROM})
                 RETURNING 1)
             SELECT count(*) FROM done"""

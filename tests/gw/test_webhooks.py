@@ -650,6 +650,107 @@ async def test_a_replay_queues_behind_what_its_device_has_open(
     assert ids == [1, 2, 3, 1, 2, 3], ids
 
 
+async def _sub(pool: asyncpg.Pool) -> int:
+    sub: int = await pool.fetchval(
+        "INSERT INTO webhook_subscriptions (url, event_types, secret)"
+        " VALUES ('http://127.0.0.1:9/x', '{*}', 'whsec_x') RETURNING id"
+    )
+    return sub
+
+
+async def _emit_sequenced(pool: asyncpg.Pool, sub: int, device: str = "C1") -> int:
+    """An event of ``device``, sequenced; the id of its delivery row for ``sub``."""
+    await pool.execute(
+        "SELECT emit_event('device.alarm', $1, NULL, NULL, NULL, NULL, '{}')", device
+    )
+    await pool.execute("SELECT sequence_events()")
+    last: int = await pool.fetchval(
+        "SELECT max(id) FROM webhook_deliveries WHERE subscription_id = $1", sub
+    )
+    return last
+
+
+async def test_a_dead_claimers_row_is_claimed_again_whatever_waits_behind_it(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """A row in flight whose lease ran out is claimed again even when another row of its
+    queue now ranks before it: a failed one an operator retried meanwhile."""
+    sub = await _sub(db_pool)
+    failed = await _emit_sequenced(db_pool, sub)
+    (first,) = await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    await db_pool.execute(
+        "UPDATE webhook_deliveries SET status = 'failed', finished_at = now(), claimed_by = NULL"
+        " WHERE id = $1",
+        failed,
+    )
+    head = await _emit_sequenced(db_pool, sub)
+    (taken,) = await webhooks.claim(db_pool, "dead", limit=10, lease_margin_s=0)  # type: ignore[arg-type]
+    assert (first.delivery_id, taken.delivery_id) == (failed, head)
+    await webhooks.retry_delivery(db_pool, sub, failed)  # type: ignore[arg-type]
+    await db_pool.execute(
+        "UPDATE webhook_deliveries SET next_attempt_at = now() - interval '1 s',"
+        " lease_until = now() - interval '1 s' WHERE id = $1",
+        head,
+    )
+    # the retried one (the earlier event) waits for the one in flight, which is claimed
+    # again although the retried one ranks first
+    again = await webhooks.claim(db_pool, "alive", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    assert [(c.delivery_id, c.attempt) for c in again] == [(head, 2)]
+
+
+async def test_a_delivered_one_sent_again_goes_at_the_end_of_its_queue(
+    db_pool: asyncpg.Pool,
+) -> None:
+    sub = await _sub(db_pool)
+    done = await _emit_sequenced(db_pool, sub)
+    await db_pool.execute(
+        "UPDATE webhook_deliveries SET status = 'delivered', finished_at = now() WHERE id = $1",
+        done,
+    )
+    head = await _emit_sequenced(db_pool, sub)  # a later event, pending
+    copy = await webhooks.retry_delivery(db_pool, sub, done)  # type: ignore[arg-type]
+    assert copy.status == "queued"
+    taken = await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    assert [c.delivery_id for c in taken] == [head]
+
+
+async def test_orphans_are_found_behind_a_disabled_subscriptions_due_rows(
+    db_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep for a queued next row behind a pending one looks at enabled
+    subscriptions only: a disabled one's due heads never go, and would fill the scan."""
+    monkeypatch.setattr(webhooks, "ORPHAN_SCAN", 2)
+    disabled = await _sub(db_pool)
+    for device in ("D1", "D2", "D3"):
+        await _emit_sequenced(db_pool, disabled, device)
+    await db_pool.execute(
+        "UPDATE webhook_deliveries SET next_attempt_at = now() - interval '1 h'"
+        " WHERE subscription_id = $1",
+        disabled,
+    )
+    await db_pool.execute(
+        "UPDATE webhook_subscriptions SET enabled = false WHERE id = $1", disabled
+    )
+    sub = await _sub(db_pool)
+    # queue C1 of the enabled subscription: the row with the smaller delivery id pending
+    # with the later event, the other queued with the earlier one (as concurrent writers
+    # leave them when the head finished in between)
+    later = await _emit_sequenced(db_pool, sub)
+    earlier = await _emit_sequenced(db_pool, sub)
+    await db_pool.execute(
+        """UPDATE webhook_deliveries d
+              SET event_pk = o.event_pk, status = CASE d.id WHEN $1 THEN 'pending' ELSE 'queued' END
+             FROM webhook_deliveries o
+            WHERE d.id IN ($1, $2) AND o.id IN ($1, $2) AND o.id <> d.id""",
+        later,
+        earlier,
+    )
+    assert await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30) == []  # type: ignore[arg-type]
+    assert await webhooks.promote_orphans(db_pool) == 1  # type: ignore[arg-type]
+    (taken,) = await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    assert taken.delivery_id == earlier
+
+
 async def test_a_slow_receiver_does_not_delay_a_fast_one(
     gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver
 ) -> None:

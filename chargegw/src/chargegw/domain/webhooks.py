@@ -7,11 +7,12 @@ smallest id, so a device's events reach the receiver in the order of their ids w
 other devices go on. A row inserted while its queue has an open row waits ``queued``
 (out of the due index: a queue blocked behind a failing head costs nothing however long
 it grows) and is made ``pending`` when the rows ahead are done: the one whose event has
-the smallest id (``_next_open``; a replay's rows after the live ones), as rows inserted
-by concurrent transactions can have delivery ids in the other order. Rows inserted at
-once by concurrent transactions may both be ``pending``, or one ``pending`` and one
-``queued``: only the queue's next row (by event id) is claimed, and a queued next row
-that nobody promoted is found by :func:`promote_orphans`.
+the smallest id (``_next_open``; a replay's or a re-sent row goes after what its queue
+held when it was made), as rows inserted by concurrent transactions can have delivery
+ids in the other order. Rows inserted at once by concurrent transactions may both be
+``pending``, or one ``pending`` and one ``queued``: only the queue's next row is
+claimed (or a claimed one whose claimer died), and a queued next row that nobody
+promoted is found by :func:`promote_orphans`.
 States (``DeliveryStatus``), and the only transitions the code makes
 (:data:`MACHINE`)::
 
@@ -184,24 +185,28 @@ _DELIVERING = f"'{_S.DELIVERING.value}'"
 _PENDING = f"'{_S.PENDING.value}'"
 
 
-#: the open row of a queue whose turn is next: the smallest event id (commit order) among
-#: its first NEXT_WINDOW open rows by delivery id, a replay's rows after the others (a
-#: replay queues behind what its device already has open). Rows inserted by concurrent
-#: transactions can have delivery ids in the other order than their events' ids, and
-#: only a few at once; the window keeps the choice one index range, however long a queue
-#: grew behind a failing head. Rows of unsequenced events come last (they commit later).
+#: the open row of a queue whose turn is next: the smallest position among its first
+#: NEXT_WINDOW open rows by delivery id. A live event's row stands at its event's id
+#: (commit order); a replayed or re-sent one at ``queue_position``, the newest event id
+#: when it was made, so it goes after what its queue held then, and its events in their
+#: order. Rows inserted by concurrent transactions can have delivery ids in the other
+#: order than their events' ids, and only a few at once; the window keeps the choice one
+#: index range, however long a queue grew behind a failing head. Rows of unsequenced
+#: events come last (they commit later).
 NEXT_WINDOW = 64
 
 
 def _next_open(sub: str, key: str, after: str = "") -> str:
     """The SQL of a queue's next open row (see :data:`NEXT_WINDOW`), the queue named by
     the expressions ``sub`` and ``key``; ``after`` adds a condition on ``q``."""
-    return f"""SELECT w.id FROM (SELECT q.id, q.event_pk, q.origin FROM webhook_deliveries q
-                             WHERE q.subscription_id = {sub} AND q.ordering_key = {key}
-                               AND q.status IN ({_OPEN_SQL}) {after}
-                             ORDER BY q.id LIMIT {NEXT_WINDOW}) w
+    return f"""SELECT w.id FROM (SELECT q.id, q.event_pk, q.queue_position
+                               FROM webhook_deliveries q
+                              WHERE q.subscription_id = {sub} AND q.ordering_key = {key}
+                                AND q.status IN ({_OPEN_SQL}) {after}
+                              ORDER BY q.id LIMIT {NEXT_WINDOW}) w
               LEFT JOIN events we ON we.pk = w.event_pk
-             ORDER BY w.origin = 'replay', we.id NULLS LAST, w.id LIMIT 1"""
+             ORDER BY coalesce(w.queue_position, we.id) NULLS LAST,
+                      w.queue_position IS NOT NULL, we.id, w.id LIMIT 1"""
 
 
 # ---------------------------------------------------------------- secrets and retries
@@ -540,8 +545,10 @@ async def retry_delivery(conn: Connection, subscription_id: int, delivery_id: in
     if current is DeliveryStatus.DELIVERED:
         new_id = await conn.fetchval(
             """INSERT INTO webhook_deliveries
-                   (subscription_id, event_pk, payload, ordering_key, origin, webhook_id)
-               SELECT subscription_id, event_pk, payload, ordering_key, 'retry', webhook_id
+                   (subscription_id, event_pk, payload, ordering_key, origin, webhook_id,
+                    queue_position)
+               SELECT subscription_id, event_pk, payload, ordering_key, 'retry', webhook_id,
+                      (SELECT max(id) FROM events)
                  FROM webhook_deliveries WHERE id = $1
                RETURNING id""",
             delivery_id,
@@ -629,9 +636,10 @@ async def replay(
     where.args.append(subscription_id)
     row = await conn.fetchrow(
         f"""WITH made AS (
-                INSERT INTO webhook_deliveries (subscription_id, event_pk, ordering_key, origin)
+                INSERT INTO webhook_deliveries
+                       (subscription_id, event_pk, ordering_key, origin, queue_position)
                 SELECT ${len(where.args)}, e.pk, coalesce(e.device_id, e.gateway_id, ''),
-                       'replay'
+                       'replay', (SELECT max(id) FROM events)
                   FROM events e {where.sql()}
                  ORDER BY e.id
                 RETURNING event_pk)
@@ -761,7 +769,7 @@ picked AS MATERIALIZED (
                    AND h.status IN ({_HEADS_SQL}) AND h.status <> {_PENDING}
                    AND h.id <> d.id
                  ORDER BY h.id LIMIT 1) IS NULL
-           AND (e.pk IS NULL
+           AND (e.pk IS NULL OR d.status = {_DELIVERING}
                 OR d.id = ({_next_open("d.subscription_id", "d.ordering_key")}))
          ORDER BY d.next_attempt_at, d.id
          LIMIT greatest(s.room, 0)
@@ -938,7 +946,7 @@ async def _delivered(
 ) -> list[tuple[int, int, str]]:
     """Record successes still claimed by ``owner``, and make the next row of each of
     their queues pending, in one statement; (id, subscription, ordering key) of each."""
-    next_open = _next_open("done.subscription_id", "done.ordering_key", "AND q.id > done.id")
+    next_open = _next_open("done.subscription_id", "done.ordering_key", "AND q.id <> done.id")
     rows = await conn.fetch(
         f"""WITH done AS (
                 UPDATE webhook_deliveries d
@@ -1173,6 +1181,7 @@ async def promote_orphans(conn: Connection) -> int:
             waiting AS (
                 SELECT DISTINCT subscription_id, ordering_key
                   FROM (SELECT p.subscription_id, p.ordering_key FROM webhook_deliveries p
+                          JOIN webhook_subscriptions s ON s.id = p.subscription_id AND s.enabled
                          WHERE p.status = {_PENDING} AND p.next_attempt_at <= now()
                          ORDER BY p.next_attempt_at LIMIT {ORPHAN_SCAN}) oldest
             ),

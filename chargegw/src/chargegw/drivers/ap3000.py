@@ -251,9 +251,15 @@ class Ap3000Driver:
         )
 
     def _heartbeat(self, link: DeviceLink, m: ap3000.Heartbeat, device_id: str | None) -> None:
-        # per connection (piles behind a host share it): freed with the connection
-        link.driver_state.setdefault("modern", set()).add(m.phy_id)
-        link.driver_state.get("legacy_count", {}).pop(m.phy_id, None)
+        # per connection (piles behind a host share it): freed with the connection; a
+        # tuple, as most connections hold one pile (a set is 200 bytes more each)
+        state = link.driver_state
+        modern = state.get("modern", ())
+        if m.phy_id not in modern:
+            state["modern"] = (*modern, m.phy_id)
+            legacy = state.get("legacy_count")
+            if legacy:
+                legacy.pop(m.phy_id, None)
         self._reply(link, ap3000.HeartbeatReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return

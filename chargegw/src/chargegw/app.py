@@ -497,9 +497,9 @@ class Gateway:
     def _held_gateways(self) -> list[tuple[str, str]]:
         """(gateway id, connection id) of every open connection whose gateway is known."""
         return [
-            (str(link.driver_state["gateway"]), link.id)
+            (link.gateway, link.id)
             for link in self.server.links.values()
-            if not link.closed and "gateway" in link.driver_state
+            if not link.closed and link.gateway is not None
         ]
 
     def _reasserted(self, taken: list[Held]) -> None:
@@ -845,7 +845,7 @@ class Gateway:
         only once the connection has been let in: an unregistered one must not close a
         registered device's connection by naming its SIM."""
         enforce = self.registry.mode is device_registry.RegistryMode.ENFORCE
-        return enforce and "gateway" not in link.driver_state
+        return enforce and link.gateway is None
 
     def _unregistered(self, removed: frozenset[str]) -> None:
         """Ids removed from the registry: with ``enforce``, close the connections that
@@ -853,7 +853,7 @@ class Gateway:
         if self.registry.mode is not device_registry.RegistryMode.ENFORCE:
             return
         for link in list(self.server.links.values()):
-            ids = {*self.sessions.device_ids(link), link.driver_state.get("gateway")}
+            ids = {*self.sessions.device_ids(link), link.gateway}
             gone = removed.intersection(ids)
             if gone:
                 self.server.refuse(link, "unregistered", device_id=min(gone))
@@ -889,9 +889,9 @@ class Gateway:
         with causes.using(causes.of_close(reason)):
             self.sessions.link_closed(link, reason, wall)
         self.compliance.link_closed(link)
-        gateway = link.driver_state.get("gateway")
+        gateway = link.gateway
         if gateway is not None:
-            self.quirks.forget(str(gateway))
+            self.quirks.forget(gateway)
             self.writer.put_gateway(
                 GatewayRow(
                     str(gateway),

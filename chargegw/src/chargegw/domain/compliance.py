@@ -412,7 +412,7 @@ class Compliance:
         error_kind = getattr(event.error, "kind", "decode")
         kind = _STREAM_KINDS.get(error_kind, Kind.FRAMING_ERROR)
         protocol = link.protocol or "unknown"
-        owner = link.driver_state.get("gateway")
+        owner = link.gateway
         if owner is not None:
             dev = self._devices.get(owner)
             if dev is None:

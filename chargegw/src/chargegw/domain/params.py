@@ -1056,7 +1056,9 @@ def on_registration(ctx: EngineContext, device_id: str, work_mode: Any, *, query
 def on_device_seen(ctx: EngineContext, link: DeviceLink, device_id: str) -> None:
     """A BKV socket reported on ``link``: its first report on a connection is a
     reconnect, after which its desired groups are read back."""
-    seen: set[str] = link.driver_state.setdefault("params_seen", set())
+    seen = link.reported
+    if seen is None:
+        seen = link.reported = set()
     if device_id not in seen:
         seen.add(device_id)
         engine_for(ctx).note(device_id, check=True)

@@ -53,6 +53,28 @@ _REPORTS: dict[type[Message], EventKind] = {
 }
 
 
+class _LinkState:
+    """What the driver keeps per connection (piles behind a host share it), freed with it."""
+
+    __slots__ = ("host", "legacy_count", "modern")
+
+    def __init__(self) -> None:
+        #: the connection's gateway is a host (not the first pile that spoke)
+        self.host = False
+        #: piles that sent a 0x21 heartbeat (a tuple: mostly one pile per connection)
+        self.modern: tuple[str, ...] = ()
+        #: 0x01 heartbeats in a row of piles that sent no 0x21 yet
+        self.legacy_count: dict[str, int] | None = None
+
+
+def _state(link: DeviceLink) -> _LinkState:
+    state = link.driver_state
+    if state is None:
+        state = link.driver_state = _LinkState()
+    assert isinstance(state, _LinkState)
+    return state
+
+
 def _detail(message: Message) -> dict[str, Any]:
     fields = message.to_fields()
     for key in ("card_id", "card2", "iccid", "imei"):
@@ -101,7 +123,8 @@ class Ap3000Driver:
         return self.ctx.settings.ap3000_heartbeat_s
 
     def forget(self, device_id: str) -> None:
-        """Nothing is kept per device outside its connection's ``driver_state``."""
+        """Nothing is kept per device outside its connection's ``driver_state``
+        (:class:`_LinkState`)."""
 
     def device_of(self, message: Message) -> str | None:
         """The device a frame concerns (None for a host speaking for itself)."""
@@ -159,13 +182,13 @@ class Ap3000Driver:
 
     def _gateway(self, link: DeviceLink, message: ap3000.Ap3000Message, wall: datetime) -> str:
         """The gateway of this connection: its host if one spoke, else the pile itself."""
-        state = link.driver_state
-        current = state.get("gateway")
+        state = _state(link)
+        current = link.gateway
         is_host = int(message.phy_id[:2], 16) in HOST_TYPES
-        if current is None or (is_host and current != message.phy_id and not state.get("host")):
+        if current is None or (is_host and current != message.phy_id and not state.host):
             current = message.phy_id
-            state["gateway"] = current
-            state["host"] = is_host
+            link.gateway = current
+            state.host = is_host
             gateway_connected(self.ctx, link, current, protocol=self.protocol, wall=wall)
         # a pile that is its own gateway: its device's time stands for the gateway's
         # (the API reads the greater), one row update per frame instead of two
@@ -174,7 +197,7 @@ class Ap3000Driver:
             self.ctx.writer.put_gateway(
                 GatewayRow(current, protocol=self.protocol, last_seen_at=wall)
             )
-        return str(current)
+        return current
 
     # -- replies and updates --
 
@@ -251,15 +274,11 @@ class Ap3000Driver:
         )
 
     def _heartbeat(self, link: DeviceLink, m: ap3000.Heartbeat, device_id: str | None) -> None:
-        # per connection (piles behind a host share it): freed with the connection; a
-        # tuple, as most connections hold one pile (a set is 200 bytes more each)
-        state = link.driver_state
-        modern = state.get("modern", ())
-        if m.phy_id not in modern:
-            state["modern"] = (*modern, m.phy_id)
-            legacy = state.get("legacy_count")
-            if legacy:
-                legacy.pop(m.phy_id, None)
+        state = _state(link)
+        if m.phy_id not in state.modern:
+            state.modern = (*state.modern, m.phy_id)
+            if state.legacy_count:
+                state.legacy_count.pop(m.phy_id, None)
         self._reply(link, ap3000.HeartbeatReply(m.phy_id, m.msg_id, result=0), device_id)
         if device_id is None:
             return
@@ -333,8 +352,11 @@ class Ap3000Driver:
         quirks = self._learn(device_id, m.device_type, m.firmware_version)
         # answer 0x01 or 0x21, never both (ap3000.md 3): only devices without 0x21 (by
         # their quirk profile at once, else after LEGACY_AFTER of them in a row)
-        if m.phy_id not in link.driver_state.get("modern", ()):
-            counts = link.driver_state.setdefault("legacy_count", {})
+        state = _state(link)
+        if m.phy_id not in state.modern:
+            counts = state.legacy_count
+            if counts is None:
+                counts = state.legacy_count = {}
             count = counts[m.phy_id] = counts.get(m.phy_id, 0) + 1
             if count >= LEGACY_AFTER or quirks.has(Switch.ANSWER_LEGACY_HEARTBEAT):
                 self._reply(
@@ -519,7 +541,7 @@ class Ap3000Driver:
     def _host_heartbeat(
         self, link: DeviceLink, m: ap3000.HostHeartbeat, device_id: str | None
     ) -> None:
-        gateway = str(link.driver_state.get("gateway", m.phy_id))
+        gateway = link.gateway or m.phy_id
         self.ctx.writer.put_gateway(
             GatewayRow(
                 gateway,

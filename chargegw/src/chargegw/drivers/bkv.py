@@ -187,8 +187,8 @@ class BkvDriver:
     # -- identity --
 
     def _gateway(self, link: DeviceLink, message: bkv.BkvMessage, wall: datetime) -> None:
-        if link.driver_state.get("gateway") != message.gateway_id:
-            link.driver_state["gateway"] = message.gateway_id
+        if link.gateway != message.gateway_id:
+            link.gateway = message.gateway_id
             gateway_connected(self.ctx, link, message.gateway_id, protocol=self.protocol, wall=wall)
         self.ctx.writer.put_gateway(
             GatewayRow(message.gateway_id, protocol=self.protocol, last_seen_at=wall)

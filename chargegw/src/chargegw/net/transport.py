@@ -130,6 +130,7 @@ class DeviceLink(asyncio.BufferedProtocol):
         "closed",
         "driver_state",
         "errors",
+        "gateway",
         "iccid",
         "id",
         "identified",
@@ -138,6 +139,7 @@ class DeviceLink(asyncio.BufferedProtocol):
         "pending_iccid",
         "protocol",
         "remote",
+        "reported",
         "server",
         "source",
     )
@@ -157,8 +159,15 @@ class DeviceLink(asyncio.BufferedProtocol):
         #: an ICCID the gateway has not bound yet (see ``Gateway._iccid_waits``)
         self.pending_iccid: str | None = None
         self.protocol: str | None = None
-        #: protocol-specific state kept by the driver (heartbeat mode, ...)
-        self.driver_state: dict[str, Any] = {}
+        #: the gateway this connection speaks for, once a frame named it (the BKV
+        #: gateway; the AP3000 host, else the first pile)
+        self.gateway: str | None = None
+        #: protocol-specific state kept by the driver (an object with slots of its own:
+        #: a dict cost about 200 bytes per connection)
+        self.driver_state: Any = None
+        #: devices that have reported on this connection (a device's first report on a
+        #: connection is a reconnect, for the engines that read values back)
+        self.reported: set[str] | None = None
         self.closed = False
         self.close_reason = "peer closed"
         self.errors = 0

@@ -518,6 +518,18 @@ async def _emit_committing_in_opposite_order(db_dsn: str) -> None:
         await second.close()
 
 
+async def _queue_order(pool: asyncpg.Pool, count: int) -> list[tuple[int, str]]:
+    """(event id, status) of the deliveries in delivery id order, once there are ``count``."""
+    rows = await eventually(
+        lambda: pool.fetch(
+            "SELECT e.id, d.status FROM webhook_deliveries d JOIN events e ON e.pk = d.event_pk"
+            " ORDER BY d.id"
+        ),
+        lambda rows: len(rows) == count,
+    )
+    return [(r["id"], r["status"]) for r in rows]
+
+
 async def _deliver_all(
     db_dsn: str, pool: asyncpg.Pool, receiver: Receiver, path: str, count: int
 ) -> None:
@@ -538,14 +550,13 @@ async def test_events_of_one_device_from_concurrent_transactions_go_in_event_id_
     gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
 ) -> None:
     """Two transactions write an event of the same device at once and commit in the
-    opposite order: neither delivery row saw the other (both ``pending``), the event ids
-    follow the commits, and so does the delivery."""
+    opposite order: the event ids follow the commits, the deliveries (made when the ids
+    are given) follow the ids, and so does the delivery."""
     await subscribe(hooks, receiver, "/order", event_types=["device.*"])
     await gateway.webhooks.close()  # nothing is claimed until both have committed
     await _emit_committing_in_opposite_order(db_dsn)
     pool = pool_of(gateway)
-    statuses = await pool.fetch("SELECT status FROM webhook_deliveries ORDER BY id")
-    assert [r["status"] for r in statuses] == ["pending", "pending"]
+    assert await _queue_order(pool, 2) == [(1, "pending"), (2, "queued")]
     await _deliver_all(db_dsn, pool, receiver, "/order", 2)
     ids = [r.body["data"]["id"] for r in receiver.on("/order")]
     assert ids == sorted(ids), ids
@@ -557,71 +568,19 @@ async def test_queued_events_of_one_device_go_in_event_id_order(
     gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
 ) -> None:
     """Behind an open delivery, two transactions write an event of the same device at
-    once and commit in the opposite order: both rows wait ``queued``, the row written
-    first (smaller delivery id) has the larger event id, and the events still reach the
-    receiver in event id order."""
+    once and commit in the opposite order: both rows wait ``queued`` in their events'
+    order, and the events reach the receiver in event id order."""
     await subscribe(hooks, receiver, "/queued", event_types=["device.*"])
     await gateway.webhooks.close()  # nothing is claimed until both have committed
     pool = pool_of(gateway)
     await pool.execute(_EMIT_C1)  # the open head of the queue
     await _emit_committing_in_opposite_order(db_dsn)
-    statuses = await pool.fetch("SELECT status FROM webhook_deliveries ORDER BY id")
-    assert [r["status"] for r in statuses] == ["pending", "queued", "queued"]
+    assert await _queue_order(pool, 3) == [(1, "pending"), (2, "queued"), (3, "queued")]
     await _deliver_all(db_dsn, pool, receiver, "/queued", 3)
     ids = [r.body["data"]["id"] for r in receiver.on("/queued")]
     assert ids == sorted(ids), ids
     by_pk = await pool.fetch("SELECT id FROM events ORDER BY pk")
     assert [r["id"] for r in by_pk] == [1, 3, 2]  # written second, committed last
-
-
-async def test_a_row_written_pending_waits_for_an_earlier_event_still_queued(
-    gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
-) -> None:
-    """Transaction A writes an event behind an open head (its row waits ``queued``); the
-    head finishes before A commits (so nothing promotes A's row); transaction B then
-    writes an event, sees no open row and writes it ``pending``; A commits first. A's
-    event has the smaller id and still reaches the receiver first."""
-    await subscribe(hooks, receiver, "/mixed", event_types=["device.*"])
-    await gateway.webhooks.close()  # nothing is claimed until both have committed
-    pool = pool_of(gateway)
-    await pool.execute(_EMIT_C1)  # the open head of the queue
-    a, b = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
-    try:
-        in_a = a.transaction()
-        await in_a.start()
-        await a.execute(_EMIT_C1)  # queued behind the head
-        # the head finishes (as finish() would: it cannot see A's row to promote it)
-        await pool.execute(
-            "UPDATE webhook_deliveries SET status = 'delivered', finished_at = now()"
-            " WHERE id = (SELECT min(id) FROM webhook_deliveries)"
-        )
-        in_b = b.transaction()
-        await in_b.start()
-        await b.execute(_EMIT_C1)  # sees no open row: pending
-        a_pk = await a.fetchval("SELECT max(pk) FROM events")
-        await in_a.commit()
-        await eventually(lambda: pool.fetchval("SELECT id FROM events WHERE pk = $1", a_pk))
-        await in_b.commit()
-    finally:
-        await a.close()
-        await b.close()
-    statuses = await pool.fetch("SELECT status FROM webhook_deliveries ORDER BY id")
-    assert [r["status"] for r in statuses] == ["delivered", "queued", "pending"]
-    await eventually(
-        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NOT NULL"),
-        lambda n: n == 3,
-    )
-    successor = Gateway(settings_for(db_dsn, **FAST))
-    await successor.start(http=False)
-    try:
-        await asyncio.sleep(1.0)  # five polls: B's row is not taken while A's is next
-        assert receiver.on("/mixed") == []
-        await successor.webhooks.housekeeping()  # the sweep (every 10 s) finds A's row
-        await eventually(lambda: len(receiver.on("/mixed")) == 2)
-    finally:
-        await successor.stop()
-    ids = [r.body["data"]["id"] for r in receiver.on("/mixed")]
-    assert ids == [2, 3], ids
 
 
 async def test_a_replay_queues_behind_what_its_device_has_open(
@@ -714,41 +673,25 @@ async def test_a_delivered_one_sent_again_goes_at_the_end_of_its_queue(
     assert [c.delivery_id for c in taken] == [head]
 
 
-async def test_orphans_are_found_behind_a_disabled_subscriptions_due_rows(
-    db_pool: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+async def test_a_pending_row_behind_an_unpromoted_queued_one_waits_for_it(
+    db_pool: asyncpg.Pool,
 ) -> None:
-    """The sweep for a queued next row behind a pending one looks at enabled
-    subscriptions only: a disabled one's due heads never go, and would fill the scan."""
-    monkeypatch.setattr(webhooks, "ORPHAN_SCAN", 2)
-    disabled = await _sub(db_pool)
-    for device in ("D1", "D2", "D3"):
-        await _emit_sequenced(db_pool, disabled, device)
-    await db_pool.execute(
-        "UPDATE webhook_deliveries SET next_attempt_at = now() - interval '1 h'"
-        " WHERE subscription_id = $1",
-        disabled,
-    )
-    await db_pool.execute(
-        "UPDATE webhook_subscriptions SET enabled = false WHERE id = $1", disabled
-    )
+    """A row left ``queued`` at the front of its queue (written behind a head whose finish
+    did not see it) and a ``pending`` one behind it: the pending one is not claimed; the
+    sweep promotes the front one, which goes first."""
     sub = await _sub(db_pool)
-    # queue C1 of the enabled subscription: the row with the smaller delivery id pending
-    # with the later event, the other queued with the earlier one (as concurrent writers
-    # leave them when the head finished in between)
-    later = await _emit_sequenced(db_pool, sub)
-    earlier = await _emit_sequenced(db_pool, sub)
+    front = await _emit_sequenced(db_pool, sub)
+    behind = await _emit_sequenced(db_pool, sub)
     await db_pool.execute(
-        """UPDATE webhook_deliveries d
-              SET event_pk = o.event_pk, status = CASE d.id WHEN $1 THEN 'pending' ELSE 'queued' END
-             FROM webhook_deliveries o
-            WHERE d.id IN ($1, $2) AND o.id IN ($1, $2) AND o.id <> d.id""",
-        later,
-        earlier,
+        "UPDATE webhook_deliveries SET status = CASE id WHEN $1 THEN 'queued' ELSE 'pending' END"
+        " WHERE id IN ($1, $2)",
+        front,
+        behind,
     )
     assert await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30) == []  # type: ignore[arg-type]
     assert await webhooks.promote_orphans(db_pool) == 1  # type: ignore[arg-type]
     (taken,) = await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
-    assert taken.delivery_id == earlier
+    assert taken.delivery_id == front
 
 
 async def test_a_slow_receiver_does_not_delay_a_fast_one(
@@ -1174,10 +1117,10 @@ async def test_an_answer_during_a_database_outage_is_recorded_once_it_is_back(
 async def test_a_row_written_while_its_head_finished_is_not_left_waiting(
     gateway: Gateway, hooks: httpx.AsyncClient, receiver: Receiver, db_dsn: str
 ) -> None:
-    """A transaction writes a device's second event while the first is in flight (so it
-    waits ``queued``) and commits only after the first was delivered: the finishing
-    statement could not see it, the engine looks at the queue again and sends it within
-    a moment (not at the next housekeeping sweep)."""
+    """A transaction writes a delivery of the device (as a replay does) while its first
+    is in flight (so it waits ``queued``) and commits only after the first was delivered:
+    the finishing statement could not see it, the engine looks at the queue again and
+    sends it within a moment (not at the next housekeeping sweep)."""
     receiver.behaviours["/late"] = Behaviour(delay=0.5)
     made = await subscribe(hooks, receiver, "/late", event_types=["device.*"])
     pool = pool_of(gateway)
@@ -1187,7 +1130,9 @@ async def test_a_row_written_while_its_head_finished_is_not_left_waiting(
     try:
         async with writer.transaction():
             await writer.execute(
-                "SELECT emit_event('device.alarm', 'W1', NULL, NULL, NULL, NULL, '{}')"
+                "INSERT INTO webhook_deliveries (subscription_id, event_pk, ordering_key, origin)"
+                " SELECT $1, max(pk), 'W1', 'replay' FROM events",
+                made["id"],
             )
             assert (
                 await writer.fetchval(

@@ -2,17 +2,19 @@
 (the engine that sends them is :mod:`chargegw.domain.webhook_delivery`).
 
 A subscription's deliveries form one queue per ordering key (the device, else the
-gateway); one delivery of a queue is in flight at a time, the one whose event has the
-smallest id, so a device's events reach the receiver in the order of their ids while
-other devices go on. A row inserted while its queue has an open row waits ``queued``
-(out of the due index: a queue blocked behind a failing head costs nothing however long
-it grows) and is made ``pending`` when the rows ahead are done: the one whose event has
-the smallest id (``_next_open``; a replay's or a re-sent row goes after what its queue
-held when it was made), as rows inserted by concurrent transactions can have delivery
-ids in the other order. Rows inserted at once by concurrent transactions may both be
-``pending``, or one ``pending`` and one ``queued``: only the queue's next row is
-claimed (or a claimed one whose claimer died), and a queued next row that nobody
-promoted is found by :func:`promote_orphans`.
+gateway); one delivery of a queue is in flight at a time, its first open one by id, so a
+device's events reach the receiver in the order of their ids while other devices go on.
+A live event's deliveries are made when ``sequence_events()`` gives it its id (one caller
+at a time, in id order: ``0024_webhook_fanout_in_sequence.sql``), so their ids follow
+the events'; a replay or a delivered one sent again goes at the end of its queue, and a
+failed one an operator retries first. A row inserted while its queue has an open row
+waits ``queued`` (out of the due index: a queue blocked behind a failing head costs
+nothing however long it grows) and is made ``pending`` when the rows ahead are done. A
+row inserted behind a head whose finish did not see it (the transactions overlapped)
+waits ``queued`` with nobody to promote it: the engine looks at such queues again
+shortly after a finish, and :func:`promote_orphans` sweeps for the rest; a ``pending``
+row behind it is not claimed meanwhile (only a queue's first open row is, or a claimed
+one whose claimer died).
 States (``DeliveryStatus``), and the only transitions the code makes
 (:data:`MACHINE`)::
 
@@ -185,28 +187,13 @@ _DELIVERING = f"'{_S.DELIVERING.value}'"
 _PENDING = f"'{_S.PENDING.value}'"
 
 
-#: the open row of a queue whose turn is next: the smallest position among its first
-#: NEXT_WINDOW open rows by delivery id. A live event's row stands at its event's id
-#: (commit order); a replayed or re-sent one at ``queue_position``, the newest event id
-#: when it was made, so it goes after what its queue held then, and its events in their
-#: order. Rows inserted by concurrent transactions can have delivery ids in the other
-#: order than their events' ids, and only a few at once; the window keeps the choice one
-#: index range, however long a queue grew behind a failing head. Rows of unsequenced
-#: events come last (they commit later).
-NEXT_WINDOW = 64
-
-
 def _next_open(sub: str, key: str, after: str = "") -> str:
-    """The SQL of a queue's next open row (see :data:`NEXT_WINDOW`), the queue named by
-    the expressions ``sub`` and ``key``; ``after`` adds a condition on ``q``."""
-    return f"""SELECT w.id FROM (SELECT q.id, q.event_pk, q.queue_position
-                               FROM webhook_deliveries q
-                              WHERE q.subscription_id = {sub} AND q.ordering_key = {key}
-                                AND q.status IN ({_OPEN_SQL}) {after}
-                              ORDER BY q.id LIMIT {NEXT_WINDOW}) w
-              LEFT JOIN events we ON we.pk = w.event_pk
-             ORDER BY coalesce(w.queue_position, we.id) NULLS LAST,
-                      w.queue_position IS NOT NULL, we.id, w.id LIMIT 1"""
+    """The SQL of a queue's next row, its first open one by delivery id (the queue named
+    by the expressions ``sub`` and ``key``; ``after`` adds a condition on ``q``)."""
+    return f"""SELECT q.id FROM webhook_deliveries q
+             WHERE q.subscription_id = {sub} AND q.ordering_key = {key}
+               AND q.status IN ({_OPEN_SQL}) {after}
+             ORDER BY q.id LIMIT 1"""
 
 
 # ---------------------------------------------------------------- secrets and retries
@@ -545,10 +532,8 @@ async def retry_delivery(conn: Connection, subscription_id: int, delivery_id: in
     if current is DeliveryStatus.DELIVERED:
         new_id = await conn.fetchval(
             """INSERT INTO webhook_deliveries
-                   (subscription_id, event_pk, payload, ordering_key, origin, webhook_id,
-                    queue_position)
-               SELECT subscription_id, event_pk, payload, ordering_key, 'retry', webhook_id,
-                      (SELECT max(id) FROM events)
+                   (subscription_id, event_pk, payload, ordering_key, origin, webhook_id)
+               SELECT subscription_id, event_pk, payload, ordering_key, 'retry', webhook_id
                  FROM webhook_deliveries WHERE id = $1
                RETURNING id""",
             delivery_id,
@@ -636,10 +621,9 @@ async def replay(
     where.args.append(subscription_id)
     row = await conn.fetchrow(
         f"""WITH made AS (
-                INSERT INTO webhook_deliveries
-                       (subscription_id, event_pk, ordering_key, origin, queue_position)
+                INSERT INTO webhook_deliveries (subscription_id, event_pk, ordering_key, origin)
                 SELECT ${len(where.args)}, e.pk, coalesce(e.device_id, e.gateway_id, ''),
-                       'replay', (SELECT max(id) FROM events)
+                       'replay'
                   FROM events e {where.sql()}
                  ORDER BY e.id
                 RETURNING event_pk)
@@ -769,7 +753,7 @@ picked AS MATERIALIZED (
                    AND h.status IN ({_HEADS_SQL}) AND h.status <> {_PENDING}
                    AND h.id <> d.id
                  ORDER BY h.id LIMIT 1) IS NULL
-           AND (e.pk IS NULL OR d.status = {_DELIVERING}
+           AND (d.status = {_DELIVERING}
                 OR d.id = ({_next_open("d.subscription_id", "d.ordering_key")}))
          ORDER BY d.next_attempt_at, d.id
          LIMIT greatest(s.room, 0)
@@ -1141,22 +1125,10 @@ async def promote_queues(conn: Connection, queues: Sequence[tuple[int, str]]) ->
     return promoted
 
 
-#: the due pending rows :func:`promote_orphans` looks behind, oldest first, per call
-ORPHAN_SCAN = 1000
-
-
 async def promote_orphans(conn: Connection) -> int:
-    """Make pending the next row (:func:`_next_open`) of every queue where it waits
-    ``queued`` with no one left to promote it; the number made pending. Two ways to get
-    there, both a head finishing while a row's transaction was still open:
-
-    - the queue's first open row is queued (it saw the head; the head's finish did not
-      see it): one index probe per queue (a skip scan), not per row;
-    - a row written later saw no open row and went ``pending``, but the queued row's
-      event committed first: the claim does not take the pending row while the queued
-      one is next, so the queued one is found behind the oldest due pending rows (those
-      the claim left), at most :data:`ORPHAN_SCAN` per call.
-    """
+    """Make pending the first row of every queue whose first open row is queued: a row
+    queued behind a head that finished while the row's transaction was still open has no
+    one else to promote it. One index probe per queue (a skip scan), not per row."""
     promoted: int = await conn.fetchval(
         f"""WITH RECURSIVE heads AS (
                 (SELECT subscription_id, ordering_key, id, status FROM webhook_deliveries
@@ -1173,26 +1145,10 @@ async def promote_orphans(conn: Connection) -> int:
                             > (h.subscription_id, h.ordering_key)
                       ORDER BY d.subscription_id, d.ordering_key, d.id LIMIT 1) n
             ),
-            queued_first AS (
-                SELECT ({_next_open("h.subscription_id", "h.ordering_key")}) AS id
-                  FROM heads h
-                 WHERE h.status IN ({_PROMOTE_FROM})
-            ),
-            waiting AS (
-                SELECT DISTINCT subscription_id, ordering_key
-                  FROM (SELECT p.subscription_id, p.ordering_key FROM webhook_deliveries p
-                          JOIN webhook_subscriptions s ON s.id = p.subscription_id AND s.enabled
-                         WHERE p.status = {_PENDING} AND p.next_attempt_at <= now()
-                         ORDER BY p.next_attempt_at LIMIT {ORPHAN_SCAN}) oldest
-            ),
-            queued_behind AS (
-                SELECT ({_next_open("w.subscription_id", "w.ordering_key")}) AS id
-                  FROM waiting w
-            ),
             done AS (
                 UPDATE webhook_deliveries d SET status = {_PROMOTE_TO}
-                 WHERE d.id IN (SELECT id FROM queued_first
-                                UNION SELECT id FROM queued_behind)
+                  FROM heads h
+                 WHERE d.id = h.id AND h.status IN ({_PROMOTE_FROM})
                    AND d.status IN ({_PROMOTE_FROM})
                 RETURNING 1)
             SELECT count(*) FROM done"""

@@ -617,6 +617,13 @@ async def _sub(pool: asyncpg.Pool) -> int:
     return sub
 
 
+async def _claim(
+    pool: asyncpg.Pool, owner: str, *, limit: int, lease_margin_s: float
+) -> list[webhooks.Claimed]:
+    async with pool.acquire() as conn:
+        return await webhooks.claim(conn, owner, limit=limit, lease_margin_s=lease_margin_s)
+
+
 async def _emit_sequenced(pool: asyncpg.Pool, sub: int, device: str = "C1") -> int:
     """An event of ``device``, sequenced; the id of its delivery row for ``sub``."""
     await pool.execute(
@@ -629,6 +636,38 @@ async def _emit_sequenced(pool: asyncpg.Pool, sub: int, device: str = "C1") -> i
     return last
 
 
+async def test_events_numbered_by_the_old_sequencer_get_their_deliveries(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """During an upgrade a call of the old sequence_events() (already waiting for the
+    lock when migration 0024 committed) numbers events without making deliveries: the
+    next call makes them, once; deliveries follow the events' order."""
+    sub = await _sub(db_pool)
+    for device in ("U1", "U2"):
+        await db_pool.execute(
+            "SELECT emit_event('device.alarm', $1, NULL, NULL, NULL, NULL, '{}')", device
+        )
+    async with db_pool.acquire() as conn, conn.transaction():  # the old body, in effect
+        last = await conn.fetchval("SELECT last_id FROM event_sequencer FOR UPDATE")
+        await conn.execute(
+            """WITH todo AS (SELECT pk, row_number() OVER (ORDER BY pk) AS n
+                               FROM events WHERE id IS NULL)
+               UPDATE events e SET id = $1 + todo.n FROM todo WHERE e.pk = todo.pk""",
+            last,
+        )
+        await conn.execute("UPDATE event_sequencer SET last_id = $1 + 2", last)
+    assert await db_pool.fetchval("SELECT count(*) FROM webhook_deliveries") == 0
+    await db_pool.execute("SELECT emit_event('device.alarm', 'U1', NULL, NULL, NULL, NULL, '{}')")
+    await db_pool.execute("SELECT sequence_events()")
+    await db_pool.execute("SELECT sequence_events()")
+    rows = await db_pool.fetch(
+        "SELECT e.id, d.ordering_key FROM webhook_deliveries d JOIN events e ON e.pk = d.event_pk"
+        " WHERE d.subscription_id = $1 ORDER BY d.id",
+        sub,
+    )
+    assert [(r["id"], r["ordering_key"]) for r in rows] == [(1, "U1"), (2, "U2"), (3, "U1")]
+
+
 async def test_a_dead_claimers_row_is_claimed_again_whatever_waits_behind_it(
     db_pool: asyncpg.Pool,
 ) -> None:
@@ -636,14 +675,14 @@ async def test_a_dead_claimers_row_is_claimed_again_whatever_waits_behind_it(
     queue now ranks before it: a failed one an operator retried meanwhile."""
     sub = await _sub(db_pool)
     failed = await _emit_sequenced(db_pool, sub)
-    (first,) = await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    (first,) = await _claim(db_pool, "me", limit=10, lease_margin_s=30)
     await db_pool.execute(
         "UPDATE webhook_deliveries SET status = 'failed', finished_at = now(), claimed_by = NULL"
         " WHERE id = $1",
         failed,
     )
     head = await _emit_sequenced(db_pool, sub)
-    (taken,) = await webhooks.claim(db_pool, "dead", limit=10, lease_margin_s=0)  # type: ignore[arg-type]
+    (taken,) = await _claim(db_pool, "dead", limit=10, lease_margin_s=0)
     assert (first.delivery_id, taken.delivery_id) == (failed, head)
     await webhooks.retry_delivery(db_pool, sub, failed)  # type: ignore[arg-type]
     await db_pool.execute(
@@ -653,7 +692,7 @@ async def test_a_dead_claimers_row_is_claimed_again_whatever_waits_behind_it(
     )
     # the retried one (the earlier event) waits for the one in flight, which is claimed
     # again although the retried one ranks first
-    again = await webhooks.claim(db_pool, "alive", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    again = await _claim(db_pool, "alive", limit=10, lease_margin_s=30)
     assert [(c.delivery_id, c.attempt) for c in again] == [(head, 2)]
 
 
@@ -669,7 +708,7 @@ async def test_a_delivered_one_sent_again_goes_at_the_end_of_its_queue(
     head = await _emit_sequenced(db_pool, sub)  # a later event, pending
     copy = await webhooks.retry_delivery(db_pool, sub, done)  # type: ignore[arg-type]
     assert copy.status == "queued"
-    taken = await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    taken = await _claim(db_pool, "me", limit=10, lease_margin_s=30)
     assert [c.delivery_id for c in taken] == [head]
 
 
@@ -688,9 +727,9 @@ async def test_a_pending_row_behind_an_unpromoted_queued_one_waits_for_it(
         front,
         behind,
     )
-    assert await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30) == []  # type: ignore[arg-type]
+    assert await _claim(db_pool, "me", limit=10, lease_margin_s=30) == []  # type: ignore[arg-type]
     assert await webhooks.promote_orphans(db_pool) == 1  # type: ignore[arg-type]
-    (taken,) = await webhooks.claim(db_pool, "me", limit=10, lease_margin_s=30)  # type: ignore[arg-type]
+    (taken,) = await _claim(db_pool, "me", limit=10, lease_margin_s=30)
     assert taken.delivery_id == front
 
 

@@ -98,8 +98,11 @@ SUBJECTS = (
 )
 _COLUMNS = "id, type, at, " + ", ".join(SUBJECTS) + ", data"
 
-#: events ``sequence_events()`` numbers per call
+#: events ``sequence_events()`` numbers per call (it also makes their webhook
+#: deliveries); after a call ran out of time, a quarter as many, down to the least, and
+#: back up by doubling after each call that went through
 SEQUENCE_BATCH = 10000
+SEQUENCE_BATCH_LEAST = 100
 #: events read from the table per query (fan-out, replay)
 READ_PAGE = 1000
 #: the longest any of the hub's statements may run
@@ -567,6 +570,7 @@ class EventHub:
         self._last_id: int | None = None
         #: the highest id this process knows was given (own calls, notifications)
         self._known_id = 0
+        self._batch = SEQUENCE_BATCH
         self._subscriptions: set[Subscription] = set()
         self._wakeups: list[Wakeup] = []
         self._wake = asyncio.Event()
@@ -760,13 +764,23 @@ class EventHub:
 
     async def _sequence(self, conn: asyncpg.Connection[Any]) -> None:
         while True:
-            before = self._known_id
-            last = await sequence(conn)
+            before, batch = self._known_id, self._batch
+            try:
+                last = await sequence(conn, batch)
+            except TimeoutError:
+                if batch <= SEQUENCE_BATCH_LEAST:
+                    raise
+                # a batch whose deliveries (many subscriptions) took longer than the
+                # statement's limit would be tried again as it is, for ever
+                self._batch = max(SEQUENCE_BATCH_LEAST, batch // 4)
+                log.warning("event numbering ran out of time", batch=batch, next=self._batch)
+                continue
+            self._batch = min(SEQUENCE_BATCH, batch * 2)
             if not last:
                 return
             self._known_id = max(self._known_id, last)
             # a full batch may have left more behind: look again
-            if last - before < SEQUENCE_BATCH:
+            if last - before < batch:
                 return
 
     async def _read_new(self, conn: asyncpg.Connection[Any]) -> None:

@@ -26,10 +26,11 @@ States (``DeliveryStatus``), and the only transitions the code makes
     delivering --claim (the claimer's lease ran out: it died)--> delivering
     pending|failed --an operator's retry--> pending
 
-Claiming is shared by every process: one statement takes the enabled subscriptions with
-due deliveries that no other process is claiming for (an advisory lock per
-subscription, tried, not waited for), counts their live claims against
-``max_concurrency`` and takes the due heads whose event is sequenced, oldest first. A
+Claiming is shared by every process: in one transaction, a statement locks the enabled
+subscriptions with due deliveries that no other process is claiming for (an advisory
+lock per subscription, tried, not waited for), and the next (whose snapshot sees every
+claim committed before the locks) counts their live claims against ``max_concurrency``
+and takes the due heads, oldest first. A
 claim counts the attempt and holds a lease (its ``next_attempt_at``); a process that
 dies mid-delivery leaves the row to be claimed again when the lease runs out, with the
 same ``webhook-id``. Finishing writes the outcome only while the claim is
@@ -718,6 +719,16 @@ _CLAIM_LOCK = 0x57484B43 << 32  # "WHKC"
 # Every lookup is a scalar subquery (never flattened into a join) on its own index: the
 # rows ahead in a queue, the first due row, the live claims. Planned the same with fresh
 # statistics or none (a burst into a new table), never a scan of a queue per row.
+_LOCK_SUBSCRIPTIONS = f"""
+SELECT s.id FROM webhook_subscriptions s
+ WHERE s.enabled
+   AND (SELECT w.id FROM webhook_deliveries w
+         WHERE w.subscription_id = s.id AND w.status IN ({_CLAIM_FROM})
+           AND w.next_attempt_at <= now()
+         ORDER BY w.next_attempt_at LIMIT 1) IS NOT NULL
+   AND pg_try_advisory_xact_lock({_CLAIM_LOCK} + s.id)
+"""
+
 _CLAIM = f"""
 WITH subs AS MATERIALIZED (
     SELECT s.id, s.url, s.secret, s.timeout_s,
@@ -727,12 +738,7 @@ WITH subs AS MATERIALIZED (
                 WHERE x.subscription_id = s.id AND x.status = {_DELIVERING}
                   AND x.next_attempt_at > now()) AS room
       FROM webhook_subscriptions s
-     WHERE s.enabled
-       AND (SELECT w.id FROM webhook_deliveries w
-             WHERE w.subscription_id = s.id AND w.status IN ({_CLAIM_FROM})
-               AND w.next_attempt_at <= now()
-             ORDER BY w.next_attempt_at LIMIT 1) IS NOT NULL
-       AND pg_try_advisory_xact_lock({_CLAIM_LOCK} + s.id)
+     WHERE s.enabled AND s.id = ANY ($4::bigint[])
 ),
 picked AS MATERIALIZED (
     SELECT c.*, s.url, s.secret, s.previous, s.timeout_s
@@ -788,8 +794,15 @@ async def claim(
     conn: Connection, owner: str, *, limit: int, lease_margin_s: float
 ) -> list[Claimed]:
     """Claim up to ``limit`` due deliveries for ``owner`` (see the module docstring); the
-    lease is the subscription's timeout plus ``lease_margin_s``."""
-    rows = await conn.fetch(_CLAIM, owner, limit, float(lease_margin_s))
+    lease is the subscription's timeout plus ``lease_margin_s``. The subscriptions are
+    locked first, and their rows read by a statement that starts after: read in the
+    same statement, a snapshot from before the lock could miss the claim another
+    process committed meanwhile, and put a second row of a queue in flight."""
+    async with conn.transaction():
+        locked = [r["id"] for r in await conn.fetch(_LOCK_SUBSCRIPTIONS)]
+        if not locked:
+            return []
+        rows = await conn.fetch(_CLAIM, owner, limit, float(lease_margin_s), locked)
     claimed = []
     for r in rows:
         event = None

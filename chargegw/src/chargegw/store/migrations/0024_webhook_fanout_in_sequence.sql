@@ -7,8 +7,14 @@
 -- in their events' order by construction; a queue's next row is its first open one.
 
 -- events written before this migration have their deliveries already (made by the old
--- emit_event): give them their ids with the old sequence_events first
+-- emit_event): give them their ids with the old sequence_events first. Deliveries are made
+-- for the events after `fanned_through`, not only for those a call numbers itself: a call
+-- of the old function already waiting for the sequencer's lock when this commits runs the
+-- old body (it numbers events of the new emit_event without making their deliveries)
 SELECT sequence_events(2147483647);
+ALTER TABLE event_sequencer ADD COLUMN fanned_through bigint;
+UPDATE event_sequencer SET fanned_through = last_id;
+ALTER TABLE event_sequencer ALTER COLUMN fanned_through SET NOT NULL;
 
 CREATE OR REPLACE FUNCTION emit_event(
     p_type text, p_device_id text, p_port integer, p_order_no text, p_command_id bigint,
@@ -52,18 +58,19 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_last bigint;
     v_count bigint;
+    v_fanned bigint;
 BEGIN
-    SELECT last_id INTO v_last FROM event_sequencer FOR UPDATE;
+    SELECT last_id, fanned_through INTO v_last, v_fanned FROM event_sequencer FOR UPDATE;
     WITH todo AS (
         SELECT pk, row_number() OVER (ORDER BY pk) AS n
           FROM events WHERE id IS NULL ORDER BY pk LIMIT p_limit
     )
     UPDATE events e SET id = v_last + todo.n FROM todo WHERE e.pk = todo.pk;
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    IF v_count = 0 THEN
+    IF v_count = 0 AND v_fanned = v_last THEN
         RETURN 0;
     END IF;
-    UPDATE event_sequencer SET last_id = v_last + v_count;
+    UPDATE event_sequencer SET last_id = v_last + v_count, fanned_through = v_last + v_count;
     -- a delivery per enabled subscription that wants the event, in id order (the
     -- delivery ids, a queue's order, follow); the sequencer's row lock orders the calls
     INSERT INTO webhook_deliveries (subscription_id, event_pk, ordering_key)
@@ -75,7 +82,7 @@ BEGIN
        AND (s.device_ids IS NULL OR e.device_id = ANY (s.device_ids))
        AND (s.gateway_ids IS NULL OR e.gateway_id = ANY (s.gateway_ids))
        AND (s.protocol IS NULL OR s.protocol = e.protocol)
-     WHERE e.id > v_last AND e.id <= v_last + v_count
+     WHERE e.id > v_fanned AND e.id <= v_last + v_count
        -- made already by a process still on the old emit_event (during an upgrade); a
        -- scalar subquery on the event index alone (an anti join, or a bitmap AND with the
        -- subscription index, read every delivery of the subscription per call)

@@ -765,7 +765,11 @@ async def test_410_gone_disables_the_subscription_with_an_event(
     assert event["data"]["subscription_id"] == gone["id"] and event["data"]["reason"] == "gone"
     assert metric(gateway, "chargegw_webhook_subscriptions_disabled_total", reason="gone") == 1
     # the delivery waits (re-enabling resumes it); new events make none while disabled
+    # (their deliveries are made when they are given their ids)
     await emit(pool, "G1")
+    await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM events WHERE id IS NULL"), lambda n: n == 0
+    )
     rows = await ledger(pool, gone["id"])
     assert [r["status"] for r in rows] == ["pending"] and rows[0]["response_status"] == 410
     assert watcher["id"] != gone["id"]

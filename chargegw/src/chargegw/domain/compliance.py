@@ -633,13 +633,21 @@ class Compliance:
         if pool is None:
             return 0
         batch, self._unsaved = self._unsaved, {}
+        committed = False
         try:
-            async with pool.acquire(timeout=5) as conn, conn.transaction():
-                await self._resolve(conn, batch.values())
-                return await _write(conn, list(batch.values()))
+            async with pool.acquire(timeout=5) as conn:
+                async with conn.transaction():
+                    await self._resolve(conn, batch.values())
+                    written = await _write(conn, list(batch.values()))
+                committed = True
+            return written
         except BaseException:
-            for dev in batch.values():
-                self._keep(dev)
+            # kept for the next flush only if not written: a flush cancelled after the
+            # commit (the gateway stopping while the connection went back to the pool)
+            # counted its batch twice
+            if not committed:
+                for dev in batch.values():
+                    self._keep(dev)
             raise
 
     def _keep(self, dev: _Device) -> None:

@@ -288,8 +288,11 @@ async def test_killed_worker_commands_are_delivered_exactly_once_after_reconnect
             row = rows[command_id]
             got = received_ids(pile).count(row["correlation"])
             # a command in flight at the kill is resent once with the same msg id (the
-            # pile recognises the repeat); every other one arrives exactly once
-            assert got == row["attempts"] and 1 <= got <= MAX_ATTEMPTS, (
+            # pile recognises the repeat); every other one arrives exactly once. An
+            # attempt is counted before its bytes are written, and taken back when they
+            # were not only as a best effort (the device's answer to the first may also
+            # beat the resend): the count may exceed what arrived, never fall below it
+            assert 1 <= got <= row["attempts"] <= MAX_ATTEMPTS, (
                 command_id,
                 got,
                 row["attempts"],

@@ -894,7 +894,7 @@ class Gateway:
             self.quirks.forget(gateway)
             self.writer.put_gateway(
                 GatewayRow(
-                    str(gateway),
+                    gateway,
                     protocol=link.protocol or "ap3000",
                     online=False,
                     connection_id=link.id,

@@ -182,13 +182,12 @@ class Ap3000Driver:
 
     def _gateway(self, link: DeviceLink, message: ap3000.Ap3000Message, wall: datetime) -> str:
         """The gateway of this connection: its host if one spoke, else the pile itself."""
-        state = _state(link)
         current = link.gateway
         is_host = int(message.phy_id[:2], 16) in HOST_TYPES
-        if current is None or (is_host and current != message.phy_id and not state.host):
+        if current is None or (is_host and current != message.phy_id and not _state(link).host):
             current = message.phy_id
             link.gateway = current
-            state.host = is_host
+            _state(link).host = is_host
             gateway_connected(self.ctx, link, current, protocol=self.protocol, wall=wall)
         # a pile that is its own gateway: its device's time stands for the gateway's
         # (the API reads the greater), one row update per frame instead of two

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from chargegw.metrics import Metrics
 from chargegw.store.writer import (
@@ -13,6 +15,7 @@ from chargegw.store.writer import (
     GatewayRow,
     PortRow,
     _Batch,
+    _Stamps,
     port_mask,
 )
 
@@ -174,3 +177,57 @@ def test_a_port_mask_covers_ports_1_to_31() -> None:
     assert port_mask([1, 2]) == 0b11
     assert port_mask([3, 0, 32, 200, -1]) == 0b100
     assert port_mask([]) == 0
+
+
+# keys crowded into few low bits (long probe chains, wrap-around at the end of the
+# table) and spread over the whole range of hash(), never -1 (hash() never returns it)
+_KEYS = st.one_of(
+    st.integers(0, 40).map(lambda n: n * 1024 + 1023),
+    st.integers(-(2**63) + 1, 2**63 - 1).filter(lambda n: n != -1),
+)
+_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), _KEYS, _KEYS),
+        st.tuples(st.just("forget"), _KEYS, st.none()),
+        st.tuples(st.just("get"), _KEYS, st.none()),
+        st.tuples(st.just("clear"), st.none(), st.none()),
+    ),
+    max_size=3000,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(_OPS)
+def test_the_writers_memory_answers_as_a_dict_would(ops: list[tuple[str, int, int]]) -> None:
+    """The compact table behind the writer's memory of unchanged rows: whatever the
+    puts, forgets, growths and clears, it answers as a dict."""
+    stamps, model = _Stamps(), dict[int, int]()
+    for op, key, value in ops:
+        if op == "put":
+            assert stamps.put(key, value) == (model.get(key) == value)
+            model[key] = value
+        elif op == "forget":
+            stamps.forget(key)
+            model.pop(key, None)
+        elif op == "clear":
+            stamps.clear()
+            model.clear()
+        assert stamps.get(key if key is not None else 0) == model.get(
+            key if key is not None else 0, -1
+        )
+    for key, value in model.items():
+        assert stamps.get(key) == value
+    assert len(stamps) >= len(model)
+
+
+def test_the_writers_memory_grows_and_drops_forgotten_entries() -> None:
+    stamps = _Stamps()
+    for key in range(1, 5001):
+        stamps.put(key * 7919, key)
+    for key in range(1, 4001):
+        stamps.forget(key * 7919)
+    for key in range(5001, 9001):  # growths on the way drop the forgotten entries
+        stamps.put(key * 7919, key)
+    assert all(stamps.get(key * 7919) == -1 for key in range(1, 4001))
+    assert all(stamps.get(key * 7919) == key for key in range(4001, 9001))
+    assert len(stamps) < 9000

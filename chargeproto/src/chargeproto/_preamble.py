@@ -104,6 +104,9 @@ class FramedStreamDecoder(abc.ABC):
     anything else is a preamble (ICCID, ``link``) or garbage up to a ``candidate``.
     """
 
+    # one decoder per connection: no instance dict
+    __slots__ = ("_buf", "max_frame")
+
     header_byte: int
     candidate: re.Pattern[bytes]
 

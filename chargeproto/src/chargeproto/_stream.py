@@ -41,6 +41,9 @@ class StreamDecoder:
     frames carry their direction).
     """
 
+    # one decoder per connection: no instance dict
+    __slots__ = ("_buf", "_delegate", "ap3000_max_frame", "bkv_max_frame", "direction")
+
     def __init__(
         self,
         direction: Direction | str = Direction.UP,
@@ -51,7 +54,8 @@ class StreamDecoder:
         self.direction = Direction(direction)
         self.ap3000_max_frame = ap3000_max_frame
         self.bkv_max_frame = bkv_max_frame
-        self._buf = bytearray()
+        #: bytes before the protocol is known (dropped then: the delegate buffers)
+        self._buf: bytearray | None = bytearray()
         self._delegate: Ap3000StreamDecoder | BkvStreamDecoder | None = None
 
     @property
@@ -66,24 +70,26 @@ class StreamDecoder:
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet form a complete item."""
-        inner = self._delegate.buffered if self._delegate is not None else 0
-        return len(self._buf) + inner
+        if self._delegate is not None:
+            return self._delegate.buffered
+        return len(self._buf) if self._buf is not None else 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Add received bytes; return the events they complete, in stream order."""
         if self._delegate is not None:
             return self._delegate.feed(data)
         events: list[Event] = []
-        self._buf += data
-        self._detect(events)
-        if self._delegate is not None and self._buf:
-            rest = bytes(self._buf)
-            self._buf.clear()
-            events.extend(self._delegate.feed(rest))
+        buf = self._buf
+        assert buf is not None  # dropped only once a delegate exists
+        buf += data
+        self._detect(buf, events)
+        if self._delegate is not None:
+            self._buf = None  # a connection's life long, its delegate buffers
+            if buf:
+                events.extend(self._delegate.feed(bytes(buf)))
         return events
 
-    def _detect(self, events: list[Event]) -> None:
-        buf = self._buf
+    def _detect(self, buf: bytearray, events: list[Event]) -> None:
         while buf and self._delegate is None:
             first = buf[0]
             if first == 0x44:  # D

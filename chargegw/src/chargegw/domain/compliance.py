@@ -27,6 +27,7 @@ import dataclasses
 import datetime as dt
 import enum
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -491,7 +492,8 @@ class Compliance:
             retired.frames -= 1  # this frame counts under the new firmware
             dev.frames, dev.first, dev.last = 1, retired.last, retired.last
             self._retired.append(retired)
-        dev.device_type, dev.firmware = device_type, firmware
+        # a few texts shared by many devices: one copy each, not one per device
+        dev.device_type, dev.firmware = sys.intern(device_type), sys.intern(firmware)
 
     def _tags(self, dev: _Device, record: Any) -> None:
         """Items of a BKV TLV message (and of its groups) the library kept raw: unknown

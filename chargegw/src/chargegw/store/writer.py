@@ -54,6 +54,7 @@ import dataclasses
 import json
 import operator
 import time
+from array import array
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
@@ -237,6 +238,108 @@ _FRESHNESS = frozenset({"last_seen_at", "last_heartbeat_at", "reported_at", "dev
 _CAUSE = ("cause_kind", "cause_ref", "cause_frame_id")
 #: remembered rows before the memory of unchanged state is reset
 _MAX_REMEMBERED = 500_000
+
+
+class _Stamps:
+    """A map of ``hash()`` values to ``hash()`` values: the writer's memory of what it
+    wrote, one entry per state row (and one per device's periodic report), kept for
+    every device a process holds.
+
+    Two arrays of 64-bit integers with linear probing: about 30 bytes an entry, where a
+    dict took about 120 (its entry and two int objects): hundreds of bytes per idle pile.
+    Neither a key nor a value is ever -1 (CPython's ``hash()`` never returns it): -1
+    marks a free slot among the keys, and a forgotten entry among the values (its key
+    stays until the next growth, so that the probe chains through it stay whole). A
+    growth beyond ``_MAX_REMEMBERED`` entries starts it empty instead.
+    """
+
+    __slots__ = ("_keys", "_mask", "_used", "_values")
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def __len__(self) -> int:
+        return self._used
+
+    def clear(self) -> None:
+        self._keys = array("q", [-1]) * 1024
+        self._values = array("q", [-1]) * 1024
+        self._mask = 1023
+        #: slots taken, forgotten entries included
+        self._used = 0
+
+    def get(self, key: int) -> int:
+        """The value of ``key``; -1 if there is none."""
+        keys = self._keys
+        mask = self._mask
+        i = key & mask
+        while True:
+            k = keys[i]
+            if k == key:
+                return self._values[i]
+            if k == -1:
+                return -1
+            i = (i + 1) & mask
+
+    def put(self, key: int, value: int) -> bool:
+        """Set ``key`` to ``value`` (neither -1); True if that was its value already."""
+        keys = self._keys
+        mask = self._mask
+        i = key & mask
+        while True:
+            k = keys[i]
+            if k == key:
+                values = self._values
+                if values[i] == value:
+                    return True
+                values[i] = value
+                return False
+            if k == -1:
+                break
+            i = (i + 1) & mask
+        keys[i] = key
+        self._values[i] = value
+        self._used += 1
+        if self._used * 4 > mask * 3:  # at most three quarters full
+            self._grow()
+        return False
+
+    def forget(self, key: int) -> None:
+        """Drop ``key``'s value, if it has one."""
+        if not self._used:
+            return
+        keys = self._keys
+        mask = self._mask
+        i = key & mask
+        while True:
+            k = keys[i]
+            if k == key:
+                self._values[i] = -1
+                return
+            if k == -1:
+                return
+            i = (i + 1) & mask
+
+    def _grow(self) -> None:
+        old_keys, old_values = self._keys, self._values
+        live = len(old_values) - old_values.count(-1)  # forgotten entries are dropped
+        if live > _MAX_REMEMBERED:
+            self.clear()
+            return
+        size = self._mask + 1
+        while live * 2 > size:  # at most half full after
+            size *= 2
+        self._keys = keys = array("q", [-1]) * size
+        self._values = values = array("q", [-1]) * size
+        self._mask = mask = size - 1
+        for key, value in zip(old_keys, old_values, strict=True):
+            if value != -1:
+                i = key & mask
+                while keys[i] != -1:
+                    i = (i + 1) & mask
+                keys[i] = key
+                values[i] = value
+        self._used = live
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:
@@ -520,9 +623,11 @@ class BatchWriter:
         self.frame_ids = FrameIds(pool_factory)
         #: unchanged state is written again after this long (0: always written)
         self.refresh_s = refresh_s
-        self._remembered: dict[int, int] = {}
-        #: device -> key of its last periodic report whose rows were put (``repeated``)
-        self._repeats: dict[str, int] = {}
+        #: hash of (table, row key) -> stamp of the row last put (``_unchanged``)
+        self._remembered = _Stamps()
+        #: hash of a device id -> key of its last periodic report whose rows were put
+        #: (``repeated``)
+        self._repeats = _Stamps()
         #: device -> how often it was forgotten (part of its ports' stamps)
         self._forgotten: dict[str, int] = {}
         self._metrics = metrics
@@ -574,8 +679,7 @@ class BatchWriter:
             return
         pending = self._pending.devices
         pending[key] = _merge(_DEVICES, pending.get(key), _DEVICES.values(row))
-        if self._repeats:
-            self._repeats.pop(key, None)
+        self._repeats.forget(hash(key))
         self._added()
 
     def put_port(self, row: PortRow) -> None:
@@ -593,8 +697,7 @@ class BatchWriter:
                 values = values[: -_PORTS.causes] + cause
         pending = self._pending.ports
         pending[key] = _merge(_PORTS, pending.get(key), values)
-        if self._repeats:
-            self._repeats.pop(row.device_id, None)
+        self._repeats.forget(hash(row.device_id))
         self._added()
 
     def touch_device(
@@ -629,12 +732,7 @@ class BatchWriter:
         # a port's memory ends with its device's (``forget("d")``): the generation
         forgotten = self._forgotten.get(key[0], 0) if self._forgotten and table is _PORTS else 0
         stamp = hash((_content(table.content(row)), period, forgotten))
-        if self._remembered.get(slot) == stamp:
-            return True
-        if len(self._remembered) >= _MAX_REMEMBERED:
-            self._remembered.clear()
-        self._remembered[slot] = stamp
-        return False
+        return self._remembered.put(slot, stamp)
 
     def put_event(self, row: EventRow) -> None:
         """An event of a device (appended; ``detail`` is serialised now)."""
@@ -661,15 +759,15 @@ class BatchWriter:
         """Forget the last row put for ``key`` (``"d"`` devices, ``"g"`` gateways, ``"p"``
         ports): something else wrote that row, so the next put is written whatever it
         holds."""
-        self._remembered.pop(hash((table, key)), None)
+        self._remembered.forget(hash((table, key)))
         if table == "d":  # and its ports' (their keys are not enumerable: a generation)
             if len(self._forgotten) >= _MAX_REMEMBERED:
                 self._forgotten.clear()
                 self._remembered.clear()  # stamps of older generations must not match
             self._forgotten[key] = self._forgotten.get(key, 0) + 1
-            self._repeats.pop(key, None)
+            self._repeats.forget(hash(key))
         elif table == "p":
-            self._repeats.pop(key[0], None)
+            self._repeats.forget(hash(key[0]))
 
     def repeated(self, device_id: str, *content: Any) -> tuple[bool, int]:
         """Whether a device's periodic report made of ``content`` repeats the last one
@@ -687,15 +785,13 @@ class BatchWriter:
             return False, 0
         phase = (hash(device_id) % 997) / 997
         key = hash((content, int(time.monotonic() * 2.0 / self.refresh_s + phase)))
-        return self._repeats.get(device_id) == key, key
+        return self._repeats.get(hash(device_id)) == key, key
 
     def remember_repeat(self, device_id: str, key: int) -> None:
         """The report of ``key`` (:meth:`repeated`) has put its rows."""
         if self.refresh_s <= 0:
             return
-        if len(self._repeats) >= _MAX_REMEMBERED:
-            self._repeats.clear()
-        self._repeats[device_id] = key
+        self._repeats.put(hash(device_id), key)
 
     def touch_ports(self, device_id: str, reported_at: datetime) -> None:
         """The ports of a report :meth:`repeated` found repeated were reported again at

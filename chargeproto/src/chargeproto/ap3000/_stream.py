@@ -29,6 +29,8 @@ class Ap3000StreamDecoder(FramedStreamDecoder):
     server) or ``down`` (a server, for a simulator or a capture of the other side).
     """
 
+    __slots__ = ("direction",)
+
     header_byte = 0x44  # D
     candidate = _CANDIDATE
 

@@ -25,6 +25,8 @@ class BkvStreamDecoder(FramedStreamDecoder):
     the modem is tolerated and reported. Unparsed data never exceeds ``max_frame``.
     """
 
+    __slots__ = ()
+
     header_byte = 0xFC
     candidate = _CANDIDATE
 

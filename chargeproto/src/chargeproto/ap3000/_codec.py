@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from .._base import Direction
 from .._errors import DecodeError, EncodeError, PayloadError
 from .._hex import parse_hex
@@ -53,7 +55,9 @@ def decode_checked(
     if table is None:
         raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
     end = len(data) - 2
-    phy_id = "%08X" % phy
+    # interned: a pile's id is kept by many tables of a long-running receiver, and
+    # every frame would otherwise bring a copy of its own
+    phy_id = sys.intern("%08X" % phy)
     cls = table.get(command)
     if cls is None:
         return UnknownMessage(

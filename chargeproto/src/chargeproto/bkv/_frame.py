@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+import sys
 from typing import Final
 
 from .._base import Direction
@@ -129,7 +130,10 @@ def check_frame(
             expected=_DIRECTION_BYTE[direction],
             actual=dir_byte,
         )
-    return FrameHeader(length, command, seq, direction, gateway.hex().upper(), got)
+    # interned: a gateway's id is kept by many tables of a long-running receiver, and
+    # every frame would otherwise bring a copy of its own
+    gateway_id = sys.intern(gateway.hex().upper())
+    return FrameHeader(length, command, seq, direction, gateway_id, got)
 
 
 def gateway_id_bytes(gateway_id: str) -> bytes:

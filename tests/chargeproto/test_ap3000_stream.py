@@ -271,3 +271,22 @@ def test_fuzz_mutated_frames(
             else:
                 del data[index]
     _check_fuzz(ap3000.Ap3000StreamDecoder(direction), bytes(data), cuts)
+
+
+def test_decoded_pile_ids_are_one_object_per_id_and_the_table_is_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A long-running receiver keeps pile ids in many tables: every frame's decoded id is
+    the same object, and a sender of ever new ids costs a bounded table."""
+    import chargeproto._texts as texts
+    from chargeproto import StreamDecoder, shared_text
+
+    first, second = StreamDecoder().feed(heartbeat(1)), StreamDecoder().feed(heartbeat(2))
+    assert isinstance(first[0], chargeproto.MessageReceived)
+    assert isinstance(second[0], chargeproto.MessageReceived)
+    assert first[0].message.phy_id is second[0].message.phy_id
+    monkeypatch.setattr(texts, "MAX_SHARED_TEXTS", 100)
+    for n in range(1000):
+        shared_text(f"id-{n}")
+    assert len(texts._texts) <= 100
+    assert shared_text("04CEAA40") == "04CEAA40"

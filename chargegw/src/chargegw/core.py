@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-import sys
+
+from chargeproto import shared_text
 
 
 class PortStatus(str, enum.Enum):
@@ -77,7 +78,7 @@ class EventKind(str, enum.Enum):
 def bkv_device_id(gateway_id: str, socket_no: int) -> str:
     """The canonical id of a BKV socket: ``<gateway_id>-<socket_no>`` (decimal); one
     copy per id however many frames name it (kept by many tables per device)."""
-    return sys.intern(f"{gateway_id}-{socket_no}")
+    return shared_text(f"{gateway_id}-{socket_no}")
 
 
 def split_device_id(device_id: str) -> tuple[str, int | None]:

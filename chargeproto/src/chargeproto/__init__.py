@@ -36,6 +36,7 @@ from ._errors import (
 )
 from ._events import Event, IccidReceived, KeepaliveReceived, MessageReceived, StreamError
 from ._hex import parse_hex
+from ._texts import shared_text
 
 if TYPE_CHECKING:  # loaded on first use, see __getattr__
     from . import ap3000, bkv
@@ -104,5 +105,6 @@ __all__ = [
     "dissector_lua",
     "from_record",
     "parse_hex",
+    "shared_text",
     "to_record",
 ]

@@ -27,7 +27,6 @@ import dataclasses
 import datetime as dt
 import enum
 import json
-import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final
@@ -38,7 +37,7 @@ from pydantic import BaseModel, Field
 from chargegw.audit import mask_frame
 from chargegw.metrics import Metrics, update_failed
 from chargegw.store.database import Connection
-from chargeproto import ABSENT, Direction, Message, StreamError, ap3000, bkv
+from chargeproto import ABSENT, Direction, Message, StreamError, ap3000, bkv, shared_text
 
 log = structlog.get_logger("chargegw.domain.compliance")
 
@@ -493,7 +492,7 @@ class Compliance:
             dev.frames, dev.first, dev.last = 1, retired.last, retired.last
             self._retired.append(retired)
         # a few texts shared by many devices: one copy each, not one per device
-        dev.device_type, dev.firmware = sys.intern(device_type), sys.intern(firmware)
+        dev.device_type, dev.firmware = shared_text(device_type), shared_text(firmware)
 
     def _tags(self, dev: _Device, record: Any) -> None:
         """Items of a BKV TLV message (and of its groups) the library kept raw: unknown

@@ -250,7 +250,9 @@ class _Stamps:
     Neither a key nor a value is ever -1 (CPython's ``hash()`` never returns it): -1
     marks a free slot among the keys, and a forgotten entry among the values (its key
     stays until the next growth, so that the probe chains through it stay whole). A
-    growth beyond ``_MAX_REMEMBERED`` entries starts it empty instead.
+    growth beyond ``_MAX_REMEMBERED`` live entries starts it empty instead (so it holds
+    up to about one and a half times that). A growth rehashes in Python: a pause of
+    tens of milliseconds near 100,000 entries (20,000 piles), once per doubling.
     """
 
     __slots__ = ("_keys", "_mask", "_used", "_values")

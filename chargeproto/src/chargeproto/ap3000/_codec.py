@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 from .._base import Direction
 from .._errors import DecodeError, EncodeError, PayloadError
 from .._hex import parse_hex
+from .._texts import shared_text
 from .._units import PHY_ID
 from ._frame import ABSOLUTE_MAX_FRAME, PAYLOAD_OFFSET, build_frame, check_frame
 from ._messages import REGISTRY, Ap3000Message, UnknownMessage
@@ -55,9 +54,9 @@ def decode_checked(
     if table is None:
         raise ValueError(f"direction must be 'up' or 'down', not {direction!r}")
     end = len(data) - 2
-    # interned: a pile's id is kept by many tables of a long-running receiver, and
-    # every frame would otherwise bring a copy of its own
-    phy_id = sys.intern("%08X" % phy)
+    # shared: a pile's id is kept by many tables of a long-running receiver, and every
+    # frame would otherwise bring a copy of its own
+    phy_id = shared_text("%08X" % phy)
     cls = table.get(command)
     if cls is None:
         return UnknownMessage(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-import sys
 from typing import Final
 
 from .._base import Direction
@@ -23,6 +22,7 @@ from .._errors import (
     TailError,
     TruncatedError,
 )
+from .._texts import shared_text
 
 HEADER_UP: Final = b"\xfc\xfe"
 HEADER_DOWN: Final = b"\xfc\xff"
@@ -130,9 +130,9 @@ def check_frame(
             expected=_DIRECTION_BYTE[direction],
             actual=dir_byte,
         )
-    # interned: a gateway's id is kept by many tables of a long-running receiver, and
+    # shared: a gateway's id is kept by many tables of a long-running receiver, and
     # every frame would otherwise bring a copy of its own
-    gateway_id = sys.intern(gateway.hex().upper())
+    gateway_id = shared_text(gateway.hex().upper())
     return FrameHeader(length, command, seq, direction, gateway_id, got)
 
 

@@ -849,7 +849,10 @@ class SimulatedAp3000Pile(SimulatedPile):
 
     def _finish_charge(self, port: SimPort, session: ChargeSession) -> None:
         reason = session.stop_reason if session.stop_reason is not None else STOP_BY_SERVER
-        duration = self._pile_seconds_since(session.started_at)
+        # a charge never runs past its end: a late wake-up of this loop (a busy machine,
+        # at high acceleration) is not time the pile charged
+        end_s, _ = session.end(self.intervals.full_after_s)
+        duration = min(self._pile_seconds_since(session.started_at), end_s)
         if port.session is session:
             port.session = None
             port.status = PortStatus.FULL if reason == STOP_FULL else PortStatus.IDLE

@@ -178,8 +178,13 @@ function append(el, children) {
 /** Replace the children of `el` (or of the element with id `el`). */
 export function fill(el, ...children) {
   const node = typeof el === "string" ? document.getElementById(el) : el;
+  // a live re-render may move a field the user is typing in (a start form lives across
+  // renders): moving a node takes its focus, and keys typed next would go nowhere
+  const focused = document.activeElement;
+  const keep = focused && focused !== node && node.contains(focused) ? focused : null;
   node.replaceChildren();
   append(node, children);
+  if (keep && keep.isConnected) keep.focus({ preventScroll: true });
   return node;
 }
 

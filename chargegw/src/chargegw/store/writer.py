@@ -270,57 +270,41 @@ class _Stamps:
         #: slots taken, forgotten entries included
         self._used = 0
 
-    def get(self, key: int) -> int:
-        """The value of ``key``; -1 if there is none."""
+    def _slot(self, key: int) -> int:
+        """The index of ``key``, or of the free slot it would take (value -1 there)."""
         keys = self._keys
         mask = self._mask
         i = key & mask
         while True:
             k = keys[i]
-            if k == key:
-                return self._values[i]
-            if k == -1:
-                return -1
+            if k in (key, -1):
+                return i
             i = (i + 1) & mask
+
+    def get(self, key: int) -> int:
+        """The value of ``key``; -1 if there is none."""
+        return self._values[self._slot(key)]
 
     def put(self, key: int, value: int) -> bool:
         """Set ``key`` to ``value`` (neither -1); True if that was its value already."""
-        keys = self._keys
-        mask = self._mask
-        i = key & mask
-        while True:
-            k = keys[i]
-            if k == key:
-                values = self._values
-                if values[i] == value:
-                    return True
-                values[i] = value
-                return False
-            if k == -1:
-                break
-            i = (i + 1) & mask
-        keys[i] = key
-        self._values[i] = value
+        i = self._slot(key)
+        values = self._values
+        if self._keys[i] == key:
+            if values[i] == value:
+                return True
+            values[i] = value
+            return False
+        self._keys[i] = key
+        values[i] = value
         self._used += 1
-        if self._used * 4 > mask * 3:  # at most three quarters full
+        if self._used * 4 > self._mask * 3:  # at most three quarters full
             self._grow()
         return False
 
     def forget(self, key: int) -> None:
-        """Drop ``key``'s value, if it has one."""
-        if not self._used:
-            return
-        keys = self._keys
-        mask = self._mask
-        i = key & mask
-        while True:
-            k = keys[i]
-            if k == key:
-                self._values[i] = -1
-                return
-            if k == -1:
-                return
-            i = (i + 1) & mask
+        """Drop ``key``'s value, if it has one (a free slot's is -1 already)."""
+        if self._used:
+            self._values[self._slot(key)] = -1
 
     def _grow(self) -> None:
         old_keys, old_values = self._keys, self._values
